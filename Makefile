@@ -1,0 +1,25 @@
+# The two commands: `make demo` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+BIN := .venv/bin
+
+.PHONY: bootstrap test demo lint typecheck unit clean
+
+bootstrap:
+	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
+
+lint: bootstrap
+	$(BIN)/ruff check .
+
+typecheck: bootstrap
+	$(BIN)/mypy drflow agents tasks flows
+
+test: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/mypy drflow agents tasks flows
+	$(BIN)/pytest
+
+demo: bootstrap
+	$(BIN)/python -m drflow.demo
+
+clean:
+	rm -rf .venv .cache .pytest_cache .mypy_cache .ruff_cache
