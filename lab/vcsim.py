@@ -1,0 +1,277 @@
+"""Build, start and talk to the lab's vCenter simulator (govmomi's vcsim behind a small Go launcher)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from lab import procs
+
+GOPATH = Path("/usr/share/gocode")
+GOVMOMI_SIMULATOR = GOPATH / "src/github.com/vmware/govmomi/simulator"
+LAUNCHER_SOURCE = Path(__file__).resolve().parent / "vcsim" / "main.go"
+ISOLATED_PORTGROUP = "drflow-isolated"
+# vcsim accepts any login: these are throwaway lab credentials, not secrets of anything real.
+LAB_USER = "drflow-lab@vsphere.local"
+LAB_PASSWORD = "lab-only-any-password-works"
+# Popen objects of the simulators started here, so stop_vcsim can reap them (no zombies, no
+# "subprocess still running" warnings when the objects are collected).
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def cache_dir() -> Path:
+    """Where built launchers live: `$DRFLOW_CACHE_DIR/vcsim` or `<repo>/.cache/vcsim`."""
+    base = os.environ.get("DRFLOW_CACHE_DIR")
+    root = Path(base) if base else Path(__file__).resolve().parent.parent / ".cache"
+    return root / "vcsim"
+
+
+def build_launcher() -> Path:
+    """Build the vcsim launcher once per version of main.go and return the cached binary."""
+    digest = hashlib.sha256(LAUNCHER_SOURCE.read_bytes()).hexdigest()[:16]
+    out_dir = cache_dir()
+    binary = out_dir / f"vcsim-lab-{digest}"
+    if os.access(binary, os.X_OK):
+        return binary
+    go = _check_toolchain()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The lock only saves a second 16 s build; the rename below is what keeps the cache sound.
+    with _locked(out_dir / ".build.lock"):
+        if os.access(binary, os.X_OK):
+            return binary
+        fd, tmp_name = tempfile.mkstemp(prefix=".vcsim-lab-build-", dir=out_dir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        env = {**os.environ, "GOPATH": str(GOPATH), "GO111MODULE": "off"}
+        if "GOCACHE" not in env and "HOME" not in env and "XDG_CACHE_HOME" not in env:
+            env["GOCACHE"] = str(out_dir / "go-build")
+        try:
+            done = subprocess.run(
+                [go, "build", "-o", str(tmp), LAUNCHER_SOURCE.name], cwd=LAUNCHER_SOURCE.parent,
+                env=env, capture_output=True, text=True, timeout=600, check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"building the vcsim launcher failed (go build exited {done.returncode}):\n"
+                    f"{(done.stdout + done.stderr).strip()}"
+                )
+            tmp.chmod(0o755)
+            os.replace(tmp, binary)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for old in out_dir.glob("vcsim-lab-*"):
+            if old != binary:
+                old.unlink(missing_ok=True)
+    return binary
+
+
+def _check_toolchain() -> str:
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError("the Go toolchain is missing: install it with `apt-get install golang-go`")
+    if not GOVMOMI_SIMULATOR.is_dir():
+        raise RuntimeError(
+            f"govmomi's simulator source is missing ({GOVMOMI_SIMULATOR}): install it with "
+            "`apt-get install golang-github-vmware-govmomi-dev`"
+        )
+    return go
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0,
+                timeout: float = 30.0) -> dict[str, Any]:
+    """Start vcsim detached with the lab inventory and return how to reach it.
+
+    `port=0` lets the launcher pick a free port itself (no race with other tests).
+    """
+    if not groups:
+        raise ValueError("start_vcsim needs at least one protection group name")
+    bad = [g for g in groups if not g or "," in g or g != g.strip()]
+    if bad:
+        raise ValueError(f"invalid protection group names for vcsim VMs: {bad!r}")
+    binary = build_launcher()
+    lab_dir = Path(lab_dir).resolve()
+    info_path = lab_dir / "vcsim.json"
+    info_path.unlink(missing_ok=True)
+    log = lab_dir / "logs" / "vcsim.log"
+    # The simulated datastores are directories under TMPDIR: keep them inside the lab.
+    tmp = lab_dir / "vcsim-datastores"
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = procs.spawn(
+        [str(binary), "-port", str(port), "-groups", ",".join(groups), "-info", str(info_path)],
+        log=log, env={"TMPDIR": str(tmp)},
+    )
+    deadline = time.monotonic() + timeout
+    while not info_path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"vcsim exited with code {proc.returncode} while starting; "
+                               f"see {log}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            procs.kill_tree(proc.pid)
+            raise TimeoutError(f"vcsim did not come up within {timeout:.0f} s; see {log}:\n{_tail(log)}")
+        time.sleep(0.02)
+    _started[proc.pid] = proc
+    served = json.loads(info_path.read_text())
+    return {
+        "pid": proc.pid,
+        "url": served["url"],
+        "host": served["host"],
+        "port": served["port"],
+        "user": LAB_USER,
+        "password": LAB_PASSWORD,
+        "vms": served["vms"],
+        "isolated_portgroup": served["isolated_portgroup"],
+        "isolated_vswitch": served["isolated_vswitch"],
+        "log": str(log),
+    }
+
+
+def stop_vcsim(info: dict[str, Any]) -> None:
+    """Stop a vcsim started by `start_vcsim` (it removes its datastore directories on SIGTERM)."""
+    pid = int(info["pid"])
+    procs.stop_tree(pid)
+    proc = _started.pop(pid, None)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    if not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def connect(url: str, user: str, password: str, timeout: float = 30.0) -> vim.ServiceInstance:
+    """Log in to vcsim over plain HTTP; `timeout` bounds each request."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or not parts.port:
+        raise ValueError(f"expected a vcsim URL like http://127.0.0.1:PORT/sdk, got {url!r}")
+    si: vim.ServiceInstance = SmartConnect(
+        host=parts.hostname, port=parts.port, user=user, pwd=password, protocol="http",
+        path=parts.path or "/sdk", httpConnectionTimeout=timeout,
+    )
+    return si
+
+
+def disconnect(si: vim.ServiceInstance) -> None:
+    """Log out, ignoring a vCenter that has already gone away."""
+    with contextlib.suppress(Exception):
+        Disconnect(si)
+
+
+def vms_by_name(si: vim.ServiceInstance) -> dict[str, list[vim.VirtualMachine]]:
+    """All VMs in the inventory, by name, in one property-collector round trip."""
+    content = si.RetrieveContent()
+    assert content.viewManager is not None, "vCenter without a ViewManager"
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        pc = vmodl.query.PropertyCollector
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                name="view", type=vim.view.ContainerView, path="view", skip=False)])],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
+        )
+        found: dict[str, list[vim.VirtualMachine]] = {}
+        result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+        while result is not None:
+            for obj in result.objects:
+                name = next(str(p.val) for p in obj.propSet if p.name == "name")
+                found.setdefault(name, []).append(obj.obj)
+            if not result.token:
+                break
+            result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
+        return found
+    finally:
+        view.DestroyView()
+
+
+def find_vm(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
+    """The one VM called `name`; LookupError if there is none or more than one."""
+    found = vms_by_name(si)
+    vms = found.get(name, [])
+    if len(vms) != 1:
+        what = "no VM" if not vms else f"{len(vms)} VMs"
+        raise LookupError(f"{what} named {name!r} in vCenter; VMs there: {sorted(found)}")
+    return vms[0]
+
+
+def vm_power_state(si: vim.ServiceInstance, name: str) -> str:
+    """'poweredOn', 'poweredOff' or 'suspended'."""
+    return str(find_vm(si, name).runtime.powerState)
+
+
+def power_off(si: vim.ServiceInstance, name: str) -> None:
+    """Power a VM off; a VM that is already off counts as done."""
+    _power(find_vm(si, name).PowerOffVM_Task)
+
+
+def power_on(si: vim.ServiceInstance, name: str) -> None:
+    """Power a VM on; a VM that is already on counts as done."""
+    _power(find_vm(si, name).PowerOnVM_Task)
+
+
+def _power(start_task: Any) -> None:
+    with contextlib.suppress(vim.fault.InvalidPowerState):
+        wait_task(start_task())
+
+
+def wait_task(task: vim.Task, timeout: float = 60.0) -> Any:
+    """Wait for a vSphere task; return its result or raise its fault."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = task.info
+        if info.state == vim.TaskInfo.State.success:
+            return info.result
+        if info.state == vim.TaskInfo.State.error:
+            err = info.error
+            if isinstance(err, BaseException):
+                raise err
+            raise RuntimeError(f"vSphere task {info.descriptionId} failed: {err}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vSphere task {info.descriptionId} still {info.state} "
+                               f"after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def health(info: dict[str, Any]) -> tuple[bool, str]:
+    """Quick check for `lab status`: process alive, login works, the lab's VMs are there."""
+    if not procs.pid_alive(int(info["pid"])):
+        return False, f"vcsim (pid {info['pid']}) is not running"
+    try:
+        si = connect(info["url"], info["user"], info["password"], timeout=3.0)
+    except Exception as e:
+        return False, f"vcsim at {info['url']} refuses logins: {type(e).__name__}: {e}"
+    try:
+        found = vms_by_name(si)
+        missing = sorted(set(info.get("vms", {})) - set(found))
+        if missing:
+            return False, f"vcsim at {info['url']} lacks VMs {missing}"
+        return True, f"vcsim at {info['url']}: {len(found)} VMs"
+    except Exception as e:
+        return False, f"vcsim at {info['url']} failed an inventory query: {type(e).__name__}: {e}"
+    finally:
+        disconnect(si)

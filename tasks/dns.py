@@ -1,0 +1,37 @@
+"""Route 53 steps of the runbooks: point a group's record at its primary, and wait until in sync."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from drflow.dns import point_record, resolve_endpoint
+
+if TYPE_CHECKING:
+    from mypy_boto3_route53 import Route53Client
+
+
+@task(name="point DNS at the new primary", retries=3, retry_delay_seconds=0.5, timeout_seconds=90,
+      cache_policy=NO_CACHE)
+def point_dns(client: Route53Client, zone_id: str, record: str, host: str, port: int, ttl: int,
+              comment: str) -> str:
+    """UPSERT A + SRV (idempotent: the same target again is a no-op change) and wait for INSYNC."""
+    if resolve_endpoint_or_none(client, zone_id, record) == (host, port):
+        return "already pointing there"
+    change_id = point_record(client, zone_id, record, host, port, ttl, comment)
+    deadline = time.monotonic() + 60
+    while client.get_change(Id=change_id)["ChangeInfo"]["Status"] != "INSYNC":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Route 53 change {change_id} not INSYNC after 60 s")
+        time.sleep(0.2)
+    return f"change {change_id} INSYNC"
+
+
+def resolve_endpoint_or_none(client: Route53Client, zone_id: str, record: str) -> tuple[str, int] | None:
+    try:
+        return resolve_endpoint(client, zone_id, record)
+    except LookupError:
+        return None

@@ -1,0 +1,109 @@
+"""vSphere steps of the runbooks (pyvmomi): power state, fencing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
+from pyVim.connect import SmartConnect
+from pyVmomi import vim, vmodl
+
+_lock = threading.Lock()
+_sessions: dict[tuple[str, str], Any] = {}
+
+
+@dataclass(frozen=True)
+class VCenter:
+    url: str
+    user: str
+    password: SecretStr
+    datacenter: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.url}"
+
+
+def connect(vc: VCenter, fresh: bool = False) -> Any:
+    """A ServiceInstance, reused across calls (login costs a round trip we can't afford mid-failover)."""
+    key = (vc.url, vc.user)
+    with _lock:
+        si = None if fresh else _sessions.get(key)
+        if si is not None:
+            try:
+                si.CurrentTime()
+                return si
+            except Exception:  # a dead session: log in again
+                si = None
+        u = urlparse(vc.url)
+        kwargs: dict[str, Any] = {"host": u.hostname, "user": vc.user,
+                                  "pwd": vc.password.get_secret_value(), "connectionPoolTimeout": 5}
+        if u.scheme == "http":
+            kwargs.update(port=u.port or 80, protocol="http")
+        else:
+            kwargs.update(port=u.port or 443)
+        try:
+            si = SmartConnect(**kwargs)
+        except Exception as exc:  # never let the password ride along in a message
+            raise ConnectionError(f"cannot log in to vCenter {vc}: {type(exc).__name__}") from None
+        _sessions[key] = si
+        return si
+
+
+def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        for vm in view.view:
+            if vm.name == name:
+                return vm
+    finally:
+        view.Destroy()
+    raise LookupError(f"VM {name!r} not found in vCenter" + (f" ({datacenter})" if datacenter else ""))
+
+
+def read_power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
+    """(power state, error). None when vCenter cannot tell us: an unknown state."""
+    try:
+        vm = find_vm(connect(vc), vm_name, vc.datacenter)
+        return str(vm.runtime.powerState), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+@task(name="read power state", timeout_seconds=15, cache_policy=NO_CACHE)
+def power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
+    return read_power_state(vc, vm_name)
+
+
+@task(name="fence old primary", timeout_seconds=60, cache_policy=NO_CACHE)
+def fence(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
+    """Power the VM off; an already-off VM is fenced. Returns the power state seen afterwards."""
+    try:
+        vm = find_vm(connect(vc), vm_name, vc.datacenter)
+        if vm.runtime.powerState != "poweredOff":
+            _wait(vm.PowerOffVM_Task(), timeout=45)
+    except vim.fault.InvalidPowerState:
+        pass  # already off between our read and the call
+    except Exception as exc:
+        state, _ = read_power_state(vc, vm_name)
+        return state, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return read_power_state(vc, vm_name)
+
+
+def _wait(t: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while t.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vSphere task {t.info.key} still running after {timeout:.0f} s")
+        time.sleep(0.05)
+    if t.info.state == vim.TaskInfo.State.error:
+        err = t.info.error
+        if isinstance(err, vim.fault.InvalidPowerState):
+            return
+        raise vmodl.MethodFault(msg=str(getattr(err, "msg", err)))
