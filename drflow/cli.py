@@ -24,12 +24,17 @@ app.add_typer(audit_app, name="audit")
 
 
 def _add_plugins() -> None:
-    # The lab registers itself through an entry point: product code never imports it.
+    # The runbooks and the lab plug in through entry points: `drflow` (the core) never imports
+    # them. An entry point is a Typer (a command group) or a function that adds commands.
     for ep in entry_points(group="drflow.cli"):
         try:
-            app.add_typer(ep.load(), name=ep.name)
+            obj = ep.load()
         except ImportError:
             continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=ep.name)
+        else:
+            obj(app)
 
 
 def main() -> None:

@@ -338,6 +338,34 @@ class GroupConfig(_Model):
         return _check_dns_label(v, "group name")
 
 
+class DrillConfig(_Model):
+    """Where DR drills build their bubble (optional section; the defaults suit most sites).
+
+    The drill's copy of a standby is made by the machine running the drill, under `work_dir`,
+    and listens on 127.0.0.1 only, on a free port of `port_range`.
+    """
+
+    isolated_portgroup: str = Field(default="drflow-isolated", min_length=1)
+    work_dir: str = "/var/tmp/drflow-drill"
+    port_range: tuple[int, int] = (54400, 54499)
+
+    @field_validator("work_dir")
+    @classmethod
+    def _work_dir(cls, v: str) -> str:
+        # PostgreSQL settings quote it, and a copy must never land in a relative, moving place.
+        if not v.startswith("/") or any(c in v for c in "'\"\\ \t\n"):
+            raise ValueError("must be an absolute path without spaces, quotes or backslashes")
+        return v
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("must be [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535")
+        return v
+
+
 class DrflowConfig(_Model):
     """The whole of `drflow.yaml`."""
 
@@ -347,6 +375,7 @@ class DrflowConfig(_Model):
     audit: AuditConfig
     gateway: GatewayConfig
     groups: list[GroupConfig] = Field(min_length=1)
+    drill: DrillConfig | None = None  # None: the defaults of DrillConfig
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Self:

@@ -94,14 +94,21 @@ def promotion(standby_in_recovery: bool | None, lag: LagEstimate, rpo_budget_s: 
 
 
 def lag_estimate(standby_received_lsn: int | None, primary_last_lsn: int | None,
-                 primary_lsn_seen_at: list[tuple[float, int]]) -> LagEstimate:
+                 primary_lsn_seen_at: list[tuple[float, int]],
+                 was_sync_standby: bool = False) -> LagEstimate:
     """Compare what the standby received with the last LSN the primary's agent reported.
 
     `primary_lsn_seen_at` is the (time, lsn) history from the primary's heartbeats: the age of
-    the oldest report the standby has not reached bounds the writes it may miss.
+    the oldest report the standby has not reached bounds the writes it may miss. When the
+    primary last reported this standby as its streaming synchronous standby, no acknowledged
+    commit can be missing, whatever WAL beyond it the primary had written.
     """
     if standby_received_lsn is None:
         return LagEstimate(None, None, "standby's received LSN unknown")
+    if was_sync_standby:
+        missing = max(0, (primary_last_lsn or 0) - standby_received_lsn)
+        return LagEstimate(0.0, missing, "synchronous standby at the primary's last report: "
+                                         "every acknowledged commit was flushed on it")
     if primary_last_lsn is None:
         return LagEstimate(None, None, "no LSN reported by the primary before it failed")
     missing = max(0, primary_last_lsn - standby_received_lsn)

@@ -1,0 +1,312 @@
+"""The agent's signed control endpoint for the orchestrator, and the client that calls it.
+
+`POST /v1/control` with `{"verb": …, "args": {…}, "nonce": "<uuid>"}`, signed like the health
+webhooks (drflow.signing, 300 s clock window). Only the driver's fixed verbs exist; their
+arguments are validated before anything runs. Refusals change nothing (but remember the nonce):
+
+    401  unsigned, bad signature, timestamp outside the window, or a nonce already used (replay)
+    400  body not JSON, nonce not a UUID, unknown verb, bad arguments
+    404/405/411/413  other path, other method, no Content-Length, body over 64 KiB
+    409  the driver refused the verb in the instance's current state (the message says why)
+    500  the driver failed unexpectedly (details in the agent's log)
+
+Answers are JSON `{"ok", "agent_id", "verb", "nonce", "result" | "error"}` and are signed with the
+same secret, echoing the nonce, so the caller knows the agent answered this very request.
+Nonces are kept for twice the window: in SQLite when `nonce_db` is given (a restarted agent still
+refuses replays), else in memory. stdlib only: the agent stays small.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr, ValidationError
+
+from agents.drivers import Driver, VerbError
+from drflow.signing import (
+    DEFAULT_WINDOW_S,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    SignatureError,
+    sign_headers,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+CONTROL_PATH = "/v1/control"
+MAX_BODY = 64 * 1024
+
+
+class NonceStore:
+    """Nonces seen within the replay window; `claim` is atomic across threads."""
+
+    def __init__(self, path: Path | None = None, ttl_s: float = 2 * DEFAULT_WINDOW_S) -> None:
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None,
+                                     check_same_thread=False)
+        if path:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS nonces "
+                           "(nonce TEXT PRIMARY KEY, expires REAL NOT NULL)")
+        self._conn.execute("CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires)")
+
+    def claim(self, nonce: str, now: float | None = None) -> bool:
+        """True the first time `nonce` is seen within the window, False for a replay."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._conn.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+            cur = self._conn.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)",
+                                     (nonce, now + self._ttl_s))
+            return cur.rowcount == 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], family: socket.AddressFamily, secret: SecretStr,
+                 driver: Driver, agent_id: str, nonces: NonceStore) -> None:
+        self.address_family = family
+        self.secret = secret
+        self.driver = driver
+        self.agent_id = agent_id
+        self.nonces = nonces
+        super().__init__(addr, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, addr
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10  # a client that stalls mid-request is dropped
+    server_version = "drflow-agent"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("control %s: " + format, self.client_address[0], *args)
+
+    def do_GET(self) -> None:
+        self._answer(405, {"ok": False, "error": f"use POST {CONTROL_PATH}"}, None)
+
+    do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def do_POST(self) -> None:
+        nonce: str | None = None
+        verb_name: str | None = None
+        try:
+            if self.path.split("?", 1)[0] != CONTROL_PATH:
+                raise _Refusal(404, f"no such endpoint; use POST {CONTROL_PATH}")
+            body = self._read_body()
+            try:
+                verify(self.server.secret.get_secret_value().encode(),
+                       self.headers.get(TIMESTAMP_HEADER), self.headers.get(SIGNATURE_HEADER),
+                       body)
+            except SignatureError as exc:
+                raise _Refusal(401, f"not authenticated: {exc}") from None
+            verb_name, raw_args, nonce = _parse(body)
+            if not self.server.nonces.claim(nonce):
+                raise _Refusal(401, f"nonce {nonce} was already used: replay refused")
+            verb = self.server.driver.verbs().get(verb_name)
+            if verb is None:
+                known = ", ".join(sorted(self.server.driver.verbs()))
+                raise _Refusal(400, f"unknown verb {verb_name!r} for "
+                                    f"{self.server.driver.application}; known: {known}")
+            try:
+                args = verb.args.model_validate(raw_args)
+            except ValidationError as exc:
+                raise _Refusal(400, f"bad arguments for {verb_name}: {_errors(exc)}") from None
+            log.info("control verb %s %s from %s (nonce %s)", verb_name, raw_args,
+                     self.client_address[0], nonce)
+            try:
+                result = verb.run(args)
+            except VerbError as exc:
+                raise _Refusal(409, f"{verb_name} refused: {exc}") from None
+            except ValidationError as exc:
+                raise _Refusal(400, f"bad arguments for {verb_name}: {_errors(exc)}") from None
+            except Exception as exc:
+                log.exception("control verb %s failed", verb_name)
+                raise _Refusal(500, f"{verb_name} failed: {type(exc).__name__}; see the agent "
+                                    "log") from None
+            log.info("control verb %s done: %s", verb_name, result)
+            self._answer(200, {"ok": True, "verb": verb_name, "result": result}, nonce)
+        except _Refusal as r:
+            log.warning("control request from %s refused (%s): %s", self.client_address[0],
+                        r.status, r.error)
+            self._answer(r.status, {"ok": False, "verb": verb_name, "error": r.error}, nonce)
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise _Refusal(411, "Content-Length required")
+        if int(length) > MAX_BODY:
+            raise _Refusal(413, f"body over {MAX_BODY} bytes")
+        return self.rfile.read(int(length))
+
+    def _answer(self, status: int, payload: dict[str, Any], nonce: str | None) -> None:
+        payload = {**payload, "agent_id": self.server.agent_id, "nonce": nonce}
+        body = json.dumps(payload, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in sign_headers(self.server.secret.get_secret_value().encode(), body).items():
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+
+def _parse(body: bytes) -> tuple[str, dict[str, Any], str]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise _Refusal(400, "body is not JSON") from None
+    if not isinstance(data, dict) or set(data) - {"verb", "args", "nonce"}:
+        raise _Refusal(400, 'body must be {"verb": str, "args": {...}, "nonce": uuid}')
+    verb, args, nonce = data.get("verb"), data.get("args", {}), data.get("nonce")
+    if not isinstance(verb, str) or not isinstance(args, dict):
+        raise _Refusal(400, '"verb" must be a string and "args" an object')
+    try:
+        nonce = str(uuid.UUID(str(nonce)))
+    except ValueError:
+        raise _Refusal(400, '"nonce" must be a UUID, new for every request') from None
+    return verb, args, nonce
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}"
+                     for e in exc.errors())
+
+
+class ControlServer:
+    """A running control endpoint; `stop()` ends it."""
+
+    def __init__(self, server: _Server, nonces: NonceStore) -> None:
+        self._server = server
+        self._nonces = nonces
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="control-api", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{CONTROL_PATH}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._nonces.close()
+
+
+def serve(listen: str, secret: SecretStr, driver: Driver, *, agent_id: str,
+          nonce_db: Path | None = None) -> ControlServer:
+    """Serve the control API on `listen` ("host:port"; port 0 picks a free one)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:8471), got {listen!r}")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    nonces = NonceStore(nonce_db)
+    try:
+        server = _Server((host, int(port_text)), family, secret, driver, agent_id, nonces)
+    except OSError as exc:
+        nonces.close()
+        raise OSError(f"cannot listen on {listen} for the control API: {exc}") from exc
+    handle = ControlServer(server, nonces)
+    log.info("control API for %s listening on %s", driver.application, handle.url)
+    return handle
+
+
+class ControlError(Exception):
+    """The agent refused or failed a verb (status is the HTTP status, 0 if unreachable)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class ControlClient:
+    """Calls one agent's control API: `ControlClient(url, secret).call("promote")`."""
+
+    def __init__(self, url: str, secret: SecretStr, *, timeout_s: float = 300.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"control URL must be http(s)://host:port{CONTROL_PATH}, got {url!r}")
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._path = parts.path if parts.path not in ("", "/") else CONTROL_PATH
+        self._secret = secret
+        self.timeout_s = timeout_s
+
+    def call(self, verb: str, /, **args: Any) -> dict[str, Any]:
+        """Run `verb` on the agent; its result, or ControlError saying why not."""
+        nonce = str(uuid.uuid4())
+        body = json.dumps({"verb": verb, "args": args, "nonce": nonce}).encode()
+        status, headers, answer = self.post(body, sign_headers(self._key(), body))
+        try:
+            verify(self._key(), headers.get(TIMESTAMP_HEADER.lower()),
+                   headers.get(SIGNATURE_HEADER.lower()), answer)
+            data = json.loads(answer)
+        except (SignatureError, ValueError) as exc:
+            raise ControlError(status, f"answer from {self.url} is not from the agent "
+                                       f"({exc})") from None
+        # A refusal before the body was read carries no nonce; a result always carries ours.
+        if data.get("nonce") != nonce and (status == 200 or data.get("nonce") is not None):
+            raise ControlError(status, f"answer from {self.url} is for another request")
+        if status != 200 or not data.get("ok"):
+            raise ControlError(status, str(data.get("error", "no error message")))
+        return dict(data["result"])
+
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """One raw POST; header names come back lower-case (tests send forgeries with it)."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout_s)
+        try:
+            conn.request("POST", self._path, body=body,
+                         headers={"Content-Type": "application/json", **headers})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlError(0, f"agent control API {self.url} unreachable: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _key(self) -> bytes:
+        return self._secret.get_secret_value().encode()
+
+
+__all__ = ["CONTROL_PATH", "ControlClient", "ControlError", "ControlServer", "NonceStore", "serve"]

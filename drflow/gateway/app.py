@@ -1,0 +1,146 @@
+"""HTTP surface of the gateway (FastAPI) and helpers to serve it with uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from drflow.gateway.contracts import Alerter, AuditSink, IncidentStarter
+from drflow.gateway.intake import Rejection, authenticate, parse_event, parse_model, read_body
+from drflow.gateway.service import GatewayService
+from drflow.gateway.settings import GatewaySettings
+
+
+class CloseIncident(BaseModel):
+    """Body of `POST /v1/groups/{group}/incident/close` (signed like an event)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idempotency_key: str = Field(min_length=1, max_length=300)
+    outcome: str = Field(default="closed", min_length=1, max_length=100)
+    reason: str = Field(default="", max_length=2000)
+
+
+def create_app(
+    settings: GatewaySettings,
+    starter: IncidentStarter,
+    audit: AuditSink | None = None,
+    alerter: Alerter | None = None,
+) -> FastAPI:
+    """The gateway app. Its GatewayService is `app.state.gateway` (started by the lifespan)."""
+    service = GatewayService(settings, starter, audit, alerter)
+    secret = settings.secret_bytes()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="drflow gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.gateway = service
+
+    def refused(rejection: Rejection, request: Request) -> JSONResponse:
+        service.refuse(rejection, request.url.path, request.client.host if request.client else None)
+        return JSONResponse(rejection.body(), status_code=rejection.status)
+
+    @app.post("/v1/events")
+    async def post_event(request: Request) -> JSONResponse:
+        """A signed agent webhook: 202 accepted, or a 4xx that changes nothing."""
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            sig = authenticate(secret, request.headers, body, settings.signature_window_s)
+            event = parse_event(body)
+            if event.group not in settings.groups:
+                raise Rejection(
+                    404, "unknown_group",
+                    f"unknown protection group {event.group!r}: add it to the configuration "
+                    "or fix the agent's group",
+                )
+            accepted = service.accept(event, sig)
+        except Rejection as rejection:
+            return refused(rejection, request)
+        return JSONResponse(accepted.body(), status_code=202)
+
+    @app.post("/v1/groups/{group}/incident/close")
+    async def close_incident(group: str, request: Request) -> JSONResponse:
+        """Signed call from the failover flow: the incident is over, the next one may open."""
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            authenticate(secret, request.headers, body, settings.signature_window_s)
+            req: CloseIncident = parse_model(CloseIncident, body, "close request")
+            rec = await service.close_incident(group, req.idempotency_key, req.outcome, req.reason)
+        except Rejection as rejection:
+            return refused(rejection, request)
+        return JSONResponse(
+            {"closed": rec.incident.idempotency_key, "outcome": req.outcome, "run_id": rec.run_id}
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/groups")
+    async def groups() -> JSONResponse:
+        return JSONResponse(service.groups_view())
+
+    return app
+
+
+def _server(
+    settings: GatewaySettings,
+    starter: IncidentStarter,
+    host: str,
+    port: int,
+    audit: AuditSink | None,
+    alerter: Alerter | None,
+    log_level: str,
+) -> uvicorn.Server:
+    app = create_app(settings, starter, audit, alerter)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on"
+    )
+    return uvicorn.Server(config)
+
+
+def run(
+    settings: GatewaySettings,
+    starter: IncidentStarter,
+    host: str = "127.0.0.1",
+    port: int = 8088,
+    audit: AuditSink | None = None,
+    alerter: Alerter | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the gateway until SIGINT/SIGTERM (blocking)."""
+    _server(settings, starter, host, port, audit, alerter, log_level).run()
+
+
+async def serve(
+    settings: GatewaySettings,
+    starter: IncidentStarter,
+    host: str = "127.0.0.1",
+    port: int = 8088,
+    audit: AuditSink | None = None,
+    alerter: Alerter | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the gateway inside an already running event loop (embedded mode)."""
+    await _server(settings, starter, host, port, audit, alerter, log_level).serve()
+
+
+__all__ = ["CloseIncident", "create_app", "run", "serve"]

@@ -1,0 +1,317 @@
+"""DR drill runbook: readiness → bubble (VM clone + promoted copy) → checks → RTO/RPO → teardown → report.
+
+Production is only ever read, except for two marker rows in drflow's own table on the primary
+(one committed before the copy, one after; both removed at teardown) that prove which history
+the copy holds. No power operation on production VMs, no DNS change, no promotion of the
+production standby, no change to replication settings. Teardown runs whatever happened.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from drflow.config import DrillConfig, GroupConfig
+from drflow.dns import resolve_endpoint
+from flows.decisions import Decision
+from flows.drill_decisions import (
+    copy_verified,
+    dns_sane,
+    drill_outcome,
+    isolation_proven,
+    readiness,
+    replication_ready,
+    teardown_clean,
+)
+from flows.run import RunbookRun
+from flows.runtime import Runtime, runtime
+from tasks import drill as bubble
+from tasks.postgres import Db
+
+
+class DrillFailed(Exception):
+    """The drill did not pass; its report (audit, artifact, Slack) says why."""
+
+
+@dataclass
+class _State:
+    """What one drill built and measured: teardown and the report read it."""
+
+    drill_id: str
+    clone_prefix: str
+    t0: float = field(default_factory=time.monotonic)
+    step: str = ""
+    run_dir: Path | None = None
+    bindir: str | None = None
+    copy_port: int | None = None
+    markers: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@flow(name="drill", log_prints=False, persist_result=False)
+def drill(group: str, config_path: str | None = None,
+          raise_on_failure: bool = True) -> dict[str, Any]:
+    """Drill group `group` in an isolated bubble and report RTO and RPO; production untouched.
+
+    Returns the report's figures. With `raise_on_failure` (the default, so that a scheduled
+    run that did not pass shows as Failed in Prefect) a refused or failed drill raises
+    DrillFailed after teardown and reporting."""
+    rt = runtime(config_path)
+    g = rt.cfg.group(group)
+    dc = rt.cfg.drill or DrillConfig()
+    drill_id = uuid.uuid4().hex[:10]
+    st = _State(drill_id=drill_id, clone_prefix=f"{g.standby.vm}-drill-")
+    started_at = datetime.now(UTC)
+    run = RunbookRun(rt, "drill", group, title=f"DR drill of {group}")
+    run.start(f"🧪 *{group}*: DR drill {drill_id} started — bubble on {dc.isolated_portgroup!r} "
+              f"at site {g.standby.site}; production is not touched.",
+              {"drill_id": drill_id, "standby": g.standby.vm, "portgroup": dc.isolated_portgroup,
+               "rpo_budget_s": g.rpo_budget_s})
+    work_dir = Path(dc.work_dir)
+    refused: str | None = None
+    failed: str | None = None
+    teardown = Decision(True, "nothing was built")
+    try:
+        bubble.prepare_work_dir(work_dir)
+        with bubble.group_lock(work_dir, group) as mine:
+            if not mine:
+                refused = f"another drill of {group} is running on this machine"
+                run.note("refused", refused)
+            else:
+                try:
+                    refused = _readiness(run, rt, g, dc, st)
+                except Exception as exc:  # e.g. a secret that cannot be resolved
+                    refused = f"readiness checks could not run: {type(exc).__name__}: {exc}"
+            if mine and refused is None:
+                try:
+                    _build_and_check(run, rt, g, dc, st, work_dir)
+                except Exception as exc:
+                    failed = f"step '{st.step}' failed: {type(exc).__name__}: {str(exc)[:500]}"
+                finally:
+                    teardown = _teardown(run, rt, g, dc, st, work_dir)
+    except (bubble.DrillError, OSError) as exc:  # the work directory itself is unusable
+        refused = f"drill.work_dir {work_dir}: {exc}"
+    outcome, reason = drill_outcome(refused, failed, teardown)
+    figures = _report(run, g, st, outcome, reason, started_at)
+    if outcome != "passed" and raise_on_failure:
+        raise DrillFailed(f"drill of {group} {outcome}: {reason}")
+    return figures
+
+
+def _decide(step: Any, d: Decision) -> None:
+    step.reason = d.reason
+    if not d.proceed:
+        step.outcome = "refused"
+
+
+def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
+               st: _State) -> str | None:
+    """Every check runs (the report lists all reasons); None if all pass, else why not."""
+    checks: dict[str, Decision] = {}
+    primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
+    with run.step("check replication", g.standby.vm, {"rpo_budget_s": g.rpo_budget_s}) as s:
+        f = bubble.replication_facts(primary, standby)
+        d = replication_ready(f, f"{g.primary.host}:{g.primary.port}", g.replication,
+                              g.rpo_budget_s)
+        s.result = {"state": f.state, "sync_state": f.sync_state, "lag_s": f.lag_s,
+                    "lag_bytes": f.lag_bytes, "replay_paused": f.replay_paused}
+        _decide(s, d)
+        checks["replication"] = d
+    vc = rt.vcenter(g.standby.site)
+    with run.step("check vCenter", vc.url) as s:
+        ok, detail = bubble.vcenter_facts(vc, g.standby.vm)
+        d = Decision(ok, detail if ok else f"vCenter unreachable: {detail}")
+        _decide(s, d)
+        checks["vCenter"] = d
+    with run.step("check isolation", dc.isolated_portgroup) as s:
+        if ok:
+            facts = bubble.isolation_facts(vc, g.standby.vm, dc.isolated_portgroup)
+            d = isolation_proven(facts, dc.isolated_portgroup, st.clone_prefix)
+            s.result = {"host": facts.host, "vswitch": facts.vswitch, "pnics": list(facts.pnics),
+                        "attached_vms": list(facts.attached_vms)}
+        else:
+            d = Decision(False, "cannot prove isolation: vCenter unreachable")
+        _decide(s, d)
+        checks["isolation"] = d
+    with run.step("check DNS", g.dns.record) as s:
+        try:
+            resolved, err = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record), None
+        except Exception as exc:
+            resolved, err = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+        d = dns_sane(resolved, err, g.dns.record, g.primary.host, g.primary.port)
+        _decide(s, d)
+        checks["DNS"] = d
+    verdict = readiness(checks)
+    return None if verdict.proceed else verdict.reason
+
+
+def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
+                     st: _State, work_dir: Path) -> None:
+    primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
+    vc = rt.vcenter(g.standby.site)
+    leftovers = bubble.leftover_copies(work_dir, g.name)
+    stray_vms = bubble.drill_vms(vc, st.clone_prefix)
+    if leftovers or stray_vms:
+        st.step = "remove leftovers of an earlier drill"
+        with run.step(st.step, g.name) as s:
+            left = [p for d in leftovers for p in bubble.remove_copy(d, str(bubble.pg_bindir()))]
+            destroyed, refused = bubble.destroy_clones(vc, st.clone_prefix, dc.isolated_portgroup)
+            s.reason = (f"removed {len(leftovers)} copy/copies and {len(destroyed)} clone(s)"
+                        + (f"; left: {left + refused}" if left or refused else ""))
+
+    st.step = "mark the primary"
+    before = f"drill-{st.drill_id}-before"
+    with run.step(st.step, g.primary.vm, {"marker": before}) as s:
+        tables = bubble.user_tables(primary)
+        st.markers.append(before)
+        marker_lsn = bubble.write_marker(primary, g.name, before)
+        waited = bubble.wait_replayed(standby, marker_lsn, timeout=max(10.0, g.rpo_budget_s * 2))
+        s.reason = (f"marker committed at {_lsn(marker_lsn)}, replayed by the standby in "
+                    f"{waited:.2f} s; {len(tables)} user table(s) on the primary")
+
+    st.step = "clone the DR VM into the bubble"
+    clone_name = st.clone_prefix + st.drill_id
+    with run.step(st.step, g.standby.vm, {"clone": clone_name,
+                                          "portgroup": dc.isolated_portgroup}) as s:
+        clone = bubble.clone_into_bubble(vc, g.standby.vm, clone_name, dc.isolated_portgroup)
+        st.figures["clone"] = clone_name
+        s.reason = (f"{clone_name} on {', '.join(clone['networks']) or 'no network'} "
+                    f"({clone['power_state']})")
+
+    st.step = "copy the standby"
+    name = f"{g.name}-{st.drill_id}"
+    with run.step(st.step, g.standby.vm, {"copy": name}) as s:
+        st.run_dir = work_dir / name  # set first: teardown removes a half-made copy too
+        made = bubble.make_copy(standby, work_dir, dc.port_range, name, g.name)
+        copy: bubble.DrillCopy = made["copy"]
+        st.bindir, st.copy_port = made["bindir"], copy.port
+        # RPO: what a failover at the moment of the copy would have lost (the standby's lag).
+        lag = bubble.replication_facts(primary, standby)
+        st.figures.update(copy_s=round(made["seconds"], 3), copy_bytes=made["bytes"],
+                          wal_method=made["wal_method"], copy_port=copy.port,
+                          rpo_s=None if lag.lag_s is None else round(lag.lag_s, 3),
+                          rpo_bytes=lag.lag_bytes)
+        s.reason = (f"{made['bytes'] / 1e6:.1f} MB in {made['seconds']:.2f} s "
+                    f"(pg_basebackup, WAL {made['wal_method']}); standby lag then "
+                    f"{_num(lag.lag_s)} s / {lag.lag_bytes} bytes")
+
+    after = f"drill-{st.drill_id}-after"
+    st.step = "start and promote the copy"
+    copy_db = Db(host=bubble.COPY_HOST, port=copy.port, dbname=g.database.name,
+                 user=g.database.user, password=rt.secret(g.database.password))
+    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}") as s:
+        bubble.start_copy(copy, made["bindir"])
+        copy_lsn = bubble.promote_copy(copy_db)
+        st.figures["copy_lsn"] = _lsn(copy_lsn)
+        s.reason = f"promoted on port {copy.port} at LSN {_lsn(copy_lsn)}"
+
+    st.step = "check the copy"
+    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}", {"markers": [before, after]}) as s:
+        st.markers.append(after)
+        bubble.write_marker(primary, g.name, after)
+        facts = bubble.check_copy(copy_db, before, after, tables, copy_lsn, marker_lsn,
+                                  st.drill_id)
+        d = copy_verified(facts)
+        s.reason = d.reason
+        if not d.proceed:
+            s.outcome = "failed"
+            raise bubble.DrillError(d.reason)
+    st.figures["rto_s"] = round(time.monotonic() - st.t0, 3)
+
+
+def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st: _State,
+              work_dir: Path) -> Decision:
+    """Remove everything the drill built, each part on its own, then check nothing is left."""
+    left: list[str] = []
+    vc = rt.vcenter(g.standby.site)
+    with run.step("tear down the bubble", g.name) as s:
+        if st.run_dir is not None:
+            try:
+                left += bubble.remove_copy(st.run_dir, st.bindir or str(bubble.pg_bindir()))
+            except Exception as exc:
+                left.append(f"copy {st.run_dir}: {type(exc).__name__}: {exc}")
+        try:
+            _destroyed, refused = bubble.destroy_clones(vc, st.clone_prefix,
+                                                        dc.isolated_portgroup)
+            left += refused
+        except Exception as exc:
+            left.append(f"clones {st.clone_prefix}*: {type(exc).__name__}: {exc}")
+        if st.markers:
+            try:
+                bubble.remove_markers(rt.db(g, g.primary), st.markers)
+            except Exception as exc:
+                left.append(f"markers on the primary: {type(exc).__name__}")
+        # Check from scratch, not from what the calls above returned.
+        try:
+            left += [f"VM {n}" for n in bubble.drill_vms(vc, st.clone_prefix)]
+        except Exception as exc:
+            left.append(f"cannot list VMs to check: {type(exc).__name__}")
+        if st.run_dir is not None:
+            left += [f"process {p}" for p in bubble.processes_under(st.run_dir)]
+            if st.run_dir.exists():
+                left.append(f"directory {st.run_dir}")
+        d = teardown_clean(sorted(set(left)))
+        s.reason = d.reason
+        if not d.proceed:
+            s.outcome = "failed"
+    return d
+
+
+def _report(run: RunbookRun, g: GroupConfig, st: _State, outcome: str, reason: str,
+            started_at: datetime) -> dict[str, Any]:
+    drill_s = time.monotonic() - st.t0
+    steps = [{"name": t.name, "outcome": t.outcome, "seconds": round(t.seconds, 3),
+              "reason": t.reason} for t in run.timings]
+    f = st.figures
+    figures: dict[str, Any] = {
+        "group": g.name, "drill_id": st.drill_id, "run_id": run.run_id, "outcome": outcome,
+        "reason": reason, "started_at": started_at.isoformat(timespec="seconds"),
+        "drill_s": round(drill_s, 3), "rto_s": f.get("rto_s"), "rpo_s": f.get("rpo_s"),
+        "rpo_bytes": f.get("rpo_bytes"), "rpo_budget_s": g.rpo_budget_s,
+        "copy_lsn": f.get("copy_lsn"), "copy_bytes": f.get("copy_bytes"),
+        "copy_s": f.get("copy_s"), "clone": f.get("clone"), "steps": steps,
+    }
+    icon = {"passed": "✅", "refused": "⛔"}.get(outcome, "❌")
+    if outcome == "passed":
+        headline = (f"{icon} *{g.name}*: DR drill passed — RTO {_num(f.get('rto_s'))} s, "
+                    f"RPO {_num(f.get('rpo_s'))} s / {f.get('rpo_bytes')} bytes; bubble torn "
+                    "down, production untouched.")
+    else:
+        headline = f"{icon} *{g.name}*: DR drill {outcome} — {reason}"
+    markdown = render_markdown(figures, run.steps_table())
+    run.finish(outcome, headline, figures, markdown)
+    return figures
+
+
+def render_markdown(f: dict[str, Any], steps_table: str) -> str:
+    """The Prefect artifact of one drill: figures, verdict and every step with its timing."""
+    copy_mb = f"{f['copy_bytes'] / 1e6:.1f} MB" if f.get("copy_bytes") is not None else "—"
+    return (
+        f"# DR drill of {f['group']}: {f['outcome'].upper()}\n\n"
+        f"{f['reason']}\n\n"
+        "| figure | value |\n|---|---|\n"
+        f"| RTO (drill start → copy writable and verified) | **{_num(f.get('rto_s'))} s** |\n"
+        f"| RPO (standby lag at the moment of the copy) | **{_num(f.get('rpo_s'))} s / "
+        f"{f.get('rpo_bytes') if f.get('rpo_bytes') is not None else '—'} bytes** "
+        f"(budget {f['rpo_budget_s']:g} s) |\n"
+        f"| drill wall time | {_num(f.get('drill_s'))} s |\n"
+        f"| copy | {copy_mb} in {_num(f.get('copy_s'))} s, LSN {f.get('copy_lsn') or '—'} |\n"
+        f"| clone | {f.get('clone') or '—'} |\n"
+        f"| drill id / flow run | {f['drill_id']} / {f['run_id']} |\n"
+        f"| started (UTC) | {f['started_at']} |\n\n"
+        "## Steps\n\n" + steps_table + "\n"
+    )
+
+
+def _lsn(v: int) -> str:
+    return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
+
+
+def _num(x: Any) -> str:
+    return "—" if x is None else f"{float(x):.2f}"

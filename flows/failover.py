@@ -1,0 +1,157 @@
+"""Failover runbook: confirm → fence → check lag → promote → relax sync → DNS → verify → report.
+
+Every step is idempotent, so a run re-started after a crash at any point completes without a
+second promotion: the fence is checked before promoting, a promoted standby is not promoted again,
+and the DNS change and the verification write are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow
+
+from drflow.dns import resolve_endpoint
+from flows.decisions import (
+    Decision,
+    confirm_failure,
+    fence_result,
+    lag_estimate,
+    promotion,
+    relax_sync,
+)
+from flows.run import RunbookRun
+from flows.runtime import runtime
+from tasks import dns as dns_tasks
+from tasks import postgres as pg
+from tasks import vsphere
+
+
+class FailoverStopped(Exception):
+    """A safety check stopped the failover; the reason is in the audit trail and in Slack."""
+
+
+def _first_failure_epoch(incident: dict[str, Any]) -> float:
+    raw = incident.get("first_failure_at")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        return datetime.fromisoformat(raw).timestamp()
+    return time.time()
+
+
+@flow(name="failover", log_prints=False, persist_result=False)
+def failover(group: str, incident: dict[str, Any] | None = None, force: bool = False,
+             config_path: str | None = None) -> dict[str, Any]:
+    """Move group `group`'s service to its standby. `incident` carries what triggered it (the
+    gateway's evidence); `force` accepts promoting beyond the RPO budget, audited."""
+    incident = dict(incident or {})
+    rt = runtime(config_path)
+    g = rt.cfg.group(group)
+    reported = str(incident.get("reason") or incident.get("kind") or "failover requested")
+    first_failure = _first_failure_epoch(incident)
+    evidence = incident.get("evidence") or {}
+    prod_vc = rt.vcenter(g.primary.site)
+    old_primary = rt.db(g, g.primary)
+    standby = rt.db(g, g.standby)
+    run = RunbookRun(rt, "failover", group, title=f"Failover of {group}")
+    run.start(f"🔴 *{group}*: {reported}. Failing over to {g.standby.vm} ({g.standby.site}).",
+              {"incident": incident, "force": force, "primary": g.primary.vm,
+               "standby": g.standby.vm})
+
+    def stop(outcome: str, why: str) -> dict[str, Any]:
+        run.finish(outcome, f"⚠️ *{group}*: failover stopped — {why}",
+                   {"outcome": outcome}, f"# Failover of {group}: {outcome}\n\n{why}\n\n"
+                   + run.steps_table())
+        return {"outcome": outcome, "reason": why, "group": group}
+
+    with run.step("confirm failure", g.primary.vm) as s:
+        power, power_err = vsphere.power_state(prod_vc, g.primary.vm)
+        app = pg.check_primary(old_primary)
+        d = confirm_failure(g.primary.vm, power, app, reported)
+        s.result = {"power_state": power, "power_error": power_err, "app": app.detail}
+        _decide(s, d)
+    if not d.proceed:
+        return stop("not_confirmed", d.reason)
+
+    with run.step("fence old primary", g.primary.vm) as s:
+        state, err = vsphere.fence(prod_vc, g.primary.vm)
+        d = fence_result(g.primary.vm, state, err)
+        s.result = {"power_state": state, "error": err}
+        _decide(s, d)
+    if not d.proceed:
+        return stop("not_fenced", d.reason)
+
+    with run.step("check standby lag", g.standby.vm, {"rpo_budget_s": g.rpo_budget_s,
+                                                      "force": force}) as s:
+        st = pg.standby_status(standby)
+        history = [(float(t), int(lsn)) for t, lsn in evidence.get("primary_lsn_history", [])]
+        last = evidence.get("primary_last_lsn")
+        lag = lag_estimate(st.received_lsn, int(last) if last is not None else None, history,
+                           was_sync_standby=g.replication == "sync"
+                           and bool(evidence.get("sync_standby_streaming")))
+        if st.in_recovery is False:
+            lag = lag_estimate(0, 0, [])  # promoted by an earlier run: its lag was audited then
+        d = promotion(st.in_recovery, lag, g.rpo_budget_s, force)
+        s.result = {"lag_s": lag.seconds, "lag_bytes": lag.bytes, "standby": st.detail}
+        _decide(s, d)
+    if not d.proceed:
+        return stop("refused", d.reason)
+    rpo_s, rpo_bytes = lag.seconds, lag.bytes
+
+    with run.step("promote standby", g.standby.vm) as s:
+        promoted_now = pg.promote(standby)
+        s.reason = ("promoted" if promoted_now
+                    else "already a primary: not promoted a second time")
+
+    with run.step("relax synchronous replication", g.standby.vm) as s:
+        left, setting = pg.sync_standby_count(standby)
+        d = relax_sync(g.replication, left, setting)
+        if d.proceed:
+            pg.relax_synchronous(standby)
+        else:
+            s.outcome = "skipped"
+        s.reason = d.reason
+    relaxed = d.proceed or "already relaxed" in d.reason
+
+    with run.step("point DNS at the new primary", g.dns.record,
+                  {"host": g.standby.host, "port": g.standby.port}) as s:
+        s.reason = dns_tasks.point_dns(rt.route53, g.dns.zone_id, g.dns.record, g.standby.host,
+                                       g.standby.port, g.dns.ttl,
+                                       f"drflow failover of {group} ({run.run_id})")
+
+    with run.step("verify a write through DNS", g.dns.record) as s:
+        host, port = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
+        acked = pg.verify_write(rt.db(g, g.standby, host=host, port=port),
+                                f"failover-{run.run_id}-{uuid.uuid4().hex[:8]}")
+        s.reason = f"{g.dns.record} → {host}:{port} took a write"
+
+    rto_s = acked - first_failure
+    figures = {"rto_s": round(rto_s, 3), "rpo_s": rpo_s, "rpo_bytes": rpo_bytes,
+               "promoted_now": promoted_now, "sync_relaxed": relaxed}
+    sync_note = (" Synchronous replication relaxed on purpose (no standby left); re-protect "
+                 "restores it." if relaxed and g.replication == "sync" else "")
+    headline = (f"✅ *{group}* failed over to {g.standby.vm}: RTO {rto_s:.1f} s, "
+                f"RPO {_fmt(rpo_s)} s ({rpo_bytes if rpo_bytes is not None else '?'} bytes). "
+                f"Old primary {g.primary.vm} fenced.{sync_note}")
+    markdown = (f"# Failover of {group}\n\n{headline}\n\n"
+                f"* trigger: {reported}\n* first failure evidence: "
+                f"{datetime.fromtimestamp(first_failure, UTC).isoformat()}\n"
+                f"* RTO (first failure → verified write through DNS): **{rto_s:.2f} s**\n"
+                f"* RPO (standby lag at promotion): **{_fmt(rpo_s)} s / {rpo_bytes} bytes**\n\n"
+                + run.steps_table())
+    run.finish("ok", headline, figures, markdown)
+    return {"outcome": "failed_over", "group": group, **figures}
+
+
+def _decide(step: Any, d: Decision) -> None:
+    step.reason = d.reason
+    if not d.proceed:
+        step.outcome = "refused"
+
+
+def _fmt(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1f}"

@@ -1,0 +1,62 @@
+"""Shared fixtures: the local DR lab of real components and a Prefect server, once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Prefect reads its settings when first imported, so the API URL is fixed here, before any test
+# module imports it; the server behind it starts only if a test asks for `prefect_api`.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="drflow-test-prefect-"))
+PREFECT_PORT = _free_port()
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def new_lab_dir(prefix: str = "drflow-lab-") -> Path:
+    # Under /tmp, not pytest's tmp_path: PostgreSQL runs as `postgres` and must traverse it.
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.rmdir()
+    return d
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (SQLite) for the whole session; its URL is already in the env."""
+    from drflow.prefect_local import start_local_server
+
+    server = start_local_server(PREFECT_HOME, PREFECT_PORT)
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
+        shutil.rmtree(PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[dict[str, Any]]:
+    """A running lab with two sync groups; tests must leave production roles as they found them."""
+    from lab import manager
+
+    lab_dir = new_lab_dir()
+    state = manager.up(lab_dir, groups=2, replication="sync", progress=lambda _m: None)
+    try:
+        yield state
+    finally:
+        manager.down(lab_dir, progress=lambda _m: None)
