@@ -1,5 +1,190 @@
-"""Placeholder: replaced by the module's owner."""
+"""`drflow agent run` and `drflow agent discover`. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import typer
 
 app = typer.Typer(help="Guest agent: monitor, repair, report.", no_args_is_help=True)
+
+log = logging.getLogger("agents")
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="agent.yaml to run"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Watch the configured resources, repair them in place, report to the gateway.
+
+    Runs until SIGTERM or SIGINT, then stops cleanly: pending events stay in the outbox and are
+    delivered by the next run.
+    """
+    from agents.config import ConfigError, load_config
+    from drflow.secrets import SecretError
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config)
+        _run(cfg)
+    except (ConfigError, SecretError, _SetupError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+class _SetupError(Exception):
+    """The agent could not start (outbox, control API, driver); the message says why."""
+
+
+def _run(cfg: Any) -> None:
+    import sqlite3
+
+    from agents.outbox import Outbox, Sender, SenderAlreadyRunning
+    from agents.runner import Agent
+    from drflow.secrets import resolve
+
+    secret = resolve(cfg.gateway.webhook_secret)
+    outbox: Any = None
+    sender: Any = None
+    try:
+        outbox = Outbox(cfg.outbox)
+        sender = Sender(outbox, cfg.gateway.url, secret)
+        sender.start()  # first: refuses when another agent already delivers this outbox
+        agent = Agent(cfg, emit=outbox.enqueue)
+        control = _start_control(cfg, agent) if cfg.control else None
+    except (OSError, ValueError, sqlite3.Error, SenderAlreadyRunning) as exc:
+        if sender is not None:
+            sender.stop(flush_timeout_s=0)
+        if outbox is not None:
+            outbox.close()
+        raise _SetupError(f"cannot start the agent: {exc}") from None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.run()
+    finally:
+        if control is not None:
+            control.stop()
+        sender.stop(flush_timeout_s=2.0)
+        pending = outbox.pending_count()
+        outbox.close()
+        log.info("outbox %s closed, %d event(s) pending for the next run", cfg.outbox, pending)
+
+
+def _start_control(cfg: Any, agent: Any) -> Any:
+    from agents.control_api import serve
+    from drflow.secrets import resolve
+
+    # The same driver object as local recovery: its lock keeps a verb and a restart apart.
+    driver = agent.drivers[cfg.control_resource().name]
+    nonce_db = cfg.outbox.with_name(cfg.outbox.name + ".nonces")
+    return serve(cfg.control.listen, resolve(cfg.control.secret), driver,
+                 agent_id=cfg.agent_id, nonce_db=nonce_db)
+
+
+@app.command()
+def discover(
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    write: Path | None = typer.Option(None, "--write", help="write an agent.yaml for what was found"),
+    datadir: list[Path] = typer.Option(
+        [], "--datadir", help="only the instance(s) with this data directory (repeatable)"),
+    gateway_url: str = typer.Option("http://127.0.0.1:8080/v1/events", "--gateway-url",
+                                    help="where the written config sends events"),
+    secret_ref: str = typer.Option("env:DRFLOW_WEBHOOK_SECRET", "--secret-ref",
+                                   help="reference to the webhook secret (env:NAME or file:/path)"),
+    agent_id: str | None = typer.Option(None, "--agent-id", help="default: the host name"),
+    group: str = typer.Option("default", "--group", help="protection group of this agent"),
+    outbox: str = typer.Option("agent-outbox.sqlite", "--outbox",
+                               help="outbox path (relative to the written file)"),
+    pg_user: str = typer.Option("postgres", "--pg-user", help="role the SQL checks log in as"),
+    pg_password_ref: str | None = typer.Option(
+        None, "--pg-password-ref", help="reference to its password (env:NAME or file:/path)"),
+    control_listen: str | None = typer.Option(
+        None, "--control-listen", help="host:port for the control API (with --control-secret-ref)"),
+    control_secret_ref: str | None = typer.Option(
+        None, "--control-secret-ref", help="reference to the control API secret"),
+) -> None:
+    """Find running PostgreSQL instances and what they stand on; show or write the agent config."""
+    from agents import discovery
+    from drflow.secrets import SecretError, SecretRef, resolve
+
+    password = None
+    if pg_password_ref:
+        try:
+            password = resolve(SecretRef(ref=pg_password_ref))
+        except (SecretError, ValueError) as exc:
+            typer.echo(f"error: --pg-password-ref: {exc}", err=True)
+            raise typer.Exit(2) from None
+    instances = discovery.discover(datadir or None, pg_user, password)
+    if not instances:
+        typer.echo("no running PostgreSQL instance found"
+                   + (f" with data directory {', '.join(map(str, datadir))}" if datadir else ""),
+                   err=True)
+        raise typer.Exit(1)
+    cfg = discovery.config_for(
+        instances, agent_id=agent_id, group=group, gateway_url=gateway_url,
+        secret_ref=secret_ref, outbox=outbox, pg_user=pg_user, pg_password_ref=pg_password_ref,
+        control_listen=control_listen, control_secret_ref=control_secret_ref)
+    if as_json:
+        typer.echo(json.dumps({"instances": [i.to_dict() for i in instances],
+                               "resources": cfg["resources"]}, indent=2))
+    else:
+        _print_tables(instances, cfg["resources"])
+    if write is not None:
+        from agents.config import dump_config
+
+        try:
+            text = dump_config(cfg)
+        except ValueError as exc:
+            typer.echo(f"error: the discovered config does not validate: {exc}", err=True)
+            raise typer.Exit(1) from None
+        write.write_text(text)
+        typer.echo(f"wrote {write}", err=True)
+
+
+def _print_tables(instances: list[Any], resources: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    found = Table(title="PostgreSQL instances")
+    for col in ("pid", "port", "role", "upstream", "data directory", "listen", "volume", "run as"):
+        found.add_column(col)
+    for i in instances:
+        up = f"{i.upstream.host}:{i.upstream.port}" if i.upstream else "-"
+        found.add_row(str(i.pid), str(i.port), f"{i.role} ({i.role_source})", up, i.datadir,
+                      ", ".join(i.listen) or "-", i.volume.mount_point, i.run_as)
+    console.print(found)
+    graph = Table(title="Resource graph (start order)")
+    for col in ("resource", "type", "depends on", "target"):
+        graph.add_column(col)
+    for r in resources:
+        target = {
+            "ip": lambda r: f"{r['address']} on {r.get('interface', '?')}",
+            "volume": lambda r: r["path"],
+            "postgres": lambda r: f"{r['host']}:{r['port']} {r['datadir']}",
+            "tcp": lambda r: f"{r['host']}:{r['port']}",
+        }[r["type"]](r)
+        graph.add_row(r["name"], r["type"], ", ".join(r.get("depends_on", [])) or "-", target)
+    console.print(graph)
+    for i in instances:
+        for note in i.notes:
+            console.print(f"note ({i.datadir}): {note}")
+
+
+if __name__ == "__main__":
+    # `python -m agents.cli run --config …`: the agent alone, without the CLI's other plugins.
+    app()

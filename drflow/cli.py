@@ -3,6 +3,7 @@ so that `drflow agent run` stays light and `--help` is instant."""
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import entry_points
 
 import typer
@@ -38,6 +39,10 @@ def _add_plugins() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["agent"]:
+        # The guest agent lives in every protected VM: load nothing it does not use.
+        agent_app(args=sys.argv[2:], prog_name="drflow agent")
+        return
     _add_plugins()
     app()
 

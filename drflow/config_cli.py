@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from drflow.config import ConfigError, DrflowConfig, dump_config, load_config
+if TYPE_CHECKING:
+    from drflow.config import DrflowConfig
 
 app = typer.Typer(
     help="Check a drflow configuration file (start from examples/drflow.yaml).",
@@ -27,6 +28,8 @@ def _group() -> None:
 
 
 def _load_or_exit(file: Path) -> DrflowConfig:
+    from drflow.config import ConfigError, load_config  # pydantic models: only when used
+
     try:
         return load_config(file)
     except ConfigError as e:
@@ -89,4 +92,6 @@ def check(
 @app.command()
 def show(file: FileArg) -> None:
     """Print FILE as drflow reads it, defaults filled in (secrets stay references)."""
+    from drflow.config import dump_config
+
     typer.echo(dump_config(_load_or_exit(file)), nl=False)

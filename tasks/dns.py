@@ -9,13 +9,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from drflow.dns import point_record, resolve_endpoint
+from tasks.retry import retry_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_route53 import Route53Client
 
 
-@task(name="point DNS at the new primary", retries=3, retry_delay_seconds=0.5, timeout_seconds=90,
-      cache_policy=NO_CACHE)
+@task(name="point DNS at the new primary", retries=3, retry_delay_seconds=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def point_dns(client: Route53Client, zone_id: str, record: str, host: str, port: int, ttl: int,
               comment: str) -> str:
     """UPSERT A + SRV (idempotent: the same target again is a no-op change) and wait for INSYNC."""

@@ -12,8 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
 from flows.decisions import AppCheck
+from tasks.retry import retry_transient
 
 CONNECT_TIMEOUT_S = 2
+# Every statement is bounded, so a hung server fails the step instead of hanging the runbook.
+STATEMENT_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Db:
             host=self.host, port=self.port, dbname=self.dbname, user=self.user,
             password=self.password.get_secret_value() if self.password else None,
             connect_timeout=max(1, int(timeout)), autocommit=True,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
         )
 
 
@@ -85,8 +89,8 @@ def standby_status(db: Db) -> StandbyStatus:
     return StandbyStatus(True, True, received, replayed, f"in recovery, received {row[1]}")
 
 
-@task(name="promote standby", retries=2, retry_delay_seconds=0.5, timeout_seconds=60,
-      cache_policy=NO_CACHE)
+@task(name="promote standby", retries=2, retry_delay_seconds=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def promote(db: Db) -> bool:
     """Promote; True if this call promoted it, False if it already was a primary."""
     with db.connect() as conn:
@@ -108,8 +112,8 @@ def sync_standby_count(db: Db) -> tuple[int, str]:
     return int(n[0] if n else 0), str(s[0] if s else "")
 
 
-@task(name="relax synchronous replication", retries=2, retry_delay_seconds=0.5, timeout_seconds=30,
-      cache_policy=NO_CACHE)
+@task(name="relax synchronous replication", retries=2, retry_delay_seconds=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def relax_synchronous(db: Db) -> None:
     with db.connect() as conn:
         conn.execute("alter system set synchronous_standby_names = ''")
@@ -123,8 +127,8 @@ def relax_synchronous(db: Db) -> None:
     raise RuntimeError(f"synchronous_standby_names still set on {db} after reload")
 
 
-@task(name="verify a write", retries=3, retry_delay_seconds=0.3, timeout_seconds=30,
-      cache_policy=NO_CACHE)
+@task(name="verify a write", retries=3, retry_delay_seconds=0.3,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def verify_write(db: Db, marker: str) -> float:
     """Write and read back a marker row; return the time it was acknowledged (epoch s)."""
     with db.connect() as conn:

@@ -14,6 +14,8 @@ from pydantic import SecretStr
 from pyVim.connect import SmartConnect
 from pyVmomi import vim, vmodl
 
+# A hung vCenter must fail a step, not hang it: every call is bounded by this socket timeout.
+VCENTER_TIMEOUT_S = 5
 _lock = threading.Lock()
 _sessions: dict[tuple[str, str], Any] = {}
 
@@ -42,7 +44,8 @@ def connect(vc: VCenter, fresh: bool = False) -> Any:
                 si = None
         u = urlparse(vc.url)
         kwargs: dict[str, Any] = {"host": u.hostname, "user": vc.user,
-                                  "pwd": vc.password.get_secret_value(), "connectionPoolTimeout": 5}
+                                  "pwd": vc.password.get_secret_value(),
+                                  "httpConnectionTimeout": VCENTER_TIMEOUT_S}
         if u.scheme == "http":
             kwargs.update(port=u.port or 80, protocol="http")
         else:
@@ -76,12 +79,12 @@ def read_power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]
         return None, f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-@task(name="read power state", timeout_seconds=15, cache_policy=NO_CACHE)
+@task(name="read power state", cache_policy=NO_CACHE)
 def power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     return read_power_state(vc, vm_name)
 
 
-@task(name="fence old primary", timeout_seconds=60, cache_policy=NO_CACHE)
+@task(name="fence old primary", cache_policy=NO_CACHE)
 def fence(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     """Power the VM off; an already-off VM is fenced. Returns the power state seen afterwards."""
     try:

@@ -687,3 +687,20 @@ def test_an_unstarted_incident_is_started_after_a_restart(tmp_path: Path) -> Non
 
 if __name__ == "__main__":
     _serve_from_file(sys.argv[1])
+
+
+def test_replication_evidence_from_primary_heartbeats() -> None:
+    from drflow.gateway.replication import ReplicationEvidence, parse_heartbeat
+
+    hb = {"postgres": {"role": "primary", "wal_lsn": "0/3000060",
+                       "replicas": [{"name": "s", "state": "streaming", "sync_state": "sync"}]}}
+    assert parse_heartbeat(hb) == (0x3000060, True)
+    assert parse_heartbeat({"postgres": {"role": "standby"}}) == (None, None)
+    ev = ReplicationEvidence()
+    ev.record("g", "a", hb, now=100.0)
+    ev.record("g", "a", {"postgres": {"role": "primary", "wal_lsn": "0/3000100",
+                                      "replicas": []}}, now=101.0)
+    out = ev.evidence("g", "a")
+    assert out["primary_last_lsn"] == 0x3000100
+    assert out["primary_lsn_history"] == [[100.0, 0x3000060], [101.0, 0x3000100]]
+    assert out["sync_standby_streaming"] is False  # the last report had no sync standby

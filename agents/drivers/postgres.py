@@ -511,7 +511,7 @@ class PostgresDriver:
             if ("shared memory block" in tail or "lock file" in tail) and (
                     time.monotonic() < deadline):
                 self._clear_stale_pidfile()
-                time.sleep(0.5)
+                time.sleep(0.1)
                 continue
             raise VerbError(f"pg_ctl start failed for {self.datadir}: {tail}")
 

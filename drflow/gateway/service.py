@@ -25,6 +25,7 @@ from drflow.gateway.decide import Action, Decision, Role, decide_incident, repor
 from drflow.gateway.heartbeats import AgentState, HeartbeatTracker
 from drflow.gateway.intake import Rejection
 from drflow.gateway.metrics import GatewayMetrics
+from drflow.gateway.replication import ReplicationEvidence
 from drflow.gateway.settings import GatewaySettings
 from drflow.gateway.store import GatewayStore, IncidentRecord, IncidentStatus, Seen
 
@@ -63,6 +64,7 @@ class GatewayService:
     ) -> None:
         self.settings = settings
         self.tracker = HeartbeatTracker()
+        self.replication = ReplicationEvidence()
         self.metrics = GatewayMetrics(self.tracker)
         self._starter = starter
         self._audit = audit
@@ -127,6 +129,7 @@ class GatewayService:
         key = (event.group, event.agent_id)
         role = reported_role(event.details)
         if event.kind in (EventKind.HEARTBEAT, EventKind.ROLE_CHANGED):
+            self.replication.record(event.group, event.agent_id, event.details)
             self._heartbeat(event.group, event.agent_id, role)
             return Accepted(str(event.event_id), Decision(Action.NONE, f"{event.kind.value} recorded"))
         if event.kind is EventKind.RESOURCE_FAILED:
@@ -197,6 +200,7 @@ class GatewayService:
             log.info("%s", decision.reason)
             return None
         decided_at = time.monotonic()
+        evidence = {**evidence, **self.replication.evidence(group, agent_id)}
         incident = self.store.claim_incident(group, kind, decision.reason, evidence, first_failure_at)
         if incident is None:
             # Another gateway process sharing the state file claimed it first.

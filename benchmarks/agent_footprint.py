@@ -1,0 +1,203 @@
+"""Footprint of a real `drflow agent run`: RSS and CPU with 6 resources checked every second.
+
+Starts a lab PostgreSQL pair, a small HTTP endpoint and a signed-webhook receiver on 127.0.0.1,
+then an agent watching ip, volume, postgres, tcp port, process (the postmaster, by pid file) and
+http, each at a 1 s interval with 1 s heartbeats. After a warm-up it samples the agent process
+with psutil for `--seconds` (default 60). The last line of output is one JSON object:
+`{"rss_mb": …, "cpu_pct": …}` (peak RSS; CPU in % of one core over the window).
+Target (issue 3): RSS < 60 MB, CPU < 2 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from drflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify
+from lab import postgres, procs
+
+ROOT = Path(__file__).resolve().parent.parent
+DRFLOW = ROOT / ".venv" / "bin" / "drflow"
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _reply(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def start_http(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def receiver(secret: bytes, counts: dict[str, int]) -> ThreadingHTTPServer:
+    class Receiver(_Quiet):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            try:
+                verify(secret, self.headers.get(TIMESTAMP_HEADER),
+                       self.headers.get(SIGNATURE_HEADER), body)
+            except SignatureError:
+                counts["bad"] += 1
+                self._reply(401)
+                return
+            kind = json.loads(body)["kind"]
+            counts[kind] = counts.get(kind, 0) + 1
+            self._reply(202)
+
+    return start_http(Receiver)
+
+
+def health_endpoint() -> ThreadingHTTPServer:
+    class Health(_Quiet):
+        def do_GET(self) -> None:
+            self._reply(200)
+
+    return start_http(Health)
+
+
+def agent_config(work: Path, inst: postgres.Instance, password_env: str, secret_env: str,
+                 events_url: str, health_url: str, control_port: int) -> dict[str, Any]:
+    every = {"interval_s": 1, "timeout_s": 2}
+    return {
+        "agent_id": "bench-agent", "group": "bench", "heartbeat_interval_s": 1,
+        "gateway": {"url": events_url, "webhook_secret": {"ref": f"env:{secret_env}"}},
+        "outbox": str(work / "outbox.sqlite"),
+        # As deployed: the control API listens too (idle here).
+        "control": {"listen": f"127.0.0.1:{control_port}",
+                    "secret": {"ref": f"env:{secret_env}"}},
+        "resources": [
+            {"name": "lo", "type": "ip", "address": "127.0.0.1", **every},
+            {"name": "data", "type": "volume", "path": str(inst.datadir.parent),
+             "depends_on": ["lo"], **every},
+            {"name": "pg", "type": "postgres", "depends_on": ["data"], "port": inst.port,
+             "user": "drflow", "password": {"ref": f"env:{password_env}"},
+             "datadir": str(inst.datadir), **every},
+            {"name": "postmaster", "type": "process", "pidfile": str(inst.pidfile),
+             "depends_on": ["data"], **every},
+            {"name": "port", "type": "tcp", "port": inst.port, "depends_on": ["pg"], **every},
+            {"name": "api", "type": "http", "url": health_url, **every},
+        ],
+    }
+
+
+ENTRIES = {
+    # What operators run: the drflow CLI (it also loads CLI plugins such as the lab's).
+    "drflow": [str(DRFLOW), "agent", "run"],
+    # The agent's own command module, without the rest of the CLI.
+    "module": [sys.executable, "-m", "agents.cli", "run"],
+}
+
+
+def measure(seconds: float, warmup: float, entry: str = "drflow") -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="drflow-bench-agent-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    primary = standby = None
+    agent: subprocess.Popen[bytes] | None = None
+    counts: dict[str, int] = {"bad": 0}
+    secret = "bench-" + uuid.uuid4().hex
+    events = receiver(secret.encode(), counts)
+    health = health_endpoint()
+    try:
+        print("starting a lab PostgreSQL pair ...", flush=True)
+        primary, standby = postgres.create_pair(work / "pg", "bench", sync=False)
+        _user, password = postgres.client_credentials(work / "pg")
+        cfg = agent_config(
+            work, primary, "BENCH_PG_PASSWORD", "BENCH_WEBHOOK_SECRET",
+            f"http://127.0.0.1:{events.server_address[1]}/v1/events",
+            f"http://127.0.0.1:{health.server_address[1]}/healthz", procs.free_port())
+        (work / "agent.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        env = {**os.environ, "BENCH_PG_PASSWORD": password, "BENCH_WEBHOOK_SECRET": secret}
+        log = open(work / "agent.log", "ab")  # noqa: SIM115 - closed with the agent
+        agent = subprocess.Popen([*ENTRIES[entry], "--config", str(work / "agent.yaml")],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL, cwd=ROOT)
+        proc = psutil.Process(agent.pid)
+        deadline = time.monotonic() + 30
+        while counts.get("heartbeat", 0) < 2:
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the agent did not start: see " + str(work / "agent.log"))
+            time.sleep(0.1)
+        time.sleep(warmup)
+        print(f"measuring the agent (pid {agent.pid}, {' '.join(ENTRIES[entry][-3:])}) for "
+              f"{seconds:.0f} s ...", flush=True)
+        before = proc.cpu_times()
+        beats_before = counts.get("heartbeat", 0)
+        t0 = time.monotonic()
+        rss_peak = rss_sum = 0.0
+        samples = 0
+        while time.monotonic() - t0 < seconds:
+            time.sleep(1.0)
+            rss = proc.memory_info().rss / 2**20
+            rss_peak, rss_sum, samples = max(rss_peak, rss), rss_sum + rss, samples + 1
+        after = proc.cpu_times()
+        wall = time.monotonic() - t0
+        cpu_s = (after.user - before.user) + (after.system - before.system)
+        result = {
+            "rss_mb": round(rss_peak, 1), "rss_mean_mb": round(rss_sum / max(1, samples), 1),
+            "cpu_pct": round(100 * cpu_s / wall, 2), "seconds": round(wall, 1),
+            "threads": proc.num_threads(), "heartbeats": counts.get("heartbeat", 0) - beats_before,
+            "failures": counts.get("resource_failed", 0), "bad_signatures": counts["bad"],
+        }
+        if result["failures"]:
+            print("warning: resources failed during the run; see " + str(work / "agent.log"))
+        return result
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        for inst in (standby, primary):
+            if inst is not None:
+                postgres.destroy(inst)
+        events.shutdown()
+        health.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0, help="measurement window (default 60)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    ap.add_argument("--entry", choices=sorted(ENTRIES), default="drflow",
+                    help="drflow: `drflow agent run` (default); module: `python -m agents.cli run`")
+    args = ap.parse_args()
+    r = measure(args.seconds, args.warmup, args.entry)
+    print(f"agent RSS peak {r['rss_mb']} MB (mean {r['rss_mean_mb']} MB), CPU {r['cpu_pct']} % "
+          f"of one core over {r['seconds']} s; {r['threads']} threads, {r['heartbeats']} "
+          f"heartbeats delivered, {r['failures']} resource failures, "
+          f"{r['bad_signatures']} bad signatures")
+    print(f"target: RSS < 60 MB ({'ok' if r['rss_mb'] < 60 else 'MISSED'}), "
+          f"CPU < 2 % ({'ok' if r['cpu_pct'] < 2 else 'MISSED'})")
+    print(json.dumps({"rss_mb": r["rss_mb"], "cpu_pct": r["cpu_pct"]}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""What the primary's heartbeats said about replication, kept as evidence for the failover.
+
+A dead primary cannot be asked how far its standby was behind; its last heartbeats can. The
+failover compares the standby's received LSN with these reports (`flows.decisions.lag_estimate`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+HISTORY_S = 120.0
+
+
+def lsn_int(lsn: Any) -> int | None:
+    if not isinstance(lsn, str) or "/" not in lsn:
+        return None
+    hi, lo = lsn.split("/", 1)
+    try:
+        return (int(hi, 16) << 32) + int(lo, 16)
+    except ValueError:
+        return None
+
+
+def parse_heartbeat(details: dict[str, Any]) -> tuple[int | None, bool | None]:
+    """(the primary's current WAL LSN, whether a synchronous standby was streaming) from
+    `details.postgres` of an agent heartbeat; None where the heartbeat does not say."""
+    pg = details.get("postgres")
+    if not isinstance(pg, dict) or pg.get("role") != "primary":
+        return None, None
+    replicas = pg.get("replicas")
+    sync = None
+    if isinstance(replicas, list):
+        sync = any(isinstance(r, dict) and r.get("sync_state") in ("sync", "quorum")
+                   and r.get("state") == "streaming" for r in replicas)
+    return lsn_int(pg.get("wal_lsn")), sync
+
+
+class ReplicationEvidence:
+    """Per agent: recent (wall time, LSN) reports and the last synchronous-standby flag."""
+
+    def __init__(self) -> None:
+        self._lsns: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+        self._sync: dict[tuple[str, str], bool] = {}
+
+    def record(self, group: str, agent_id: str, details: dict[str, Any],
+               now: float | None = None) -> None:
+        lsn, sync = parse_heartbeat(details)
+        key = (group, agent_id)
+        t = time.time() if now is None else now
+        if lsn is not None:
+            hist = self._lsns.setdefault(key, deque())
+            hist.append((t, lsn))
+            while hist and hist[0][0] < t - HISTORY_S:
+                hist.popleft()
+        if sync is not None:
+            self._sync[key] = sync
+
+    def evidence(self, group: str, agent_id: str) -> dict[str, Any]:
+        key = (group, agent_id)
+        hist = list(self._lsns.get(key, ()))
+        out: dict[str, Any] = {"primary_lsn_history": [[round(t, 3), lsn] for t, lsn in hist]}
+        if hist:
+            out["primary_last_lsn"] = hist[-1][1]
+        if key in self._sync:
+            out["sync_standby_streaming"] = self._sync[key]
+        return out
