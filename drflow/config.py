@@ -224,6 +224,8 @@ class GatewayConfig(_Model):
 
     listen: str = "127.0.0.1:8088"
     webhook_secret: SecretRef
+    # Signs the orchestrator's calls to the agents' control API (start, stop, rewind_to, …).
+    control_secret: SecretRef | None = None
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
 
     @field_validator("listen")

@@ -26,12 +26,15 @@ def up(
     groups: int = typer.Option(1, "--groups", min=1, max=20, help="Protection groups to create."),
     replication: str = typer.Option("sync", "--replication", help="sync or async."),
     lab_dir: Path = DirOpt,
+    agents: bool = typer.Option(
+        True, "--agents/--no-agents",
+        help="Run a guest agent in each lab VM (reporting to the gateway URL in lab.json)."),
 ) -> None:
     """Start the lab and write DIR/lab.json (endpoints, credentials) and DIR/drflow.yaml."""
     from lab import manager
 
     try:
-        manager.up(lab_dir, groups, replication, progress=console.print)
+        manager.up(lab_dir, groups, replication, progress=console.print, agents=agents)
     except manager.LabError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc

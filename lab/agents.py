@@ -1,0 +1,68 @@
+"""A guest agent per lab VM: its agent.yaml, and the power-bridge service that runs it."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lab import procs
+
+
+def agent_dir(lab_dir: Path, vm: str) -> Path:
+    return lab_dir / "agents" / vm
+
+
+def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, Any], role: str,
+                       control_port: int) -> Path:
+    """agent.yaml for the VM holding `group[role]`, as `drflow agent discover --write` would."""
+    node = group[role]
+    d = agent_dir(lab_dir, node["vm"])
+    d.mkdir(parents=True, exist_ok=True)
+    secrets = lab_dir / "secrets"
+    datadir = Path(node["datadir"])
+    cfg = {
+        "agent_id": node["vm"],
+        "group": group["name"],
+        "gateway": {"url": state["gateway"]["url"] + "/v1/events",
+                    "webhook_secret": {"ref": f"file:{secrets / 'webhook_secret'}"}},
+        "heartbeat_interval_s": 1,
+        "outbox": str(d / "outbox.sqlite"),
+        "control": {"listen": f"127.0.0.1:{control_port}",
+                    "secret": {"ref": f"file:{secrets / 'control_secret'}"}},
+        "resources": [
+            {"name": "loopback", "type": "ip", "address": "127.0.0.1", "interval_s": 5},
+            {"name": "data-volume", "type": "volume", "path": str(datadir.parent),
+             "depends_on": ["loopback"], "interval_s": 5, "min_free_mb": 100},
+            {"name": "postgres", "type": "postgres", "host": node["host"], "port": node["port"],
+             "user": state["database"]["user"], "dbname": state["database"]["name"],
+             "password": {"ref": f"file:{secrets / 'db_password'}"},
+             "datadir": str(datadir), "depends_on": ["data-volume"],
+             "interval_s": 1, "timeout_s": 1, "failure_threshold": 1,
+             "restart": {"max_restarts": 3, "window_s": 60, "backoff_s": {"initial": 0.2, "max": 2}}},
+            {"name": "postgres-port", "type": "tcp", "host": node["host"], "port": node["port"],
+             "depends_on": ["postgres"], "interval_s": 1, "failure_threshold": 2},
+        ],
+    }
+    path = d / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def service_spec(lab_dir: Path, vm: str, config: Path) -> dict[str, Any]:
+    """How the power bridge runs the agent: it writes its own pid, then becomes the agent."""
+    d = agent_dir(lab_dir, vm)
+    pidfile = d / "agent.pid"
+    argv = [sys.executable, "-m", "drflow.cli", "agent", "run", "--config", str(config)]
+    shell = f"echo $$ > {shlex.quote(str(pidfile))}; exec {shlex.join(argv)}"
+    return {"name": f"agent:{vm}", "pidfile": str(pidfile), "start": ["sh", "-c", shell],
+            "run_as": None, "cwd": str(d), "log": str(lab_dir / "logs" / f"agent-{vm}.log")}
+
+
+def start_agent(spec: dict[str, Any]) -> int:
+    """Start now (the bridge only acts on power changes); returns the pid."""
+    proc = procs.spawn(spec["start"], Path(spec["log"]), cwd=Path(spec["cwd"]))
+    return proc.pid

@@ -1,0 +1,335 @@
+"""Bring the whole local DR lab up, report its health, and take it down without leftovers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lab import agents as lab_agents
+from lab import aws, postgres, procs, slack_standin, vcsim
+from lab.labconfig import write_drflow_yaml
+
+GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
+DEFAULT_DIR = Path(os.environ.get("DRFLOW_LAB_DIR", "/tmp/drflow-lab"))
+
+
+class LabError(Exception):
+    """The lab cannot do what was asked; the message says what to do instead."""
+
+
+Progress = Callable[[str], None]
+
+
+def group_names(n: int) -> list[str]:
+    return [GROUP_NAMES[i] if i < len(GROUP_NAMES) else f"group{i + 1}" for i in range(n)]
+
+
+def state_path(lab_dir: Path) -> Path:
+    return lab_dir / "lab.json"
+
+
+def load(lab_dir: Path = DEFAULT_DIR) -> dict[str, Any]:
+    """The running lab's lab.json, or LabError saying how to start one."""
+    path = state_path(lab_dir)
+    if not path.exists():
+        raise LabError(f"no lab in {lab_dir}: start one with `drflow lab up --dir {lab_dir}`")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _pids(state: dict[str, Any]) -> list[int]:
+    return [int(p) for p in state.get("processes", {}).values() if p]
+
+
+def is_live(lab_dir: Path) -> bool:
+    try:
+        state = load(lab_dir)
+    except (LabError, json.JSONDecodeError):
+        return False
+    return any(procs.pid_alive(p) for p in _pids(state))
+
+
+def up(
+    lab_dir: Path = DEFAULT_DIR,
+    groups: int = 1,
+    replication: str = "sync",
+    progress: Progress = print,
+    agents: bool = True,
+) -> dict[str, Any]:
+    """Start vcsim, PostgreSQL pairs, moto, the Slack stand-in and the power bridge; write lab.json."""
+    if replication not in ("sync", "async"):
+        raise LabError(f"--replication must be sync or async, not {replication!r}")
+    if groups < 1:
+        raise LabError("--groups must be at least 1")
+    if is_live(lab_dir):
+        raise LabError(
+            f"a lab is already running in {lab_dir}; nothing was changed. "
+            f"See it with `drflow lab status --dir {lab_dir}`, or `drflow lab down --dir {lab_dir}` first."
+        )
+    if lab_dir.exists():
+        progress(f"removing the remains of a stopped lab in {lab_dir}")
+        _remove_dir(lab_dir)
+    lab_dir.mkdir(parents=True)
+    lab_dir.chmod(0o755)  # PostgreSQL runs as `postgres` and must traverse it
+    (lab_dir / "logs").mkdir()
+    secrets_dir = lab_dir / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+
+    names = group_names(groups)
+    t0 = time.monotonic()
+    state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {}}
+    _write_state(lab_dir, state)  # lets `lab down` clean up even if `up` dies half-way
+    try:
+        with ThreadPoolExecutor(max_workers=4 + groups) as pool:
+            f_vc = pool.submit(_timed, progress, "vcsim", vcsim.start_vcsim, lab_dir, names)
+            f_moto = pool.submit(_timed, progress, "moto server", aws.start_moto, lab_dir)
+            f_slack = pool.submit(_timed, progress, "Slack stand-in", slack_standin.start_slack, lab_dir)
+            f_pairs: dict[str, Future[Any]] = {
+                n: pool.submit(
+                    _timed, progress, f"PostgreSQL pair {n} ({replication})",
+                    postgres.create_pair, lab_dir / "pg", n, replication == "sync",
+                )
+                for n in names
+            }
+            vc = _record(state, "vcsim", f_vc)
+            moto = _record(state, "moto", f_moto)
+            slack = _record(state, "slack", f_slack)
+            pairs = {n: f.result() for n, f in f_pairs.items()}
+        state["postgres"] = {
+            n: {"primary": postgres.describe(p), "standby": postgres.describe(s)}
+            for n, (p, s) in pairs.items()
+        }
+        _write_state(lab_dir, state)
+
+        db_user, db_password = postgres.client_credentials(lab_dir / "pg")
+        webhook_secret = os.urandom(24).hex()
+        control_secret = os.urandom(24).hex()
+        secret_values = {
+            "drflow-lab/vcenter": json.dumps({"password": vc["password"]}),
+            "drflow-lab/slack": json.dumps(
+                {"bot_token": slack["bot_token"], "signing_secret": slack["signing_secret"]}
+            ),
+            "drflow-lab/gateway": json.dumps(
+                {"webhook_secret": webhook_secret, "control_secret": control_secret}
+            ),
+            "drflow-lab/postgres": json.dumps({"password": db_password}),
+        }
+        _write_secret(secrets_dir / "aws_access_key_id", moto["access_key_id"])
+        _write_secret(secrets_dir / "aws_secret_access_key", moto["secret_access_key"])
+        _write_secret(secrets_dir / "webhook_secret", webhook_secret)
+        _write_secret(secrets_dir / "control_secret", control_secret)
+        _write_secret(secrets_dir / "db_password", db_password)
+
+        dns_groups = [
+            {"name": n, "primary": {"host": p.host, "port": p.port}} for n, (p, _) in pairs.items()
+        ]
+        aws_info = _timed(progress, "Route 53 zone, audit bucket, secrets", aws.setup_aws,
+                          moto, dns_groups, secret_values)
+
+        state.update(
+            vcenter={"url": vc["url"], "user": vc["user"], "password": vc["password"],
+                     "isolated_portgroup": vc.get("isolated_portgroup", "drflow-isolated")},
+            aws={**{k: moto[k] for k in ("endpoint_url", "region", "access_key_id",
+                                         "secret_access_key")},
+                 "audit_bucket": aws_info["audit_bucket"], "secret_ids": aws_info["secret_ids"]},
+            slack={"url": slack["url"], "bot_token": slack["bot_token"],
+                   "signing_secret": slack["signing_secret"], "channel": slack["channel"]},
+            database={"user": db_user, "password": db_password, "name": "postgres"},
+            secrets={"webhook": webhook_secret, "control": control_secret},
+            groups=[
+                _group_entry(n, p, s, vc, aws_info) for n, (p, s) in pairs.items()
+            ],
+            gateway={"url": f"http://127.0.0.1:{procs.free_port()}"},
+        )
+        services = _services(lab_dir, state, pairs, agents)
+        bridge = _start_bridge(lab_dir, state, services)
+        state["processes"]["power_bridge"] = bridge
+        if agents:
+            for specs in services.values():
+                for spec in specs:
+                    if spec["name"].startswith("agent:"):
+                        state["processes"][spec["name"]] = lab_agents.start_agent(spec)
+            progress(f"  {len(services)} guest agents started (they report to {state['gateway']['url']})")
+        _write_state(lab_dir, state)
+        write_drflow_yaml(lab_dir, state)
+        progress(f"lab up in {time.monotonic() - t0:.1f} s: {lab_dir}/lab.json, {lab_dir}/drflow.yaml")
+        return state
+    except BaseException:
+        progress("lab up failed; taking down what was started")
+        down(lab_dir, progress=lambda _m: None)
+        raise
+
+
+def _timed(progress: Progress, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    t = time.monotonic()
+    result = fn(*args)
+    progress(f"  {what} ready ({time.monotonic() - t:.1f} s)")
+    return result
+
+
+def _record(state: dict[str, Any], name: str, fut: Future[Any]) -> Any:
+    info = fut.result()
+    state["processes"][name] = info["pid"]
+    return info
+
+
+def _group_entry(name: str, primary: postgres.Instance, standby: postgres.Instance,
+                 vc: dict[str, Any], aws_info: dict[str, Any]) -> dict[str, Any]:
+    def side(inst: postgres.Instance, site: str) -> dict[str, Any]:
+        vm = f"{name}-{site}"
+        return {"vm": vm, "datacenter": site, "esx_host": vc["vms"].get(vm, {}).get("esx_host"),
+                "host": inst.host, "port": inst.port, "datadir": str(inst.datadir)}
+
+    return {
+        "name": name,
+        "dns": {"zone_id": aws_info["zone_id"], "zone": aws_info["zone"],
+                "record": aws_info["records"][name]},
+        "primary": side(primary, "prod"),
+        "standby": side(standby, "dr"),
+    }
+
+
+def bridge_state_path(lab_dir: Path) -> Path:
+    return lab_dir / "bridge.json"
+
+
+def _services(lab_dir: Path, state: dict[str, Any],
+              pairs: dict[str, tuple[postgres.Instance, postgres.Instance]],
+              agents: bool) -> dict[str, list[dict[str, Any]]]:
+    """What runs on each lab VM: its PostgreSQL instance and, with agents, its guest agent."""
+    services: dict[str, list[dict[str, Any]]] = {}
+    for g in state["groups"]:
+        p, s = pairs[g["name"]]
+        for role, inst in (("primary", p), ("standby", s)):
+            node = g[role]
+            services[node["vm"]] = [postgres.service_spec(inst)]
+            if agents:
+                port = procs.free_port()
+                node["agent_url"] = f"http://127.0.0.1:{port}"
+                cfg = lab_agents.write_agent_config(lab_dir, state, g, role, port)
+                services[node["vm"]].append(lab_agents.service_spec(lab_dir, node["vm"], cfg))
+    return services
+
+
+def _start_bridge(lab_dir: Path, state: dict[str, Any],
+                  services: dict[str, list[dict[str, Any]]]) -> int:
+    write_bridge_services(lab_dir, state["vcenter"], services)
+    log = lab_dir / "logs" / "power_bridge.log"
+    proc = procs.spawn([sys.executable, "-m", "lab.power_bridge", "--state",
+                        str(bridge_state_path(lab_dir))], log)
+    _wait_log(log, "watching", 15.0, proc)
+    return proc.pid
+
+
+def write_bridge_services(lab_dir: Path, vcenter: dict[str, Any],
+                          services: dict[str, list[dict[str, Any]]]) -> None:
+    """(Re)write what the power bridge binds to each VM; it re-reads the file when it changes."""
+    path = bridge_state_path(lab_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"vcenter": {k: vcenter[k] for k in ("url", "user", "password")},
+                               "services": services}, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def _wait_log(log: Path, needle: str, timeout: float, proc: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and needle in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise LabError(f"power bridge exited early; see {log}:\n{log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise LabError(f"power bridge did not start within {timeout:.0f} s; see {log}")
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.write_text(value)
+    path.chmod(0o600)
+
+
+def _write_state(lab_dir: Path, state: dict[str, Any]) -> None:
+    path = state_path(lab_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.chmod(0o600)  # holds the lab's throwaway credentials
+    tmp.replace(path)
+
+
+def status(lab_dir: Path = DEFAULT_DIR) -> list[tuple[str, bool, str]]:
+    """(part, healthy, detail) for every part of the lab."""
+    state = load(lab_dir)
+    rows: list[tuple[str, bool, str]] = []
+    pids = state.get("processes", {})
+    vc = state.get("vcenter")
+    rows.append(("vcsim", *vcsim.health({**(vc or {}), "pid": pids.get("vcsim")}))
+                if vc else ("vcsim", False, "not started"))
+    rows.append(("moto (Route 53, S3, Secrets Manager)",
+                 *aws.health({**state.get("aws", {}), "pid": pids.get("moto")})))
+    rows.append(("Slack stand-in", *slack_standin.health({**state.get("slack", {}),
+                                                          "pid": pids.get("slack")})))
+    bridge = pids.get("power_bridge")
+    rows.append(("power bridge", bool(bridge and procs.pid_alive(bridge)),
+                 f"pid {bridge}" if bridge and procs.pid_alive(bridge) else "not running"))
+    for name, pair in state.get("postgres", {}).items():
+        for role in ("primary", "standby"):
+            inst = postgres.Instance.from_dict(pair[role])
+            ok, detail = postgres.health(inst)
+            rows.append((f"{name} {role} :{inst.port}", ok, detail))
+    return rows
+
+
+def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
+    """Stop every lab process and remove the lab directory. Safe to repeat."""
+    if not lab_dir.exists():
+        progress(f"no lab in {lab_dir}; nothing to do")
+        return
+    try:
+        state = load(lab_dir)
+    except (LabError, json.JSONDecodeError):
+        state = {}
+    pids = state.get("processes", {})
+    # The bridge first, or it would restart what we stop.
+    for name in ("power_bridge", *[k for k in pids if k != "power_bridge"]):
+        pid = pids.get(name)
+        if pid:
+            procs.stop_tree(int(pid), timeout=3)
+    for pair in state.get("postgres", {}).values():
+        for role in ("primary", "standby"):
+            postgres.kill_hard(postgres.Instance.from_dict(pair[role]))
+    _kill_strays(lab_dir)
+    _remove_dir(lab_dir)
+    progress(f"lab in {lab_dir} is down")
+
+
+def _kill_strays(lab_dir: Path) -> None:
+    """Anything still running from inside the lab directory (agents, extra instances, clones)."""
+    marker = str(lab_dir)
+    victims = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.pid != os.getpid() and (marker + "/" in cmd + "/" or
+                                         (p.info["cwd"] or "").startswith(marker)):
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=3)
+
+
+def _remove_dir(lab_dir: Path) -> None:
+    shutil.rmtree(lab_dir, ignore_errors=True)

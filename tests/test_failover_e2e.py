@@ -1,0 +1,211 @@
+"""Failover end to end: real agents, a real gateway process, vcsim, PostgreSQL, moto, Slack stand-in."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from drflow.dns import resolve_endpoint
+from drflow.events import EventKind, HealthEvent
+from drflow.signing import sign_headers
+from lab import vcsim
+from lab.slack_standin import SlackLab
+from tests.harness import Env, Writer, lab_secret_values, start_env, stop_env, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def env(prefect_api: str) -> Iterator[Env]:
+    e = start_env(groups=4, replication="sync")
+    try:
+        yield e
+    finally:
+        stop_env(e)
+
+
+def _si(env: Env) -> Any:
+    vc = env.state["vcenter"]
+    return vcsim.connect(vc["url"], vc["user"], vc["password"])
+
+
+def _finished(env: Env, group: str, timeout: float = 60) -> Any:
+    recs = wait_for(lambda: env.audit_records("failover.finish", group), timeout,
+                    f"failover of {group} finished")
+    return recs[-1]
+
+
+def _is_writable_primary(env: Env, node: dict[str, Any]) -> bool:
+    try:
+        with env.connect(node["host"], node["port"], timeout=1) as c:
+            row = c.execute("select not pg_is_in_recovery()").fetchone()
+            return bool(row and row[0])
+    except Exception:
+        return False
+
+
+def _agent_pid(env: Env, vm: str) -> int:
+    return int((env.lab_dir / "agents" / vm / "agent.pid").read_text().split()[0])
+
+
+def test_host_loss_fails_over_and_loses_no_acknowledged_write(env: Env) -> None:
+    g = env.group("orders")
+    writer = Writer(env, "orders").start()
+    time.sleep(1.0)
+    t_off = time.time()
+    vcsim.power_off(_si(env), g["primary"]["vm"])
+    rec = _finished(env, "orders")
+    assert rec.outcome == "ok", rec.reason
+    standby = g["standby"]
+    assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
+        standby["host"], standby["port"])
+    done = time.time()
+    wait_for(lambda: writer.first_ack_after(done), 15, "a write through DNS after the failover")
+    writer.stop()
+    assert writer.lost(standby["host"], standby["port"]) == []
+    assert len(writer.acked) > 20
+    assert rec.parameters["rpo_s"] == 0.0
+    rto = writer.first_ack_after(t_off)
+    assert rto is not None and rto - t_off < 30
+    assert len(env.audit_records("failover.start", "orders")) == 1
+    # The on-call channel got one thread, updated step by step.
+    slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
+
+    def thread() -> list[dict[str, Any]]:
+        return [m for m in slack.messages() if "*orders* failed over" in m.get("text", "")
+                and m.get("reply_count", 0) >= 7]
+    assert len(wait_for(thread, 10, "the incident thread in Slack")) == 1
+
+
+def test_crash_repaired_in_place_starts_no_failover(env: Env) -> None:
+    g = env.group("ledger")
+    pid_file = Path(g["primary"]["datadir"]) / "postmaster.pid"
+    pid = int(pid_file.read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: _is_writable_primary(env, g["primary"]), 10, "primary repaired by its agent")
+    assert time.monotonic() - t0 < 5
+    time.sleep(4)  # longer than the heartbeat timeout: nothing may follow
+    assert env.audit_records("failover.start", "ledger") == []
+    assert env.groups_status()["ledger"]["open_incident"] is None
+
+
+def test_agent_silent_but_primary_healthy_alerts_and_does_not_promote(env: Env) -> None:
+    g = env.group("ledger")
+    pid = _agent_pid(env, g["primary"]["vm"])
+    os.kill(pid, signal.SIGSTOP)  # heartbeats stop while the VM and PostgreSQL are fine
+    try:
+        rec = _finished(env, "ledger", timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert rec.outcome == "not_confirmed"
+    assert "not promoting" in rec.reason
+    assert _is_writable_primary(env, g["primary"])
+    assert not _is_writable_primary(env, g["standby"])
+    assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
+        g["primary"]["host"], g["primary"]["port"])
+    assert env.audit_records("failover.promote standby", "ledger-dr") == []
+
+
+def test_thousand_incident_events_start_one_failover(env: Env) -> None:
+    g = env.group("inventory")
+    agent = g["primary"]["vm"]
+    secret = env.state["secrets"]["webhook"].encode()
+    # The real agent stays quiet so that only these events speak for the primary.
+    os.kill(_agent_pid(env, agent), signal.SIGSTOP)
+    try:
+        events = [HealthEvent(agent_id=agent, group="inventory", kind=EventKind.RECOVERY_EXHAUSTED,
+                              resource="postgres", details={"reason": "test burst"})
+                  for _ in range(250)]
+        bodies = [e.model_dump_json().encode() for e in events]
+        bodies = bodies * 4  # 1,000 requests: 250 distinct, each sent four times
+
+        def send(body: bytes) -> int:
+            with httpx.Client(timeout=10) as c:
+                return c.post(f"{env.gateway_url}/v1/events", content=body,
+                              headers={**sign_headers(secret, body),
+                                       "content-type": "application/json"}).status_code
+
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(send, bodies))
+        assert set(codes) <= {202, 409}
+        _finished(env, "inventory")
+        time.sleep(1)
+        assert len(env.audit_records("failover.start", "inventory")) == 1
+    finally:
+        os.kill(_agent_pid(env, agent), signal.SIGCONT)
+
+
+def test_application_loss_beyond_repair_fails_over_once(env: Env) -> None:
+    g = env.group("payments")
+    datadir = Path(g["primary"]["datadir"])
+    pid = int((datadir / "postmaster.pid").read_text().split()[0])
+    datadir.rename(datadir.with_name(datadir.name + ".gone"))  # the agent cannot start it again
+    os.kill(pid, signal.SIGKILL)
+    rec = _finished(env, "payments", timeout=90)
+    assert rec.outcome == "ok", rec.reason
+    assert "application lost" in " ".join(
+        r.reason for r in env.audit_records("failover.confirm failure", g["primary"]["vm"]))
+    assert _is_writable_primary(env, g["standby"])
+    assert len(env.audit_records("failover.start", "payments")) == 1
+    power = vcsim.vm_power_state(_si(env), g["primary"]["vm"])
+    assert power == "poweredOff"  # fenced before the promotion
+
+
+def test_no_secret_leaks_into_logs_audit_slack_or_artifacts(env: Env, prefect_api: str) -> None:
+    secrets = lab_secret_values(env.state)
+    places: dict[str, bytes] = {}
+    for log in (env.lab_dir / "logs").glob("*.log"):
+        places[str(log)] = log.read_bytes()
+    for f in env.lab_dir.glob("audit.db*"):
+        places[str(f)] = f.read_bytes()
+    slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
+    places["slack"] = repr(slack.messages()).encode()
+    arts = httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 200}, timeout=10).json()
+    assert any("failover" in (a.get("key") or "") for a in arts)
+    places["artifacts"] = repr(arts).encode()
+    for name, data in places.items():
+        for s in secrets:
+            assert s.encode() not in data, f"a secret appears in {name}"
+
+
+def test_audit_trail_verifies_and_detects_a_changed_byte(env: Env) -> None:
+    import subprocess
+
+    from tests.harness import DRFLOW
+
+    ok = subprocess.run([DRFLOW, "audit", "verify", "--url", env.audit_url],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    copy = env.lab_dir / f"audit-copy-{uuid.uuid4().hex[:6]}.db"
+    env.stop_gateway()  # quiesce writers so the copy is the whole store
+    try:
+        with sqlite3.connect(env.lab_dir / "audit.db") as db:
+            db.execute("pragma wal_checkpoint(truncate)")
+        data = bytearray((env.lab_dir / "audit.db").read_bytes())
+        idx = data.find(b"failover.promote standby")
+        assert idx > 0
+        data[idx + 3] ^= 0x01
+        copy.write_bytes(bytes(data))
+        bad = subprocess.run([DRFLOW, "audit", "verify", "--url", f"sqlite:///{copy}"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1
+        assert "record" in (bad.stdout + bad.stderr)
+    finally:
+        env.start_gateway()
+
+
+def test_all_lab_processes_alive_for_the_record(env: Env) -> None:
+    # The module's failovers must not have taken the gateway or the lab down with them.
+    assert env.gateway is not None and psutil.pid_exists(env.gateway.pid)
