@@ -71,3 +71,8 @@ def test_relax_sync_only_when_needed() -> None:
     assert not relax_sync("sync", 0, "").proceed
     assert not relax_sync("async", 0, "x").proceed
     assert not relax_sync("sync", 1, "x").proceed
+
+
+def test_sync_standby_means_no_acknowledged_loss() -> None:
+    est = lag_estimate(1500, 3000, [(100.0, 3000)], was_sync_standby=True)
+    assert est.seconds == 0.0 and "synchronous" in est.basis
