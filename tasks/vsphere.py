@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -16,6 +17,8 @@ from pyVmomi import vim, vmodl
 
 # A hung vCenter must fail a step, not hang it: every call is bounded by this socket timeout.
 VCENTER_TIMEOUT_S = 5
+READ_DEADLINE_S = 6.0
+FENCE_DEADLINE_S = 30.0
 _lock = threading.Lock()
 _sessions: dict[tuple[str, str], Any] = {}
 
@@ -32,30 +35,36 @@ class VCenter:
 
 
 def connect(vc: VCenter, fresh: bool = False) -> Any:
-    """A ServiceInstance, reused across calls (login costs a round trip we can't afford mid-failover)."""
+    """A ServiceInstance, reused across calls (login costs round trips we can't afford mid-failover).
+
+    The lock guards only the session table, never network I/O: a hung vCenter must not block
+    the deadline in `bounded` from giving up on it.
+    """
     key = (vc.url, vc.user)
     with _lock:
         si = None if fresh else _sessions.get(key)
-        if si is not None:
-            try:
-                si.CurrentTime()
-                return si
-            except Exception:  # a dead session: log in again
-                si = None
-        u = urlparse(vc.url)
-        kwargs: dict[str, Any] = {"host": u.hostname, "user": vc.user,
-                                  "pwd": vc.password.get_secret_value(),
-                                  "httpConnectionTimeout": VCENTER_TIMEOUT_S}
-        if u.scheme == "http":
-            kwargs.update(port=u.port or 80, protocol="http")
-        else:
-            kwargs.update(port=u.port or 443)
+    if si is not None:
         try:
-            si = SmartConnect(**kwargs)
-        except Exception as exc:  # never let the password ride along in a message
-            raise ConnectionError(f"cannot log in to vCenter {vc}: {type(exc).__name__}") from None
+            si.CurrentTime()
+            return si
+        except Exception:  # a dead session: log in again
+            with _lock:
+                _sessions.pop(key, None)
+    u = urlparse(vc.url)
+    kwargs: dict[str, Any] = {"host": u.hostname, "user": vc.user,
+                              "pwd": vc.password.get_secret_value(),
+                              "httpConnectionTimeout": VCENTER_TIMEOUT_S}
+    if u.scheme == "http":
+        kwargs.update(port=u.port or 80, protocol="http")
+    else:
+        kwargs.update(port=u.port or 443)
+    try:
+        si = SmartConnect(**kwargs)
+    except Exception as exc:  # never let the password ride along in a message
+        raise ConnectionError(f"cannot log in to vCenter {vc}: {type(exc).__name__}") from None
+    with _lock:
         _sessions[key] = si
-        return si
+    return si
 
 
 def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
@@ -70,13 +79,30 @@ def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
     raise LookupError(f"VM {name!r} not found in vCenter" + (f" ({datacenter})" if datacenter else ""))
 
 
+def bounded(fn: Callable[[], tuple[str | None, str | None]], seconds: float,
+            what: str) -> tuple[str | None, str | None]:
+    """Run a vSphere exchange with a deadline on the whole of it: a login alone is several
+    requests, each with its own socket timeout. Past the deadline the state is unknown."""
+    box: list[tuple[str | None, str | None]] = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True, name=what)
+    t.start()
+    t.join(seconds)
+    if not box:
+        with _lock:  # the session may be wedged: the next call logs in again
+            _sessions.clear()
+        return None, f"vCenter did not answer {what} within {seconds:.0f} s"
+    return box[0]
+
+
 def read_power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     """(power state, error). None when vCenter cannot tell us: an unknown state."""
-    try:
-        vm = find_vm(connect(vc), vm_name, vc.datacenter)
-        return str(vm.runtime.powerState), None
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    def read() -> tuple[str | None, str | None]:
+        try:
+            vm = find_vm(connect(vc), vm_name, vc.datacenter)
+            return str(vm.runtime.powerState), None
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return bounded(read, READ_DEADLINE_S, f"the power state of {vm_name}")
 
 
 @task(name="read power state", cache_policy=NO_CACHE)
@@ -87,10 +113,14 @@ def power_state(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
 @task(name="fence old primary", cache_policy=NO_CACHE)
 def fence(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     """Power the VM off; an already-off VM is fenced. Returns the power state seen afterwards."""
+    return bounded(lambda: _power_off(vc, vm_name), FENCE_DEADLINE_S, f"powering off {vm_name}")
+
+
+def _power_off(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     try:
         vm = find_vm(connect(vc), vm_name, vc.datacenter)
         if vm.runtime.powerState != "poweredOff":
-            _wait(vm.PowerOffVM_Task(), timeout=45)
+            _wait(vm.PowerOffVM_Task(), timeout=FENCE_DEADLINE_S - 5)
     except vim.fault.InvalidPowerState:
         pass  # already off between our read and the call
     except Exception as exc:

@@ -1,0 +1,185 @@
+"""Failover safety rules that need their own lab: fencing, the RPO budget, crash and re-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+from drflow.dns import resolve_endpoint
+from lab import vcsim
+from tests.harness import Env, Writer, start_env, stop_env, wait_for
+
+pytestmark = pytest.mark.lab
+
+STEPS = ["confirm failure", "fence old primary", "check standby lag", "promote standby",
+         "relax synchronous replication", "point DNS at the new primary",
+         "verify a write through DNS"]
+
+
+def _si(env: Env) -> Any:
+    vc = env.state["vcenter"]
+    return vcsim.connect(vc["url"], vc["user"], vc["password"])
+
+
+def _writable(env: Env, node: dict[str, Any]) -> bool:
+    try:
+        with env.connect(node["host"], node["port"], timeout=1) as c:
+            row = c.execute("select not pg_is_in_recovery()").fetchone()
+            return bool(row and row[0])
+    except Exception:
+        return False
+
+
+def _break_primary(env: Env, g: dict[str, Any]) -> None:
+    """Application loss beyond local repair: the data directory is gone and the server dead."""
+    datadir = Path(g["primary"]["datadir"])
+    pid = int((datadir / "postmaster.pid").read_text().split()[0])
+    datadir.rename(datadir.with_name(datadir.name + ".gone"))
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def sync_env(prefect_api: str) -> Iterator[Env]:
+    e = start_env(groups=1, replication="sync")
+    try:
+        yield e
+    finally:
+        stop_env(e)
+
+
+def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
+    env, g = sync_env, sync_env.state["groups"][0]
+    vcsim_pid = env.state["processes"]["vcsim"]
+    os.kill(vcsim_pid, signal.SIGSTOP)  # vCenter hangs: power state and fence cannot be known
+    try:
+        _break_primary(env, g)
+        rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 90,
+                       "failover stopped")[-1]
+    finally:
+        os.kill(vcsim_pid, signal.SIGCONT)
+    assert rec.outcome == "not_fenced", rec.reason
+    assert "no promotion without a fence" in rec.reason
+    assert not _writable(env, g["standby"])
+    assert env.audit_records("failover.promote standby") == []
+    assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
+        g["primary"]["host"], g["primary"]["port"])
+
+
+def test_no_promotion_when_the_fence_fails(sync_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power-off that vCenter refuses (injected: vcsim cannot be made to refuse one)."""
+    from flows import failover as failover_flow
+    from tasks import vsphere
+
+    env, g = sync_env, sync_env.state["groups"][0]
+    env.stop_gateway()  # this run is started by hand
+    _break_primary(env, g)
+
+    def refused(vc: Any, vm: str) -> tuple[str | None, str | None]:
+        return "poweredOn", "NoPermission: power off refused"
+
+    monkeypatch.setattr(vsphere.fence, "fn", refused)
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        result = failover_flow.failover(g["name"], {"reason": "test"}, config_path=str(env.config))
+    assert result["outcome"] == "not_fenced"
+    assert "fence failed" in result["reason"]
+    assert not _writable(env, g["standby"])
+
+
+def test_rpo_budget_refuses_without_force_and_force_is_audited(prefect_api: str) -> None:
+    env = start_env(groups=1, replication="async")
+    try:
+        g = env.state["groups"][0]
+        # Cut the standby off its primary for real, while writes go on.
+        with env.connect(g["standby"]["host"], g["standby"]["port"]) as c:
+            c.execute("alter system set primary_conninfo = ''")
+            c.execute("select pg_reload_conf()")
+        writer = Writer(env, g["name"]).start()
+        time.sleep(8)  # beyond the 5 s RPO budget
+        vcsim.power_off(_si(env), g["primary"]["vm"])
+        rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 60,
+                       "failover stopped")[-1]
+        writer.stop()
+        assert rec.outcome == "refused", rec.reason
+        assert "exceeds the RPO budget" in rec.reason and "force" in rec.reason
+        assert not _writable(env, g["standby"])
+
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "drflow"), "failover", g["name"], "--config",
+             str(env.config), "--force", "--reason", "accepting the loss: test"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert _writable(env, g["standby"])
+        lag = env.audit_records("failover.check standby lag", g["standby"]["vm"])
+        assert lag[-1].reason.startswith("override")
+    finally:
+        stop_env(env)
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from flows import run as run_mod
+    from flows.failover import failover
+
+    crash_after = sys.argv[3]
+    original = run_mod.RunbookRun.step
+
+    def step(self, name, target, params=None):
+        cm = original(self, name, target, params)
+        class Crashing:
+            def __enter__(self):
+                return cm.__enter__()
+            def __exit__(self, *exc):
+                out = cm.__exit__(*exc)
+                if name == crash_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # the process dies at the boundary
+                return out
+        return Crashing()
+
+    run_mod.RunbookRun.step = step
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        print(failover(sys.argv[1], {"reason": "crash test", "evidence":
+              {"sync_standby_streaming": True}}, config_path=sys.argv[2]))
+""")
+
+
+def test_rerun_after_a_crash_at_every_step_boundary_promotes_once(prefect_api: str) -> None:
+    env = start_env(groups=1, replication="sync", agents=False, gateway=False)
+    try:
+        g = env.state["groups"][0]
+        vcsim.power_off(_si(env), g["primary"]["vm"])
+        script = env.lab_dir / "crashing_run.py"
+        script.write_text(CRASHING_RUN)
+        for step in [*STEPS, "none"]:
+            out = subprocess.run([sys.executable, str(script), g["name"], str(env.config), step],
+                                 capture_output=True, text=True, timeout=120,
+                                 cwd=Path(__file__).resolve().parent.parent)
+            if step == "none":
+                assert out.returncode == 0, out.stdout + out.stderr
+                assert "failed_over" in out.stdout
+            else:
+                assert out.returncode == -signal.SIGKILL, (step, out.stdout + out.stderr)
+            # Never two writable primaries, at any boundary.
+            assert not (_writable(env, g["primary"]) and _writable(env, g["standby"]))
+        promotions = [r for r in env.audit_records("failover.promote standby")
+                      if r.outcome == "ok"]
+        assert [r.reason for r in promotions].count("promoted") == 1
+        assert len(promotions) >= 2  # later runs saw "already a primary"
+        with env.connect(g["standby"]["host"], g["standby"]["port"]) as c:
+            row = c.execute("select count(*) from pg_ls_waldir() where name like '%.history'"
+                            ).fetchone()
+        assert row == (1,)  # one new timeline: one promotion
+        assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
+            g["standby"]["host"], g["standby"]["port"])
+    finally:
+        stop_env(env)
