@@ -3,6 +3,7 @@ acknowledged writes. Used by the end-to-end tests, the benchmarks and the demo."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -142,6 +143,7 @@ class Writer:
     unknown: list[str] = field(default_factory=list)
     errors: list[tuple[float, str]] = field(default_factory=list)
     ack_times: list[float] = field(default_factory=list)
+    ack_servers: list[tuple[str, int]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -161,17 +163,21 @@ class Writer:
         if self._thread is not None:
             self._thread.join(10)
 
-    def first_ack_after(self, t: float) -> float | None:
-        return next((a for a in self.ack_times if a > t), None)
+    def first_ack_after(self, t: float, server: tuple[str, int] | None = None) -> float | None:
+        """When the first write after `t` was acknowledged (by `server`, if given)."""
+        return next((a for a, s in zip(self.ack_times, self.ack_servers, strict=True)
+                     if a > t and (server is None or s == server)), None)
 
     def _run(self) -> None:
         g = self.env.group(self.group)
         r53 = self.env.route53()
         conn: psycopg.Connection[Any] | None = None
+        server = ("", 0)
         while not self._stop.is_set():
             if conn is None:
                 try:
                     host, port = resolve_endpoint(r53, g["dns"]["zone_id"], g["dns"]["record"])
+                    server = (host, port)
                     conn = self.env.connect(host, port, timeout=1)
                     conn.execute("set statement_timeout = 3000")
                 except Exception as exc:
@@ -183,15 +189,14 @@ class Writer:
             try:
                 conn.execute("insert into drflow_writes (id) values (%s)", (wid,))
                 self.acked.append(wid)
+                self.ack_servers.append(server)
                 self.ack_times.append(time.time())
             except Exception as exc:
                 # The commit may or may not have happened: a lost acknowledgement is unknown.
                 self.unknown.append(wid)
                 self.errors.append((time.time(), f"write: {type(exc).__name__}"))
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()
-                except Exception:
-                    pass
                 conn = None
             time.sleep(0.005)
         if conn is not None:

@@ -76,7 +76,7 @@ def test_host_loss_fails_over_and_loses_no_acknowledged_write(env: Env) -> None:
     assert writer.lost(standby["host"], standby["port"]) == []
     assert len(writer.acked) > 20
     assert rec.parameters["rpo_s"] == 0.0
-    rto = writer.first_ack_after(t_off)
+    rto = writer.first_ack_after(t_off, (standby["host"], standby["port"]))
     assert rto is not None and rto - t_off < 30
     assert len(env.audit_records("failover.start", "orders")) == 1
     # The on-call channel got one thread, updated step by step.
