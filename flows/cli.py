@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -18,17 +20,62 @@ ConfigOpt = typer.Option(..., "--config", "-c", envvar="DRFLOW_CONFIG", exists=T
 
 
 def register(app: typer.Typer) -> None:
+    app.command("up")(up)
     app.command("gateway")(gateway)
     app.command("failover")(failover_cmd)
+    app.command("reprotect")(reprotect_cmd)
+    app.command("failback")(failback_cmd)
+
+
+StateDirOpt = typer.Option(Path("./drflow-state"), "--state-dir",
+                           help="Where drflow keeps the gateway's dedupe and incident state "
+                                "(and, for `up`, the local Prefect server's database).")
 
 
 def gateway(
     config: Path = ConfigOpt,
-    state_dir: Path = typer.Option(Path("./drflow-state"), "--state-dir",
-                                   help="Where the gateway keeps its dedupe and incident state."),
+    state_dir: Path = StateDirOpt,
     listen: str = typer.Option("", "--listen", help="HOST:PORT; default: gateway.listen of the config."),
 ) -> None:
-    """Receive agent webhooks and run failovers in this process (the warm path)."""
+    """Receive agent webhooks and run failovers in this process (the warm path).
+
+    Needs a Prefect API (PREFECT_API_URL); `drflow up` starts one for you."""
+    _serve(config, state_dir, listen)
+
+
+def up(
+    config: Path = ConfigOpt,
+    state_dir: Path = StateDirOpt,
+    prefect_port: int = typer.Option(
+        4200, "--prefect-port", help="Port of the local Prefect server (when PREFECT_API_URL is unset)."),
+) -> None:
+    """The whole orchestrator on one machine: the gateway, the warm runner of the flows and,
+    when PREFECT_API_URL is not set, a local Prefect server (SQLite) started and stopped with it.
+
+    Ctrl-C stops everything; an incident interrupted that way is resumed at the next start."""
+    # A service manager stops us with SIGTERM: leave through `finally` as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    local = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from drflow.prefect_local import start_local_server
+
+        home = (state_dir / "prefect").resolve()
+        console.print(f"starting a local Prefect server (SQLite in {home}) …")
+        local = start_local_server(home, prefect_port)
+        os.environ["PREFECT_API_URL"] = local.api_url
+        console.print(f"Prefect UI: {local.ui_url}")
+    else:
+        console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
+    try:
+        _serve(config, state_dir, "")
+    finally:
+        if local is not None:
+            console.print("stopping the local Prefect server …")
+            local.stop()
+        console.print("drflow stopped")
+
+
+def _serve(config: Path, state_dir: Path, listen: str) -> None:
     import uvicorn
 
     from drflow.gateway import create_app
@@ -50,7 +97,9 @@ def gateway(
     starter.close = app.state.gateway.close_incident_threadsafe
     console.print("warming up (secrets, vCenter sessions, Prefect) …")
     console.print(f"warm in {starter.warm_up():.2f} s")
-    console.print(f"gateway on http://{host}:{port} (events: /v1/events, metrics: /metrics)")
+    console.print(f"gateway: http://{host}:{port}  (agents post to /v1/events; "
+                  f"metrics: /metrics; groups: /v1/groups)")
+    console.print(f"audit trail: {rt.cfg.audit.url}   (drflow audit show|verify)")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -71,3 +120,48 @@ def failover_cmd(
                           config_path=str(config.resolve()))
     console.print(result)
     raise typer.Exit(0 if result.get("outcome") == "failed_over" else 1)
+
+
+def reprotect_cmd(
+    group: str = typer.Argument(..., help="Protection group to re-protect."),
+    config: Path = ConfigOpt,
+    reason: str = typer.Option("manual re-protect", "--reason", help="Why, for the audit trail."),
+) -> None:
+    """Make the node that does not serve GROUP a standby of the one that does.
+
+    Fences a second primary, rewinds (or rebuilds) through its agent, waits until it streams and
+    caught up, restores synchronous replication, verifies."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.reprotect import reprotect
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        result = reprotect(group, {"kind": "manual", "reason": reason},
+                           config_path=str(config.resolve()))
+    console.print(result)
+    raise typer.Exit(0 if result.get("outcome") == "protected" else 1)
+
+
+def failback_cmd(
+    group: str = typer.Argument(..., help="Protection group to move back home."),
+    config: Path = ConfigOpt,
+    requested_by: str = typer.Option("cli", "--requested-by", help="Who asks, for the record."),
+    timeout: float | None = typer.Option(None, "--approval-timeout",
+                                         help="Seconds to wait for approval (default: policy)."),
+) -> None:
+    """Ask for approval in Slack, then switch GROUP back home with zero data loss.
+
+    Waits (paused in Prefect) until an approver clicks in Slack; the gateway resumes it."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.failback import failback
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        try:
+            result = failback(group, requested_by=requested_by, approval_timeout_s=timeout,
+                              config_path=str(config.resolve()))
+        except Exception as exc:  # a timed-out pause ends the Prefect run Failed, by design
+            console.print(f"failback did not complete: {type(exc).__name__}: {exc}")
+            raise typer.Exit(1) from None
+    console.print(result)
+    raise typer.Exit(0 if result.get("outcome") == "failed_back" else 1)
