@@ -344,12 +344,15 @@ class DrillConfig(_Model):
     """Where DR drills build their bubble (optional section; the defaults suit most sites).
 
     The drill's copy of a standby is made by the machine running the drill, under `work_dir`,
-    and listens on 127.0.0.1 only, on a free port of `port_range`.
+    at most `max_rate` fast, and listens on 127.0.0.1 only, on a free port of `port_range`.
     """
 
     isolated_portgroup: str = Field(default="drflow-isolated", min_length=1)
     work_dir: str = "/var/tmp/drflow-drill"
     port_range: tuple[int, int] = (54400, 54499)
+    # pg_basebackup --max-rate (kB/s, or with k/M): what the copy may take from the standby,
+    # hence from production's commit latency. null: as fast as it goes.
+    max_rate: str | None = Field(default="100M", pattern=r"^[1-9][0-9]*[kM]?$")
 
     @field_validator("work_dir")
     @classmethod

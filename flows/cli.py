@@ -20,11 +20,18 @@ ConfigOpt = typer.Option(..., "--config", "-c", envvar="DRFLOW_CONFIG", exists=T
 
 
 def register(app: typer.Typer) -> None:
+    from flows.deploy_cli import deploy
+    from flows.drill_cli import app as drill_app
+    from flows.status_cli import status
+
     app.command("up")(up)
+    app.add_typer(drill_app, name="drill")
     app.command("gateway")(gateway)
     app.command("failover")(failover_cmd)
     app.command("reprotect")(reprotect_cmd)
     app.command("failback")(failback_cmd)
+    app.command("deploy")(deploy)
+    app.command("status")(status)
 
 
 StateDirOpt = typer.Option(Path("./drflow-state"), "--state-dir",
@@ -95,6 +102,10 @@ def _serve(config: Path, state_dir: Path, listen: str) -> None:
     starter = EmbeddedStarter(str(config.resolve()))
     app = create_app(settings, starter, audit=rt.audit)
     starter.close = app.state.gateway.close_incident_threadsafe
+    from flows.reprotect import ReprotectStarter
+
+    # The gateway starts re-protect itself when an old primary's agent reports in.
+    app.state.roles.starter = ReprotectStarter(str(config.resolve()))
     console.print("warming up (secrets, vCenter sessions, Prefect) …")
     console.print(f"warm in {starter.warm_up():.2f} s")
     console.print(f"gateway: http://{host}:{port}  (agents post to /v1/events; "

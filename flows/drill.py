@@ -49,7 +49,6 @@ class _State:
     step: str = ""
     run_dir: Path | None = None
     bindir: str | None = None
-    copy_port: int | None = None
     markers: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -85,7 +84,7 @@ def drill(group: str, config_path: str | None = None,
                 run.note("refused", refused)
             else:
                 try:
-                    refused = _readiness(run, rt, g, dc, st)
+                    refused = _readiness(run, rt, g, dc)
                 except Exception as exc:  # e.g. a secret that cannot be resolved
                     refused = f"readiness checks could not run: {type(exc).__name__}: {exc}"
             if mine and refused is None:
@@ -110,8 +109,7 @@ def _decide(step: Any, d: Decision) -> None:
         step.outcome = "refused"
 
 
-def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
-               st: _State) -> str | None:
+def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) -> str | None:
     """Every check runs (the report lists all reasons); None if all pass, else why not."""
     checks: dict[str, Decision] = {}
     primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
@@ -132,7 +130,7 @@ def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
     with run.step("check isolation", dc.isolated_portgroup) as s:
         if ok:
             facts = bubble.isolation_facts(vc, g.standby.vm, dc.isolated_portgroup)
-            d = isolation_proven(facts, dc.isolated_portgroup, st.clone_prefix)
+            d = isolation_proven(facts, dc.isolated_portgroup)
             s.result = {"host": facts.host, "vswitch": facts.vswitch, "pnics": list(facts.pnics),
                         "attached_vms": list(facts.attached_vms)}
         else:
@@ -188,9 +186,9 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
     name = f"{g.name}-{st.drill_id}"
     with run.step(st.step, g.standby.vm, {"copy": name}) as s:
         st.run_dir = work_dir / name  # set first: teardown removes a half-made copy too
-        made = bubble.make_copy(standby, work_dir, dc.port_range, name, g.name)
+        made = bubble.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
         copy: bubble.DrillCopy = made["copy"]
-        st.bindir, st.copy_port = made["bindir"], copy.port
+        st.bindir = made["bindir"]
         # RPO: what a failover at the moment of the copy would have lost (the standby's lag).
         lag = bubble.replication_facts(primary, standby)
         st.figures.update(copy_s=round(made["seconds"], 3), copy_bytes=made["bytes"],
@@ -198,7 +196,8 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                           rpo_s=None if lag.lag_s is None else round(lag.lag_s, 3),
                           rpo_bytes=lag.lag_bytes)
         s.reason = (f"{made['bytes'] / 1e6:.1f} MB in {made['seconds']:.2f} s "
-                    f"(pg_basebackup, WAL {made['wal_method']}); standby lag then "
+                    f"(pg_basebackup, WAL {made['wal_method']}, max rate "
+                    f"{dc.max_rate or 'unlimited'}); standby lag then "
                     f"{_num(lag.lag_s)} s / {lag.lag_bytes} bytes")
 
     after = f"drill-{st.drill_id}-after"
@@ -229,7 +228,6 @@ def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st:
               work_dir: Path) -> Decision:
     """Remove everything the drill built, each part on its own, then check nothing is left."""
     left: list[str] = []
-    vc = rt.vcenter(g.standby.site)
     with run.step("tear down the bubble", g.name) as s:
         if st.run_dir is not None:
             try:
@@ -237,21 +235,19 @@ def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st:
             except Exception as exc:
                 left.append(f"copy {st.run_dir}: {type(exc).__name__}: {exc}")
         try:
+            vc = rt.vcenter(g.standby.site)
             _destroyed, refused = bubble.destroy_clones(vc, st.clone_prefix,
                                                         dc.isolated_portgroup)
             left += refused
+            # Check from scratch, not from what the call above returned.
+            left += [f"VM {n}" for n in bubble.drill_vms(vc, st.clone_prefix)]
         except Exception as exc:
             left.append(f"clones {st.clone_prefix}*: {type(exc).__name__}: {exc}")
         if st.markers:
             try:
-                bubble.remove_markers(rt.db(g, g.primary), st.markers)
+                bubble.remove_markers(rt.db(g, g.primary), g.name)
             except Exception as exc:
                 left.append(f"markers on the primary: {type(exc).__name__}")
-        # Check from scratch, not from what the calls above returned.
-        try:
-            left += [f"VM {n}" for n in bubble.drill_vms(vc, st.clone_prefix)]
-        except Exception as exc:
-            left.append(f"cannot list VMs to check: {type(exc).__name__}")
         if st.run_dir is not None:
             left += [f"process {p}" for p in bubble.processes_under(st.run_dir)]
             if st.run_dir.exists():

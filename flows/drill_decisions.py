@@ -41,8 +41,12 @@ def replication_ready(f: ReplicationFacts, primary: str, replication: str,
                           f"RPO budget of {rpo_budget_s:g} s")
 
 
-def isolation_proven(f: IsolationFacts, portgroup: str, clone_prefix: str) -> Decision:
-    """The bubble's network must provably reach nothing: no uplink, no production VM on it."""
+def isolation_proven(f: IsolationFacts, portgroup: str) -> Decision:
+    """The bubble's network must provably reach nothing: no uplink, no VM bridging it elsewhere.
+
+    VMs that sit only on the isolated port group (another group's drill clone) cannot reach
+    production through it, so they do not break isolation.
+    """
     if f.error:
         return Decision(False, f"cannot prove isolation: {f.error}")
     if not f.portgroup_found:
@@ -60,10 +64,9 @@ def isolation_proven(f: IsolationFacts, portgroup: str, clone_prefix: str) -> De
                                f"{', '.join(f.other_portgroups)}")
     if portgroup in f.standby_networks:
         return Decision(False, f"not isolated: the standby VM itself is on {portgroup!r}")
-    strangers = [vm for vm in f.attached_vms if not vm.startswith(clone_prefix)]
-    if strangers:
-        return Decision(False, f"not isolated: VM(s) {', '.join(strangers)} are attached to "
-                               f"{portgroup!r}")
+    if f.bridging_vms:
+        return Decision(False, f"not isolated: VM(s) {', '.join(f.bridging_vms)} are on "
+                               f"{portgroup!r} and on other networks, bridging it")
     return Decision(True, f"{portgroup!r} on host {f.host} sits on vSwitch {f.vswitch} with no "
                           "physical NIC and no other port group")
 

@@ -58,6 +58,8 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
                     "control_secret": {"ref": "aws-sm:drflow-lab/gateway#control_secret"},
                     "heartbeat_timeout_s": 3},
         "groups": groups,
+        # Drill copies live inside the lab directory, so `lab down` sweeps them too.
+        "drill": {"work_dir": str(lab_dir / "drill")},
     }
 
 

@@ -1,0 +1,615 @@
+"""DR drills: pure decisions, then real drills on the shared lab, then a scheduled drill run by a
+Prefect process worker from prefect.yaml.
+
+The scheduled drill (group `payments`, every minute) is deployed when the module starts and
+checked by the last test, so the wait for the next minute overlaps the other tests, which drill
+`orders` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.drill_cli import app as drill_app
+from flows.drill_cli import drill_rows, summary, with_schedules
+from flows.decisions import Decision
+from flows.drill_decisions import (
+    copy_verified,
+    dns_sane,
+    drill_outcome,
+    isolation_proven,
+    readiness,
+    replication_ready,
+    teardown_clean,
+)
+from tasks.drill import CopyFacts, IsolationFacts, ReplicationFacts
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+GROUP = "orders"  # drilled by the tests here
+SCHEDULED = "payments"  # drilled by the scheduled deployment meanwhile
+
+# --- pure decisions -------------------------------------------------------------------------------
+
+PRIMARY = "10.0.0.1:5432"
+HEALTHY = ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="streaming",
+                           sync_state="sync", lag_s=0.2, lag_bytes=120)
+
+
+@pytest.mark.parametrize(("facts", "proceed", "words"), [
+    (HEALTHY, True, "within the RPO budget of 5 s"),
+    (ReplicationFacts(error="primary x: connection refused"), False, "connection refused"),
+    (ReplicationFacts(standby_in_recovery=False), False, "not in recovery"),
+    (ReplicationFacts(standby_in_recovery=True, sender="10.9.9.9:5432", state="streaming"),
+     False, "not from the configured primary 10.0.0.1:5432"),
+    (ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="catchup"), False,
+     "state catchup, not streaming"),
+    (ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="streaming",
+                      sync_state="async", lag_s=0.0, lag_bytes=0), False, "not a synchronous"),
+    (ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="streaming",
+                      sync_state="sync", lag_s=7.5, lag_bytes=9000, replay_paused=True), False,
+     "7.50 s / 9000 bytes exceeds the RPO budget of 5 s; WAL replay is paused"),
+    (ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="streaming",
+                      sync_state="sync", lag_s=None, lag_bytes=300), False, "lag unknown"),
+])
+def test_replication_readiness(facts: ReplicationFacts, proceed: bool, words: str) -> None:
+    d = replication_ready(facts, PRIMARY, "sync", 5)
+    assert d.proceed is proceed and words in d.reason
+
+
+def test_async_group_accepts_an_async_standby() -> None:
+    f = ReplicationFacts(standby_in_recovery=True, sender=PRIMARY, state="streaming",
+                         sync_state="async", lag_s=0.0, lag_bytes=0)
+    assert replication_ready(f, PRIMARY, "async", 5).proceed
+
+
+ISOLATED = IsolationFacts(host="esx-dr-01", portgroup_found=True, vswitch="vSwitch9",
+                          standby_networks=("VM Network",), attached_vms=("orders-dr-drill-1",))
+
+
+@pytest.mark.parametrize(("facts", "proceed", "words"), [
+    (ISOLATED, True, "no physical NIC"),
+    (IsolationFacts(error="vCenter down"), False, "cannot prove isolation: vCenter down"),
+    (IsolationFacts(host="h1"), False, "no port group 'iso' on host h1"),
+    (IsolationFacts(portgroup_found=True, distributed=True), False, "distributed"),
+    (IsolationFacts(portgroup_found=True, vswitch="vSwitch0", pnics=("vmnic0",)), False,
+     "has an uplink (vmnic0)"),
+    (IsolationFacts(portgroup_found=True, vswitch="vSwitch0", bridged=True), False, "uplink"),
+    (IsolationFacts(portgroup_found=True, vswitch="v", other_portgroups=("Prod",)), False,
+     "also carries port group(s) Prod"),
+    (IsolationFacts(portgroup_found=True, vswitch="v", standby_networks=("iso",)), False,
+     "the standby VM itself"),
+    (IsolationFacts(portgroup_found=True, vswitch="v", attached_vms=("erp-prod", "x-drill-1"),
+                    bridging_vms=("erp-prod",)), False,
+     "erp-prod are on 'iso' and on other networks"),
+])
+def test_isolation_must_be_proven(facts: IsolationFacts, proceed: bool, words: str) -> None:
+    d = isolation_proven(facts, "iso")
+    assert d.proceed is proceed and words in d.reason
+
+
+def test_dns_readiness_and_the_combined_verdict() -> None:
+    assert dns_sane(("10.0.0.1", 5432), None, "o.example.", "10.0.0.1", 5432).proceed
+    moved = dns_sane(("10.1.0.1", 5432), None, "o.example.", "10.0.0.1", 5432)
+    assert not moved.proceed and "not at the primary 10.0.0.1:5432" in moved.reason
+    assert "AccessDenied" in dns_sane(None, "AccessDenied", "o.", "h", 1).reason
+    both = readiness({"DNS": moved, "vCenter": Decision(True, "ok"),
+                      "isolation": Decision(False, "no port group")})
+    assert not both.proceed and "DNS:" in both.reason and "isolation: no port group" in both.reason
+    assert "vCenter" not in both.reason
+    assert readiness({"DNS": Decision(True, "x")}).proceed
+
+
+def test_copy_verdict_and_outcome() -> None:
+    good = CopyFacts(in_recovery=False, replicating_from=None, marker_before=True,
+                     marker_after=False, wrote_and_read=True, copy_lsn=200, marker_lsn=100)
+    assert copy_verified(good).proceed
+    bad = CopyFacts(in_recovery=True, replicating_from="10.0.0.1:5432", marker_before=False,
+                    marker_after=True, wrote_and_read=False, missing_tables=("public.t",))
+    reason = copy_verified(bad).reason
+    for words in ("still in recovery", "attached to 10.0.0.1:5432", "could not be read back",
+                  "before the copy is missing", "after the copy is present", "public.t"):
+        assert words in reason
+    clean, dirty = teardown_clean([]), teardown_clean(["VM x-drill-1"])
+    assert drill_outcome(None, None, clean)[0] == "passed"
+    assert drill_outcome("lag", None, clean) == ("refused", "lag")
+    assert drill_outcome(None, "step x failed", dirty) == (
+        "failed", "step x failed; teardown left: VM x-drill-1")
+    assert drill_outcome(None, None, dirty)[0] == "failed"
+
+
+def test_history_trends_and_summary_from_the_audit_trail(tmp_path: Path) -> None:
+    from drflow.audit import open_store
+
+    with open_store(f"sqlite:///{tmp_path / 'a.db'}") as store:
+        for outcome, rto in [("passed", 3.0), ("refused", None), ("passed", 2.5),
+                             ("failed", None), ("passed", 4.0)]:
+            store.append("flow:drill/x", "drill.finish", "orders",
+                         {"rto_s": rto, "rpo_s": 0.1 if rto else None, "reason": outcome},
+                         outcome, reason="headline")
+        store.append("flow:drill/x", "drill.finish", "payments", {"rto_s": 9.0}, "passed")
+        store.append("flow:drill/x", "drill.start", "orders", {}, "started")
+        rows = drill_rows(store, "orders")
+    assert [r["outcome"] for r in rows] == ["passed", "refused", "passed", "failed", "passed"]
+    assert [r["rto_delta_s"] for r in rows] == [None, None, -0.5, None, 1.5]
+    s = summary(rows)
+    assert (s["drills"], s["passed"], s["failed"], s["refused"]) == (5, 3, 1, 1)
+    assert s["rto_s"] == {"min": 2.5, "median": 3.0, "max": 4.0} and s["pass_rate"] == 0.6
+
+
+def test_schedules_come_from_the_config() -> None:
+    from drflow.config import load_config
+
+    text = (REPO / "prefect.yaml").read_text()
+    example = load_config(REPO / "examples" / "drflow.yaml")
+    assert with_schedules(text, example) == text  # the committed file matches the example
+    cfg = example.model_copy(deep=True)
+    second = cfg.groups[0].model_copy(update={"name": "billing"}, deep=True)
+    second.policy.drill_schedule = "30 2 * * 1-5"
+    cfg.groups.append(second)
+    cfg.groups[0].policy.drill_schedule = None
+    deployment = next(d for d in yaml.safe_load(with_schedules(text, cfg))["deployments"]
+                      if d["name"] == "drill")
+    assert deployment["schedules"] == [{"cron": "30 2 * * 1-5", "timezone": "UTC",
+                                        "slug": "drill-billing",
+                                        "parameters": {"group": "billing"}}]
+    assert deployment["entrypoint"] == "flows/drill.py:drill"
+    with pytest.raises(ValueError, match="BEGIN drill schedules"):
+        with_schedules("deployments: []\n", cfg)
+
+
+# --- drills on the lab ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drill_env(lab: dict[str, Any], prefect_api: str) -> Iterator[dict[str, Any]]:
+    """The lab's config plus a drill section (a work dir of our own), a 1 s RPO budget, and a
+    drill of `payments` every minute."""
+    root = Path(tempfile.mkdtemp(prefix="drflow-drill-test-", dir="/tmp"))
+    root.chmod(0o755)  # PostgreSQL (the copies) runs as `postgres` and must traverse it
+    cfg = yaml.safe_load(Path(lab["dir"], "drflow.yaml").read_text())
+    cfg["drill"] = {"work_dir": str(root / "work"), "port_range": [42000, 42999]}
+    for g in cfg["groups"]:
+        g["rpo_budget_s"] = 1
+        if g["name"] == SCHEDULED:
+            g["policy"]["drill_schedule"] = "* * * * *"
+    path = root / "drflow.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    broken = dict(cfg, drill={**cfg["drill"], "isolated_portgroup": "VM Network"})
+    broken_path = root / "drflow-uplinked.yaml"
+    broken_path.write_text(yaml.safe_dump(broken, sort_keys=False))
+    try:
+        yield {"config": str(path), "uplinked_config": str(broken_path), "root": root,
+               "work_dir": root / "work", "lab": lab}
+    finally:
+        _sweep(lab, path, root / "work")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _sweep(lab: dict[str, Any], config: Path, work_dir: Path) -> None:
+    """Whatever a broken test left behind (copies, clones), so that the shared lab stays clean."""
+    from flows.runtime import runtime
+    from tasks import drill as bubble
+
+    if not config.exists():
+        return
+    rt = runtime(str(config))
+    for g in rt.cfg.groups:
+        for d in bubble.leftover_copies(work_dir, g.name) if work_dir.exists() else []:
+            bubble.remove_copy.fn(d, str(bubble.pg_bindir()))
+        bubble.destroy_clones.fn(rt.vcenter(g.standby.site), f"{g.standby.vm}-drill-",
+                                 "drflow-isolated")
+
+
+@pytest.fixture(autouse=True)
+def _no_flow_heartbeats() -> Iterator[None]:
+    # ~1 s per flow call otherwise (see NOTES.md); env vars cannot turn them off.
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def _instances(lab: dict[str, Any], group: str) -> tuple[Any, Any]:
+    from lab import postgres as lpg
+
+    pair = lab["postgres"][group]
+    return lpg.Instance.from_dict(pair["primary"]), lpg.Instance.from_dict(pair["standby"])
+
+
+def production(env: dict[str, Any], group: str = GROUP) -> dict[str, Any]:
+    """Roles, replication state and settings, DNS, VM inventory and power states."""
+    from drflow.dns import resolve_endpoint
+    from flows.runtime import runtime
+    from lab import postgres as lpg
+    from lab import vcsim
+
+    lab = env["lab"]
+    primary, standby = _instances(lab, group)
+    state: dict[str, Any] = {"roles": (lpg.role(primary), lpg.role(standby))}
+    with lpg.admin_conn(primary) as c:
+        state["replication"] = c.execute(
+            "select application_name, state, sync_state from pg_stat_replication order by 1"
+        ).fetchall()
+        state["primary_settings"] = c.execute(
+            "select name, setting from pg_settings where name in ('synchronous_standby_names', "
+            "'synchronous_commit', 'primary_conninfo') order by 1").fetchall()
+    with lpg.admin_conn(standby) as c:
+        state["standby"] = c.execute(
+            "select pg_is_in_recovery(), pg_is_wal_replay_paused(), "
+            "current_setting('primary_conninfo'), current_setting('synchronous_standby_names'), "
+            "(select status || ' ' || sender_port from pg_stat_wal_receiver)").fetchone()
+    rt = runtime(env["config"])
+    g = rt.cfg.group(group)
+    state["dns"] = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
+    vc = lab["vcenter"]
+    si = vcsim.connect(vc["url"], vc["user"], vc["password"])
+    try:
+        # Other groups' drill clones come and go (the scheduled drill): not this group's business.
+        state["vms"] = {name: str(vms[0].runtime.powerState)
+                        for name, vms in vcsim.vms_by_name(si).items()
+                        if "-drill-" not in name or name.startswith(f"{group}-")}
+    finally:
+        vcsim.disconnect(si)
+    return state
+
+
+class Writer:
+    """Inserts rows with unique ids on the primary, throughout; records what was acknowledged."""
+
+    def __init__(self, lab: dict[str, Any], group: str = GROUP) -> None:
+        primary, _ = _instances(lab, group)
+        db = lab["database"]
+        self.conninfo = dict(host=primary.host, port=primary.port, user=db["user"],
+                             password=db["password"], dbname=db["name"], autocommit=True)
+        self.table = f"drill_writer_{uuid.uuid4().hex[:8]}"
+        self.acked: list[int] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        with psycopg.connect(**self.conninfo) as c:
+            c.execute(f"create table {self.table} (id bigint primary key, at timestamptz "
+                      "default clock_timestamp())")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with psycopg.connect(**self.conninfo) as c:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    c.execute(f"insert into {self.table} (id) values (%s)", (n,))
+                    self.acked.append(n)
+                except psycopg.Error as exc:
+                    self.errors.append(f"{n}: {exc}")
+                time.sleep(0.003)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def stored(self) -> list[int]:
+        with psycopg.connect(**self.conninfo) as c:
+            rows = c.execute(f"select id from {self.table} order by id").fetchall()
+            c.execute(f"drop table {self.table}")
+        return [int(r[0]) for r in rows]
+
+
+def run_drill(config: str, group: str = GROUP) -> dict[str, Any]:
+    from flows.drill import drill
+
+    result: dict[str, Any] = drill(group, config_path=config, raise_on_failure=False)
+    return result
+
+
+def finish_record(env: dict[str, Any], drill_id: str) -> Any:
+    from flows.runtime import runtime
+
+    recs = [r for r in runtime(env["config"]).audit.iter_records()
+            if r.action == "drill.finish" and r.parameters.get("drill_id") == drill_id]
+    assert len(recs) == 1, f"one drill.finish record for drill {drill_id}, found {len(recs)}"
+    return recs[0]
+
+
+def nothing_left(env: dict[str, Any]) -> None:
+    from tasks import drill as bubble
+
+    work = env["work_dir"]
+    assert bubble.leftover_copies(work, GROUP) == []
+    assert bubble.processes_under(work) == [] or all(  # only the scheduled group's copy may run
+        SCHEDULED in " ".join(_cmdline(p)) for p in bubble.processes_under(work))
+    assert not [n for n in production(env)["vms"] if n.startswith(f"{GROUP}-dr-drill-")]
+
+
+def _cmdline(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return [*psutil.Process(pid).cmdline(), psutil.Process(pid).cwd()]
+    except psutil.Error:
+        return []
+
+
+# The scheduled deployment is set up before the lab drills so that its wait overlaps them.
+
+
+@pytest.fixture(scope="module")
+def scheduled(drill_env: dict[str, Any], prefect_api: str) -> Iterator[dict[str, Any]]:
+    """Deploy the drill from prefect.yaml (schedules from the config) onto a process work pool
+    and run a worker; at the end pause it, let a running drill finish, stop the worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from drflow.config import load_config
+    from lab import procs
+
+    root: Path = drill_env["root"]
+    pool = f"drflow-drill-test-{uuid.uuid4().hex[:6]}"
+    prefect_file = root / "prefect.yaml"
+    prefect_file.write_text(with_schedules((REPO / "prefect.yaml").read_text(),
+                                           load_config(drill_env["config"])))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    for argv in ([PREFECT, "work-pool", "create", pool, "--type", "process"],
+                 [PREFECT, "--no-prompt", "deploy", "--prefect-file", str(prefect_file),
+                  "--name", "drill", "--pool", pool]):
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    log = root / "worker.log"
+    worker = procs.spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], log,
+                         env={"PREFECT_WORKER_QUERY_SECONDS": "1",
+                              "DRFLOW_CONFIG": drill_env["config"]}, cwd=REPO)
+    client = get_client(sync_client=True)
+    deployment = client.read_deployment_by_name("drill/drill")
+    try:
+        yield {"deployment": deployment, "client": client, "log": log, "pool": pool}
+    finally:
+        from prefect.states import Cancelled
+
+        client.delete_deployment(deployment.id)  # its future scheduled runs go with it
+        # A run the worker already took (it prefetches 10 s early) but that has not started is
+        # cancelled; one that runs is let finish, so that it tears its bubble down itself.
+        for r in _active_runs(client, deployment.id):
+            if r.state_type == StateType.PENDING:
+                client.set_flow_run_state(r.id, Cancelled(), force=True)
+        deadline = time.monotonic() + 60
+        while _active_runs(client, deployment.id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGINT)  # the worker ignores SIGTERM
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            procs.kill_tree(worker.pid)
+            worker.wait(5)
+        client.delete_work_pool(pool)
+
+
+def _active_runs(client: Any, deployment_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    runs: list[Any] = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.PENDING, StateType.RUNNING]))))
+    return runs
+
+
+def test_drill_deployment_has_a_cron_schedule_per_group(scheduled: dict[str, Any]) -> None:
+    schedules = {s.schedule.cron: s.parameters for s in scheduled["deployment"].schedules}
+    assert schedules == {"* * * * *": {"group": SCHEDULED}, "0 3 * * 0": {"group": GROUP}}
+    assert scheduled["deployment"].entrypoint == "flows/drill.py:drill"
+
+
+def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, Any],
+                                                          scheduled: dict[str, Any]) -> None:
+    from drflow.config import load_config
+    from lab.slack_standin import SlackLab
+
+    before = production(drill_env)
+    assert before["roles"] == ("primary", "standby")
+    with Writer(drill_env["lab"]) as writer:
+        time.sleep(0.3)
+        result = run_drill(drill_env["config"])
+        during = len(writer.acked)
+        time.sleep(0.3)
+    assert result["outcome"] == "passed", result["reason"]
+    assert writer.errors == []
+    assert len(writer.acked) > during > 50  # it kept writing through the drill
+    assert writer.stored() == writer.acked  # nothing acknowledged was lost
+    assert production(drill_env) == before
+    nothing_left(drill_env)
+
+    assert 0 < result["rto_s"] < result["drill_s"] < 30
+    assert result["rpo_s"] is not None and 0 <= result["rpo_s"] <= 1
+    assert result["rpo_bytes"] is not None and result["copy_bytes"] > 1_000_000
+    steps = {s["name"]: s for s in result["steps"]}
+    assert all(s["outcome"] == "ok" for s in steps.values()), steps
+    assert "from before the copy and not the one from after it" in steps["check the copy"]["reason"]
+    assert steps["clone the DR VM into the bubble"]["reason"].startswith(
+        f"{GROUP}-dr-drill-{result['drill_id']} on drflow-isolated (poweredOn)")
+
+    rec = finish_record(drill_env, result["drill_id"])
+    assert rec.outcome == "passed" and rec.parameters["rto_s"] == result["rto_s"]
+    cfg = load_config(drill_env["config"])
+    texts = [m.get("text", "") for m in SlackLab(cfg.slack.api_url).messages()]
+    assert any(f"*{GROUP}*: DR drill passed — RTO {result['rto_s']:.2f} s" in t for t in texts)
+    artifact = _artifact(result["run_id"])
+    assert f"# DR drill of {GROUP}: PASSED" in artifact and "| check the copy | ok |" in artifact
+
+
+def _artifact(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    arts = get_client(sync_client=True).read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    assert len(arts) == 1
+    return str(arts[0].data)
+
+
+def test_lagging_standby_fails_readiness_and_builds_nothing(drill_env: dict[str, Any]) -> None:
+    from lab import postgres as lpg
+
+    primary, standby = _instances(drill_env["lab"], GROUP)
+    before = production(drill_env)
+    with lpg.admin_conn(standby) as c:
+        c.execute("select pg_wal_replay_pause()")
+    try:
+        with Writer(drill_env["lab"]) as writer:
+            time.sleep(1.5)  # writes keep committing (synchronous_commit=on), replay lag grows
+            result = run_drill(drill_env["config"])
+    finally:
+        with lpg.admin_conn(standby) as c:
+            c.execute("select pg_wal_replay_resume()")
+        lpg.wait_replay_caught_up(primary, standby, timeout=30)
+    assert writer.errors == [] and writer.stored() == writer.acked
+    assert result["outcome"] == "refused"
+    assert "exceeds the RPO budget of 1 s; WAL replay is paused on the standby" in result["reason"]
+    assert [s["name"] for s in result["steps"]] == [
+        "check replication", "check vCenter", "check isolation", "check DNS"]
+    assert result["rto_s"] is None and result["clone"] is None
+    assert production(drill_env) == before
+    nothing_left(drill_env)
+    assert finish_record(drill_env, result["drill_id"]).outcome == "refused"
+
+
+def test_drill_that_cannot_prove_isolation_refuses(drill_env: dict[str, Any]) -> None:
+    result = run_drill(drill_env["uplinked_config"])
+    assert result["outcome"] == "refused"
+    assert ("isolation: not isolated: vSwitch vSwitch0 of 'VM Network' has an uplink (vmnic0)"
+            in result["reason"]), result["reason"]
+    assert not [s for s in result["steps"] if not s["name"].startswith("check ")]
+    nothing_left(drill_env)
+
+
+def test_step_failing_midway_still_tears_down_and_reports(drill_env: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.runtime import runtime
+    from tasks import drill as bubble
+
+    rt = runtime(drill_env["config"])
+    vc = rt.vcenter(rt.cfg.group(GROUP).standby.site)
+    seen: dict[str, Any] = {}
+
+    def crash(*_a: Any, **_k: Any) -> None:  # fault injection: the application check crashes
+        seen["clones"] = bubble.drill_vms(vc, f"{GROUP}-dr-drill-")
+        seen["copies"] = bubble.leftover_copies(drill_env["work_dir"], GROUP)
+        seen["processes"] = [p for d in seen["copies"] for p in bubble.processes_under(d)]
+        seen["isolation"] = bubble.isolation_facts(vc, f"{GROUP}-dr", "drflow-isolated")
+        raise RuntimeError("injected fault: the application check crashed")
+
+    monkeypatch.setattr(bubble, "check_copy", crash)
+    before = production(drill_env)
+    result = run_drill(drill_env["config"])
+    assert seen["clones"] and seen["copies"] and seen["processes"]  # there was a bubble to remove
+    # The clone sits on the isolated port group only: attached, not bridging it anywhere.
+    assert seen["clones"][0] in seen["isolation"].attached_vms
+    assert seen["clones"][0] not in seen["isolation"].bridging_vms
+    assert result["outcome"] == "failed"
+    assert result["reason"] == ("step 'check the copy' failed: RuntimeError: injected fault: the "
+                                "application check crashed")
+    steps = {s["name"]: s for s in result["steps"]}
+    assert steps["check the copy"]["outcome"] == "failed"
+    assert steps["tear down the bubble"]["outcome"] == "ok"
+    assert result["rto_s"] is None  # never verified, so no RTO
+    assert production(drill_env) == before
+    nothing_left(drill_env)
+    for pid in seen["processes"]:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status"
+                                                                     ).read_text()
+    assert finish_record(drill_env, result["drill_id"]).outcome == "failed"
+
+
+def test_cli_run_history_and_report(drill_env: dict[str, Any]) -> None:
+    runner = CliRunner()
+    cfg = ["--config", drill_env["config"]]
+    ran = runner.invoke(drill_app, ["run", GROUP, "--json", *cfg])
+    assert ran.exit_code == 0, ran.output
+    passed = json.loads(ran.output.strip().splitlines()[-1])
+    assert passed["outcome"] == "passed"
+    refused = runner.invoke(drill_app, ["run", GROUP, "--config", drill_env["uplinked_config"]])
+    assert refused.exit_code == 2 and f"{GROUP}: drill refused — not ready" in refused.output
+
+    out = runner.invoke(drill_app, ["history", GROUP, *cfg])
+    assert out.exit_code == 0, out.output
+    for word in ("passed", "refused", f"{GROUP}:", "RTO median"):
+        assert word in out.output
+    rows = [json.loads(x) for x in
+            runner.invoke(drill_app, ["history", GROUP, "--json", *cfg]).output.splitlines()]
+    assert passed["drill_id"] in {r["drill_id"] for r in rows}
+    assert {r["outcome"] for r in rows} >= {"passed", "refused"}
+    assert all(r["group"] == GROUP for r in rows)
+
+    rep = runner.invoke(drill_app, ["report", GROUP, "--format", "json", *cfg])
+    assert rep.exit_code == 0, rep.output
+    data = json.loads(rep.output)
+    assert data["audit"]["verified"] is True
+    assert data["summary"]["drills"] == len(rows) and data["summary"]["passed"] >= 1
+    assert data["drills"][-1]["drill_id"] == rows[-1]["drill_id"]
+    md = runner.invoke(drill_app, ["report", GROUP, "--format", "md", *cfg]).output
+    assert md.startswith(f"# DR drill report: {GROUP}") and "## Latest drill" in md
+    assert "Audit trail verification: **ok**" in md
+
+    bad = runner.invoke(drill_app, ["run", "nosuch", *cfg])
+    assert bad.exit_code == 2 and "no protection group 'nosuch'" in bad.output
+    assert runner.invoke(drill_app, ["report", GROUP, "--format", "pdf", *cfg]).exit_code == 2
+
+
+def test_scheduled_drill_runs_through_the_work_pool_and_appears_in_history(
+        drill_env: dict[str, Any], scheduled: dict[str, Any]) -> None:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    client, deployment = scheduled["client"], scheduled["deployment"]
+    deadline = time.monotonic() + 150  # the next minute, the worker's start, the drill
+    runs: list[Any] = []
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
+        if runs:
+            break
+        time.sleep(1)
+    log = scheduled["log"].read_text() if scheduled["log"].exists() else ""
+    assert runs, f"no scheduled drill finished in time; worker log:\n{log[-3000:]}"
+    run = runs[0]
+    assert run.state_type == StateType.COMPLETED, log[-3000:]
+    assert run.parameters == {"group": SCHEDULED}
+    out = CliRunner().invoke(drill_app, ["history", SCHEDULED, "--json", "--config",
+                                         drill_env["config"]])
+    rows = [json.loads(x) for x in out.output.splitlines()]
+    mine = [r for r in rows if r["run_id"] == str(run.id)]
+    assert len(mine) == 1 and mine[0]["outcome"] == "passed" and mine[0]["rto_s"] > 0
