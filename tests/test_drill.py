@@ -27,9 +27,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from flows.decisions import Decision
 from flows.drill_cli import app as drill_app
 from flows.drill_cli import drill_rows, summary, with_schedules
-from flows.decisions import Decision
 from flows.drill_decisions import (
     copy_verified,
     dns_sane,
