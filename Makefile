@@ -19,7 +19,7 @@ test: bootstrap
 	$(BIN)/pytest
 
 demo: bootstrap
-	$(BIN)/python -m drflow.demo
+	$(BIN)/python -m lab.demo
 
 clean:
 	rm -rf .venv .cache .pytest_cache .mypy_cache .ruff_cache

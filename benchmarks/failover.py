@@ -44,7 +44,7 @@ def main() -> None:
     print(f"starting a Prefect server on :{port} …", flush=True)
     server = start_local_server(home, port)
     from lab import vcsim
-    from tests.harness import Writer, start_env, stop_env, wait_for
+    from lab.harness import Writer, start_env, stop_env, wait_for
 
     print(f"starting a lab with {args.runs} sync groups, agents and the gateway …", flush=True)
     env = start_env(groups=args.runs, replication="sync")

@@ -54,7 +54,8 @@ def up(
     config: Path = ConfigOpt,
     state_dir: Path = StateDirOpt,
     prefect_port: int = typer.Option(
-        4200, "--prefect-port", help="Port of the local Prefect server (when PREFECT_API_URL is unset)."),
+        4200, "--prefect-port", envvar="DRFLOW_PREFECT_PORT",
+        help="Port of the local Prefect server (when PREFECT_API_URL is unset)."),
 ) -> None:
     """The whole orchestrator on one machine: the gateway, the warm runner of the flows and,
     when PREFECT_API_URL is not set, a local Prefect server (SQLite) started and stopped with it.

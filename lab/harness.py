@@ -1,0 +1,223 @@
+"""End-to-end harness: a lab with guest agents, a real gateway process, and a writer that counts
+acknowledged writes. Used by the end-to-end tests, the benchmarks and the demo."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psycopg
+
+from drflow.audit import open_store
+from drflow.dns import resolve_endpoint
+from lab import manager, procs
+
+DRFLOW = str(Path(sys.executable).parent / "drflow")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+@dataclass
+class Env:
+    lab_dir: Path
+    state: dict[str, Any]
+    gateway: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.lab_dir / "drflow.yaml"
+
+    @property
+    def gateway_url(self) -> str:
+        return str(self.state["gateway"]["url"])
+
+    @property
+    def audit_url(self) -> str:
+        return f"sqlite:///{self.lab_dir / 'audit.db'}"
+
+    def group(self, name: str) -> dict[str, Any]:
+        return next(g for g in self.state["groups"] if g["name"] == name)
+
+    def route53(self) -> Any:
+        a = self.state["aws"]
+        return boto3.client("route53", endpoint_url=a["endpoint_url"], region_name=a["region"],
+                            aws_access_key_id=a["access_key_id"],
+                            aws_secret_access_key=a["secret_access_key"])
+
+    def connect(self, host: str, port: int, timeout: int = 2) -> psycopg.Connection[Any]:
+        db = self.state["database"]
+        return psycopg.connect(host=host, port=port, user=db["user"], password=db["password"],
+                               dbname=db["name"], connect_timeout=timeout, autocommit=True)
+
+    def audit_records(self, action: str | None = None, target: str | None = None) -> list[Any]:
+        path = self.lab_dir / "audit.db"
+        if not path.exists():
+            return []
+        store = open_store(self.audit_url, create=False)
+        try:
+            return [r for r in store.records()
+                    if (action is None or r.action == action) and (target is None or r.target == target)]
+        finally:
+            store.close()
+
+    def groups_status(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.gateway_url}/v1/groups", timeout=5).json())
+
+    def start_gateway(self, command: str = "gateway", env: dict[str, str] | None = None,
+                      timeout: float = 60) -> None:
+        """`drflow gateway` (needs PREFECT_API_URL) or `drflow up` (starts its own Prefect)."""
+        log = self.lab_dir / "logs" / f"{command}.log"
+        self.gateway = procs.spawn(
+            [DRFLOW, command, "--config", str(self.config), "--state-dir",
+             str(self.lab_dir / "gateway")], log, env={"PYTHONUNBUFFERED": "1", **(env or {})})
+        port = int(self.gateway_url.rsplit(":", 1)[1])
+        procs.wait_port(port, timeout, f"drflow {command}", self.gateway, log)
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            procs.stop_tree(self.gateway.pid, timeout=5)
+            self.gateway.wait(15)
+            self.gateway = None
+
+    def wait_all_heard(self, timeout: float = 30) -> None:
+        """Every group's primary agent is known to the gateway and heartbeating."""
+        def ready() -> bool:
+            try:
+                st = self.groups_status()
+            except httpx.HTTPError:
+                return False
+            return all(st.get(g["name"], {}).get("primary") == g["primary"]["vm"]
+                       for g in self.state["groups"])
+        wait_for(ready, timeout, "every primary agent heard by the gateway", 0.2)
+
+
+def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
+              gateway: bool = True) -> Env:
+    lab_dir = Path(os.environ.get("DRFLOW_TEST_TMP", "/tmp")) / f"drflow-e2e-{uuid.uuid4().hex[:8]}"
+    state = manager.up(lab_dir, groups=groups, replication=replication,
+                       progress=lambda _m: None, agents=agents)
+    env = Env(lab_dir, state)
+    try:
+        if gateway:
+            env.start_gateway()
+            if agents:
+                env.wait_all_heard()
+    except BaseException:
+        stop_env(env)
+        raise
+    return env
+
+
+def stop_env(env: Env) -> None:
+    env.stop_gateway()
+    manager.down(env.lab_dir, progress=lambda _m: None)
+
+
+@dataclass
+class Writer:
+    """Writes unique ids through the group's DNS name (resolved on each connect, as a client
+    honouring the TTL would) and keeps what was acknowledged, failed, or unknown."""
+
+    env: Env
+    group: str
+    acked: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    errors: list[tuple[float, str]] = field(default_factory=list)
+    ack_times: list[float] = field(default_factory=list)
+    ack_servers: list[tuple[str, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Writer:
+        g = self.env.group(self.group)
+        host, port = resolve_endpoint(self.env.route53(), g["dns"]["zone_id"], g["dns"]["record"])
+        with self.env.connect(host, port) as c:
+            c.execute("create table if not exists drflow_writes (id text primary key, "
+                      "at timestamptz default now())")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"writer-{self.group}")
+        self._thread.start()
+        wait_for(lambda: len(self.acked) >= 5, 10, "writer's first acknowledged writes")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def first_ack_after(self, t: float, server: tuple[str, int] | None = None) -> float | None:
+        """When the first write after `t` was acknowledged (by `server`, if given)."""
+        return next((a for a, s in zip(self.ack_times, self.ack_servers, strict=True)
+                     if a > t and (server is None or s == server)), None)
+
+    def _run(self) -> None:
+        g = self.env.group(self.group)
+        r53 = self.env.route53()
+        conn: psycopg.Connection[Any] | None = None
+        server = ("", 0)
+        while not self._stop.is_set():
+            if conn is None:
+                try:
+                    host, port = resolve_endpoint(r53, g["dns"]["zone_id"], g["dns"]["record"])
+                    server = (host, port)
+                    conn = self.env.connect(host, port, timeout=1)
+                    conn.execute("set statement_timeout = 3000")
+                except Exception as exc:
+                    self.errors.append((time.time(), f"connect: {type(exc).__name__}"))
+                    conn = None
+                    time.sleep(0.05)
+                    continue
+            wid = uuid.uuid4().hex
+            try:
+                conn.execute("insert into drflow_writes (id) values (%s)", (wid,))
+                self.acked.append(wid)
+                self.ack_servers.append(server)
+                self.ack_times.append(time.time())
+            except Exception as exc:
+                # The commit may or may not have happened: a lost acknowledgement is unknown.
+                self.unknown.append(wid)
+                self.errors.append((time.time(), f"write: {type(exc).__name__}"))
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+            time.sleep(0.005)
+        if conn is not None:
+            conn.close()
+
+    def lost(self, host: str, port: int) -> list[str]:
+        """Acknowledged ids missing from the database at host:port."""
+        with self.env.connect(host, port) as c:
+            present = {r[0] for r in c.execute("select id from drflow_writes").fetchall()}
+        return [w for w in self.acked if w not in present]
+
+
+def lab_secret_values(state: dict[str, Any]) -> list[str]:
+    """Every secret the lab made, to prove none leaks."""
+    values = [state["vcenter"]["password"], state["slack"]["bot_token"],
+              state["slack"]["signing_secret"], state["database"]["password"],
+              state["secrets"]["webhook"], state["secrets"]["control"]]
+    return [v for v in values if v and len(v) >= 8]
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, default=str)
