@@ -60,6 +60,15 @@ def _run(cfg: Any) -> None:
         sender.start()  # first: refuses when another agent already delivers this outbox
         agent = Agent(cfg, emit=outbox.enqueue)
         control = _start_control(cfg, agent) if cfg.control else None
+        gate = None
+        if cfg.control is not None:
+            # Ask the gateway who is primary before starting PostgreSQL: a returning old primary
+            # must never take writes after the group failed over away from it.
+            from agents.boot import BootGate
+
+            gate = BootGate.from_config(cfg, agent.drivers[cfg.control_resource().name],
+                                        outbox.enqueue)
+            gate.start()
     except (OSError, ValueError, sqlite3.Error, SenderAlreadyRunning) as exc:
         if sender is not None:
             sender.stop(flush_timeout_s=0)
@@ -76,6 +85,8 @@ def _run(cfg: Any) -> None:
     try:
         agent.run()
     finally:
+        if gate is not None:
+            gate.stop()
         if control is not None:
             control.stop()
         sender.stop(flush_timeout_s=2.0)

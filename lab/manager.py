@@ -215,6 +215,9 @@ def _services(lab_dir: Path, state: dict[str, Any],
             node = g[role]
             services[node["vm"]] = [postgres.service_spec(inst)]
             if agents:
+                # On power-on the agent decides whether PostgreSQL may start (it asks the gateway
+                # first); the bridge still kills PostgreSQL on power-off.
+                services[node["vm"]][0]["start"] = ["true"]
                 port = procs.free_port()
                 node["agent_url"] = f"http://127.0.0.1:{port}"
                 cfg = lab_agents.write_agent_config(lab_dir, state, g, role, port)

@@ -51,11 +51,13 @@ def prefect_api() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[dict[str, Any]]:
-    """A running lab with two sync groups; tests must leave production roles as they found them."""
+    """A running lab with two sync groups and no agents (they would need a gateway); tests must
+    leave production roles as they found them."""
     from lab import manager
 
     lab_dir = new_lab_dir()
-    state = manager.up(lab_dir, groups=2, replication="sync", progress=lambda _m: None)
+    state = manager.up(lab_dir, groups=2, replication="sync", progress=lambda _m: None,
+                       agents=False)
     try:
         yield state
     finally:

@@ -12,6 +12,13 @@ HTTP API (loopback; POST bodies signed like agent events, `drflow.signing`):
   loop) or `close_incident_threadsafe(...)` (from any thread).
 - `GET /healthz`, `GET /metrics` (Prometheus), `GET /v1/groups` (primary agent, heartbeat ages,
   open incident per group).
+- `GET /v1/groups/{group}/roles?nonce=…` — which side serves, protected or not, both sides; an
+  open read whose answer is signed and echoes the nonce (agents check it on boot).
+  `POST /v1/groups/{group}/roles` — signed like events: a flow reports roles it changed. A
+  failover closed as `failed_over` flips the record; an old primary's agent reporting in then
+  starts one re-protect run (roles.py; `app.state.roles.starter`).
+- `POST /slack/actions` — Slack's signed interactions (v0, 300 s): Approve / Reject of a failback
+  resumes its paused run once, whatever the clicks (slack_actions.py).
 
 Incidents: the group's current primary silent for `heartbeat_timeout_s`, or its
 `recovery_exhausted`. Each gets the key `failover:{group}:{epoch}`; the epoch advances only after

@@ -13,8 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drflow.gateway.contracts import Alerter, AuditSink, IncidentStarter
 from drflow.gateway.intake import Rejection, authenticate, parse_event, parse_model, read_body
+from drflow.gateway.roles import RolesService, register_roles
 from drflow.gateway.service import GatewayService
 from drflow.gateway.settings import GatewaySettings
+from drflow.gateway.slack_actions import register_slack_actions
+from drflow.gateway.status import with_status
 
 
 class CloseIncident(BaseModel):
@@ -36,6 +39,11 @@ def create_app(
     """The gateway app. Its GatewayService is `app.state.gateway` (started by the lifespan)."""
     service = GatewayService(settings, starter, audit, alerter)
     secret = settings.secret_bytes()
+    # Roles record and re-protect trigger (roles.py); set `app.state.roles.starter` to let the
+    # gateway start re-protect runs itself.
+    roles = RolesService(settings, service, audit)
+    service.event_hooks.append(roles.on_event)
+    service.close_hooks.append(roles.on_close)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -44,11 +52,17 @@ def create_app(
             yield
         finally:
             await service.stop()
+            roles.close()
+            slack.close()
 
     app = FastAPI(
         title="drflow gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.gateway = service
+    app.state.roles = roles
+    register_roles(app, roles, settings)
+    slack = register_slack_actions(app, settings, service, audit)
+    app.state.slack_actions = slack
 
     def refused(rejection: Rejection, request: Request) -> JSONResponse:
         service.refuse(rejection, request.url.path, request.client.host if request.client else None)
@@ -96,7 +110,8 @@ def create_app(
 
     @app.get("/v1/groups")
     async def groups() -> JSONResponse:
-        return JSONResponse(service.groups_view())
+        # Plus roles and, with `app.state.group_status` set, each group's status (status.py).
+        return JSONResponse(await with_status(app, service.groups_view()))
 
     return app
 

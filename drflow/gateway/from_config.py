@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from drflow.config import DrflowConfig
-from drflow.gateway.settings import GatewaySettings, GroupPolicy
+from pydantic import SecretStr
+
+from drflow.config import DrflowConfig, NodeConfig
+from drflow.gateway.settings import GatewaySettings, GroupNode, GroupPolicy, GroupRoster
+from drflow.secrets import SecretError
+
+log = logging.getLogger("drflow.gateway")
 
 
 def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) -> GatewaySettings:
@@ -14,13 +20,30 @@ def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) 
 
     `state_path` is the gateway's SQLite file (the config has no state directory); `overrides`
     set any other GatewaySettings field (max_body_bytes, …)."""
-    return GatewaySettings(
-        webhook_secret=cfg.secret(cfg.gateway.webhook_secret),
-        heartbeat_timeout_s=cfg.gateway.heartbeat_timeout_s,
-        groups={g.name: GroupPolicy(auto_failover=g.policy.auto_failover) for g in cfg.groups},
-        state_path=state_path,
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "webhook_secret": cfg.secret(cfg.gateway.webhook_secret),
+        "heartbeat_timeout_s": cfg.gateway.heartbeat_timeout_s,
+        "groups": {g.name: GroupPolicy(auto_failover=g.policy.auto_failover) for g in cfg.groups},
+        "rosters": {g.name: GroupRoster(
+            approvers=list(g.policy.approvers), approvals_required=g.policy.approvals_required,
+            primary=_node(g.primary), standby=_node(g.standby)) for g in cfg.groups},
+        "slack_signing_secret": _slack_secret(cfg),
+        "state_path": state_path,
+    }
+    return GatewaySettings(**{**fields, **overrides})
+
+
+def _slack_secret(cfg: DrflowConfig) -> SecretStr | None:
+    # Failover must not depend on Slack: without the secret only approvals are refused.
+    try:
+        return cfg.secret(cfg.slack.signing_secret)
+    except SecretError as exc:
+        log.warning("Slack approvals disabled, the signing secret is unavailable: %s", exc)
+        return None
+
+
+def _node(n: NodeConfig) -> GroupNode:
+    return GroupNode(site=n.site, vm=n.vm, host=n.host, port=n.port, agent_url=n.agent_url)
 
 
 def listen_address(cfg: DrflowConfig) -> tuple[str, int]:

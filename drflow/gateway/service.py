@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +76,10 @@ class GatewayService:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
+        # Called on the loop with every new verified event, and after an incident closes
+        # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
+        self.event_hooks: list[Callable[[HealthEvent], None]] = []
+        self.close_hooks: list[Callable[[str, str, str, str], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -125,6 +129,11 @@ class GatewayService:
             raise Rejection(409, "replayed", "replayed request: this signature was already accepted")
         if seen is Seen.DUPLICATE:
             raise Rejection(409, "duplicate", f"duplicate: event {event.event_id} was already received")
+        for hook in self.event_hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("event hook failed for %s from %s", event.kind.value, event.agent_id)
 
         key = (event.group, event.agent_id)
         role = reported_role(event.details)
@@ -286,6 +295,11 @@ class GatewayService:
             log.warning("incident %s closed (%s): %s", key, outcome, reason)
             self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},
                          "closed", reason or outcome)
+            for close_hook in self.close_hooks:
+                try:
+                    close_hook(group, key, outcome, reason)
+                except Exception:
+                    log.exception("close hook failed for incident %s", key)
             closed = self.store.incident(key)
             assert closed is not None
             return closed

@@ -9,18 +9,46 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from drflow.signing import DEFAULT_WINDOW_S
 
 
+class GroupNode(BaseModel):
+    """One side of a protection group as the gateway tells it to agents and flows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str
+    vm: str
+    host: str
+    port: int
+    agent_url: str | None = None
+
+
 class GroupPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     auto_failover: bool = True
 
 
+class GroupRoster(BaseModel):
+    """A group's sides and failback approvers (roles record, Slack approvals)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Who may approve a failback in Slack (user ids), and how many distinct approvals it takes.
+    approvers: list[str] = Field(default_factory=list)
+    approvals_required: int = Field(default=1, ge=1, le=2)
+    # The configured home (primary) and DR (standby) sides; the roles record says which serves.
+    primary: GroupNode | None = None
+    standby: GroupNode | None = None
+
+
 class GatewaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     webhook_secret: SecretStr
+    # Verifies Slack interactions (POST /slack/actions); None: the endpoint refuses everything.
+    slack_signing_secret: SecretStr | None = None
     state_path: Path = Field(description="SQLite file: seen events, agents' roles, incidents.")
     groups: dict[str, GroupPolicy]
+    rosters: dict[str, GroupRoster] = Field(default_factory=dict)
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
     signature_window_s: int = Field(default=DEFAULT_WINDOW_S, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
@@ -39,6 +67,9 @@ class GatewaySettings(BaseModel):
                 f"signature_window_s ({self.signature_window_s})"
             )
         return self
+
+    def roster(self, group: str) -> GroupRoster:
+        return self.rosters.get(group) or GroupRoster()
 
     def secret_bytes(self) -> bytes:
         return self.webhook_secret.get_secret_value().encode()

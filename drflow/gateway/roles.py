@@ -1,0 +1,430 @@
+"""The roles record: which side of each protection group serves, and whether it is protected.
+
+Agents ask it on boot before starting PostgreSQL (`GET /v1/groups/{group}/roles?nonce=…`): the
+read is open (it holds no secret; hosts and ports are in DNS anyway) but the answer is signed
+with the webhook secret and echoes the caller's nonce, so an agent acts only on a fresh answer
+from the gateway. Flows report what they changed (`POST /v1/groups/{group}/roles`, signed like
+events). A failover that ends `failed_over` flips the record through the gateway's close hook.
+
+The record also drives re-protect: when the old primary's agent reports in (its boot report, or
+a heartbeat once its side is known) while the group runs unprotected on the other side, the
+gateway starts one re-protect run per protection generation (`reprotect:{group}:{seq}`); a
+second primary reported at boot is fenced first, then re-protected (a run that is already under
+way for the generation fences any writable node it finds anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from drflow.events import HealthEvent
+from drflow.gateway.contracts import AuditSink
+from drflow.gateway.intake import Rejection, authenticate, parse_model, read_body
+from drflow.gateway.settings import GatewaySettings, GroupRoster
+from drflow.signing import sign_headers
+
+if TYPE_CHECKING:
+    from drflow.gateway.service import GatewayService
+
+log = logging.getLogger("drflow.gateway.roles")
+
+ACTOR = "gateway"
+# What an agent's boot check reports in `details.drflow_boot` (see agents/boot.py).
+BOOT_HELD = "held_for_reprotect"
+BOOT_SECOND_PRIMARY = "second_primary"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS group_roles (
+    grp TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agent_sites (
+    grp TEXT NOT NULL, agent_id TEXT NOT NULL, site TEXT NOT NULL, PRIMARY KEY (grp, agent_id));
+"""
+
+
+class RolesRecord(BaseModel):
+    """One group's roles as the gateway knows them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str
+    primary_site: str
+    protected: bool = True
+    seq: int = Field(default=0, description="protection generation: +1 whenever it is lost")
+    transition: str | None = Field(default=None, description="a runbook moving roles now")
+    changed_at: float = 0.0
+    reason: str = "initial: the configured primary serves"
+    reprotect_key: str | None = Field(default=None, description="re-protect run started for seq")
+
+
+class RolesUpdate(BaseModel):
+    """Body of `POST /v1/groups/{group}/roles`: what a flow changed (fields left out stay)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary_site: str | None = Field(default=None, max_length=100)
+    protected: bool | None = None
+    transition: str | None = Field(default=None, max_length=100,
+                                   description="a runbook's name; 'none' clears it")
+    reason: str = Field(default="", max_length=2000)
+
+
+# -- pure decisions ---------------------------------------------------------------------------
+
+
+def other_site(policy: GroupRoster, site: str) -> str | None:
+    sites = [n.site for n in (policy.primary, policy.standby) if n is not None]
+    others = [s for s in sites if s != site]
+    return others[0] if others else None
+
+
+def after_failover(rec: RolesRecord, new_primary_site: str, reason: str, now: float) -> RolesRecord:
+    """The group now serves from `new_primary_site` with no standby: a new protection generation."""
+    return rec.model_copy(update={
+        "primary_site": new_primary_site, "protected": False, "seq": rec.seq + 1,
+        "transition": None, "changed_at": now, "reason": reason, "reprotect_key": None})
+
+
+def apply_update(rec: RolesRecord, upd: RolesUpdate, now: float) -> RolesRecord:
+    changes: dict[str, Any] = {"changed_at": now, "reason": upd.reason or rec.reason}
+    if upd.primary_site is not None and upd.primary_site != rec.primary_site:
+        changes["primary_site"] = upd.primary_site
+    if upd.protected is not None:
+        changes["protected"] = upd.protected
+        if not upd.protected and rec.protected:
+            changes.update(seq=rec.seq + 1, reprotect_key=None)
+    if upd.transition is not None:
+        changes["transition"] = None if upd.transition == "none" else upd.transition
+    return rec.model_copy(update=changes)
+
+
+class ProtectAction(StrEnum):
+    NONE = "none"
+    REPROTECT = "reprotect"
+    FENCE_AND_REPROTECT = "fence_and_reprotect"
+
+
+@dataclass(frozen=True)
+class ProtectDecision:
+    action: ProtectAction
+    reason: str
+    key: str | None = None
+
+
+def decide_protection(rec: RolesRecord, *, agent_id: str, agent_site: str | None,
+                      report: str | None, incident_open: bool) -> ProtectDecision:
+    """Does this report from an agent call for a re-protect run of its group, and which one?"""
+    g = rec.group
+    if agent_site is None:
+        return ProtectDecision(ProtectAction.NONE, f"{agent_id}: its side is unknown until it "
+                               "reports at boot")
+    if agent_site == rec.primary_site:
+        return ProtectDecision(ProtectAction.NONE, f"{agent_id} is on {g}'s serving side "
+                               f"({agent_site})")
+    if report == BOOT_SECOND_PRIMARY:
+        seq = rec.seq + 1 if rec.protected else rec.seq
+        return ProtectDecision(
+            ProtectAction.FENCE_AND_REPROTECT,
+            f"{agent_id} ({agent_site}) found its PostgreSQL running as a primary while {g} is "
+            f"served from {rec.primary_site}: a second primary; fence it, then re-protect",
+            f"reprotect:{g}:{seq}")
+    if incident_open or rec.transition:
+        what = "a failover incident is open" if incident_open else f"{rec.transition} running"
+        return ProtectDecision(ProtectAction.NONE, f"{g}: {what}; re-protect waits for it")
+    if rec.protected and report != BOOT_HELD:
+        return ProtectDecision(ProtectAction.NONE, f"{g} is protected: {agent_id} is its standby")
+    # A node held at boot would come up as a primary: it is no standby, whatever the record said.
+    seq = rec.seq + 1 if rec.protected else rec.seq
+    key = f"reprotect:{g}:{seq}"
+    if rec.reprotect_key == key:
+        return ProtectDecision(ProtectAction.NONE, f"{g}: re-protect {key} already started")
+    why = "reported at boot, held for re-protect" if report == BOOT_HELD else "reports in"
+    return ProtectDecision(ProtectAction.REPROTECT,
+                           f"{g} runs unprotected on {rec.primary_site}; the old primary's agent "
+                           f"{agent_id} ({agent_site}) {why}: re-protect it", key)
+
+
+# -- state ------------------------------------------------------------------------------------
+
+
+class RolesStore:
+    """Roles records and agents' sides, in the gateway's SQLite state file (own tables)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, group: str) -> RolesRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM group_roles WHERE grp = ?",
+                                   (group,)).fetchone()
+        return None if row is None else RolesRecord.model_validate_json(row[0])
+
+    def put(self, rec: RolesRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
+                       "DO UPDATE SET record = excluded.record", (rec.group, rec.model_dump_json()))
+
+    def claim_reprotect(self, group: str, expected: RolesRecord, key: str) -> bool:
+        """Mark `key` started unless the record changed since `expected` was read."""
+        with self._tx() as db:
+            row = db.execute("SELECT record FROM group_roles WHERE grp = ?", (group,)).fetchone()
+            current = RolesRecord.model_validate_json(row[0]) if row else None
+            if current is not None and current.reprotect_key == key:
+                return False
+            base = current or expected
+            claimed = base.model_copy(update={"reprotect_key": key})
+            db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
+                       "DO UPDATE SET record = excluded.record", (group, claimed.model_dump_json()))
+            return True
+
+    def agent_site(self, group: str, agent_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT site FROM agent_sites WHERE grp = ? AND agent_id = ?",
+                                   (group, agent_id)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_agent_site(self, group: str, agent_id: str, site: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO agent_sites (grp, agent_id, site) VALUES (?,?,?) "
+                       "ON CONFLICT (grp, agent_id) DO UPDATE SET site = excluded.site",
+                       (group, agent_id, site))
+
+
+# -- the service --------------------------------------------------------------------------------
+
+
+class ProtectStarter(Protocol):
+    """Starts a re-protect run; idempotent on `key` (the same key gives back the same run)."""
+
+    async def start_reprotect(self, group: str, key: str, fence_first: bool, reason: str) -> str:
+        ...
+
+
+class RolesService:
+    """Keeps the roles record, answers agents, and starts re-protect runs when one is due."""
+
+    def __init__(self, settings: GatewaySettings, gateway: GatewayService,
+                 audit: AuditSink | None = None, starter: ProtectStarter | None = None) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.audit = audit
+        self.starter = starter
+        self._store: RolesStore | None = None
+        self._store_lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def store(self) -> RolesStore:
+        with self._store_lock:
+            if self._store is None:
+                self._store = RolesStore(self.settings.state_path)
+            return self._store
+
+    def close(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def record(self, group: str) -> RolesRecord:
+        rec = self.store.get(group)
+        if rec is not None:
+            return rec
+        policy = self.settings.roster(group)
+        home = policy.primary.site if policy.primary else "primary"
+        return RolesRecord(group=group, primary_site=home, changed_at=time.time())
+
+    def view(self, group: str, nonce: str) -> dict[str, Any]:
+        """The signed answer to an agent or a flow: roles, both sides, and whether in motion."""
+        rec = self.record(group)
+        policy = self.settings.roster(group)
+        nodes = {n.site: n.model_dump() for n in (policy.primary, policy.standby) if n}
+        incident = self.gateway.store.open_incident(group)
+        return {"group": group, "nonce": nonce, "at": time.time(), **rec.model_dump(),
+                "home_site": policy.primary.site if policy.primary else None,
+                "standby_site": other_site(policy, rec.primary_site),
+                "nodes": nodes,
+                "incident_open": incident is not None,
+                "in_transition": incident is not None or rec.transition is not None}
+
+    def update(self, group: str, upd: RolesUpdate, actor: str = "flow") -> RolesRecord:
+        before = self.record(group)
+        policy = self.settings.roster(group)
+        known = {n.site for n in (policy.primary, policy.standby) if n}
+        if upd.primary_site is not None and known and upd.primary_site not in known:
+            raise Rejection(422, "malformed", f"primary_site {upd.primary_site!r} is not a side "
+                            f"of group {group} ({', '.join(sorted(known))})")
+        after = apply_update(before, upd, time.time())
+        self.store.put(after)
+        self._audit("roles.update", group, {"actor": actor, "before": _brief(before),
+                                            "after": _brief(after)}, "ok", after.reason)
+        log.warning("group %s roles: %s", group, _brief(after))
+        return after
+
+    # -- hooks from the gateway service (on its event loop) ----------------------------------
+
+    def on_close(self, group: str, key: str, outcome: str, reason: str) -> None:
+        """A failover incident closed: `failed_over` moves the group to its other side."""
+        if outcome != "failed_over":
+            return
+        rec = self.record(group)
+        new_site = other_site(self.settings.roster(group), rec.primary_site)
+        if new_site is None:
+            log.error("group %s failed over but its sides are not configured", group)
+            return
+        after = after_failover(rec, new_site, f"failover {key}: {reason or outcome}", time.time())
+        self.store.put(after)
+        self._audit("roles.update", group, {"actor": "gateway", "incident": key,
+                                            "before": _brief(rec), "after": _brief(after)},
+                    "ok", after.reason)
+
+    def on_event(self, event: HealthEvent) -> None:
+        group = event.group
+        if group not in self.settings.groups:
+            return
+        report = event.details.get("drflow_boot")
+        report = report if isinstance(report, str) else None
+        site = event.details.get("site") if report else None
+        if isinstance(site, str) and site:
+            if self.store.agent_site(group, event.agent_id) != site:
+                self.store.set_agent_site(group, event.agent_id, site)
+        else:
+            site = self.store.agent_site(group, event.agent_id) or self._site_by_vm(
+                group, event.agent_id)
+        rec = self.record(group)
+        decision = decide_protection(rec, agent_id=event.agent_id, agent_site=site,
+                                     report=report,
+                                     incident_open=self.gateway.store.open_incident(group)
+                                     is not None)
+        if report:
+            self._audit("roles.boot_report", group,
+                        {"agent_id": event.agent_id, "site": site, "report": report,
+                         "decision": decision.action.value}, "recorded", decision.reason)
+        if decision.action is ProtectAction.NONE or decision.key is None:
+            return
+        if rec.protected:
+            rec = apply_update(rec, RolesUpdate(protected=False, reason=decision.reason),
+                               time.time())
+            self.store.put(rec)
+        if not self.store.claim_reprotect(group, rec, decision.key):
+            return
+        self._audit("roles.reprotect", group, {"idempotency_key": decision.key,
+                                               "agent_id": event.agent_id,
+                                               "action": decision.action.value},
+                    "started" if self.starter else "no_starter", decision.reason)
+        if self.starter is None:
+            log.warning("%s; no re-protect starter configured: run `drflow reprotect %s`",
+                        decision.reason, group)
+            return
+        task = asyncio.get_running_loop().create_task(self._start(group, decision))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _site_by_vm(self, group: str, agent_id: str) -> str | None:
+        """Agents commonly take their VM's name as agent id (the lab's do)."""
+        roster = self.settings.roster(group)
+        return next((n.site for n in (roster.primary, roster.standby)
+                     if n is not None and n.vm == agent_id), None)
+
+    async def _start(self, group: str, decision: ProtectDecision) -> None:
+        assert self.starter is not None and decision.key is not None
+        try:
+            run = await self.starter.start_reprotect(
+                group, decision.key, decision.action is ProtectAction.FENCE_AND_REPROTECT,
+                decision.reason)
+            log.warning("group %s: re-protect %s started (%s)", group, decision.key, run)
+        except Exception as exc:
+            log.exception("starting re-protect %s failed", decision.key)
+            self._audit("roles.reprotect", group, {"idempotency_key": decision.key}, "failed",
+                        f"{type(exc).__name__}: {exc}"[:500])
+
+    def _audit(self, action: str, target: str, params: dict[str, Any], outcome: str,
+               reason: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(ACTOR, action, target, params, outcome, reason)
+        except Exception:
+            log.exception("audit append failed for %s on %s", action, target)
+
+
+def _brief(rec: RolesRecord) -> dict[str, Any]:
+    return {"primary_site": rec.primary_site, "protected": rec.protected, "seq": rec.seq,
+            "transition": rec.transition}
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings) -> None:
+    """Add `GET` and `POST /v1/groups/{group}/roles` to the gateway app."""
+    secret = settings.secret_bytes()
+    service = roles.gateway
+
+    @app.get("/v1/groups/{group}/roles")
+    async def get_roles(group: str, request: Request,
+                        nonce: str = Query(default="", max_length=100)) -> Response:
+        """Open read, signed answer (echoes `nonce`): what an agent checks on boot."""
+        if group not in settings.groups:
+            rejection = Rejection(404, "unknown_group", f"unknown protection group {group!r}")
+            service.refuse(rejection, request.url.path,
+                           request.client.host if request.client else None)
+            return JSONResponse(rejection.body(), status_code=404)
+        body = json.dumps(roles.view(group, nonce)).encode()
+        return Response(body, media_type="application/json", headers=sign_headers(secret, body))
+
+    @app.post("/v1/groups/{group}/roles")
+    async def post_roles(group: str, request: Request) -> JSONResponse:
+        """Signed call from a flow: the roles it changed."""
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            authenticate(secret, request.headers, body, settings.signature_window_s)
+            if group not in settings.groups:
+                raise Rejection(404, "unknown_group", f"unknown protection group {group!r}")
+            upd: RolesUpdate = parse_model(RolesUpdate, body, "roles update")
+            rec = roles.update(group, upd)
+        except Rejection as rejection:
+            service.refuse(rejection, request.url.path,
+                           request.client.host if request.client else None)
+            return JSONResponse(rejection.body(), status_code=rejection.status)
+        return JSONResponse(rec.model_dump())
+
+__all__ = [
+    "BOOT_HELD", "BOOT_SECOND_PRIMARY", "ProtectAction", "ProtectDecision", "ProtectStarter",
+    "RolesRecord", "RolesService", "RolesStore", "RolesUpdate", "after_failover",
+    "apply_update", "decide_protection", "other_site", "register_roles",
+]
