@@ -3,6 +3,7 @@ end to end while a timeline tells the story. Exits 0 only if every step held."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -151,6 +153,95 @@ def host_loss(story: Story, env: Env, writer: Writer) -> None:
     story.figure("host loss → failover", "acknowledged writes lost", str(len(lost)))
 
 
+def reprotect(story: Story, env: Env) -> None:
+    g = env.group("payments")
+    story.chapter("3. The host comes back, and is re-protected",
+                  f"{g['primary']['vm']} is powered on again. Its agent asks the gateway who is "
+                  "primary before starting PostgreSQL: the group failed over, so it keeps it "
+                  "stopped, and drflow rewinds it into a standby of the new primary.")
+    seq = _head_seq(env)
+    vcsim.power_on(_si(env), g["primary"]["vm"])
+    story.say(f"vSphere: {g['primary']['vm']} powered on")
+    fin = _last(env, "reprotect.finish", "payments", seq, 120)
+    for r in env.audit_records():
+        if r.seq > seq and r.action.startswith("reprotect.") and r.outcome not in ("started",) \
+                and r.action != "reprotect.finish":
+            story.say(f"  re-protect · {r.action.removeprefix('reprotect.')}: {r.reason[:150]}")
+    if not story.check(fin.outcome == "ok", f"re-protected: {fin.reason[:160]}",
+                       f"re-protect ended {fin.outcome}: {fin.reason}"):
+        return
+    story.check(not _writable(env, g["primary"]),
+                f"{g['primary']['vm']} came back as a standby and never took a write as a primary",
+                f"{g['primary']['vm']} is writable: two primaries")
+    secs = fin.duration_s or 0.0
+    story.figure("host back → re-protect", "re-protect time", f"{secs:.1f} s")
+
+
+def failback(story: Story, env: Env, writer: Writer, prefect_api: str) -> None:
+    g = env.group("payments")
+    story.chapter("4. Failback, approved in Slack",
+                  "On-call asks to move payments home. drflow posts an approval request with "
+                  "Approve/Reject buttons and waits. A user who is not an approver clicks first; "
+                  "then an approver does, and a zero-data-loss switchover runs under write load.")
+    slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
+    seq = _head_seq(env)
+    t0 = time.time()
+    proc = subprocess.Popen([DRFLOW, "failback", "payments", "--config", str(env.config),
+                             "--requested-by", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PREFECT_API_URL": prefect_api})
+    try:
+        request = slack.wait_for_message(
+            lambda m: "approval needed" in m.get("text", "") and float(m["ts"]) >= t0 - 1
+            and any(b.get("type") == "actions" for b in m.get("blocks", [])), 90)
+        story.say(f"Slack: [cyan]{request['text']}[/] (Approve / Reject buttons)")
+        run_id = json.loads(request["blocks"][-1]["elements"][0]["value"])["run"]
+        wait_for(lambda: _paused(prefect_api, run_id), 30, "the failback run to pause for approval",
+                 0.2)
+        status, body = slack.click(request["ts"], APPROVE, "U0STRANGER")
+        story.check(status == 200 and "not" in body.lower(),
+                    f"a click by U0STRANGER (not an approver) is refused: {_verdict(body)}",
+                    f"an unauthorized click was not refused: {status} {body[:200]}")
+        status, body = slack.click(request["ts"], APPROVE, "U0ONCALL1")
+        story.check(status == 200, f"approver U0ONCALL1 approves: {_verdict(body)}",
+                    f"the approver's click failed: {status} {body[:200]}")
+        proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    fin = _last(env, "failback.finish", "payments", seq, 30)
+    if not story.check(fin.outcome == "ok", f"failed back: {fin.reason[:200]}",
+                       f"failback ended {fin.outcome}: {fin.reason}"):
+        return
+    home = (g["primary"]["host"], g["primary"]["port"])
+    story.check(resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == home,
+                f"DNS points home at {g['primary']['vm']} again", "DNS does not point home")
+    after = time.time()
+    wait_for(lambda: writer.first_ack_after(after, home), 15, "writes at home")
+    lost = writer.lost(*home)
+    story.check(not lost, f"{len(writer.acked)} writes acknowledged in all, none lost",
+                f"{len(lost)} acknowledged writes lost: {writer.lost_details(*home)}")
+    downtime = fin.parameters.get("downtime_s")
+    story.figure("failback (approved)", "write downtime during the switchover", f"{downtime} s")
+    story.figure("failback (approved)", "approved by", str(fin.parameters.get("approver")))
+    story.figure("payments, the whole story", "acknowledged writes lost", str(len(lost)))
+
+
+APPROVE = "drflow_failback_approve"
+
+
+def _paused(prefect_api: str, run_id: str) -> bool:
+    run = httpx.get(f"{prefect_api}/flow_runs/{run_id}", timeout=5).json()
+    return bool((run.get("state") or {}).get("type") == "PAUSED")
+
+
+def _verdict(body: str) -> str:
+    try:
+        return str(json.loads(body).get("verdict", body))[:160]
+    except ValueError:
+        return body[:160]
+
+
 def drill(story: Story, env: Env) -> None:
     g = env.group("ledger")
     story.chapter("5. A DR drill, production untouched",
@@ -210,6 +301,9 @@ def main() -> int:
         env.start_gateway("up", env={"PREFECT_API_URL": "", "DRFLOW_PREFECT_PORT": str(prefect_port)},
                           timeout=120)
         env.wait_all_heard(60)
+        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+        SlackLab(env.state["slack"]["url"].removesuffix("/api/")).set_request_url(
+            env.gateway_url + "/slack/actions")
         story.ok(f"drflow up: gateway {env.gateway_url}, Prefect UI http://127.0.0.1:{prefect_port}")
         for g in env.state["groups"]:
             writers.append(Writer(env, g["name"]).start())
@@ -217,6 +311,8 @@ def main() -> int:
         steps: list[Callable[[], None]] = [
             lambda: crash_repaired(story, env),
             lambda: host_loss(story, env, writers[1]),
+            lambda: reprotect(story, env),
+            lambda: failback(story, env, writers[1], prefect_api),
             lambda: drill(story, env),
             lambda: audit(story, env),
         ]

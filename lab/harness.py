@@ -204,11 +204,19 @@ class Writer:
         if conn is not None:
             conn.close()
 
+    def lost_details(self, host: str, port: int) -> list[tuple[str, float, tuple[str, int]]]:
+        """(id, acknowledged at, by which server) of each acknowledged write missing at host:port."""
+        missing = set(self.lost(host, port))
+        return [(w, t, srv) for w, t, srv in zip(self.acked, self.ack_times, self.ack_servers,
+                                                 strict=True) if w in missing]
+
     def lost(self, host: str, port: int) -> list[str]:
         """Acknowledged ids missing from the database at host:port."""
+        # Snapshot first: a write acknowledged after the read began would look lost.
+        acked = list(self.acked)
         with self.env.connect(host, port) as c:
             present = {r[0] for r in c.execute("select id from drflow_writes").fetchall()}
-        return [w for w in self.acked if w not in present]
+        return [w for w in acked if w not in present]
 
 
 def lab_secret_values(state: dict[str, Any]) -> list[str]:
