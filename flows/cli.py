@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -34,6 +35,15 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
+class Mode(StrEnum):
+    embedded = "embedded"
+    deployment = "deployment"
+
+
+ModeOpt = typer.Option(Mode.embedded, "--mode",
+                       help="embedded: run the flows in this process (one machine, the warm path); "
+                            "deployment: start the Prefect deployments of `drflow deploy`, run by "
+                            "workers at the DR site.")
 StateDirOpt = typer.Option(Path("./drflow-state"), "--state-dir",
                            help="Where drflow keeps the gateway's dedupe and incident state "
                                 "(and, for `up`, the local Prefect server's database).")
@@ -43,11 +53,13 @@ def gateway(
     config: Path = ConfigOpt,
     state_dir: Path = StateDirOpt,
     listen: str = typer.Option("", "--listen", help="HOST:PORT; default: gateway.listen of the config."),
+    mode: Mode = ModeOpt,
 ) -> None:
-    """Receive agent webhooks and run failovers in this process (the warm path).
+    """Receive agent webhooks and run failovers in this process (the warm path), or, with
+    `--mode deployment`, as deployment runs on the DR site's workers.
 
     Needs a Prefect API (PREFECT_API_URL); `drflow up` starts one for you."""
-    _serve(config, state_dir, listen)
+    _serve(config, state_dir, listen, mode)
 
 
 def up(
@@ -56,6 +68,7 @@ def up(
     prefect_port: int = typer.Option(
         4200, "--prefect-port", envvar="DRFLOW_PREFECT_PORT",
         help="Port of the local Prefect server (when PREFECT_API_URL is unset)."),
+    mode: Mode = ModeOpt,
 ) -> None:
     """The whole orchestrator on one machine: the gateway, the warm runner of the flows and,
     when PREFECT_API_URL is not set, a local Prefect server (SQLite) started and stopped with it.
@@ -75,7 +88,7 @@ def up(
     else:
         console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
     try:
-        _serve(config, state_dir, "")
+        _serve(config, state_dir, "", mode)
     finally:
         if local is not None:
             console.print("stopping the local Prefect server …")
@@ -83,7 +96,7 @@ def up(
         console.print("drflow stopped")
 
 
-def _serve(config: Path, state_dir: Path, listen: str) -> None:
+def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded) -> None:
     import uvicorn
 
     from drflow.gateway import create_app
@@ -95,20 +108,38 @@ def _serve(config: Path, state_dir: Path, listen: str) -> None:
     os.environ["DRFLOW_CONFIG"] = str(config.resolve())
     rt = runtime(str(config))
     state_dir.mkdir(parents=True, exist_ok=True)
-    settings = settings_from_config(rt.cfg, state_dir / "gateway.db")
+    settings = settings_from_config(rt.cfg, state_dir / "gateway.db",
+                                    runs_in_process=mode != Mode.deployment)
     host, port = listen_address(rt.cfg)
     if listen:
         host, _, p = listen.rpartition(":")
         port = int(p)
-    starter = EmbeddedStarter(str(config.resolve()))
-    app = create_app(settings, starter, audit=rt.audit)
-    starter.close = app.state.gateway.close_incident_threadsafe
-    from flows.reprotect import ReprotectStarter
+    if mode == Mode.deployment:
+        from flows.deployed import DeploymentStarter
 
-    # The gateway starts re-protect itself when an old primary's agent reports in.
-    app.state.roles.starter = ReprotectStarter(str(config.resolve()))
-    console.print("warming up (secrets, vCenter sessions, Prefect) …")
-    console.print(f"warm in {starter.warm_up():.2f} s")
+        deployed = DeploymentStarter()
+        app = create_app(settings, deployed, audit=rt.audit)
+        deployed.attach(app.state.gateway)  # closes incidents when their runs end
+        app.state.roles.starter = deployed
+        starter: EmbeddedStarter | DeploymentStarter = deployed
+    else:
+        embedded = EmbeddedStarter(str(config.resolve()))
+        app = create_app(settings, embedded, audit=rt.audit)
+        embedded.close = app.state.gateway.close_incident_threadsafe
+        from flows.reprotect import ReprotectStarter
+
+        # The gateway starts re-protect itself when an old primary's agent reports in.
+        app.state.roles.starter = ReprotectStarter(str(config.resolve()))
+        starter = embedded
+    from drflow.gateway.status import GroupStatusProvider
+
+    app.state.group_status = GroupStatusProvider(rt.cfg, rt.audit)  # GET /v1/groups: status
+    console.print(f"warming up ({mode} mode: secrets, vCenter sessions, Prefect) …")
+    try:
+        console.print(f"warm in {starter.warm_up():.2f} s")
+    except RuntimeError as exc:  # e.g. --mode deployment before `drflow deploy`
+        console.print(f"error: {exc}")
+        raise typer.Exit(2) from None
     console.print(f"gateway: http://{host}:{port}  (agents post to /v1/events; "
                   f"metrics: /metrics; groups: /v1/groups)")
     console.print(f"audit trail: {rt.cfg.audit.url}   (drflow audit show|verify)")
@@ -122,14 +153,22 @@ def failover_cmd(
                                help="Promote even beyond the RPO budget (audited override)."),
     reason: str = typer.Option("manual failover", "--reason", help="Why, for the audit trail."),
 ) -> None:
-    """Fail a group over to its standby now (confirm, fence, promote, DNS, verify)."""
+    """Fail GROUP over from the node its DNS name points at to the other one, now
+    (confirm, fence, check lag, promote, DNS, verify)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.failover import failover
+    from flows.runtime import runtime
+    from tasks.dns import resolve_endpoint_or_none
 
+    rt = runtime(str(config.resolve()))
+    g = rt.cfg.group(group)
+    serving = resolve_endpoint_or_none(rt.route53, g.dns.zone_id, g.dns.record)
+    failed = g.standby if serving == (g.standby.host, g.standby.port) else g.primary
+    console.print(f"{g.dns.record} points at {failed.vm}: failing over from it")
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        result = failover(group, {"kind": "manual", "reason": reason}, force=force,
-                          config_path=str(config.resolve()))
+        result = failover(group, {"kind": "manual", "reason": reason, "primary_vm": failed.vm},
+                          force=force, config_path=str(config.resolve()))
     console.print(result)
     raise typer.Exit(0 if result.get("outcome") == "failed_over" else 1)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 
+from drflow.config import GroupConfig, NodeConfig
 from drflow.dns import resolve_endpoint
 from flows.decisions import (
     Decision,
@@ -54,13 +55,14 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     reported = str(incident.get("reason") or incident.get("kind") or "failover requested")
     first_failure = _first_failure_epoch(incident)
     evidence = incident.get("evidence") or {}
-    prod_vc = rt.vcenter(g.primary.site)
-    old_primary = rt.db(g, g.primary)
-    standby = rt.db(g, g.standby)
+    old, new = failed_and_target(g, incident)
+    old_vc = rt.vcenter(old.site)
+    old_primary = rt.db(g, old)
+    standby = rt.db(g, new)
     run = RunbookRun(rt, "failover", group, title=f"Failover of {group}")
-    run.start(f"🔴 *{group}*: {reported}. Failing over to {g.standby.vm} ({g.standby.site}).",
-              {"incident": incident, "force": force, "primary": g.primary.vm,
-               "standby": g.standby.vm})
+    run.start(f"🔴 *{group}*: {reported}. Failing over to {new.vm} ({new.site}).",
+              {"incident": incident, "force": force, "primary": old.vm,
+               "standby": new.vm})
 
     def stop(outcome: str, why: str) -> dict[str, Any]:
         run.finish(outcome, f"⚠️ *{group}*: failover stopped — {why}",
@@ -68,24 +70,24 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
                    + run.steps_table())
         return {"outcome": outcome, "reason": why, "group": group}
 
-    with run.step("confirm failure", g.primary.vm) as s:
-        power, power_err = vsphere.power_state(prod_vc, g.primary.vm)
+    with run.step("confirm failure", old.vm) as s:
+        power, power_err = vsphere.power_state(old_vc, old.vm)
         app = pg.check_primary(old_primary)
-        d = confirm_failure(g.primary.vm, power, app, reported)
+        d = confirm_failure(old.vm, power, app, reported)
         s.result = {"power_state": power, "power_error": power_err, "app": app.detail}
         _decide(s, d)
     if not d.proceed:
         return stop("not_confirmed", d.reason)
 
-    with run.step("fence old primary", g.primary.vm) as s:
-        state, err = vsphere.fence(prod_vc, g.primary.vm)
-        d = fence_result(g.primary.vm, state, err)
+    with run.step("fence old primary", old.vm) as s:
+        state, err = vsphere.fence(old_vc, old.vm)
+        d = fence_result(old.vm, state, err)
         s.result = {"power_state": state, "error": err}
         _decide(s, d)
     if not d.proceed:
         return stop("not_fenced", d.reason)
 
-    with run.step("check standby lag", g.standby.vm, {"rpo_budget_s": g.rpo_budget_s,
+    with run.step("check standby lag", new.vm, {"rpo_budget_s": g.rpo_budget_s,
                                                       "force": force}) as s:
         st = pg.standby_status(standby)
         history = [(float(t), int(lsn)) for t, lsn in evidence.get("primary_lsn_history", [])]
@@ -102,12 +104,12 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
         return stop("refused", d.reason)
     rpo_s, rpo_bytes = lag.seconds, lag.bytes
 
-    with run.step("promote standby", g.standby.vm) as s:
+    with run.step("promote standby", new.vm) as s:
         promoted_now = pg.promote(standby)
         s.reason = ("promoted" if promoted_now
                     else "already a primary: not promoted a second time")
 
-    with run.step("relax synchronous replication", g.standby.vm) as s:
+    with run.step("relax synchronous replication", new.vm) as s:
         left, setting = pg.sync_standby_count(standby)
         d = relax_sync(g.replication, left, setting)
         if d.proceed:
@@ -118,14 +120,14 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     relaxed = d.proceed or "already relaxed" in d.reason
 
     with run.step("point DNS at the new primary", g.dns.record,
-                  {"host": g.standby.host, "port": g.standby.port}) as s:
-        s.reason = dns_tasks.point_dns(rt.route53, g.dns.zone_id, g.dns.record, g.standby.host,
-                                       g.standby.port, g.dns.ttl,
+                  {"host": new.host, "port": new.port}) as s:
+        s.reason = dns_tasks.point_dns(rt.route53, g.dns.zone_id, g.dns.record, new.host,
+                                       new.port, g.dns.ttl,
                                        f"drflow failover of {group} ({run.run_id})")
 
     with run.step("verify a write through DNS", g.dns.record) as s:
         host, port = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
-        acked = pg.verify_write(rt.db(g, g.standby, host=host, port=port),
+        acked = pg.verify_write(rt.db(g, new, host=host, port=port),
                                 f"failover-{run.run_id}-{uuid.uuid4().hex[:8]}")
         s.reason = f"{g.dns.record} → {host}:{port} took a write"
 
@@ -134,9 +136,9 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
                "promoted_now": promoted_now, "sync_relaxed": relaxed}
     sync_note = (" Synchronous replication relaxed on purpose (no standby left); re-protect "
                  "restores it." if relaxed and g.replication == "sync" else "")
-    headline = (f"✅ *{group}* failed over to {g.standby.vm}: RTO {rto_s:.1f} s, "
+    headline = (f"✅ *{group}* failed over to {new.vm}: RTO {rto_s:.1f} s, "
                 f"RPO {_fmt(rpo_s)} s ({rpo_bytes if rpo_bytes is not None else '?'} bytes). "
-                f"Old primary {g.primary.vm} fenced.{sync_note}")
+                f"Old primary {old.vm} fenced.{sync_note}")
     markdown = (f"# Failover of {group}\n\n{headline}\n\n"
                 f"* trigger: {reported}\n* first failure evidence: "
                 f"{datetime.fromtimestamp(first_failure, UTC).isoformat()}\n"
@@ -145,6 +147,17 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
                 + run.steps_table())
     run.finish("ok", headline, figures, markdown)
     return {"outcome": "failed_over", "group": group, **figures}
+
+
+def failed_and_target(g: GroupConfig, incident: dict[str, Any]) -> tuple[NodeConfig, NodeConfig]:
+    """(the failed primary, the node to promote). The incident names the failed primary's VM
+    (an agent's id is its VM's name; `drflow failover` names the node DNS points at); it is a
+    flow parameter, so a re-run after a crash acts on the same nodes even after DNS moved."""
+    evidence = incident.get("evidence") or {}
+    failed = incident.get("primary_vm") or evidence.get("agent_id")
+    if failed == g.standby.vm:
+        return g.standby, g.primary
+    return g.primary, g.standby
 
 
 def _decide(step: Any, d: Decision) -> None:

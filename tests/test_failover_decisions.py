@@ -76,3 +76,15 @@ def test_relax_sync_only_when_needed() -> None:
 def test_sync_standby_means_no_acknowledged_loss() -> None:
     est = lag_estimate(1500, 3000, [(100.0, 3000)], was_sync_standby=True)
     assert est.seconds == 0.0 and "synchronous" in est.basis
+
+
+def test_failover_acts_on_the_node_that_failed() -> None:
+    from drflow.config import load_config
+    from flows.failover import failed_and_target
+
+    g = load_config("examples/drflow.yaml").group("orders")
+    assert failed_and_target(g, {"evidence": {"agent_id": g.primary.vm}}) == (g.primary, g.standby)
+    # Serving from DR after a failover: DR's loss fails over back home.
+    assert failed_and_target(g, {"evidence": {"agent_id": g.standby.vm}}) == (g.standby, g.primary)
+    assert failed_and_target(g, {"primary_vm": g.standby.vm}) == (g.standby, g.primary)
+    assert failed_and_target(g, {}) == (g.primary, g.standby)

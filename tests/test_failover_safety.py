@@ -183,3 +183,33 @@ def test_rerun_after_a_crash_at_every_step_boundary_promotes_once(prefect_api: s
             g["standby"]["host"], g["standby"]["port"])
     finally:
         stop_env(env)
+
+
+def test_a_failover_interrupted_by_ctrl_c_resumes_at_the_next_start(prefect_api: str) -> None:
+    env = start_env(groups=1, replication="sync")
+    try:
+        g = env.state["groups"][0]
+        vcsim.power_off(_si(env), g["primary"]["vm"])
+        time.sleep(1.0)  # the power bridge has killed the host's processes
+        vcsim_pid = env.state["processes"]["vcsim"]
+        os.kill(vcsim_pid, signal.SIGSTOP)  # holds the run inside its first step
+        try:
+            wait_for(lambda: env.audit_records("failover.confirm failure"), 30, "the run to start")
+            assert env.gateway is not None
+            env.gateway.send_signal(signal.SIGINT)  # Ctrl-C
+            env.gateway.wait(30)
+            env.gateway = None
+        finally:
+            os.kill(vcsim_pid, signal.SIGCONT)
+        assert env.audit_records("failover.finish") == []
+        env.start_gateway()
+        rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 60,
+                       "the resumed failover")[-1]
+        assert rec.outcome == "ok", rec.reason
+        keys = {r.parameters.get("idempotency_key") for r in env.audit_records("incident.start")}
+        assert keys == {f"failover:{g['name']}:1"}  # the same incident, not a new one
+        assert _writable(env, g["standby"])
+        promoted = [r for r in env.audit_records("failover.promote standby") if r.outcome == "ok"]
+        assert [r.reason for r in promoted] == ["promoted"]
+    finally:
+        stop_env(env)

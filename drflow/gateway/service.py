@@ -91,6 +91,15 @@ class GatewayService:
         for rec in self.store.unstarted():
             log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
             self._spawn(self._drive_start(rec.incident, None))
+        if self.settings.runs_in_process:
+            # Their runs lived in the process that stopped: run them again, same key. The
+            # runbooks are idempotent, so a re-run completes what the interrupted one began.
+            for rec in self.store.running():
+                log.warning("resuming incident %s, interrupted by a restart",
+                            rec.incident.idempotency_key)
+                self.store.mark_start_failed(rec.incident.idempotency_key,
+                                             "its run was interrupted by a restart")
+                self._spawn(self._drive_start(rec.incident, None))
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:

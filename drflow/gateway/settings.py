@@ -57,6 +57,9 @@ class GatewaySettings(BaseModel):
     )
     start_timeout_s: float = Field(default=30.0, gt=0, description="Per start_incident attempt.")
     start_retry_max_s: float = Field(default=30.0, gt=0, description="Cap of the retry backoff.")
+    runs_in_process: bool = Field(
+        default=False, description="Incident runs live in this process (embedded mode): after a "
+        "restart, open incidents are run again rather than left to a worker.")
 
     @model_validator(mode="after")
     def _retention_covers_window(self) -> GatewaySettings:

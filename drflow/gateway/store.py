@@ -231,6 +231,14 @@ class GatewayStore:
         ).fetchall()
         return [self._record(r) for r in rows]
 
+    def running(self) -> list[IncidentRecord]:
+        """Open incidents whose run was started and not yet closed."""
+        rows = self._db.execute(
+            "SELECT i.* FROM group_state g JOIN incidents i ON i.key = g.open_key "
+            "WHERE i.status = ?", (IncidentStatus.OPEN.value,),
+        ).fetchall()
+        return [self._record(r) for r in rows]
+
     @staticmethod
     def _record(r: sqlite3.Row) -> IncidentRecord:
         incident = Incident(
