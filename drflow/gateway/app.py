@@ -110,7 +110,7 @@ def create_app(
 
     @app.get("/v1/groups")
     async def groups() -> JSONResponse:
-        # Plus roles and, with `app.state.group_status` set, each group's status (status.py).
+        # With `app.state.group_status` set, plus each group's status and roles (status.py).
         return JSONResponse(await with_status(app, service.groups_view()))
 
     return app

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from drflow.audit.store import AuditStore
     from drflow.config import DrflowConfig, GroupConfig, NodeConfig
 
-PROTECTED, UNPROTECTED, DEGRADED = "protected", "unprotected", "degraded"
+PROTECTED, UNPROTECTED, DEGRADED, UNKNOWN = "protected", "unprotected", "degraded", "unknown"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class NodeState:
     site: str
     vm: str
     endpoint: str
-    role: str  # primary | standby | down
+    role: str  # primary | standby | down | unknown (it answered, but not to us: credentials)
     error: str | None = None
     receiver: str | None = None  # standby: its WAL receiver's status (streaming, …), None: none
     sender: str | None = None  # standby: host:port it receives from
@@ -73,7 +73,12 @@ def assess(group: str, replication: str, rpo_budget_s: float, home_site: str,
 
     protected: one writable primary, the other node a standby streaming from it (synchronously
     when the group is sync) within the RPO budget. unprotected: after a failover, the group is
-    served from away from home with no standby streaming. degraded: anything else."""
+    served from away from home with no standby streaming. degraded: anything else. unknown: a
+    node answered but refused our questions (credentials), so nothing can be said."""
+    unknown = [n for n in nodes if n.role == "unknown"]
+    if unknown:
+        return Assessment(UNKNOWN, "cannot ask " + "; ".join(f"{n.vm} ({n.site}): {n.error}"
+                                                            for n in unknown))
     primaries = [n for n in nodes if n.role == "primary"]
     if len(primaries) > 1:
         names = " and ".join(f"{n.vm} ({n.site})" for n in primaries)
@@ -206,7 +211,14 @@ def probe(site: str, vm: str, host: str, port: int, dbname: str, user: str,
         text = str(exc).strip()
         # libpq says "connection to server at …, port … failed: <why>": the why is the news.
         detail = text.splitlines()[0].rsplit("failed: ", 1)[-1] if text else type(exc).__name__
-        return NodeState(site, vm, endpoint, "down", error=detail[:300])
+        # A server that refuses us (password, permissions) is not down: we just cannot tell.
+        role = "down" if any(m in text.lower() for m in _DOWN_MARKS) else "unknown"
+        return NodeState(site, vm, endpoint, role, error=detail[:300])
+
+
+_DOWN_MARKS = ("connection refused", "timeout expired", "could not connect", "no route to host",
+               "network is unreachable", "server closed the connection", "starting up",
+               "shutting down", "could not translate host name", "connection timed out")
 
 
 class GroupStatusProvider:
@@ -265,7 +277,7 @@ class GroupStatusProvider:
         try:
             password = self._password(g)
         except Exception as exc:
-            return NodeState(n.site, n.vm, f"{n.host}:{n.port}", "down",
+            return NodeState(n.site, n.vm, f"{n.host}:{n.port}", "unknown",
                              error=f"database password unavailable: {type(exc).__name__}")
         return probe(n.site, n.vm, n.host, n.port, g.database.name, g.database.user, password,
                      self.timeout_s)
@@ -307,20 +319,19 @@ def _node_dict(n: NodeState) -> dict[str, Any]:
 
 
 async def with_status(app: FastAPI, view: dict[str, Any]) -> dict[str, Any]:
-    """Add each group's roles record and, when a provider is installed
-    (`app.state.group_status`), its status to the gateway's groups view."""
-    roles = getattr(app.state, "roles", None)
+    """With a provider installed (`app.state.group_status`), add to each group of the gateway's
+    groups view its status and the gateway's roles record; without one, the view as it is."""
     provider: GroupStatusProvider | None = getattr(app.state, "group_status", None)
-    snap: dict[str, dict[str, Any]] = {}
-    if provider is not None:
-        try:
-            snap = await provider.snapshot()
-        except Exception as exc:
-            snap = {g: {"error": f"{type(exc).__name__}: {exc}"} for g in view}
+    if provider is None:
+        return view
+    roles = getattr(app.state, "roles", None)
+    try:
+        snap = await provider.snapshot()
+    except Exception as exc:
+        snap = {g: {"error": f"{type(exc).__name__}: {exc}"} for g in view}
     for name, entry in view.items():
+        entry["status"] = snap.get(name)
         if roles is not None:
             with contextlib.suppress(Exception):
                 entry["roles"] = roles.record(name).model_dump()
-        if provider is not None:
-            entry["status"] = snap.get(name)
     return view
