@@ -7,20 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from drflow.observations import AppCheck
+
 
 @dataclass(frozen=True)
 class Decision:
     proceed: bool
     reason: str
-
-
-@dataclass(frozen=True)
-class AppCheck:
-    """A direct check of the application from the orchestrator, not through the agent."""
-
-    reachable: bool
-    writable_primary: bool = False
-    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
+from drflow.approval import check_answer
 from drflow.config import GroupConfig, NodeConfig
 from drflow.dns import resolve_endpoint
-from flows.approval import check_answer
 from flows.decisions import Decision
 from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_gateway
 from flows.run import RunbookRun

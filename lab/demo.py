@@ -57,18 +57,8 @@ class Story:
         return cond
 
 
-def _si(env: Env) -> Any:
-    vc = env.state["vcenter"]
-    return vcsim.connect(vc["url"], vc["user"], vc["password"])
 
 
-def _writable(env: Env, node: dict[str, Any]) -> bool:
-    try:
-        with env.connect(node["host"], node["port"], timeout=1) as c:
-            row = c.execute("select not pg_is_in_recovery()").fetchone()
-            return bool(row and row[0])
-    except Exception:
-        return False
 
 
 def _last(env: Env, action: str, target: str, after_seq: int, timeout: float) -> Any:
@@ -93,8 +83,8 @@ def crash_repaired(story: Story, env: Env) -> None:
     t = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     story.say(f"kill -9 {pid} (the postmaster of {g['primary']['vm']})")
-    wait_for(lambda: not _writable(env, g["primary"]), 5, "the crash to be visible")
-    wait_for(lambda: _writable(env, g["primary"]), 15, "the agent to repair PostgreSQL", 0.05)
+    wait_for(lambda: not env.writable(g["primary"]), 5, "the crash to be visible")
+    wait_for(lambda: env.writable(g["primary"]), 15, "the agent to repair PostgreSQL", 0.05)
     repair = time.monotonic() - t
     story.ok(f"the agent restarted PostgreSQL: accepting writes again after {repair:.1f} s")
     story.figure("crash repaired in place", "time to repair", f"{repair:.1f} s")
@@ -113,7 +103,7 @@ def host_loss(story: Story, env: Env, writer: Writer) -> None:
                   "DNS, and lose no acknowledged write.")
     seq = _head_seq(env)
     t_off = time.time()
-    vcsim.power_off(_si(env), g["primary"]["vm"])
+    vcsim.power_off(env.si(), g["primary"]["vm"])
     story.say(f"vSphere: {g['primary']['vm']} powered off (its PostgreSQL and agent die with it)")
     opened = _last(env, "incident.open", "payments", seq, 30)
     story.say(f"gateway: [yellow]incident opened[/] — {opened.reason}")
@@ -160,7 +150,7 @@ def reprotect(story: Story, env: Env) -> None:
                   "primary before starting PostgreSQL: the group failed over, so it keeps it "
                   "stopped, and drflow rewinds it into a standby of the new primary.")
     seq = _head_seq(env)
-    vcsim.power_on(_si(env), g["primary"]["vm"])
+    vcsim.power_on(env.si(), g["primary"]["vm"])
     story.say(f"vSphere: {g['primary']['vm']} powered on")
     fin = _last(env, "reprotect.finish", "payments", seq, 120)
     for r in env.audit_records():
@@ -170,7 +160,7 @@ def reprotect(story: Story, env: Env) -> None:
     if not story.check(fin.outcome == "ok", f"re-protected: {fin.reason[:160]}",
                        f"re-protect ended {fin.outcome}: {fin.reason}"):
         return
-    story.check(not _writable(env, g["primary"]),
+    story.check(not env.writable(g["primary"]),
                 f"{g['primary']['vm']} came back as a standby and never took a write as a primary",
                 f"{g['primary']['vm']} is writable: two primaries")
     secs = fin.duration_s or 0.0
@@ -247,7 +237,7 @@ def drill(story: Story, env: Env) -> None:
     story.chapter("5. A DR drill, production untouched",
                   f"A drill of group {g['name']}: a clone of {g['standby']['vm']} on the isolated "
                   "port group and a promoted copy of the standby, checked, measured, torn down.")
-    before = _writable(env, g["primary"]), _writable(env, g["standby"])
+    before = env.writable(g["primary"]), env.writable(g["standby"])
     out = subprocess.run([DRFLOW, "drill", "run", g["name"], "--config", str(env.config)],
                          capture_output=True, text=True, timeout=300)
     rec = env.audit_records("drill.finish", g["name"])
@@ -259,7 +249,7 @@ def drill(story: Story, env: Env) -> None:
     story.ok(f"drill RTO {figures.get('rto_s')} s, RPO {figures.get('rpo_s')} s "
              f"({figures.get('rpo_bytes')} bytes); bubble torn down")
     story.figure("DR drill", "drill RTO / RPO", f"{figures.get('rto_s')} s / {figures.get('rpo_s')} s")
-    after = _writable(env, g["primary"]), _writable(env, g["standby"])
+    after = env.writable(g["primary"]), env.writable(g["standby"])
     story.check(before == after, "production roles unchanged by the drill",
                 f"production roles changed: {before} → {after}")
     report = subprocess.run([DRFLOW, "drill", "report", g["name"], "--config", str(env.config),

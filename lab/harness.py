@@ -70,6 +70,22 @@ class Env:
         return psycopg.connect(host=host, port=port, user=db["user"], password=db["password"],
                                dbname=db["name"], connect_timeout=timeout, autocommit=True)
 
+    def si(self) -> Any:
+        """A pyVmomi session to the lab's vCenter."""
+        from lab import vcsim
+
+        vc = self.state["vcenter"]
+        return vcsim.connect(vc["url"], vc["user"], vc["password"])
+
+    def writable(self, node: dict[str, Any]) -> bool:
+        """Does the PostgreSQL of `node` take writes right now?"""
+        try:
+            with self.connect(node["host"], node["port"], timeout=1) as c:
+                row = c.execute("select not pg_is_in_recovery()").fetchone()
+                return bool(row and row[0])
+        except Exception:
+            return False
+
     def audit_records(self, action: str | None = None, target: str | None = None) -> list[Any]:
         path = self.lab_dir / "audit.db"
         if not path.exists():

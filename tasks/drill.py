@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pyVmomi import vim, vmodl
 
+from tasks import vsphere
 from tasks.postgres import Db, lsn_int
 from tasks.vsphere import VCenter, connect, find_vm
 
@@ -322,43 +323,14 @@ def vcenter_facts(vc: VCenter, standby_vm: str) -> tuple[bool, str]:
 
 
 def _wait_task(t: Any, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while t.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"vSphere task {t.info.key} still running after {timeout:.0f} s")
-        time.sleep(0.05)
-    if t.info.state == vim.TaskInfo.State.error:
-        err = t.info.error
-        raise DrillError(f"vSphere task {t.info.descriptionId} failed: "
-                         f"{getattr(err, 'msg', None) or type(err).__name__}")
-    return t.info.result
+    try:
+        return vsphere.wait_task(t, timeout)
+    except vsphere.TaskFailed as exc:
+        raise DrillError(str(exc)) from None
 
 
 def _nics(vm: Any) -> list[Any]:
     return [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
-
-
-def _vm_names(si: Any) -> dict[str, Any]:
-    content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-    try:
-        pc = vmodl.query.PropertyCollector
-        spec = pc.FilterSpec(
-            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
-                name="view", type=vim.view.ContainerView, path="view", skip=False)])],
-            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
-        )
-        found: dict[str, Any] = {}
-        result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
-        while result is not None:
-            for obj in result.objects:
-                found[str(obj.propSet[0].val)] = obj.obj
-            if not result.token:
-                break
-            result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
-        return found
-    finally:
-        view.DestroyView()
 
 
 def _vm_networks(si: Any, vms: list[Any], net_names: dict[str, str]) -> dict[str, set[str]]:
@@ -386,7 +358,7 @@ def _vm_networks(si: Any, vms: list[Any], net_names: dict[str, str]) -> dict[str
 
 def drill_vms(vc: VCenter, prefix: str) -> list[str]:
     """Names of the VMs a drill of this group may have made (leftovers included)."""
-    return sorted(n for n in _vm_names(connect(vc)) if n.startswith(prefix))
+    return sorted(n for n in vsphere.vms_by_name(connect(vc)) if n.startswith(prefix))
 
 
 @task(name="clone the DR VM into the bubble", timeout_seconds=600, cache_policy=NO_CACHE)
@@ -438,7 +410,7 @@ def destroy_clones(vc: VCenter, prefix: str, portgroup: str) -> tuple[list[str],
     """
     si = connect(vc)
     destroyed, refused = [], []
-    for name, vm in sorted(_vm_names(si).items()):
+    for name, vm in sorted(vsphere.vms_by_name(si).items()):
         if not name.startswith(prefix):
             continue
         if any(str(n.backing.deviceName) != portgroup for n in _nics(vm)):

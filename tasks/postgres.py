@@ -11,7 +11,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from flows.decisions import AppCheck
+from drflow.lsn import lsn_int
+from drflow.observations import AppCheck
 from tasks.retry import retry_transient
 
 CONNECT_TIMEOUT_S = 2
@@ -46,13 +47,6 @@ class StandbyStatus:
     received_lsn: int | None
     replayed_lsn: int | None
     detail: str
-
-
-def lsn_int(lsn: str | None) -> int | None:
-    if not lsn:
-        return None
-    hi, lo = lsn.split("/")
-    return (int(hi, 16) << 32) + int(lo, 16)
 
 
 def check_primary(db: Db) -> AppCheck:

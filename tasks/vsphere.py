@@ -67,16 +67,36 @@ def connect(vc: VCenter, fresh: bool = False) -> Any:
     return si
 
 
-def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
+def vms_by_name(si: Any) -> dict[str, Any]:
+    """Every VM by name, in one PropertyCollector round trip (not one per VM)."""
     content = si.RetrieveContent()
     view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
     try:
-        for vm in view.view:
-            if vm.name == name:
-                return vm
+        pc = vmodl.query.PropertyCollector
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                name="view", type=vim.view.ContainerView, path="view", skip=False)])],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
+        )
+        found: dict[str, Any] = {}
+        result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+        while result is not None:
+            for obj in result.objects:
+                found[str(obj.propSet[0].val)] = obj.obj
+            if not result.token:
+                break
+            result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
+        return found
     finally:
-        view.Destroy()
-    raise LookupError(f"VM {name!r} not found in vCenter" + (f" ({datacenter})" if datacenter else ""))
+        view.DestroyView()
+
+
+def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
+    vm = vms_by_name(si).get(name)
+    if vm is None:
+        raise LookupError(f"VM {name!r} not found in vCenter"
+                          + (f" ({datacenter})" if datacenter else ""))
+    return vm
 
 
 def bounded(fn: Callable[[], tuple[str | None, str | None]], seconds: float,
@@ -120,16 +140,29 @@ def _power_off(vc: VCenter, vm_name: str) -> tuple[str | None, str | None]:
     try:
         vm = find_vm(connect(vc), vm_name, vc.datacenter)
         if vm.runtime.powerState != "poweredOff":
-            _wait(vm.PowerOffVM_Task(), timeout=FENCE_DEADLINE_S - 5)
+            wait_task(vm.PowerOffVM_Task(), timeout=FENCE_DEADLINE_S - 5)
     except vim.fault.InvalidPowerState:
         pass  # already off between our read and the call
+    except TaskFailed as exc:
+        if not isinstance(exc.fault, vim.fault.InvalidPowerState):
+            state, _ = read_power_state(vc, vm_name)
+            return state, str(exc)[:200]
     except Exception as exc:
         state, _ = read_power_state(vc, vm_name)
         return state, f"{type(exc).__name__}: {str(exc)[:200]}"
     return read_power_state(vc, vm_name)
 
 
-def _wait(t: Any, timeout: float) -> None:
+class TaskFailed(RuntimeError):
+    """A vSphere task ended in error; `fault` is vCenter's fault object."""
+
+    def __init__(self, message: str, fault: Any) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+def wait_task(t: Any, timeout: float = 120.0) -> Any:
+    """Wait for a vSphere task; its result, or TaskFailed / TimeoutError."""
     deadline = time.monotonic() + timeout
     while t.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
         if time.monotonic() > deadline:
@@ -137,6 +170,6 @@ def _wait(t: Any, timeout: float) -> None:
         time.sleep(0.05)
     if t.info.state == vim.TaskInfo.State.error:
         err = t.info.error
-        if isinstance(err, vim.fault.InvalidPowerState):
-            return
-        raise vmodl.MethodFault(msg=str(getattr(err, "msg", err)))
+        raise TaskFailed(f"vSphere task {t.info.descriptionId} failed: "
+                         f"{getattr(err, 'msg', None) or type(err).__name__}", err)
+    return t.info.result

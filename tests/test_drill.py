@@ -377,7 +377,10 @@ def scheduled(drill_env: dict[str, Any], prefect_api: str) -> Iterator[dict[str,
     log = root / "worker.log"
     worker = procs.spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], log,
                          env={"PREFECT_WORKER_QUERY_SECONDS": "1",
-                              "DRFLOW_CONFIG": drill_env["config"]}, cwd=REPO)
+                              "DRFLOW_CONFIG": drill_env["config"],
+                              # Runs start `python -m prefect.engine`: drflow's Python first.
+                              "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+                         cwd=REPO)
     client = get_client(sync_client=True)
     deployment = client.read_deployment_by_name("drill/drill")
     try:

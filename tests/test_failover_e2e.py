@@ -35,9 +35,6 @@ def env(prefect_api: str) -> Iterator[Env]:
         stop_env(e)
 
 
-def _si(env: Env) -> Any:
-    vc = env.state["vcenter"]
-    return vcsim.connect(vc["url"], vc["user"], vc["password"])
 
 
 def _finished(env: Env, group: str, timeout: float = 60) -> Any:
@@ -46,13 +43,6 @@ def _finished(env: Env, group: str, timeout: float = 60) -> Any:
     return recs[-1]
 
 
-def _is_writable_primary(env: Env, node: dict[str, Any]) -> bool:
-    try:
-        with env.connect(node["host"], node["port"], timeout=1) as c:
-            row = c.execute("select not pg_is_in_recovery()").fetchone()
-            return bool(row and row[0])
-    except Exception:
-        return False
 
 
 def _agent_pid(env: Env, vm: str) -> int:
@@ -64,7 +54,7 @@ def test_host_loss_fails_over_and_loses_no_acknowledged_write(env: Env) -> None:
     writer = Writer(env, "orders").start()
     time.sleep(1.0)
     t_off = time.time()
-    vcsim.power_off(_si(env), g["primary"]["vm"])
+    vcsim.power_off(env.si(), g["primary"]["vm"])
     rec = _finished(env, "orders")
     assert rec.outcome == "ok", rec.reason
     standby = g["standby"]
@@ -94,7 +84,7 @@ def test_crash_repaired_in_place_starts_no_failover(env: Env) -> None:
     pid = int(pid_file.read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    wait_for(lambda: _is_writable_primary(env, g["primary"]), 10, "primary repaired by its agent")
+    wait_for(lambda: env.writable(g["primary"]), 10, "primary repaired by its agent")
     assert time.monotonic() - t0 < 5
     time.sleep(4)  # longer than the heartbeat timeout: nothing may follow
     assert env.audit_records("failover.start", "ledger") == []
@@ -111,8 +101,8 @@ def test_agent_silent_but_primary_healthy_alerts_and_does_not_promote(env: Env) 
         os.kill(pid, signal.SIGCONT)
     assert rec.outcome == "not_confirmed"
     assert "not promoting" in rec.reason
-    assert _is_writable_primary(env, g["primary"])
-    assert not _is_writable_primary(env, g["standby"])
+    assert env.writable(g["primary"])
+    assert not env.writable(g["standby"])
     assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
         g["primary"]["host"], g["primary"]["port"])
     assert env.audit_records("failover.promote standby", "ledger-dr") == []
@@ -157,9 +147,9 @@ def test_application_loss_beyond_repair_fails_over_once(env: Env) -> None:
     assert rec.outcome == "ok", rec.reason
     assert "application lost" in " ".join(
         r.reason for r in env.audit_records("failover.confirm failure", g["primary"]["vm"]))
-    assert _is_writable_primary(env, g["standby"])
+    assert env.writable(g["standby"])
     assert len(env.audit_records("failover.start", "payments")) == 1
-    power = vcsim.vm_power_state(_si(env), g["primary"]["vm"])
+    power = vcsim.vm_power_state(env.si(), g["primary"]["vm"])
     assert power == "poweredOff"  # fenced before the promotion
 
 

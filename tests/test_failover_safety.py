@@ -26,18 +26,8 @@ STEPS = ["confirm failure", "fence old primary", "check standby lag", "promote s
          "verify a write through DNS"]
 
 
-def _si(env: Env) -> Any:
-    vc = env.state["vcenter"]
-    return vcsim.connect(vc["url"], vc["user"], vc["password"])
 
 
-def _writable(env: Env, node: dict[str, Any]) -> bool:
-    try:
-        with env.connect(node["host"], node["port"], timeout=1) as c:
-            row = c.execute("select not pg_is_in_recovery()").fetchone()
-            return bool(row and row[0])
-    except Exception:
-        return False
 
 
 def _break_primary(env: Env, g: dict[str, Any]) -> None:
@@ -69,7 +59,7 @@ def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
         os.kill(vcsim_pid, signal.SIGCONT)
     assert rec.outcome == "not_fenced", rec.reason
     assert "no promotion without a fence" in rec.reason
-    assert not _writable(env, g["standby"])
+    assert not env.writable(g["standby"])
     assert env.audit_records("failover.promote standby") == []
     assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
         g["primary"]["host"], g["primary"]["port"])
@@ -92,7 +82,7 @@ def test_no_promotion_when_the_fence_fails(sync_env: Env, monkeypatch: pytest.Mo
         result = failover_flow.failover(g["name"], {"reason": "test"}, config_path=str(env.config))
     assert result["outcome"] == "not_fenced"
     assert "fence failed" in result["reason"]
-    assert not _writable(env, g["standby"])
+    assert not env.writable(g["standby"])
 
 
 def test_rpo_budget_refuses_without_force_and_force_is_audited(prefect_api: str) -> None:
@@ -105,20 +95,20 @@ def test_rpo_budget_refuses_without_force_and_force_is_audited(prefect_api: str)
             c.execute("select pg_reload_conf()")
         writer = Writer(env, g["name"]).start()
         time.sleep(8)  # beyond the 5 s RPO budget
-        vcsim.power_off(_si(env), g["primary"]["vm"])
+        vcsim.power_off(env.si(), g["primary"]["vm"])
         rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 60,
                        "failover stopped")[-1]
         writer.stop()
         assert rec.outcome == "refused", rec.reason
         assert "exceeds the RPO budget" in rec.reason and "force" in rec.reason
-        assert not _writable(env, g["standby"])
+        assert not env.writable(g["standby"])
 
         out = subprocess.run(
             [str(Path(sys.executable).parent / "drflow"), "failover", g["name"], "--config",
              str(env.config), "--force", "--reason", "accepting the loss: test"],
             capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert _writable(env, g["standby"])
+        assert env.writable(g["standby"])
         lag = env.audit_records("failover.check standby lag", g["standby"]["vm"])
         assert lag[-1].reason.startswith("override")
     finally:
@@ -157,7 +147,7 @@ def test_rerun_after_a_crash_at_every_step_boundary_promotes_once(prefect_api: s
     env = start_env(groups=1, replication="sync", agents=False, gateway=False)
     try:
         g = env.state["groups"][0]
-        vcsim.power_off(_si(env), g["primary"]["vm"])
+        vcsim.power_off(env.si(), g["primary"]["vm"])
         script = env.lab_dir / "crashing_run.py"
         script.write_text(CRASHING_RUN)
         for step in [*STEPS, "none"]:
@@ -170,7 +160,7 @@ def test_rerun_after_a_crash_at_every_step_boundary_promotes_once(prefect_api: s
             else:
                 assert out.returncode == -signal.SIGKILL, (step, out.stdout + out.stderr)
             # Never two writable primaries, at any boundary.
-            assert not (_writable(env, g["primary"]) and _writable(env, g["standby"]))
+            assert not (env.writable(g["primary"]) and env.writable(g["standby"]))
         promotions = [r for r in env.audit_records("failover.promote standby")
                       if r.outcome == "ok"]
         assert [r.reason for r in promotions].count("promoted") == 1
@@ -189,7 +179,7 @@ def test_a_failover_interrupted_by_ctrl_c_resumes_at_the_next_start(prefect_api:
     env = start_env(groups=1, replication="sync")
     try:
         g = env.state["groups"][0]
-        vcsim.power_off(_si(env), g["primary"]["vm"])
+        vcsim.power_off(env.si(), g["primary"]["vm"])
         time.sleep(1.0)  # the power bridge has killed the host's processes
         vcsim_pid = env.state["processes"]["vcsim"]
         os.kill(vcsim_pid, signal.SIGSTOP)  # holds the run inside its first step
@@ -208,7 +198,7 @@ def test_a_failover_interrupted_by_ctrl_c_resumes_at_the_next_start(prefect_api:
         assert rec.outcome == "ok", rec.reason
         keys = {r.parameters.get("idempotency_key") for r in env.audit_records("incident.start")}
         assert keys == {f"failover:{g['name']}:1"}  # the same incident, not a new one
-        assert _writable(env, g["standby"])
+        assert env.writable(g["standby"])
         promoted = [r for r in env.audit_records("failover.promote standby") if r.outcome == "ok"]
         assert [r.reason for r in promoted] == ["promoted"]
     finally:

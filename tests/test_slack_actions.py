@@ -18,10 +18,10 @@ import httpx
 import pytest
 import uvicorn
 
+from drflow.approval import Ledger, Verdict, answer, check_answer, decide_click
 from drflow.audit import AuditStore, open_store
 from drflow.gateway import GatewaySettings, GroupPolicy, Incident, create_app
 from drflow.gateway.settings import GroupRoster
-from flows.approval import Ledger, Verdict, answer, check_answer, decide_click
 from lab import procs
 from lab.slack_standin import SlackLab, start_slack
 

@@ -10,17 +10,9 @@ import time
 from collections import deque
 from typing import Any
 
+from drflow.lsn import lsn_int
+
 HISTORY_S = 120.0
-
-
-def lsn_int(lsn: Any) -> int | None:
-    if not isinstance(lsn, str) or "/" not in lsn:
-        return None
-    hi, lo = lsn.split("/", 1)
-    try:
-        return (int(hi, 16) << 32) + int(lo, 16)
-    except ValueError:
-        return None
 
 
 def parse_heartbeat(details: dict[str, Any]) -> tuple[int | None, bool | None]:

@@ -2,7 +2,7 @@
 
 Slack posts the interaction form-encoded (one field, `payload`) and signs it: `v0=` +
 HMAC-SHA256(signing secret, `v0:{timestamp}:{raw body}`), refused beyond 300 s (401, changes
-nothing, audited). A verified click is decided by `flows.approval.decide_click` under one lock
+nothing, audited). A verified click is decided by `drflow.approval.decide_click` under one lock
 per flow run and a ledger kept in the gateway's state file, so a double click or two approvers
 racing give exactly one outcome; only the deciding click resumes the run
 (`aresume_flow_run(run_id, run_input={approved, approver, comment, approvers, proof})`). Slack
@@ -29,11 +29,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from slack_sdk.signature import Clock, SignatureVerifier
 
+from drflow.approval import ACTION_IDS, ClickOutcome, Ledger, Verdict, answer, decide_click
 from drflow.gateway.contracts import AuditSink
 from drflow.gateway.intake import Rejection, read_body
 from drflow.gateway.service import GatewayService
 from drflow.gateway.settings import GatewaySettings
-from flows.approval import ACTION_IDS, ClickOutcome, Ledger, Verdict, answer, decide_click
 
 log = logging.getLogger("drflow.gateway.slack")
 
