@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def main() -> None:
     finally:
         stop_env(env)
         server.stop()
+        shutil.rmtree(home, ignore_errors=True)
     print(json.dumps({
         "reprotect_s": round(statistics.median(r["reprotect_s"] for r in results), 3),
         "failback_unavailable_p50_s": round(statistics.median(r["unavailable_s"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main() -> None:
     finally:
         stop_env(env)
         server.stop()
+        shutil.rmtree(home, ignore_errors=True)
     print(json.dumps({
         "rto_p50_s": round(statistics.median(rtos), 3),
         "detect_p50_s": round(statistics.median(detects), 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ def _free_port() -> int:
 # Prefect reads its settings when first imported, so the API URL is fixed here, before any test
 # module imports it; the server behind it starts only if a test asks for `prefect_api`.
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="drflow-test-prefect-"))
+atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)  # also when no test used it
 PREFECT_PORT = _free_port()
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"

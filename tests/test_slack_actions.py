@@ -4,6 +4,7 @@ Prefect runs, with clicks signed by the Slack stand-in (a real process)."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -154,6 +155,7 @@ def rig(prefect_api: str) -> Iterator[Rig]:
         thread.join(10)
         audit.close()
         procs.stop_tree(slack_info["pid"], timeout=3)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _paused_failback(rig: Rig, group: str, timeout_s: int = 60) -> tuple[str, str, threading.Thread]:
