@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -43,50 +40,41 @@ def main() -> None:
                     help="rows (1 kB each) the old primary takes after the fork")
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-"))
-    from lab.procs import free_port
+    from lab.harness import throwaway_prefect
 
-    port = free_port()
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
-    from drflow.prefect_local import start_local_server
+    with throwaway_prefect():
+        from lab.harness import start_env, stop_env
+        from lab.slack_standin import SlackLab
 
-    print(f"starting a Prefect server on :{port} …", flush=True)
-    server = start_local_server(home, port)
-    from lab.harness import start_env, stop_env
-    from lab.slack_standin import SlackLab
-
-    print("starting a lab (1 sync group), agents and the gateway …", flush=True)
-    env = start_env(groups=1, replication="sync")
-    results: list[dict[str, Any]] = []
-    try:
-        SlackLab(env.state["slack"]["url"]).set_request_url(env.gateway_url + "/slack/actions")
-        size = _load(env, args.data_mb)
-        print(f"data: {size / 2**20:.0f} MB in the database", flush=True)
-        for i in range(args.runs):
-            r = _cycle(env, i + 1, args.diverge_rows)
-            results.append(r)
-            print(f"run {i + 1}: re-protect {r['reprotect_s']:.2f} s ({r['rewind']}, divergence "
-                  f"{r['diverge_rows']} rows / {r['diverge_bytes']} WAL bytes), failback write "
-                  f"unavailability {r['unavailable_s']:.3f} s (flow: stop → first write "
-                  f"{r['flow_downtime_s']:.3f} s), {r['acked']} acknowledged, {r['lost']} lost, "
-                  f"{r['unknown']} unknown", flush=True)
-    finally:
-        stop_env(env)
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
-    print(json.dumps({
-        "reprotect_s": round(statistics.median(r["reprotect_s"] for r in results), 3),
-        "failback_unavailable_p50_s": round(statistics.median(r["unavailable_s"]
-                                                              for r in results), 3),
-        "acked_writes_lost": sum(r["lost"] for r in results),
-        "failback_flow_downtime_p50_s": round(statistics.median(r["flow_downtime_s"]
-                                                                for r in results), 3),
-        "runs": len(results), "replication": "sync", "data_mb": args.data_mb,
-        "divergence_rows": args.diverge_rows,
-        "divergence_wal_bytes_p50": int(statistics.median(r["diverge_bytes"] for r in results)),
-        "rewind_methods": sorted({r["rewind"] for r in results}),
-    }))
+        print("starting a lab (1 sync group), agents and the gateway …", flush=True)
+        env = start_env(groups=1, replication="sync")
+        results: list[dict[str, Any]] = []
+        try:
+            SlackLab(env.state["slack"]["url"]).set_request_url(env.gateway_url + "/slack/actions")
+            size = _load(env, args.data_mb)
+            print(f"data: {size / 2**20:.0f} MB in the database", flush=True)
+            for i in range(args.runs):
+                r = _cycle(env, i + 1, args.diverge_rows)
+                results.append(r)
+                print(f"run {i + 1}: re-protect {r['reprotect_s']:.2f} s ({r['rewind']}, divergence "
+                      f"{r['diverge_rows']} rows / {r['diverge_bytes']} WAL bytes), failback write "
+                      f"unavailability {r['unavailable_s']:.3f} s (flow: stop → first write "
+                      f"{r['flow_downtime_s']:.3f} s), {r['acked']} acknowledged, {r['lost']} lost, "
+                      f"{r['unknown']} unknown", flush=True)
+        finally:
+            stop_env(env)
+        print(json.dumps({
+            "reprotect_s": round(statistics.median(r["reprotect_s"] for r in results), 3),
+            "failback_unavailable_p50_s": round(statistics.median(r["unavailable_s"]
+                                                                  for r in results), 3),
+            "acked_writes_lost": sum(r["lost"] for r in results),
+            "failback_flow_downtime_p50_s": round(statistics.median(r["flow_downtime_s"]
+                                                                    for r in results), 3),
+            "runs": len(results), "replication": "sync", "data_mb": args.data_mb,
+            "divergence_rows": args.diverge_rows,
+            "divergence_wal_bytes_p50": int(statistics.median(r["diverge_bytes"] for r in results)),
+            "rewind_methods": sorted({r["rewind"] for r in results}),
+        }))
 
 
 def _load(env: Any, mb: int) -> int:

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,67 +31,58 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="failovers (one lab group each)")
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-"))
-    from lab.procs import free_port
+    from lab.harness import throwaway_prefect
 
-    port = free_port()
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
-    from drflow.prefect_local import start_local_server
+    with throwaway_prefect():
+        from lab import vcsim
+        from lab.harness import Writer, start_env, stop_env, wait_for
 
-    print(f"starting a Prefect server on :{port} …", flush=True)
-    server = start_local_server(home, port)
-    from lab import vcsim
-    from lab.harness import Writer, start_env, stop_env, wait_for
-
-    print(f"starting a lab with {args.runs} sync groups, agents and the gateway …", flush=True)
-    env = start_env(groups=args.runs, replication="sync")
-    rtos, detects, starts, lost_total = [], [], [], 0
-    try:
-        vc = env.state["vcenter"]
-        si = vcsim.connect(vc["url"], vc["user"], vc["password"])
-        for g in env.state["groups"]:
-            name = g["name"]
-            writer = Writer(env, name).start()
-            time.sleep(1.0)
-            t_off = time.time()
-            vcsim.power_off(si, g["primary"]["vm"])
-            fin = wait_for(lambda n=name: env.audit_records("failover.finish", n), 60,
-                           f"failover of {name}")[-1]
-            if fin.outcome != "ok":
-                sys.exit(f"{name}: failover did not complete: {fin.outcome}: {fin.reason}")
-            done = time.time()
-            wait_for(lambda w=writer, d=done: w.first_ack_after(d), 15, "writes after failover")
-            writer.stop()
-            new_primary = (g["standby"]["host"], g["standby"]["port"])
-            rto = (writer.first_ack_after(t_off, new_primary) or done) - t_off
-            opened = env.audit_records("incident.open", name)[0]
-            started = next(r for r in env.audit_records("incident.start", name)
-                           if r.outcome == "started")
-            first_task = next(r for r in env.audit_records("failover.confirm failure")
-                              if r.outcome == "started" and r.seq > started.seq)
-            detect = _ts(opened.time) - t_off
-            to_task = _ts(first_task.time) - _ts(started.time)
-            lost = writer.lost(g["standby"]["host"], g["standby"]["port"])
-            lost_total += len(lost)
-            rtos.append(rto)
-            detects.append(detect)
-            starts.append(to_task)
-            print(f"{name}: RTO {rto:.2f} s, detection {detect:.2f} s, incident→first task "
-                  f"{to_task * 1000:.0f} ms, flow RTO {fin.parameters.get('rto_s')} s, "
-                  f"{len(writer.acked)} acknowledged writes, {len(lost)} lost, "
-                  f"{len(writer.unknown)} unknown (acknowledgement lost with the host)", flush=True)
-    finally:
-        stop_env(env)
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
-    print(json.dumps({
-        "rto_p50_s": round(statistics.median(rtos), 3),
-        "detect_p50_s": round(statistics.median(detects), 3),
-        "incident_to_first_task_p50_s": round(statistics.median(starts), 3),
-        "acked_writes_lost": lost_total,
-        "runs": len(rtos), "replication": "sync", "heartbeat_timeout_s": 3,
-    }))
+        print(f"starting a lab with {args.runs} sync groups, agents and the gateway …", flush=True)
+        env = start_env(groups=args.runs, replication="sync")
+        rtos, detects, starts, lost_total = [], [], [], 0
+        try:
+            vc = env.state["vcenter"]
+            si = vcsim.connect(vc["url"], vc["user"], vc["password"])
+            for g in env.state["groups"]:
+                name = g["name"]
+                writer = Writer(env, name).start()
+                time.sleep(1.0)
+                t_off = time.time()
+                vcsim.power_off(si, g["primary"]["vm"])
+                fin = wait_for(lambda n=name: env.audit_records("failover.finish", n), 60,
+                               f"failover of {name}")[-1]
+                if fin.outcome != "ok":
+                    sys.exit(f"{name}: failover did not complete: {fin.outcome}: {fin.reason}")
+                done = time.time()
+                wait_for(lambda w=writer, d=done: w.first_ack_after(d), 15, "writes after failover")
+                writer.stop()
+                new_primary = (g["standby"]["host"], g["standby"]["port"])
+                rto = (writer.first_ack_after(t_off, new_primary) or done) - t_off
+                opened = env.audit_records("incident.open", name)[0]
+                started = next(r for r in env.audit_records("incident.start", name)
+                               if r.outcome == "started")
+                first_task = next(r for r in env.audit_records("failover.confirm failure")
+                                  if r.outcome == "started" and r.seq > started.seq)
+                detect = _ts(opened.time) - t_off
+                to_task = _ts(first_task.time) - _ts(started.time)
+                lost = writer.lost(g["standby"]["host"], g["standby"]["port"])
+                lost_total += len(lost)
+                rtos.append(rto)
+                detects.append(detect)
+                starts.append(to_task)
+                print(f"{name}: RTO {rto:.2f} s, detection {detect:.2f} s, incident→first task "
+                      f"{to_task * 1000:.0f} ms, flow RTO {fin.parameters.get('rto_s')} s, "
+                      f"{len(writer.acked)} acknowledged writes, {len(lost)} lost, "
+                      f"{len(writer.unknown)} unknown (acknowledgement lost with the host)", flush=True)
+        finally:
+            stop_env(env)
+        print(json.dumps({
+            "rto_p50_s": round(statistics.median(rtos), 3),
+            "detect_p50_s": round(statistics.median(detects), 3),
+            "incident_to_first_task_p50_s": round(statistics.median(starts), 3),
+            "acked_writes_lost": lost_total,
+            "runs": len(rtos), "replication": "sync", "heartbeat_timeout_s": 3,
+        }))
 
 
 if __name__ == "__main__":

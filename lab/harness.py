@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,25 @@ class Env:
             return all(st.get(g["name"], {}).get("primary") == g["primary"]["vm"]
                        for g in self.state["groups"])
         wait_for(ready, timeout, "every primary agent heard by the gateway", 0.2)
+
+
+@contextmanager
+def throwaway_prefect() -> Iterator[str]:
+    """A Prefect server (SQLite in a temporary home) for a benchmark or a script; its URL is set
+    in this process's environment, so call it before anything imports Prefect."""
+    home = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-"))
+    port = procs.free_port()
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    from drflow.prefect_local import start_local_server
+
+    print(f"starting a Prefect server on :{port} …", flush=True)
+    server = start_local_server(home, port)
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
