@@ -44,9 +44,22 @@ ModeOpt = typer.Option(Mode.embedded, "--mode",
                        help="embedded: run the flows in this process (one machine, the warm path); "
                             "deployment: start the Prefect deployments of `drflow deploy`, run by "
                             "workers at the DR site.")
-StateDirOpt = typer.Option(Path("./drflow-state"), "--state-dir",
-                           help="Where drflow keeps the gateway's dedupe and incident state "
-                                "(and, for `up`, the local Prefect server's database).")
+StateDirOpt = typer.Option(Path("./drflow-state"), "--state-dir", envvar="DRFLOW_STATE_DIR",
+                           help="drflow's state directory: the gateway's incident state, the "
+                                "local Prefect server of `drflow up` and where it records its "
+                                "API address for the other commands (env DRFLOW_STATE_DIR).")
+
+
+def need_prefect(state_dir: Path) -> str:
+    """PREFECT_API_URL, or the Prefect that `drflow up` recorded in `state_dir`; else exit 2
+    saying how to start one (never Prefect's fallback to a temporary database)."""
+    from drflow.prefect_api import NoPrefectAPI, resolve
+
+    try:
+        return resolve(state_dir)
+    except NoPrefectAPI as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
 
 
 def gateway(
@@ -58,7 +71,9 @@ def gateway(
     """Receive agent webhooks and run failovers in this process (the warm path), or, with
     `--mode deployment`, as deployment runs on the DR site's workers.
 
-    Needs a Prefect API (PREFECT_API_URL); `drflow up` starts one for you."""
+    Needs a Prefect API: PREFECT_API_URL, or the one a `drflow up` with the same --state-dir
+    started."""
+    need_prefect(state_dir)
     _serve(config, state_dir, listen, mode)
 
 
@@ -76,8 +91,10 @@ def up(
     Ctrl-C stops everything; an incident interrupted that way is resumed at the next start."""
     # A service manager stops us with SIGTERM: leave through `finally` as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from drflow.prefect_api import forget, record
+
     local = None
-    if not os.environ.get("PREFECT_API_URL"):
+    if not os.environ.get("PREFECT_API_URL", "").strip():
         from drflow.prefect_local import start_local_server
 
         home = (state_dir / "prefect").resolve()
@@ -87,9 +104,12 @@ def up(
         console.print(f"Prefect UI: {local.ui_url}")
     else:
         console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
+    # Where `drflow failover|reprotect|failback|drill run|deploy` find this Prefect.
+    console.print(f"Prefect API recorded in {record(state_dir, os.environ['PREFECT_API_URL'])}")
     try:
         _serve(config, state_dir, "", mode)
     finally:
+        forget(state_dir)
         if local is not None:
             console.print("stopping the local Prefect server …")
             local.stop()
@@ -152,9 +172,11 @@ def failover_cmd(
     force: bool = typer.Option(False, "--force",
                                help="Promote even beyond the RPO budget (audited override)."),
     reason: str = typer.Option("manual failover", "--reason", help="Why, for the audit trail."),
+    state_dir: Path = StateDirOpt,
 ) -> None:
     """Fail GROUP over from the node its DNS name points at to the other one, now
     (confirm, fence, check lag, promote, DNS, verify)."""
+    need_prefect(state_dir)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.failover import failover
@@ -177,11 +199,13 @@ def reprotect_cmd(
     group: str = typer.Argument(..., help="Protection group to re-protect."),
     config: Path = ConfigOpt,
     reason: str = typer.Option("manual re-protect", "--reason", help="Why, for the audit trail."),
+    state_dir: Path = StateDirOpt,
 ) -> None:
     """Make the node that does not serve GROUP a standby of the one that does.
 
     Fences a second primary, rewinds (or rebuilds) through its agent, waits until it streams and
     caught up, restores synchronous replication, verifies."""
+    need_prefect(state_dir)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.reprotect import reprotect
@@ -199,10 +223,12 @@ def failback_cmd(
     requested_by: str = typer.Option("cli", "--requested-by", help="Who asks, for the record."),
     timeout: float | None = typer.Option(None, "--approval-timeout",
                                          help="Seconds to wait for approval (default: policy)."),
+    state_dir: Path = StateDirOpt,
 ) -> None:
     """Ask for approval in Slack, then switch GROUP back home with zero data loss.
 
     Waits (paused in Prefect) until an approver clicks in Slack; the gateway resumes it."""
+    need_prefect(state_dir)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.failback import failback

@@ -131,16 +131,23 @@ def deploy(
     prefect_yaml: Annotated[Path, typer.Option(
         "--prefect-yaml", exists=True, dir_okay=False,
         help="The prefect.yaml declaring the deployments.")] = Path("prefect.yaml"),
+    state_dir: Annotated[Path, typer.Option(
+        "--state-dir", envvar="DRFLOW_STATE_DIR",
+        help="The state directory of a `drflow up` whose Prefect to use when PREFECT_API_URL "
+             "is not set (env DRFLOW_STATE_DIR).")] = Path("./drflow-state"),
 ) -> None:
     """Create the work pools (one per site), the concurrency limits (per group) and the
-    deployments of prefect.yaml on the Prefect server of PREFECT_API_URL. Safe to repeat."""
+    deployments of prefect.yaml on the orchestrator's Prefect server. Safe to repeat."""
     from drflow.config import ConfigError, load_config
+    from drflow.prefect_api import NoPrefectAPI, resolve
 
-    url = api_url()
-    if not url:
-        typer.echo("error: PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
-                   "export PREFECT_API_URL=http://prefect.dr.example.com:4200/api", err=True)
-        raise typer.Exit(2)
+    try:
+        url: str | None = resolve(state_dir)
+    except NoPrefectAPI as exc:
+        url = api_url()  # a Prefect profile that names a server
+        if not url:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     try:
         cfg = load_config(config)
     except ConfigError as exc:

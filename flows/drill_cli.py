@@ -53,13 +53,24 @@ def _group_known(cfg: DrflowConfig, group: str) -> None:
         raise _fail(str(exc.args[0])) from None
 
 
+StateDirOpt = Annotated[Path, typer.Option(
+    "--state-dir", envvar="DRFLOW_STATE_DIR",
+    help="The state directory of the `drflow up` whose Prefect records the run "
+         "(unless PREFECT_API_URL is set; env DRFLOW_STATE_DIR).")]
+
+
 @app.command()
 def run(group: GroupArg, config: ConfigOpt,
         as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
-        = False) -> None:
-    """Drill GROUP now (in this process); exit 0 passed, 1 failed, 2 refused."""
+        = False,
+        state_dir: StateDirOpt = Path("./drflow-state")) -> None:
+    """Drill GROUP now (in this process, recorded in the orchestrator's Prefect); exit 0 passed,
+    1 failed, 2 refused."""
+    from flows.cli import need_prefect
+
     cfg = _config(config)
     _group_known(cfg, group)
+    need_prefect(state_dir)
     from flows.drill import drill
 
     figures = drill(group, config_path=str(config), raise_on_failure=False)

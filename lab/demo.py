@@ -176,10 +176,10 @@ def failback(story: Story, env: Env, writer: Writer, prefect_api: str) -> None:
     slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
     seq = _head_seq(env)
     t0 = time.time()
+    # No PREFECT_API_URL: the command finds `drflow up`'s Prefect through its state directory.
     proc = subprocess.Popen([DRFLOW, "failback", "payments", "--config", str(env.config),
-                             "--requested-by", "demo"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PREFECT_API_URL": prefect_api})
+                             "--state-dir", str(env.state_dir), "--requested-by", "demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         request = slack.wait_for_message(
             lambda m: "approval needed" in m.get("text", "") and float(m["ts"]) >= t0 - 1
@@ -238,7 +238,8 @@ def drill(story: Story, env: Env) -> None:
                   f"A drill of group {g['name']}: a clone of {g['standby']['vm']} on the isolated "
                   "port group and a promoted copy of the standby, checked, measured, torn down.")
     before = env.writable(g["primary"]), env.writable(g["standby"])
-    out = subprocess.run([DRFLOW, "drill", "run", g["name"], "--config", str(env.config)],
+    out = subprocess.run([DRFLOW, "drill", "run", g["name"], "--config", str(env.config),
+                          "--state-dir", str(env.state_dir)],
                          capture_output=True, text=True, timeout=300)
     rec = env.audit_records("drill.finish", g["name"])
     if not story.check(out.returncode == 0 and bool(rec), "drill passed",
@@ -275,6 +276,8 @@ def slack_summary(story: Story, env: Env) -> None:
 
 
 def main() -> int:
+    # Every command below must find `drflow up`'s Prefect by itself, never a user's setting.
+    os.environ.pop("PREFECT_API_URL", None)
     story = Story()
     console.print(Panel.fit(
         "[bold]drflow demo[/]: three PostgreSQL protection groups (orders, payments, ledger), "

@@ -59,6 +59,11 @@ class Env:
     def audit_url(self) -> str:
         return f"sqlite:///{self.lab_dir / 'audit.db'}"
 
+    @property
+    def state_dir(self) -> Path:
+        """The state directory of the lab's `drflow gateway` / `drflow up`."""
+        return self.lab_dir / "gateway"
+
     def group(self, name: str) -> dict[str, Any]:
         return next(g for g in self.state["groups"] if g["name"] == name)
 
@@ -109,7 +114,7 @@ class Env:
         log = self.lab_dir / "logs" / f"{command}.log"
         self.gateway = procs.spawn(
             [DRFLOW, command, "--config", str(self.config), "--state-dir",
-             str(self.lab_dir / "gateway")], log, env={"PYTHONUNBUFFERED": "1", **(env or {})})
+             str(self.state_dir)], log, env={"PYTHONUNBUFFERED": "1", **(env or {})})
         port = int(self.gateway_url.rsplit(":", 1)[1])
         procs.wait_port(port, timeout, f"drflow {command}", self.gateway, log)
 
