@@ -371,16 +371,64 @@ def test_volume_monitor(tmp_path: Path) -> None:
     assert not result.ok and "low on space" in result.detail
     result = check({"type": "volume", "path": str(tmp_path / "gone")})
     assert not result.ok and "not a directory" in result.detail
-    # A directory we cannot write to: a file of the same name as the probe's parent.
+    # A directory the agent cannot write to. Root ignores mode bits, so as root (on CI) the
+    # directory is made immutable instead, which stops root too.
     blocked = tmp_path / "ro"
     blocked.mkdir()
-    blocked.chmod(0o500)
-    try:
+    with _unwritable(blocked):
         result = check({"type": "volume", "path": str(blocked)})
-        if os.geteuid() != 0:  # root writes anyway
-            assert not result.ok and "not writable" in result.detail
+        assert not result.ok and "not writable" in result.detail, result.detail
+
+
+@contextlib.contextmanager
+def _unwritable(d: Path) -> Iterator[None]:
+    if os.geteuid() != 0:
+        d.chmod(0o500)
+        try:
+            yield
+        finally:
+            d.chmod(0o700)
+        return
+    subprocess.run(["chattr", "+i", str(d)], check=True, capture_output=True)
+    try:
+        yield
     finally:
-        blocked.chmod(0o700)
+        subprocess.run(["chattr", "-i", str(d)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(d: Path) -> Iterator[Path]:
+    """A 256 KB tmpfs at `d` (root only: mounting needs it), unmounted afterwards."""
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(d)],
+                   check=True, capture_output=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
+def test_volume_monitor_sees_a_full_and_a_read_only_filesystem(tmp_path: Path) -> None:
+    with _small_tmpfs(tmp_path / "vol") as vol:
+        monitor = {"type": "volume", "path": str(vol), "min_free_pct": 0, "min_free_mb": 0}
+        assert check(monitor).ok
+        # Fill it: statvfs may still round to a few free blocks, the probe's write must fail.
+        fd = os.open(vol / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"x" * 4096):
+                    pass
+        finally:
+            os.close(fd)
+        result = check(monitor)
+        assert not result.ok and "not writable" in result.detail, result.detail
+        assert "No space left" in result.detail
+        assert not check({**monitor, "min_free_mb": 1}).ok  # the space check sees it too
+        (vol / "filler").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(vol)], check=True, capture_output=True)
+        result = check(monitor)
+        assert not result.ok and "mounted read-only" in result.detail, result.detail
 
 
 def test_ip_monitor() -> None:
