@@ -58,7 +58,7 @@ def need_prefect(state_dir: Path) -> str:
     try:
         return resolve(state_dir)
     except NoPrefectAPI as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 
