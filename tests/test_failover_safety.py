@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -65,24 +66,30 @@ def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
         g["primary"]["host"], g["primary"]["port"])
 
 
-def test_no_promotion_when_the_fence_fails(sync_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A power-off that vCenter refuses (injected: vcsim cannot be made to refuse one)."""
+def _disable_method(env: Env, vm: str, method: str, enable: bool = False) -> None:
+    """Make the lab's vCenter refuse `method` on `vm` with MethodDisabled (launcher hook)."""
+    base = env.state["vcenter"]["url"].rsplit("/sdk", 1)[0]
+    r = httpx.post(f"{base}/drflow/disabled-methods", timeout=5,
+                   params={"vm": vm, "method": method, **({"enable": "1"} if enable else {})})
+    r.raise_for_status()
+
+
+def test_no_promotion_when_the_fence_fails(sync_env: Env) -> None:
+    """vCenter refuses the power-off (the method is disabled on that VM, as a backup product or
+    an administrator can do on a real vCenter): the VM stays on, nothing is promoted."""
     from flows import failover as failover_flow
-    from tasks import vsphere
 
     env, g = sync_env, sync_env.state["groups"][0]
     env.stop_gateway()  # this run is started by hand
+    _disable_method(env, g["primary"]["vm"], "PowerOffVM_Task")
     _break_primary(env, g)
-
-    def refused(vc: Any, vm: str) -> tuple[str | None, str | None]:
-        return "poweredOn", "NoPermission: power off refused"
-
-    monkeypatch.setattr(vsphere.fence, "fn", refused)
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         result = failover_flow.failover(g["name"], {"reason": "test"}, config_path=str(env.config))
     assert result["outcome"] == "not_fenced"
-    assert "fence failed" in result["reason"]
+    assert "fence failed" in result["reason"] and "MethodDisabled" in result["reason"]
+    assert vcsim.vm_power_state(env.si(), g["primary"]["vm"]) == "poweredOn"
     assert not env.writable(g["standby"])
+    assert env.audit_records("failover.promote standby") == []
 
 
 def test_rpo_budget_refuses_without_force_and_force_is_audited(prefect_api: str) -> None:

@@ -14,6 +14,7 @@ import (
 	"io/ioutil"
 	"log"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -124,6 +125,7 @@ func run(port int, groups []string, infoPath, isolated string) error {
 	m.Service.TLS = nil
 	m.Service.Listen = &url.URL{Host: addr}
 	s := m.Service.NewServer()
+	registerDisableMethodHook(m.Service)
 
 	ctx := context.Background()
 	c, err := govmomi.NewClient(ctx, s.URL, true)
@@ -340,4 +342,50 @@ func writeAtomic(p string, v interface{}) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), p)
+}
+
+// registerDisableMethodHook serves POST /drflow/disabled-methods?vm=NAME&method=PowerOffVM_Task
+// (add `&enable=1` to lift it): vCenter then refuses that call on that VM with a MethodDisabled
+// fault, as a real vCenter does for methods disabled through AuthorizationManager.DisableMethods
+// (which vcsim 0.24 does not implement). Lets a test make a fence fail for real.
+func registerDisableMethodHook(svc *simulator.Service) {
+	svc.Handle("/drflow/disabled-methods", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			http.Error(w, "POST only", http.StatusMethodNotAllowed)
+			return
+		}
+		q := r.URL.Query()
+		vmName, method := q.Get("vm"), q.Get("method")
+		if vmName == "" || method == "" {
+			http.Error(w, "vm and method are required", http.StatusBadRequest)
+			return
+		}
+		// vcsim's dispatcher compares against its Go method name: PowerOffVM_Task → PowerOffVMTask.
+		method = strings.TrimSuffix(method, "_Task")
+		if method != q.Get("method") {
+			method += "Task"
+		}
+		for _, e := range simulator.Map.All("VirtualMachine") {
+			vm, ok := e.(*simulator.VirtualMachine)
+			if !ok || vm.Name != vmName {
+				continue
+			}
+			simulator.Map.WithLock(vm, func() {
+				var kept []string
+				for _, dm := range vm.DisabledMethod {
+					if dm != method {
+						kept = append(kept, dm)
+					}
+				}
+				if q.Get("enable") == "" {
+					kept = append(kept, method)
+				}
+				vm.DisabledMethod = kept
+			})
+			w.Header().Set("Content-Type", "application/json")
+			_ = json.NewEncoder(w).Encode(map[string]interface{}{"vm": vmName, "disabled": vm.DisabledMethod})
+			return
+		}
+		http.Error(w, "no VM named "+vmName, http.StatusNotFound)
+	}))
 }
