@@ -101,6 +101,7 @@ def _start_control(cfg: Any, agent: Any) -> Any:
 
     # The same driver object as local recovery: its lock keeps a verb and a restart apart.
     driver = agent.drivers[cfg.control_resource().name]
+    driver.peers = tuple(cfg.control.peer_addresses())
     nonce_db = cfg.outbox.with_name(cfg.outbox.name + ".nonces")
     return serve(cfg.control.listen, resolve(cfg.control.secret), driver,
                  agent_id=cfg.agent_id, nonce_db=nonce_db)
@@ -126,7 +127,16 @@ def discover(
     control_listen: str | None = typer.Option(
         None, "--control-listen", help="host:port for the control API (with --control-secret-ref)"),
     control_secret_ref: str | None = typer.Option(
-        None, "--control-secret-ref", help="reference to the control API secret"),
+        None, "--control-secret-ref",
+        help="reference to this agent's own control secret (already derived for its agent id)"),
+    control_master_ref: str | None = typer.Option(
+        None, "--control-master-ref",
+        help="reference to the master gateway.control_secret: the agent's own secret is derived "
+             "from it and written, mode 0600, as control_secret next to --write (the master is "
+             "not kept)"),
+    peer: list[str] = typer.Option(
+        [], "--peer", help="host:port of another PostgreSQL node of the group (repeatable): the "
+                           "only targets of rewind_to / attach_to"),
 ) -> None:
     """Find running PostgreSQL instances and what they stand on; show or write the agent config."""
     from agents import discovery
@@ -139,16 +149,25 @@ def discover(
         except (SecretError, ValueError) as exc:
             typer.echo(f"error: --pg-password-ref: {exc}", err=True)
             raise typer.Exit(2) from None
+    if control_master_ref and (control_secret_ref or write is None):
+        typer.echo("error: --control-master-ref needs --write and excludes --control-secret-ref",
+                   err=True)
+        raise typer.Exit(2)
     instances = discovery.discover(datadir or None, pg_user, password)
     if not instances:
         typer.echo("no running PostgreSQL instance found"
                    + (f" with data directory {', '.join(map(str, datadir))}" if datadir else ""),
                    err=True)
         raise typer.Exit(1)
+    own_secret: Path | None = None
+    if control_master_ref and write is not None:
+        own_secret = write.absolute().with_name("control_secret")
+        control_secret_ref = f"file:{own_secret}"
     cfg = discovery.config_for(
         instances, agent_id=agent_id, group=group, gateway_url=gateway_url,
         secret_ref=secret_ref, outbox=outbox, pg_user=pg_user, pg_password_ref=pg_password_ref,
-        control_listen=control_listen, control_secret_ref=control_secret_ref)
+        control_listen=control_listen, control_secret_ref=control_secret_ref,
+        control_peers=peer)
     if as_json:
         typer.echo(json.dumps({"instances": [i.to_dict() for i in instances],
                                "resources": cfg["resources"]}, indent=2))
@@ -162,8 +181,28 @@ def discover(
         except ValueError as exc:
             typer.echo(f"error: the discovered config does not validate: {exc}", err=True)
             raise typer.Exit(1) from None
+        if own_secret is not None and control_master_ref:
+            _write_own_secret(own_secret, control_master_ref, cfg["agent_id"])
         write.write_text(text)
         typer.echo(f"wrote {write}", err=True)
+
+
+def _write_own_secret(path: Path, master_ref: str, agent_id: str) -> None:
+    """This agent's control secret, derived from the master (which is not written), mode 0600."""
+    import os
+
+    from drflow.secrets import SecretError, SecretRef, resolve
+    from drflow.signing import control_secret
+
+    try:
+        master = resolve(SecretRef(ref=master_ref))
+    except (SecretError, ValueError) as exc:
+        typer.echo(f"error: --control-master-ref: {exc}", err=True)
+        raise typer.Exit(2) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(control_secret(master.get_secret_value().encode(), agent_id))
+    typer.echo(f"wrote {path} (this agent's control secret)", err=True)
 
 
 def _print_tables(instances: list[Any], resources: list[dict[str, Any]]) -> None:

@@ -163,9 +163,28 @@ class GatewayConfig(_Model):
 
 class ControlConfig(_Model):
     listen: str = Field(description="host:port the control API binds to, e.g. 127.0.0.1:9101")
-    secret: SecretRef
+    secret: SecretRef = Field(description="this agent's own control secret: HMAC-SHA256 of its "
+                                          "agent_id under the master gateway.control_secret")
     resource: str | None = Field(
         None, description="the postgres resource it controls (needed when there are several)")
+    peers: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="host:port of the group's other PostgreSQL nodes: the only targets of "
+                    "rewind_to / attach_to and the only hosts that see the database password")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: list[str]) -> list[str]:
+        from agents.drivers.postgres import parse_peer
+
+        for peer in v:
+            parse_peer(peer)
+        return v
+
+    def peer_addresses(self) -> list[tuple[str, int]]:
+        from agents.drivers.postgres import parse_peer
+
+        return [parse_peer(p) for p in self.peers]
 
     @field_validator("listen")
     @classmethod

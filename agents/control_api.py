@@ -1,23 +1,30 @@
 """The agent's signed control endpoint for the orchestrator, and the client that calls it.
 
-`POST /v1/control` with `{"verb": …, "args": {…}, "nonce": "<uuid>"}`, signed like the health
-webhooks (drflow.signing, 300 s clock window). Only the driver's fixed verbs exist; their
-arguments are validated before anything runs. Refusals change nothing (but remember the nonce):
+`POST /v1/control` with `{"verb": …, "args": {…}, "nonce": "<uuid>"}`. The signature binds the
+request to this agent and this verb (`drflow.signing.control_signature`: HMAC-SHA256 of agent id,
+verb, timestamp and body, 300 s clock window) and uses this agent's own secret, derived from the
+orchestrator's master secret (`drflow.signing.control_secret`): a request captured for one agent,
+or the secret of one VM, commands no other. Only the driver's fixed verbs exist; their arguments
+are validated before anything runs. Refusals change nothing (but remember the nonce):
 
-    401  unsigned, bad signature, timestamp outside the window, or a nonce already used (replay)
-    400  body not JSON, nonce not a UUID, unknown verb, bad arguments
+    401  unsigned, bad signature (another agent's, another verb's), timestamp outside the window,
+         or a nonce already used (replay)
+    400  malformed request: Content-Length not ASCII digits, body not UTF-8 JSON, nested deeper
+         than 16, duplicate keys, nonce not a UUID, unknown verb, bad arguments
     404/405/411/413  other path, other method, no Content-Length, body over 64 KiB
     409  the driver refused the verb in the instance's current state (the message says why)
     500  the driver failed unexpectedly (details in the agent's log)
 
-Answers are JSON `{"ok", "agent_id", "verb", "nonce", "result" | "error"}` and are signed with the
-same secret, echoing the nonce, so the caller knows the agent answered this very request.
+Answers are JSON `{"ok", "agent_id", "verb", "nonce", "result" | "error"}` and are signed the same
+way (this agent, the verb echoed), echoing the nonce, so the caller knows the agent answered this
+very request.
 Nonces are kept for twice the window: in SQLite when `nonce_db` is given (a restarted agent still
 refuses replays), else in memory. stdlib only: the agent stays small.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -39,14 +46,16 @@ from drflow.signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     SignatureError,
-    sign_headers,
-    verify,
+    control_secret,
+    sign_control_headers,
+    verify_control,
 )
 
 log = logging.getLogger(__name__)
 
 CONTROL_PATH = "/v1/control"
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 16  # the deepest real request is 3 levels; json.loads recurses without a bound
 
 
 class NonceStore:
@@ -118,19 +127,34 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_GET
 
     def do_POST(self) -> None:
+        try:
+            self._post()
+        except Exception as exc:
+            # Whatever a hostile request trips over is still answered, and logged as one line.
+            log.warning("control request from %s malformed (%s)", self.client_address[0],
+                        type(exc).__name__)
+            with contextlib.suppress(OSError):
+                self._answer(400, {"ok": False, "verb": None, "error": "malformed request"},
+                             None)
+
+    def _post(self) -> None:
         nonce: str | None = None
         verb_name: str | None = None
         try:
             if self.path.split("?", 1)[0] != CONTROL_PATH:
                 raise _Refusal(404, f"no such endpoint; use POST {CONTROL_PATH}")
             body = self._read_body()
+            if body is None:
+                return  # the client hung up mid-body: nobody to answer
+            verb_name, raw_args, parsed_nonce = _parse(body)
             try:
-                verify(self.server.secret.get_secret_value().encode(),
-                       self.headers.get(TIMESTAMP_HEADER), self.headers.get(SIGNATURE_HEADER),
-                       body)
+                verify_control(self.server.secret.get_secret_value().encode(),
+                               self.server.agent_id, verb_name,
+                               self.headers.get(TIMESTAMP_HEADER),
+                               self.headers.get(SIGNATURE_HEADER), body)
             except SignatureError as exc:
                 raise _Refusal(401, f"not authenticated: {exc}") from None
-            verb_name, raw_args, nonce = _parse(body)
+            nonce = parsed_nonce
             if not self.server.nonces.claim(nonce):
                 raise _Refusal(401, f"nonce {nonce} was already used: replay refused")
             verb = self.server.driver.verbs().get(verb_name)
@@ -161,13 +185,21 @@ class _Handler(BaseHTTPRequestHandler):
                         r.status, r.error)
             self._answer(r.status, {"ok": False, "verb": verb_name, "error": r.error}, nonce)
 
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+    def _read_body(self) -> bytes | None:
+        """The body, or None when the client hung up before sending all of it."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _Refusal(411, "Content-Length required (no Transfer-Encoding)")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             raise _Refusal(411, "Content-Length required")
+        length = lengths[0].strip()
+        # `str.isdigit` and `int` accept "²", "٣" and "1_0": only ASCII digits are a length.
+        if len(lengths) > 1 or not (length.isascii() and length.isdigit()) or len(length) > 9:
+            raise _Refusal(400, "Content-Length must be one number in ASCII digits")
         if int(length) > MAX_BODY:
             raise _Refusal(413, f"body over {MAX_BODY} bytes")
-        return self.rfile.read(int(length))
+        body = self.rfile.read(int(length))
+        return body if len(body) == int(length) else None
 
     def _answer(self, status: int, payload: dict[str, Any], nonce: str | None) -> None:
         payload = {**payload, "agent_id": self.server.agent_id, "nonce": nonce}
@@ -175,7 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        for k, v in sign_headers(self.server.secret.get_secret_value().encode(), body).items():
+        headers = sign_control_headers(self.server.secret.get_secret_value().encode(),
+                                       self.server.agent_id, str(payload.get("verb") or ""), body)
+        for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Connection", "close")
         self.end_headers()
@@ -185,9 +219,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _parse(body: bytes) -> tuple[str, dict[str, Any], str]:
     try:
-        data = json.loads(body)
-    except ValueError:
-        raise _Refusal(400, "body is not JSON") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Refusal(400, "body is not UTF-8") from None
+    if _depth(text) > MAX_DEPTH:
+        raise _Refusal(400, f"body is nested deeper than {MAX_DEPTH} levels")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise _Refusal(400, "body is not JSON (or has duplicate keys, NaN or Infinity)") from None
     if not isinstance(data, dict) or set(data) - {"verb", "args", "nonce"}:
         raise _Refusal(400, 'body must be {"verb": str, "args": {...}, "nonce": uuid}')
     verb, args, nonce = data.get("verb"), data.get("args", {}), data.get("nonce")
@@ -198,6 +238,39 @@ def _parse(body: bytes) -> tuple[str, dict[str, Any], str]:
     except ValueError:
         raise _Refusal(400, '"nonce" must be a UUID, new for every request') from None
     return verb, args, nonce
+
+
+def _depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON `text` (brackets inside strings ignored)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _errors(exc: ValidationError) -> str:
@@ -258,9 +331,13 @@ class ControlError(Exception):
 
 
 class ControlClient:
-    """Calls one agent's control API: `ControlClient(url, secret).call("promote")`."""
+    """Calls one agent's control API: `ControlClient(url, secret, agent_id=vm).call("status")`.
 
-    def __init__(self, url: str, secret: SecretStr, *, timeout_s: float = 300.0) -> None:
+    `secret` is that agent's own secret; `ControlClient.for_agent` derives it from the master.
+    """
+
+    def __init__(self, url: str, secret: SecretStr, *, agent_id: str,
+                 timeout_s: float = 300.0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"control URL must be http(s)://host:port{CONTROL_PATH}, got {url!r}")
@@ -270,22 +347,38 @@ class ControlClient:
         self._port = parts.port
         self._path = parts.path if parts.path not in ("", "/") else CONTROL_PATH
         self._secret = secret
+        self.agent_id = agent_id
         self.timeout_s = timeout_s
+
+    @classmethod
+    def for_agent(cls, url: str, master: SecretStr, agent_id: str, *,
+                  timeout_s: float = 300.0) -> ControlClient:
+        """A client for `agent_id`, its secret derived from the master `gateway.control_secret`."""
+        derived = control_secret(master.get_secret_value().encode(), agent_id).decode()
+        return cls(url, SecretStr(derived), agent_id=agent_id, timeout_s=timeout_s)
+
+    def sign(self, verb: str, body: bytes, now: float | None = None) -> dict[str, str]:
+        """Signature headers for a request about `verb` to this client's agent."""
+        return sign_control_headers(self._key(), self.agent_id, verb, body, now)
 
     def call(self, verb: str, /, **args: Any) -> dict[str, Any]:
         """Run `verb` on the agent; its result, or ControlError saying why not."""
         nonce = str(uuid.uuid4())
         body = json.dumps({"verb": verb, "args": args, "nonce": nonce}).encode()
-        status, headers, answer = self.post(body, sign_headers(self._key(), body))
+        status, headers, answer = self.post(body, self.sign(verb, body))
         try:
-            verify(self._key(), headers.get(TIMESTAMP_HEADER.lower()),
-                   headers.get(SIGNATURE_HEADER.lower()), answer)
             data = json.loads(answer)
+            if not isinstance(data, dict):
+                raise ValueError("answer is not a JSON object")
+            verify_control(self._key(), self.agent_id, str(data.get("verb") or ""),
+                           headers.get(TIMESTAMP_HEADER.lower()),
+                           headers.get(SIGNATURE_HEADER.lower()), answer)
         except (SignatureError, ValueError) as exc:
-            raise ControlError(status, f"answer from {self.url} is not from the agent "
-                                       f"({exc})") from None
+            raise ControlError(status, f"answer from {self.url} is not from agent "
+                                       f"{self.agent_id} ({exc})") from None
         # A refusal before the body was read carries no nonce; a result always carries ours.
-        if data.get("nonce") != nonce and (status == 200 or data.get("nonce") is not None):
+        if (data.get("nonce") != nonce and (status == 200 or data.get("nonce") is not None)) or (
+                status == 200 and data.get("verb") != verb):
             raise ControlError(status, f"answer from {self.url} is for another request")
         if status != 200 or not data.get("ok"):
             raise ControlError(status, str(data.get("error", "no error message")))

@@ -326,7 +326,8 @@ def resources_for(instances: list[PgInstance], user: str = "postgres",
 def config_for(instances: list[PgInstance], *, agent_id: str | None, group: str,
                gateway_url: str, secret_ref: str, outbox: str, pg_user: str = "postgres",
                pg_password_ref: str | None = None, control_listen: str | None = None,
-               control_secret_ref: str | None = None) -> dict[str, Any]:
+               control_secret_ref: str | None = None,
+               control_peers: list[str] | None = None) -> dict[str, Any]:
     """A complete agent.yaml document for the instances."""
     cfg: dict[str, Any] = {
         "agent_id": agent_id or socket.gethostname(),
@@ -336,6 +337,7 @@ def config_for(instances: list[PgInstance], *, agent_id: str | None, group: str,
         "outbox": outbox,
     }
     if control_listen and control_secret_ref:
-        cfg["control"] = {"listen": control_listen, "secret": {"ref": control_secret_ref}}
+        cfg["control"] = {"listen": control_listen, "secret": {"ref": control_secret_ref},
+                          "peers": list(control_peers or [])}
     cfg["resources"] = resources_for(instances, pg_user, pg_password_ref)
     return cfg

@@ -50,3 +50,62 @@ def verify(
     if abs(current - ts) > window_s:
         raise SignatureError(f"timestamp is {int(current - ts)} s away from now (window {window_s} s)")
     return ts
+
+
+# -- agent control API ------------------------------------------------------------------------
+# A control request is bound to the agent it is meant for and to its verb, and signed with that
+# agent's own secret, derived from the orchestrator's master `gateway.control_secret`: a request
+# captured on one VM, or the secret stolen from one VM, commands no other.
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _plain_seconds(value: str) -> bool:
+    return value.isascii() and value.isdigit() and value[0] != "0" and len(value) <= 12
+
+
+def _plain_signature(value: str) -> bool:
+    digest = value.removeprefix(SIGNATURE_PREFIX)
+    return value.startswith(SIGNATURE_PREFIX) and len(digest) == 64 and set(digest) <= _HEX
+
+
+def control_secret(master: bytes, agent_id: str) -> bytes:
+    """One agent's control secret: hex HMAC-SHA256(master, agent_id) (what its config holds)."""
+    return hmac.new(master, agent_id.encode(), hashlib.sha256).hexdigest().encode()
+
+
+def control_signature(secret: bytes, agent_id: str, verb: str, timestamp: str,
+                      body: bytes) -> str:
+    """`sha256=` + hex HMAC-SHA256(secret, "drflow-control\\n" agent_id \\n verb \\n ts \\n body)."""
+    msg = b"\n".join([b"drflow-control", agent_id.encode(), verb.encode(), timestamp.encode(),
+                      body])
+    return SIGNATURE_PREFIX + hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def sign_control_headers(secret: bytes, agent_id: str, verb: str, body: bytes,
+                         now: float | None = None) -> dict[str, str]:
+    """Headers for a control request (or answer) about `verb`, meant for `agent_id`."""
+    ts = str(int(time.time() if now is None else now))
+    return {TIMESTAMP_HEADER: ts,
+            SIGNATURE_HEADER: control_signature(secret, agent_id, verb, ts, body)}
+
+
+def verify_control(secret: bytes, agent_id: str, verb: str, timestamp: str | None,
+                   sig: str | None, body: bytes, now: float | None = None,
+                   window_s: int = DEFAULT_WINDOW_S) -> int:
+    """Check a control signature (strict ASCII forms) and the clock window; SignatureError why."""
+    if not timestamp or not sig:
+        raise SignatureError(f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER} header")
+    if not _plain_seconds(timestamp):
+        raise SignatureError(f"{TIMESTAMP_HEADER} must be Unix seconds in ASCII digits")
+    if not _plain_signature(sig):
+        raise SignatureError(f"{SIGNATURE_HEADER} must be sha256=<64 lower-case hex digits>")
+    expected = control_signature(secret, agent_id, verb, timestamp, body)
+    if not hmac.compare_digest(expected, sig):
+        raise SignatureError("signature does not match this agent, verb and body")
+    ts = int(timestamp)
+    current = time.time() if now is None else now
+    if abs(current - ts) > window_s:
+        raise SignatureError(f"timestamp is {int(current - ts)} s away from now "
+                             f"(window {window_s} s)")
+    return ts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from drflow.signing import control_secret
 from lab import procs
 
 
@@ -24,6 +26,13 @@ def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, An
     d.mkdir(parents=True, exist_ok=True)
     secrets = lab_dir / "secrets"
     datadir = Path(node["datadir"])
+    # The VM holds only its own control secret, derived from the master the orchestrator keeps.
+    own_secret = d / "control_secret"
+    fd = os.open(own_secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(control_secret(state["secrets"]["control"].encode(), node["vm"]))
+    peers = [f"{group[r]['host']}:{group[r]['port']}" for r in ("primary", "standby")
+             if r != role]
     cfg = {
         "agent_id": node["vm"],
         "group": group["name"],
@@ -32,7 +41,7 @@ def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, An
         "heartbeat_interval_s": 1,
         "outbox": str(d / "outbox.sqlite"),
         "control": {"listen": f"127.0.0.1:{control_port}",
-                    "secret": {"ref": f"file:{secrets / 'control_secret'}"}},
+                    "secret": {"ref": f"file:{own_secret}"}, "peers": peers},
         "resources": [
             {"name": "loopback", "type": "ip", "address": "127.0.0.1", "interval_s": 5},
             {"name": "data-volume", "type": "volume", "path": str(datadir.parent),

@@ -22,7 +22,9 @@ TRANSIENT_STATUSES = {0, 502, 503, 504}
 
 @dataclass(frozen=True)
 class AgentRef:
-    """How to reach one node's agent: `name` (its VM) is what messages show."""
+    """How to reach one node's agent: `name` is its VM (= its agent_id, what messages show),
+    `secret` the master `gateway.control_secret`: each request is signed with the secret
+    derived for this very agent, and names it and its verb."""
 
     name: str
     url: str
@@ -32,7 +34,8 @@ class AgentRef:
         return f"agent of {self.name} ({self.url})"
 
     def call(self, verb: str, timeout_s: float = 300.0, **args: Any) -> dict[str, Any]:
-        return ControlClient(self.url, self.secret, timeout_s=timeout_s).call(verb, **args)
+        client = ControlClient.for_agent(self.url, self.secret, self.name, timeout_s=timeout_s)
+        return client.call(verb, **args)
 
 
 def is_transient(exc: BaseException) -> bool:

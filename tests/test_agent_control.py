@@ -17,15 +17,25 @@ from pydantic import SecretStr
 
 from agents.control_api import ControlClient, ControlError, ControlServer, serve
 from agents.drivers.postgres import PostgresDriver
-from drflow.signing import sign_headers
+from drflow.signing import control_secret, sign_control_headers
 from lab import postgres as lp
 from lab.procs import free_port
 from tests.conftest import new_lab_dir
 
 pytestmark = pytest.mark.lab
 
-SECRET = SecretStr("control-test-" + uuid.uuid4().hex)
+SECRET = SecretStr("control-test-" + uuid.uuid4().hex)  # the master, as the orchestrator holds it
 LOCAL = "127.0.0.1"
+
+
+# These tests make split brains on purpose; the agent refuses a promote beside a writable
+# primary unless the orchestrator proves a fence.
+SPLIT_BRAIN = {"kind": "operator_attested", "evidence": "test: split brain on purpose"}
+
+
+def own_secret(agent_id: str) -> SecretStr:
+    """What the agent's config holds: its secret derived from the master."""
+    return SecretStr(control_secret(SECRET.get_secret_value().encode(), agent_id).decode())
 
 
 @dataclass
@@ -49,9 +59,10 @@ class Pair:
         return psycopg.connect(lp.conninfo(inst, self.user, self.password), autocommit=True)
 
     def driver_for(self, inst: lp.Instance, **kw: Any) -> PostgresDriver:
+        peers = [(LOCAL, n.inst.port) for n in (self.prod, self.dr)]
         return PostgresDriver(datadir=inst.datadir, port=inst.port, host=LOCAL, user=self.user,
                               password=SecretStr(self.password), log_path=inst.log,
-                              socket_dir=inst.socket_dir, **kw)
+                              socket_dir=inst.socket_dir, peers=peers, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +72,14 @@ def pair() -> Iterator[Pair]:
     user, password = lp.client_credentials(base)
     nodes: list[Node] = []
     try:
-        for inst in (prod, dr):
+        for inst, other in ((prod, dr), (dr, prod)):
             drv = PostgresDriver(datadir=inst.datadir, port=inst.port, host=LOCAL, user=user,
                                  password=SecretStr(password), log_path=inst.log,
-                                 socket_dir=inst.socket_dir)
-            srv = serve(f"{LOCAL}:0", SECRET, drv, agent_id=inst.name,
+                                 socket_dir=inst.socket_dir, peers=[(LOCAL, other.port)])
+            srv = serve(f"{LOCAL}:0", own_secret(inst.name), drv, agent_id=inst.name,
                         nonce_db=base / f"{inst.name}-nonces.db")
-            nodes.append(Node(inst, drv, srv, ControlClient(srv.url, SECRET, timeout_s=120)))
+            nodes.append(Node(inst, drv, srv, ControlClient.for_agent(srv.url, SECRET, inst.name,
+                                                                      timeout_s=120)))
         with psycopg.connect(lp.conninfo(prod, user, password), autocommit=True) as c:
             c.execute("CREATE TABLE marker (id serial PRIMARY KEY, note text)")
         yield Pair(base, user, password, nodes[0], nodes[1])
@@ -102,8 +114,9 @@ def _post(node: Node, payload: dict[str, Any], *, secret: str | None = None,
           ) -> tuple[int, dict[str, Any], bytes, dict[str, str]]:
     body = json.dumps(payload).encode()
     if headers is None:
-        key = (secret or SECRET.get_secret_value()).encode()
-        headers = sign_headers(key, body, now=ts)
+        key = (secret or own_secret(node.inst.name).get_secret_value()).encode()
+        headers = sign_control_headers(key, node.inst.name, str(payload.get("verb")), body,
+                                       now=ts)
     status, _resp_headers, answer = node.client.post(body, headers)
     return status, json.loads(answer), body, headers
 
@@ -150,9 +163,9 @@ def test_refused_requests_change_nothing(pair: Pair) -> None:
 
     # A restarted agent still knows the nonces of the window.
     dr.server.stop()
-    dr.server = serve(f"{LOCAL}:0", SECRET, dr.driver, agent_id=dr.inst.name,
+    dr.server = serve(f"{LOCAL}:0", own_secret(dr.inst.name), dr.driver, agent_id=dr.inst.name,
                       nonce_db=pair.base / f"{dr.inst.name}-nonces.db")
-    dr.client = ControlClient(dr.server.url, SECRET, timeout_s=120)
+    dr.client = ControlClient.for_agent(dr.server.url, SECRET, dr.inst.name, timeout_s=120)
     replay_status, _h, replay_answer = dr.client.post(body, headers)
     assert replay_status == 401 and "already used" in json.loads(replay_answer)["error"]
 
@@ -162,7 +175,7 @@ def test_refused_requests_change_nothing(pair: Pair) -> None:
     assert _post(dr, forged)[0] == 200
 
     with pytest.raises(ControlError) as err:
-        ControlClient(dr.server.url, SecretStr("guess")).call("promote")
+        ControlClient.for_agent(dr.server.url, SecretStr("guess"), dr.inst.name).call("promote")
     assert err.value.status == 401
 
     # Nothing changed: still a standby streaming from prod, and it still follows prod's writes.
@@ -189,8 +202,13 @@ def test_promote_makes_the_standby_writable(pair: Pair) -> None:
     dr = pair.dr
     with pair.conn(dr) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         c.execute("INSERT INTO marker(note) VALUES ('on a standby')")
-    result = dr.client.call("promote", relax_sync=True)
+    with pytest.raises(ControlError) as err:  # prod still answers as a writable primary
+        dr.client.call("promote", relax_sync=True)
+    assert err.value.status == 409 and "writable primary" in err.value.message
+    assert lp.role(dr.inst) == "standby"
+    result = dr.client.call("promote", relax_sync=True, fence_proof=SPLIT_BRAIN)
     assert result["action"] == "promoted" and result["sync_relaxed"] is True
+    assert result["fence_proof"] == "operator_attested"
     assert result["synchronous_standby_names"] == ""
     assert lp.role(dr.inst) == "primary"
     _mark(pair, dr, "written on the new primary")
@@ -227,7 +245,8 @@ def test_rewind_impossible_falls_back_to_base_backup(pair: Pair) -> None:
     prod, dr = pair.prod, pair.dr
     # Fail back the other way: prod is promoted, dr (still a primary) takes a write, crashes,
     # and its WAL is gone, so pg_rewind cannot work out what to undo.
-    assert prod.client.call("promote", relax_sync=True)["action"] == "promoted"
+    assert prod.client.call("promote", relax_sync=True,
+                            fence_proof=SPLIT_BRAIN)["action"] == "promoted"
     _mark(pair, prod, "written on prod again")
     with pair.conn(dr) as c:
         c.execute("INSERT INTO marker(note) VALUES ('lost on dr')")

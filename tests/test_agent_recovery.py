@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from agents.control_api import ControlClient
@@ -175,8 +176,9 @@ def test_stopped_through_the_control_api_is_left_down(
     restart = {"max_restarts": 3, "backoff_s": {"initial": 0.5}}
     with agent_for(tmp_path, primary, password, restart, control_port=port) as (agent, receiver):
         # The control API shares the webhook secret here (a fresh one per test).
+        agent_id = yaml.safe_load((tmp_path / "agent.yaml").read_text())["agent_id"]
         client = ControlClient(f"http://127.0.0.1:{port}/v1/control",
-                               SecretStr(receiver.secret.decode()))
+                               SecretStr(receiver.secret.decode()), agent_id=agent_id)
         assert client.call("status")["role"] == "primary"
         try:
             assert client.call("stop", mode="fast")["action"] == "stopped"

@@ -181,7 +181,8 @@ class Lab:
                                connect_timeout=timeout, autocommit=True)
 
     def control(self, node: dict[str, Any]) -> ControlClient:
-        return ControlClient(node["agent_url"], SecretStr(self.state["secrets"]["control"]))
+        return ControlClient.for_agent(node["agent_url"],
+                                       SecretStr(self.state["secrets"]["control"]), node["vm"])
 
     def audit(self, action: str, target: str) -> list[Any]:
         from drflow.audit import open_store

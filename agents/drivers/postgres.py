@@ -2,8 +2,11 @@
 
 Every action runs a fixed server binary from `bin_dir` with validated arguments (never a shell),
 as the data directory's owner when the agent runs as root. Passwords travel in PGPASSWORD or a
-0600 passfile, never on a command line. Verbs are idempotent: asking for the state the instance is
-already in returns `{"action": "none", "reason": …}`.
+0600 passfile, never on a command line, and only to the group's configured peers: `rewind_to` and
+`attach_to` accept no other target, and refuse this instance itself however its address is spelt.
+Settings are written by PostgreSQL itself (`ALTER SYSTEM` with the value as a literal), never by
+editing postgresql.auto.conf. Every precondition is checked before anything is stopped. Verbs are
+idempotent: asking for the state the instance is already in returns `{"action": "none", …}`.
 """
 
 from __future__ import annotations
@@ -19,21 +22,35 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import psutil
 import psycopg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StrictBool, StrictInt
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 from agents.drivers import NoArgs, Verb, VerbError
 
 log = logging.getLogger(__name__)
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+-]*$")
+# Full matches only (`re.fullmatch`): `$` would let a trailing newline through.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63})*",
+                       re.ASCII)
+_IP_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}", re.ASCII)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}", re.ASCII)
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*", re.ASCII)
 # Files that describe this instance, not the cluster: pg_rewind and pg_basebackup would replace
 # them with the source's copies (its port, its access rules), so they are put back afterwards,
 # together with whatever postgresql.conf includes from inside the data directory.
@@ -43,15 +60,25 @@ _STATE_TIMEOUT_S = 60
 
 
 def check_host(value: str) -> str:
-    """An IP address or a DNS name; nothing that could smuggle conninfo keys or options."""
-    try:
-        ipaddress.ip_address(value)
+    """An IP address (no IPv6 scope id) or a DNS name; nothing that could smuggle conninfo keys,
+    options or configuration lines."""
+    if _IP_TEXT.fullmatch(value):
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(value)
+            return value
+    if _HOSTNAME.fullmatch(value):
         return value
-    except ValueError:
-        pass
-    if _HOSTNAME.match(value) and not value.startswith("-"):
-        return value
-    raise ValueError(f"{value!r} is not an IP address or a host name")
+    raise ValueError(f"{value[:80]!r} is not an IP address or a host name")
+
+
+def parse_peer(value: str) -> tuple[str, int]:
+    """"host:port" (IPv6 in brackets) of a peer node → (host, port); ValueError says why."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"peer {value[:80]!r} must be host:port")
+    return check_host(host), int(port)
 
 
 Host = Annotated[str, AfterValidator(check_host)]
@@ -63,11 +90,21 @@ class StopArgs(BaseModel):
     mode: Literal["smart", "fast", "immediate"] = "fast"
 
 
+class FenceProof(BaseModel):
+    """The orchestrator's proof that the other node is fenced (the leader-lease work fills it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lease_expired", "powered_off", "operator_attested"]
+    evidence: Annotated[StrictStr, Field(min_length=1, max_length=500)]
+
+
 class PromoteArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # A promoted standby with no standby of its own hangs every write while
     # synchronous_standby_names is set; the caller decides (and audits) relaxing it.
     relax_sync: StrictBool = False
+    # Without it a promote is refused while a peer answers as a writable primary.
+    fence_proof: FenceProof | None = None
 
 
 class SourceArgs(BaseModel):
@@ -117,6 +154,7 @@ class PostgresDriver:
         replication_user: str | None = None,
         replication_password: SecretStr | None = None,
         connect_timeout_s: int = 3,
+        peers: Iterable[tuple[str, int]] = (),
     ) -> None:
         check_host(host)
         if not 1 <= port <= 65535:
@@ -148,14 +186,17 @@ class PostgresDriver:
             password if self.replication_user == user else None)
         for what, value in (("user", self.user), ("replication_user", self.replication_user),
                             ("application_name", self.application_name)):
-            if value is not None and not _NAME.match(value):
+            if value is not None and not _NAME.fullmatch(value):
                 raise ValueError(f"{what} {value!r} may only hold letters, digits, _ . -")
         for what, path in (("log_path", self.log_path), ("socket_dir", self.socket_dir),
                            ("datadir", self.datadir)):
             # pg_ctl hands -o and -l to a shell: keep these paths plain.
-            if path is not None and not _SAFE_PATH.match(str(path)):
+            if path is not None and not _SAFE_PATH.fullmatch(str(path)):
                 raise ValueError(f"{what} {str(path)!r} may only hold letters, digits, _ . / + -")
         self.connect_timeout_s = connect_timeout_s
+        # The group's other nodes: the only targets of rewind_to / attach_to, the only hosts
+        # that ever see the database password, the nodes a promote must not run beside.
+        self.peers: tuple[tuple[str, int], ...] = tuple((check_host(h), int(p)) for h, p in peers)
         self._lock = threading.RLock()
         self._held_down = False
 
@@ -170,8 +211,10 @@ class PostgresDriver:
             "stop": Verb(StopArgs, _refusing(lambda a: self.stop(a.mode)),
                          "stop; stays down until start"),
             "promote": Verb(PromoteArgs,
-                            _refusing(lambda a: self.promote(relax_sync=a.relax_sync)),
-                            "promote a standby (no-op on a primary)"),
+                            _refusing(lambda a: self.promote(relax_sync=a.relax_sync,
+                                                             fence_proof=a.fence_proof)),
+                            "promote a standby (no-op on a primary; refused beside a writable "
+                            "peer unless fence_proof)"),
             "rewind_to": Verb(SourceArgs,
                               _refusing(lambda a: self.rewind_to(a.source_host, a.source_port)),
                               "make this a standby of source (pg_rewind or base backup)"),
@@ -234,7 +277,8 @@ class PostgresDriver:
             self._pg_ctl_stop(mode)
             return {"action": "stopped", "mode": mode}
 
-    def promote(self, relax_sync: bool = False) -> dict[str, Any]:
+    def promote(self, relax_sync: bool = False,
+                fence_proof: FenceProof | None = None) -> dict[str, Any]:
         with self._lock:
             if self._live_postmaster() is None:
                 raise VerbError(f"PostgreSQL on port {self.port} is not running; start it "
@@ -242,12 +286,27 @@ class PostgresDriver:
             t0 = time.monotonic()
             with self._connect() as conn:
                 in_recovery = _one(conn, "SELECT pg_is_in_recovery()")
+                fenced: dict[str, Any] | None = None
                 if in_recovery:
+                    writable = self._writable_peers()
+                    if writable and fence_proof is None:
+                        log.warning("promote refused: %s answers as a writable primary and the "
+                                    "request carries no fence_proof", ", ".join(writable))
+                        raise VerbError(
+                            f"{', '.join(writable)} answers as a writable primary: promoting "
+                            "now would make two primaries; fence it first, or send the "
+                            "orchestrator's fence_proof; nothing was changed")
+                    if writable and fence_proof is not None:
+                        log.warning("promoting beside writable %s on fence proof %s: %s",
+                                    ", ".join(writable), fence_proof.kind, fence_proof.evidence)
+                        fenced = {"writable_peers": writable, "fence_proof": fence_proof.kind}
                     if not _one(conn, "SELECT pg_promote(true, 30)"):
                         raise VerbError(f"pg_promote did not finish within 30 s; see "
                                         f"{self.log_path}")
                     result: dict[str, Any] = {"action": "promoted",
                                               "seconds": round(time.monotonic() - t0, 3)}
+                    if fenced:
+                        result.update(fenced)
                 else:
                     result = {"action": "none", "reason": "already primary"}
                 names = str(_one(conn, "SHOW synchronous_standby_names"))
@@ -269,9 +328,8 @@ class PostgresDriver:
         SourceArgs(source_host=source_host, source_port=source_port)
         with self._lock:
             t0 = time.monotonic()
-            if self._is_self(source_host, source_port):
-                raise VerbError(f"{source_host}:{source_port} is this instance; name the new "
-                                "primary")
+            # Every check comes before the stop: a refused request leaves a primary serving.
+            source_host, source_port = self._peer_target(source_host, source_port)
             self._check_source(source_host, source_port)
             current = self.status()
             if current["role"] == "standby" and self._streams_from(current, source_host,
@@ -299,11 +357,11 @@ class PostgresDriver:
                 self._base_backup(source_host, source_port, reason)
                 done("pg_basebackup")
             self._restore_local_config(saved)
-            # postgresql.auto.conf is the source's now: its port (if set there) is not ours.
-            self._write_standby_config(source_host, source_port, drop_port=True,
-                                       pin_port=not saved)
+            self._write_file(self.datadir / "standby.signal", b"")
             self._held_down = False
             self._pg_ctl_start()
+            # postgresql.auto.conf is the source's now: its port (if set there) is not ours.
+            self._set_upstream(source_host, source_port, drop_port=True, pin_port=not saved)
             done("start")
             streaming = self._wait_streaming(source_host, source_port, 30)
             done("streaming")
@@ -316,8 +374,7 @@ class PostgresDriver:
         """Point this standby (running or stopped) at another primary."""
         PrimaryArgs(primary_host=primary_host, primary_port=primary_port)
         with self._lock:
-            if self._is_self(primary_host, primary_port):
-                raise VerbError(f"{primary_host}:{primary_port} is this instance")
+            primary_host, primary_port = self._peer_target(primary_host, primary_port)
             current = self.status()
             if current["running"]:
                 if current["role"] == "primary":
@@ -329,18 +386,15 @@ class PostgresDriver:
                 if self._streams_from(current, primary_host, primary_port):
                     return {"action": "none",
                             "reason": f"already streaming from {primary_host}:{primary_port}"}
-                self._write_standby_config(primary_host, primary_port)
-                r = self._run(["pg_ctl", "-D", str(self.datadir), "reload"], timeout=30)
-                if r.returncode != 0:
-                    raise VerbError(f"pg_ctl reload failed: {_tail(r.stdout + r.stderr)}")
+                self._set_upstream(primary_host, primary_port)
             else:
                 if not (self.datadir / "standby.signal").exists():
                     raise VerbError(f"port {self.port} is a stopped primary (no standby.signal); "
                                     "use rewind_to, it may hold writes the new primary lacks")
-                self._write_standby_config(primary_host, primary_port)
                 self._clear_stale_pidfile()
                 self._held_down = False
-                self._pg_ctl_start()
+                self._pg_ctl_start()  # as a standby (standby.signal); then told where to stream
+                self._set_upstream(primary_host, primary_port)
             streaming = self._wait_streaming(primary_host, primary_port, 30)
             return {"action": "attached", "upstream": f"{primary_host}:{primary_port}",
                     "streaming": streaming}
@@ -392,7 +446,7 @@ class PostgresDriver:
                 out["upstream"] = f"{recv[1]}:{recv[2]}"
         if out["upstream"] is None:
             # pg_stat_wal_receiver hides the sender from non-superusers: read our own config.
-            configured = self._configured_upstream()
+            configured = self._configured_upstream(conn)
             out["upstream"] = f"{configured[0]}:{configured[1]}" if configured else None
         out.update(self._view_from_upstream(out["upstream"], out["lsn"]))
         return out
@@ -402,6 +456,8 @@ class PostgresDriver:
         if not upstream or replay_lsn is None:
             return {}
         host, _, port = upstream.rpartition(":")
+        if not port.isdigit() or self._matching_peer(host, int(port)) is None:
+            return {}  # our password goes to configured peers only
         name = self.application_name or self._cluster_name()
         try:
             with self._connect(host, int(port), timeout_s=1) as up:
@@ -433,7 +489,8 @@ class PostgresDriver:
         if status.get("receiver") != "streaming" or not status.get("upstream"):
             return False
         up_host, _, up_port = str(status["upstream"]).rpartition(":")
-        return up_port == str(port) and _same_host(up_host, host)
+        return up_port == str(port) and (up_host == host or bool(_addresses(up_host)
+                                                                  & _addresses(host)))
 
     def _wait_streaming(self, host: str, port: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -446,7 +503,53 @@ class PostgresDriver:
         return False
 
     def _is_self(self, host: str, port: int) -> bool:
-        return port == self.port and _same_host(host, self.host)
+        """host:port reaches this instance, however the address is spelt (127.1, 0x7f000001…)."""
+        if port != self.port:
+            return False
+        addrs = _addresses(host)
+        ours = _addresses(self.host) | _local_addresses()
+        return bool(addrs & ours) or any(a.is_loopback or a.is_unspecified for a in addrs)
+
+    def _matching_peer(self, host: str, port: int) -> tuple[str, int] | None:
+        """The configured peer that host:port names (as configured), or None."""
+        if self._is_self(host, port):
+            return None
+        for peer in self.peers:
+            if peer == (host, port):
+                return peer
+        wanted = _addresses(host)
+        for peer_host, peer_port in self.peers:
+            if peer_port == port and wanted & _addresses(peer_host):
+                return peer_host, peer_port
+        return None
+
+    def _peer_target(self, host: str, port: int) -> tuple[str, int]:
+        """The configured peer host:port names, or VerbError: never this instance, never a
+        host outside the group (it would receive our password)."""
+        if self._is_self(host, port):
+            raise VerbError(f"{host}:{port} is this instance ({self.host}:{self.port}); name the "
+                            "new primary; nothing was changed")
+        peer = self._matching_peer(host, port)
+        if peer is None:
+            known = ", ".join(f"{h}:{p}" for h, p in self.peers) or "none configured"
+            raise VerbError(f"{host}:{port} is not a node of this group (peers: {known}; set "
+                            "control.peers in agent.yaml); nothing was changed")
+        return peer
+
+    def _writable_peers(self) -> list[str]:
+        """Peers that answer, right now, as a primary accepting writes."""
+        out = []
+        for host, port in self.peers:
+            if self._is_self(host, port):
+                continue
+            try:
+                with self._connect(host, port, timeout_s=2) as conn:
+                    if _one(conn, "SELECT NOT pg_is_in_recovery() AND "
+                                  "current_setting('transaction_read_only') = 'off'"):
+                        out.append(f"{host}:{port}")
+            except psycopg.Error:
+                continue  # not answering: the orchestrator's fence decides, not this check
+        return out
 
     # ---- process control ------------------------------------------------------------------
 
@@ -533,12 +636,13 @@ class PostgresDriver:
     # ---- rewind / base backup -------------------------------------------------------------
 
     def _check_source(self, host: str, port: int) -> None:
-        """Refuse before touching anything unless the source is a reachable primary of ours."""
+        """Refuse before touching anything unless the source is another server of our cluster,
+        a primary, on our timeline or a later one (compared over SQL)."""
         try:
             with self._connect(host, port) as src:
                 if _one(src, "SELECT pg_is_in_recovery()"):
-                    raise VerbError(f"{host}:{port} is a standby; rewind_to needs the primary")
-                source_id = str(_one(src, "SELECT system_identifier FROM pg_control_system()"))
+                    raise VerbError(f"{host}:{port} is a standby; rewind_to needs the primary; "
+                                    "nothing was changed")
                 # A just-promoted source's control file may still show the old timeline until
                 # its next checkpoint; pg_rewind would then wrongly find "no rewind required".
                 try:
@@ -546,27 +650,47 @@ class PostgresDriver:
                 except psycopg.errors.InsufficientPrivilege:
                     log.warning("cannot CHECKPOINT %s:%s (needs superuser or pg_checkpoint); "
                                 "pg_rewind may misjudge a freshly promoted source", host, port)
+                source = _identity(src)
+                source_tl = int(_one(src, "SELECT timeline_id FROM pg_control_checkpoint()"))
         except psycopg.Error as exc:
             raise VerbError(f"cannot reach the source {host}:{port}: {_first_line(exc)}; "
                             "nothing was changed") from exc
-        ours = self._system_identifier()
-        if ours is not None and ours != source_id:
+        if self._own_identity() == source:
+            raise VerbError(f"{host}:{port} is this instance (same system identifier, port and "
+                            "start time); name the new primary; nothing was changed")
+        ours, our_tl = self._control_data()
+        if ours is not None and ours != source[0]:
             raise VerbError(f"{host}:{port} belongs to another cluster (system identifier "
-                            f"{source_id}, ours {ours}); refusing to overwrite {self.datadir}")
+                            f"{source[0]}, ours {ours}); refusing to overwrite {self.datadir}; "
+                            "nothing was changed")
+        if our_tl is not None and source_tl < our_tl:
+            raise VerbError(f"{host}:{port} is on timeline {source_tl}, behind ours ({our_tl}): "
+                            "it cannot be the new primary; nothing was changed")
 
-    def _system_identifier(self) -> str | None:
-        if not (self.datadir / "global" / "pg_control").exists():
+    def _own_identity(self) -> tuple[str, int, str] | None:
+        if self._live_postmaster() is None:
             return None
+        try:
+            with self._connect() as conn:
+                return _identity(conn)
+        except psycopg.Error:
+            return None
+
+    def _control_data(self) -> tuple[str | None, int | None]:
+        """(system identifier, latest checkpoint's timeline) from our pg_control, if any."""
+        if not (self.datadir / "global" / "pg_control").exists():
+            return None, None
         r = self._run(["pg_controldata", "-D", str(self.datadir)], timeout=30)
-        m = re.search(r"Database system identifier:\s*(\d+)", r.stdout)
-        return m.group(1) if m else None
+        sysid = re.search(r"Database system identifier:\s*(\d+)", r.stdout)
+        tl = re.search(r"Latest checkpoint's TimeLineID:\s*(\d+)", r.stdout)
+        return (sysid.group(1) if sysid else None), (int(tl.group(1)) if tl else None)
 
     def _pg_rewind(self, host: str, port: int) -> tuple[str, str]:
         """("pg_rewind", note) when it worked, else ("pg_basebackup", why rewind was impossible)."""
         if not (self.datadir / "global" / "pg_control").exists():
             return "pg_basebackup", f"{self.datadir} holds no cluster to rewind"
-        source = (f"host={host} port={port} user={self.user} dbname={self.dbname} "
-                  f"connect_timeout={self.connect_timeout_s}")
+        source = make_conninfo(host=host, port=port, user=self.user, dbname=self.dbname,
+                               connect_timeout=self.connect_timeout_s)
         r = self._run(["pg_rewind", f"--target-pgdata={self.datadir}",
                        f"--source-server={source}"], timeout=1800, password=self._password)
         output = r.stdout + r.stderr
@@ -629,44 +753,38 @@ class PostgresDriver:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._write_file(dest, data)
 
-    def _write_standby_config(self, host: str, port: int, *, drop_port: bool = False,
-                              pin_port: bool = False) -> None:
-        conninfo = f"host={host} port={port} user={self.replication_user}"
+    def _set_upstream(self, host: str, port: int, *, drop_port: bool = False,
+                      pin_port: bool = False) -> None:
+        """Point the running standby at host:port: PostgreSQL writes the setting itself
+        (ALTER SYSTEM with a literal), so no value can add a line to postgresql.auto.conf."""
+        params: dict[str, Any] = {"host": host, "port": port, "user": self.replication_user}
         if self.application_name:
-            conninfo += f" application_name={self.application_name}"
+            params["application_name"] = self.application_name
         if self._replication_password is not None:
-            conninfo += f" passfile={self._write_passfile()}"
-        auto = self.datadir / "postgresql.auto.conf"
-        try:
-            lines = auto.read_text().splitlines()
-        except FileNotFoundError:
-            lines = ["# Do not edit this file manually!",
-                     "# It will be overwritten by the ALTER SYSTEM command."]
-        drop = ("primary_conninfo", "primary_slot_name") + (("port",) if drop_port else ())
-        kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in drop]
-        kept.append(f"primary_conninfo = '{conninfo}'")
-        if pin_port:
-            # The source's postgresql.conf came along and carries its port, not ours.
-            kept.append(f"port = {self.port}")
-        self._write_file(auto, ("\n".join(kept) + "\n").encode())
-        self._write_file(self.datadir / "standby.signal", b"")
+            params["passfile"] = str(self._write_passfile())
+        conninfo = make_conninfo(**params)
+        with self._connect() as conn:
+            conn.execute(sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
+                sql.Literal(conninfo)))
+            conn.execute("ALTER SYSTEM RESET primary_slot_name")
+            if drop_port:
+                conn.execute("ALTER SYSTEM RESET port")
+            if pin_port:
+                # The source's postgresql.conf came along and carries its port, not ours.
+                conn.execute(sql.SQL("ALTER SYSTEM SET port = {}").format(
+                    sql.Literal(self.port)))
+            conn.execute("SELECT pg_reload_conf()")
 
-    def _configured_upstream(self) -> tuple[str, int] | None:
+    def _configured_upstream(self, conn: psycopg.Connection[Any]) -> tuple[str, int] | None:
         try:
-            text = (self.datadir / "postgresql.auto.conf").read_text()
-        except OSError:
+            text = _one(conn, "SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'")
+            params = conninfo_to_dict(text) if text else {}
+        except psycopg.Error:
             return None
-        found = None
-        for line in text.splitlines():
-            if line.split("=", 1)[0].strip() == "primary_conninfo":
-                found = line
-        if found is None:
+        host, port = params.get("host"), str(params.get("port") or 5432)
+        if not host or not port.isdigit():
             return None
-        host = re.search(r"\bhost=([^\s']+)", found)
-        port = re.search(r"\bport=(\d+)", found)
-        if not host:
-            return None
-        return host.group(1), int(port.group(1)) if port else 5432
+        return str(host), int(port)
 
     def _write_passfile(self) -> Path:
         """The replication password for primary_conninfo, outside the data directory, 0600."""
@@ -727,11 +845,41 @@ def _is_postmaster_of(pid: int, datadir: Path) -> bool:
         return False
 
 
-def _same_host(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    local = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
-    return a in local and b in local
+def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address `host` stands for (as libpq would resolve it); empty when it resolves not."""
+    with contextlib.suppress(ValueError):
+        return {_plain(ipaddress.ip_address(host))}
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {_plain(ipaddress.ip_address(str(i[4][0]).split("%", 1)[0])) for i in infos}
+
+
+def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(ValueError):
+                    out.add(_plain(ipaddress.ip_address(a.address.split("%", 1)[0])))
+    return out
+
+
+def _plain(a: ipaddress.IPv4Address | ipaddress.IPv6Address
+           ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """::ffff:127.0.0.1 is 127.0.0.1."""
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        return a.ipv4_mapped
+    return a
+
+
+def _identity(conn: psycopg.Connection[Any]) -> tuple[str, int, str]:
+    """(system identifier, port, postmaster start time): what tells one server from another."""
+    row = conn.execute("SELECT system_identifier::text, current_setting('port')::int, "
+                       "pg_postmaster_start_time()::text FROM pg_control_system()").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1]), str(row[2])
 
 
 def _one(conn: psycopg.Connection[Any], sql: str) -> Any:
