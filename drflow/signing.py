@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 TIMESTAMP_HEADER = "X-Drflow-Timestamp"
@@ -14,6 +15,19 @@ DEFAULT_WINDOW_S = 300
 
 class SignatureError(Exception):
     """The request is not signed, wrongly signed, or outside the clock window."""
+
+
+# Unix seconds as the signers write them (`str(int(time))`): ASCII digits, no sign, no leading
+# zero, no `_` or spaces, at most 12 digits. `int()` alone accepts far more (`²`, `1_7…`, `+1`).
+_TIMESTAMP = re.compile(r"(?:0|[1-9][0-9]{0,11})", re.ASCII)
+_SIGNATURE = re.compile(re.escape(SIGNATURE_PREFIX) + r"[0-9a-f]{64}", re.ASCII)
+
+
+def parse_timestamp(value: str, header: str = TIMESTAMP_HEADER) -> int:
+    """The signature timestamp as an int; SignatureError unless it is plain ASCII digits."""
+    if not _TIMESTAMP.fullmatch(value):
+        raise SignatureError(f"{header} must be Unix seconds in ASCII digits (at most 12)")
+    return int(value)
 
 
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -39,10 +53,9 @@ def verify(
     """Check signature and clock window; return the timestamp. Raise SignatureError with why."""
     if not timestamp or not sig:
         raise SignatureError(f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER} header")
-    try:
-        ts = int(timestamp)
-    except ValueError as exc:
-        raise SignatureError(f"{TIMESTAMP_HEADER} is not an integer") from exc
+    ts = parse_timestamp(timestamp, TIMESTAMP_HEADER)
+    if not _SIGNATURE.fullmatch(sig):
+        raise SignatureError(f"{SIGNATURE_HEADER} is not {SIGNATURE_PREFIX}<64 hex digits>")
     expected = signature(secret, timestamp, body)
     if not hmac.compare_digest(expected, sig):
         raise SignatureError("signature does not match the body")

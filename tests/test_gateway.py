@@ -34,6 +34,7 @@ from drflow.gateway import (
     decide_incident,
     run,
 )
+from drflow.gateway.settings import GroupNode, GroupRoster
 from drflow.signing import sign_headers
 from lab.procs import free_port, kill_tree, spawn, stop_tree, wait_port
 
@@ -101,10 +102,17 @@ class Gateway:
                          path=f"/v1/groups/{group}/incident/close")
 
 
+def _roster() -> GroupRoster:
+    # The gateway takes events only from the VMs of a group's nodes.
+    return GroupRoster(primary=GroupNode(site="prod", vm=PRIMARY, host="127.0.0.1", port=5432),
+                       standby=GroupNode(site="dr", vm=STANDBY, host="127.0.0.2", port=5432))
+
+
 def make_settings(state: Path, **kw: Any) -> GatewaySettings:
     base: dict[str, Any] = {
         "webhook_secret": SECRET, "state_path": state, "heartbeat_timeout_s": 1.0,
         "groups": {"g1": GroupPolicy(auto_failover=True), "g2": GroupPolicy(auto_failover=False)},
+        "rosters": {"g1": _roster(), "g2": _roster()},
     }
     return GatewaySettings(**{**base, **kw})
 
@@ -416,7 +424,8 @@ async def _async_burst(url: str, n: int) -> list[int]:
         async def one() -> int:
             raw = json.dumps(event("recovery_exhausted")).encode()
             r = await client.post(url + "/v1/events", content=raw,
-                                  headers=sign_headers(SECRET.encode(), raw))
+                                  headers={**sign_headers(SECRET.encode(), raw),
+                                           "Content-Type": "application/json"})
             return r.status_code
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
@@ -508,6 +517,8 @@ def test_incident_start_latency(gw: Gateway) -> None:
             r = post(gw.url, {"idempotency_key": f"failover:g1:{i}"}, client=client,
                      path="/v1/groups/g1/incident/close")
             assert r.status_code == 200, r.text
+            # The agent recovers, so its next report is a new failure (not held down).
+            assert post(gw.url, event("resource_recovered"), client=client).status_code == 202
     p50 = statistics.median(latencies)
     p90 = statistics.quantiles(latencies, n=10)[-1]
     print(f"\nevent sent -> start_incident called over {runs} incidents: "
@@ -641,7 +652,8 @@ def _wait_for(pred: Any, timeout: float) -> bool:
 
 def test_state_survives_a_gateway_crash_and_restart(tmp_path: Path) -> None:
     heartbeat = json.dumps(event("heartbeat")).encode()
-    heartbeat_headers = sign_headers(SECRET.encode(), heartbeat)
+    heartbeat_headers = {**sign_headers(SECRET.encode(), heartbeat),
+                         "Content-Type": "application/json"}
     with gateway_process(tmp_path, fail=False) as url:
         r = httpx.post(url + "/v1/events", content=heartbeat, headers=heartbeat_headers)
         assert r.status_code == 202
@@ -664,6 +676,10 @@ def test_state_survives_a_gateway_crash_and_restart(tmp_path: Path) -> None:
         # Closing works across the restart, and the epoch keeps counting (no key is reused).
         assert post(url, {"idempotency_key": "failover:g1:1"},
                     path="/v1/groups/g1/incident/close").status_code == 200
+        # The same agent's next report is held down into the closed incident, until it recovers.
+        held = post(url, event("recovery_exhausted")).json()
+        assert held["action"] == "join" and held["incident"] == "failover:g1:1"
+        assert post(url, event("resource_recovered")).status_code == 202
         assert post(url, event("recovery_exhausted")).json()["incident"] == "failover:g1:2"
         assert _wait_for(lambda: len(_calls(tmp_path)) == 2, 5)
     log = (tmp_path / "gateway.log").read_text() + (tmp_path / "audit.jsonl").read_text()

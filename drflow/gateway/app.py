@@ -7,12 +7,23 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from drflow.gateway.contracts import Alerter, AuditSink, IncidentStarter
-from drflow.gateway.intake import Rejection, authenticate, parse_event, parse_model, read_body
+from drflow.gateway.http_server import BodyReadTimeout, server_config
+from drflow.gateway.intake import (
+    JsonLimits,
+    Rejection,
+    authenticate,
+    clip,
+    parse_event,
+    parse_model,
+    read_body,
+    require_json,
+)
 from drflow.gateway.roles import RolesService, register_roles
 from drflow.gateway.service import GatewayService
 from drflow.gateway.settings import GatewaySettings
@@ -60,13 +71,24 @@ def create_app(
     )
     app.state.gateway = service
     app.state.roles = roles
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.body_timeout_s)
     register_roles(app, roles, settings)
     slack = register_slack_actions(app, settings, service, audit)
     app.state.slack_actions = slack
+    limits = JsonLimits(settings.max_json_depth, settings.max_json_elements)
 
     def refused(rejection: Rejection, request: Request) -> JSONResponse:
         service.refuse(rejection, request.url.path, request.client.host if request.client else None)
-        return JSONResponse(rejection.body(), status_code=rejection.status)
+        return JSONResponse(rejection.body(), status_code=rejection.status,
+                            headers=rejection.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 (query and path parameters) would echo the input, whatever its size.
+        errors = [{"field": ".".join(str(p)[:64] for p in e.get("loc", ()))[:200],
+                   "message": str(e.get("msg", ""))[:200]} for e in exc.errors()[:20]]
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return refused(Rejection(422, "malformed", f"invalid request: {summary}", errors), request)
 
     @app.post("/v1/events")
     async def post_event(request: Request) -> JSONResponse:
@@ -74,12 +96,19 @@ def create_app(
         try:
             body = await read_body(request, settings.max_body_bytes)
             sig = authenticate(secret, request.headers, body, settings.signature_window_s)
-            event = parse_event(body)
+            require_json(request.headers)
+            event = parse_event(body, limits)
             if event.group not in settings.groups:
                 raise Rejection(
                     404, "unknown_group",
-                    f"unknown protection group {event.group!r}: add it to the configuration "
+                    f"unknown protection group {clip(event.group)}: add it to the configuration "
                     "or fix the agent's group",
+                )
+            if event.agent_id not in settings.known_agents(event.group):
+                raise Rejection(
+                    403, "unknown_agent",
+                    f"agent {clip(event.agent_id)} is not a node of group {event.group} (agents "
+                    "are the VM names of the group's nodes in the configuration)",
                 )
             accepted = service.accept(event, sig)
         except Rejection as rejection:
@@ -92,7 +121,7 @@ def create_app(
         try:
             body = await read_body(request, settings.max_body_bytes)
             authenticate(secret, request.headers, body, settings.signature_window_s)
-            req: CloseIncident = parse_model(CloseIncident, body, "close request")
+            req: CloseIncident = parse_model(CloseIncident, body, "close request", limits)
             rec = await service.close_incident(group, req.idempotency_key, req.outcome, req.reason)
         except Rejection as rejection:
             return refused(rejection, request)
@@ -126,10 +155,7 @@ def _server(
     log_level: str,
 ) -> uvicorn.Server:
     app = create_app(settings, starter, audit, alerter)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on"
-    )
-    return uvicorn.Server(config)
+    return uvicorn.Server(server_config(app, settings, host, port, log_level))
 
 
 def run(

@@ -42,6 +42,7 @@ def reported_role(details: Mapping[str, Any]) -> Role | None:
 class Action(StrEnum):
     FAILOVER = "failover"
     ALERT = "alert"
+    JOIN = "join"  # evidence of a failure whose incident closed moments ago: counted into it
     NONE = "none"
 
 
@@ -62,12 +63,21 @@ def decide_incident(
     silent_for_s: float | None = None,
     heartbeat_timeout_s: float | None = None,
     resource: str | None = None,
+    held_by: str | None = None,
 ) -> Decision:
     """Decide what a failure signal from one agent means for its protection group.
 
     `role` is the agent's role as the gateway knows it: PRIMARY only for the group's current
-    primary agent. `open_incident` is the key of the group's open incident, if any.
+    primary agent. `open_incident` is the key of the group's open incident, if any. `held_by` is
+    the closed incident whose hold-down still holds this agent (its reports since are the same
+    failure, repeated: they join it, whatever their number or order).
     """
+    if trigger is IncidentKind.RECOVERY_EXHAUSTED and held_by is not None:
+        return Decision(
+            Action.JOIN,
+            f"group {group}: agent {agent_id} reported recovery_exhausted again; it joins "
+            f"incident {held_by}, closed moments ago (hold-down), no new incident",
+        )
     if trigger is IncidentKind.HEARTBEAT_LOST:
         if silent_for_s is None or heartbeat_timeout_s is None:
             raise ValueError("heartbeat_lost needs silent_for_s and heartbeat_timeout_s")

@@ -52,6 +52,16 @@ class GatewayMetrics:
             "drflow_gateway_alerts_total", "Alerts raised instead of a failover.",
             ["group", "kind"], registry=self.registry,
         )
+        self.alerts_suppressed = Counter(
+            "drflow_gateway_alerts_suppressed_total",
+            "Alerts not repeated: the same agent alerted the same way within the hold-down.",
+            ["group", "kind"], registry=self.registry,
+        )
+        self.joined = Counter(
+            "drflow_gateway_incident_joins_total",
+            "Failure reports joined to an incident closed within the hold-down.",
+            ["group"], registry=self.registry,
+        )
         self.start_latency = Histogram(
             "drflow_gateway_incident_start_seconds",
             "From the incident's decision to start_incident being called.",

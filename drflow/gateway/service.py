@@ -23,7 +23,7 @@ from drflow.gateway.contracts import (
 )
 from drflow.gateway.decide import Action, Decision, Role, decide_incident, reported_role
 from drflow.gateway.heartbeats import AgentState, HeartbeatTracker
-from drflow.gateway.intake import Rejection
+from drflow.gateway.intake import Rejection, clip
 from drflow.gateway.metrics import GatewayMetrics
 from drflow.gateway.replication import ReplicationEvidence
 from drflow.gateway.settings import GatewaySettings
@@ -76,6 +76,8 @@ class GatewayService:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
+        # When each (group, agent, alert kind) last alerted (monotonic), to repeat it only rarely.
+        self._alerted: dict[tuple[str, str, str], float] = {}
         # Called on the loop with every new verified event, and after an incident closes
         # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
         self.event_hooks: list[Callable[[HealthEvent], None]] = []
@@ -158,19 +160,32 @@ class GatewayService:
             return Accepted(str(event.event_id), noted)
         if event.kind is EventKind.RESOURCE_RECOVERED:
             self._failures.get(key, {}).pop(event.resource or "", None)
+            released = self.store.release(event.group, event.agent_id)
+            if released is not None:
+                log.info("agent %s recovered: the hold-down of %s ends", event.agent_id, released)
             return Accepted(str(event.event_id), Decision(Action.NONE, "recovery recorded"))
 
         # recovery_exhausted
-        if role is not None and self.tracker.set_role_claim(event.group, event.agent_id, role):
-            self.store.set_primary(event.group, self.tracker.primary(event.group))
         open_rec = self.store.open_incident(event.group)
+        hold = self.store.join(event.group, event.agent_id) if open_rec is None else None
+        if hold is None and role is not None and self.tracker.set_role_claim(
+                event.group, event.agent_id, role):
+            self.store.set_primary(event.group, self.tracker.primary(event.group))
         decision = decide_incident(
             group=event.group, trigger=IncidentKind.RECOVERY_EXHAUSTED, agent_id=event.agent_id,
             role=self.tracker.effective_role(event.group, event.agent_id),
             auto_failover=self.settings.groups[event.group].auto_failover,
             open_incident=open_rec.incident.idempotency_key if open_rec else None,
-            resource=event.resource,
+            resource=event.resource, held_by=hold.key if hold else None,
         )
+        if decision.action is Action.JOIN and hold is not None:
+            self.metrics.joined.labels(event.group).inc()
+            if hold.joined == 1:  # one audit record per hold-down, however many reports follow
+                self._record("incident.join", event.group,
+                             {"idempotency_key": hold.key, "agent_id": event.agent_id,
+                              "hold_down_until": datetime.fromtimestamp(hold.until, UTC).isoformat()},
+                             "joined", decision.reason)
+            return Accepted(str(event.event_id), decision, hold.key)
         first = [_utc(event.observed_at), *self._failures.get(key, {}).values()]
         reported = event.details.get("first_failure_at")
         if isinstance(reported, str):
@@ -232,6 +247,14 @@ class GatewayService:
         return incident
 
     def _raise_alert(self, alert: Alert) -> None:
+        # One alert per agent and kind per hold-down period: a storm of reports is one page.
+        key = (alert.group, alert.agent_id, alert.kind)
+        now = time.monotonic()
+        last = self._alerted.get(key)
+        if last is not None and now - last < self.settings.incident_hold_down_s:
+            self.metrics.alerts_suppressed.labels(alert.group, alert.kind).inc()
+            return
+        self._alerted[key] = now
         log.warning("alert: %s", alert.reason)
         self.metrics.alerts.labels(alert.group, alert.kind).inc()
         self._record("incident.alert", alert.group, {"kind": alert.kind, "agent_id": alert.agent_id},
@@ -286,11 +309,12 @@ class GatewayService:
 
         Raises Rejection (404 unknown group, 409 when `key` is not the open incident)."""
         if group not in self.settings.groups:
-            raise Rejection(404, "unknown_group", f"unknown protection group {group!r}")
+            raise Rejection(404, "unknown_group", f"unknown protection group {clip(group)}")
         async with self._lock(group):
             rec = self.store.incident(key)
             closable = rec is not None and rec.incident.group == group
-            if rec is None or not closable or not self.store.close_incident(group, key, outcome, reason):
+            if rec is None or not closable or not self.store.close_incident(
+                    group, key, outcome, reason, self.settings.incident_hold_down_s):
                 current = self.store.open_incident(group)
                 raise Rejection(
                     409, "not_open",
@@ -347,7 +371,8 @@ class GatewayService:
 
     def _on_silence(self, state: AgentState) -> None:
         state.fired = True
-        if state.group not in self.settings.groups:
+        # Rows of agents the configuration no longer names (or older gateways let in) stay silent.
+        if state.agent_id not in self.settings.known_agents(state.group):
             return
         open_rec = self.store.open_incident(state.group)
         silent_for = self.tracker.age(state)

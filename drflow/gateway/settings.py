@@ -60,6 +60,19 @@ class GatewaySettings(BaseModel):
     runs_in_process: bool = Field(
         default=False, description="Incident runs live in this process (embedded mode): after a "
         "restart, open incidents are run again rather than left to a worker.")
+    incident_hold_down_s: float = Field(
+        default=300.0, ge=0, description="After an incident closes, further failure reports of "
+        "the same agent join it for this long instead of opening the next one (and repeated "
+        "alerts of one agent are sent once per this period).")
+    max_json_depth: int = Field(default=32, gt=0, description="Nesting limit of JSON bodies.")
+    max_json_elements: int = Field(default=10_000, gt=0, description="Element limit of JSON bodies.")
+    header_timeout_s: float = Field(
+        default=5.0, gt=0, description="A client must send its request line and headers within "
+        "this long (408 and the connection closed otherwise).")
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="A client must send its whole body within this long of "
+        "the request's start (408 and the connection closed otherwise).")
+    keep_alive_s: float = Field(default=5.0, gt=0, description="Idle keep-alive connections.")
 
     @model_validator(mode="after")
     def _retention_covers_window(self) -> GatewaySettings:
@@ -73,6 +86,11 @@ class GatewaySettings(BaseModel):
 
     def roster(self, group: str) -> GroupRoster:
         return self.rosters.get(group) or GroupRoster()
+
+    def known_agents(self, group: str) -> frozenset[str]:
+        """The agents that may speak for `group`: the VM names of its configured nodes."""
+        roster = self.roster(group)
+        return frozenset(n.vm for n in (roster.primary, roster.standby) if n is not None)
 
     def secret_bytes(self) -> bytes:
         return self.webhook_secret.get_secret_value().encode()

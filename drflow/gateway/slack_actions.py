@@ -27,13 +27,13 @@ from uuid import UUID
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from slack_sdk.signature import Clock, SignatureVerifier
 
 from drflow.approval import ACTION_IDS, ClickOutcome, Ledger, Verdict, answer, decide_click
 from drflow.gateway.contracts import AuditSink
-from drflow.gateway.intake import Rejection, read_body
+from drflow.gateway.intake import JsonLimits, Rejection, clip, load_json, read_body
 from drflow.gateway.service import GatewayService
 from drflow.gateway.settings import GatewaySettings
+from drflow.signing import SignatureError, parse_timestamp
 
 log = logging.getLogger("drflow.gateway.slack")
 
@@ -144,14 +144,17 @@ class Click:
     message: dict[str, Any]
 
 
-def parse_click(body: bytes) -> Click:
-    """The one button click a verified interaction carries; Rejection(400) says what is wrong."""
+def parse_click(body: bytes, limits: JsonLimits | None = None) -> Click:
+    """The one button click a verified interaction carries; Rejection(4xx) says what is wrong."""
+    limits = limits or JsonLimits()
     try:
-        form = urllib.parse.parse_qs(body.decode(), strict_parsing=True)
-        payload = json.loads(form["payload"][0])
+        form = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=True,
+                                     errors="strict", max_num_fields=10)
+        raw = form["payload"][0]
     except (UnicodeDecodeError, ValueError, KeyError, IndexError):
-        raise Rejection(400, "malformed", "expected a form field `payload` holding the "
-                        "interaction JSON") from None
+        raise Rejection(400, "malformed", "expected a UTF-8 form with a field `payload` holding "
+                        "the interaction JSON") from None
+    payload = load_json(raw, limits, "interaction payload")
     if not isinstance(payload, dict) or payload.get("type") != "block_actions":
         raise Rejection(400, "malformed", "only block_actions interactions are handled here")
     user = payload.get("user") or {}
@@ -159,14 +162,18 @@ def parse_click(body: bytes) -> Click:
     if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not actions:
         raise Rejection(400, "malformed", "interaction without user.id or actions")
     action = actions[0] if isinstance(actions[0], dict) else {}
-    choice = ACTION_IDS.get(str(action.get("action_id")))
+    action_id = action.get("action_id")
+    choice = ACTION_IDS.get(action_id) if isinstance(action_id, str) else None
     if choice is None:
-        raise Rejection(400, "malformed", f"unknown action_id {action.get('action_id')!r}: "
+        raise Rejection(400, "malformed", f"unknown action_id {clip(action_id)}: "
                         f"expected one of {', '.join(sorted(ACTION_IDS))}")
+    raw_value = action.get("value")
     try:
-        value = json.loads(str(action.get("value")))
-        run_id, group = str(UUID(str(value["run"]))), str(value["group"])
-    except (ValueError, KeyError, TypeError):
+        value = load_json(raw_value, limits, "button value") if isinstance(raw_value, str) else None
+        run_id, group = str(UUID(str(value["run"]))), value["group"]  # type: ignore[index]
+        if not isinstance(group, str):
+            raise TypeError(group)
+    except (Rejection, ValueError, KeyError, TypeError):
         raise Rejection(400, "malformed", "button value must be JSON {run: <flow run id>, "
                         "group: <name>}") from None
     url = payload.get("response_url")
@@ -212,22 +219,17 @@ class SlackActions:
             raise Rejection(401, "unsigned", "missing X-Slack-Request-Timestamp or "
                             "X-Slack-Signature")
         try:
-            age = abs(self.clock() - int(ts))
-        except ValueError:
-            raise Rejection(401, "bad_signature", "X-Slack-Request-Timestamp is not an integer") \
-                from None
-        verifier = SignatureVerifier(secret.get_secret_value(), clock=_Clock(self.clock))
-        try:
-            valid = verifier.is_valid(body, ts, sig)
-        except UnicodeDecodeError:
-            valid = False
-        if valid:
-            return
-        if _hmac_ok(secret.get_secret_value(), ts, body, sig):
+            age = abs(self.clock() - parse_timestamp(ts, "X-Slack-Request-Timestamp"))
+        except SignatureError as exc:
+            raise Rejection(401, "bad_timestamp", str(exc)) from None
+        # Slack's v0 scheme over the raw bytes (slack_sdk's verifier decodes the body first, so a
+        # body that is not UTF-8 looked like a wrong signature there).
+        if not _hmac_ok(secret.get_secret_value(), ts, body, sig):
+            raise Rejection(401, "bad_signature", "X-Slack-Signature does not match the body: "
+                            "check the Slack signing secret; nothing changed")
+        if age > WINDOW_S:
             raise Rejection(401, "stale", f"request timestamp is {age:.0f} s away from now "
                             f"(window {WINDOW_S} s): check the clock; nothing changed")
-        raise Rejection(401, "bad_signature", "X-Slack-Signature does not match the body: "
-                        "check the Slack signing secret; nothing changed")
 
     async def handle(self, click: Click) -> ClickOutcome:
         if click.group not in self.settings.groups:
@@ -313,21 +315,13 @@ class SlackActions:
             log.warning("could not post to response_url: %s", type(exc).__name__)
 
 
-class _Clock(Clock):
-    """slack_sdk's Clock over a plain function (tests move time)."""
-
-    def __init__(self, now: Any) -> None:
-        self._now = now
-
-    def now(self) -> float:
-        return float(self._now())
-
-
 def _hmac_ok(secret: str, ts: str, body: bytes, sig: str) -> bool:
-    """The signature is right for this body (so a refusal can only be the clock)."""
+    """`sig` is Slack's v0 signature of this timestamp and raw body."""
     import hashlib
     import hmac
 
+    if not sig.isascii():
+        return False
     mac = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest("v0=" + mac, sig)
 
@@ -337,6 +331,7 @@ def register_slack_actions(app: FastAPI, settings: GatewaySettings, gateway: Gat
                            flow_runs: FlowRuns | None = None) -> SlackActions:
     """Add `POST /slack/actions` to the gateway app; returns the handler (`app.state`)."""
     actions = SlackActions(settings, gateway, audit, flow_runs)
+    limits = JsonLimits(settings.max_json_depth, settings.max_json_elements)
 
     @app.post(PATH)
     async def slack_actions(request: Request) -> JSONResponse:
@@ -344,12 +339,13 @@ def register_slack_actions(app: FastAPI, settings: GatewaySettings, gateway: Gat
         try:
             body = await read_body(request, settings.max_body_bytes)
             actions.verify(request.headers, body)
-            click = parse_click(body)
+            click = parse_click(body, limits)
             outcome = await actions.handle(click)
         except Rejection as rejection:
             gateway.refuse(rejection, request.url.path,
                            request.client.host if request.client else None)
-            return JSONResponse(rejection.body(), status_code=rejection.status)
+            return JSONResponse(rejection.body(), status_code=rejection.status,
+                                headers=rejection.headers())
         actions.reply_later(click, outcome)
         return JSONResponse({"ok": True, "verdict": outcome.verdict.value,
                              "reason": outcome.reason})

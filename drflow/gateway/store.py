@@ -34,7 +34,19 @@ CREATE TABLE IF NOT EXISTS incidents (
     status TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT NOT NULL,
     first_failure_at TEXT NOT NULL, opened_at REAL NOT NULL, run_id TEXT, error TEXT,
     closed_at REAL, close_outcome TEXT, close_reason TEXT);
+CREATE TABLE IF NOT EXISTS holds (
+    grp TEXT NOT NULL, agent_id TEXT NOT NULL, key TEXT NOT NULL, until REAL NOT NULL,
+    joined INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (grp, agent_id));
 """
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A closed incident that further failure reports of its agent still join."""
+
+    key: str
+    until: float  # wall clock
+    joined: int  # reports joined so far, this one included
 
 
 class Seen(StrEnum):
@@ -196,8 +208,14 @@ class GatewayStore:
                 (IncidentStatus.START_FAILED.value, error, key, IncidentStatus.CLOSED.value),
             )
 
-    def close_incident(self, group: str, key: str, outcome: str, reason: str) -> bool:
-        """Close the group's open incident if it is `key`; False if `key` is not the open one."""
+    def close_incident(
+        self, group: str, key: str, outcome: str, reason: str, hold_down_s: float = 0.0
+    ) -> bool:
+        """Close the group's open incident if it is `key`; False if `key` is not the open one.
+
+        With `hold_down_s`, the incident's agent is held in the same transaction: its further
+        failure reports join this incident until then (`join`)."""
+        now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE group_state SET open_key = NULL WHERE grp = ? AND open_key = ?", (group, key)
@@ -207,9 +225,41 @@ class GatewayStore:
             db.execute(
                 "UPDATE incidents SET status = ?, closed_at = ?, close_outcome = ?, "
                 "close_reason = ? WHERE key = ?",
-                (IncidentStatus.CLOSED.value, time.time(), outcome, reason, key),
+                (IncidentStatus.CLOSED.value, now, outcome, reason, key),
             )
+            row = db.execute("SELECT evidence FROM incidents WHERE key = ?", (key,)).fetchone()
+            agent = json.loads(row[0]).get("agent_id") if row else None
+            if hold_down_s > 0 and isinstance(agent, str):
+                db.execute(
+                    "INSERT INTO holds (grp, agent_id, key, until) VALUES (?,?,?,?) "
+                    "ON CONFLICT (grp, agent_id) DO UPDATE SET key = excluded.key, "
+                    "until = excluded.until, joined = 0",
+                    (group, agent, key, now + hold_down_s),
+                )
             return True
+
+    def join(self, group: str, agent_id: str) -> Hold | None:
+        """Count a failure report of a held agent into its closed incident; None if not held."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT key, until, joined FROM holds WHERE grp = ? AND agent_id = ? AND until > ?",
+                (group, agent_id, time.time()),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE holds SET joined = joined + 1 WHERE grp = ? AND agent_id = ?",
+                       (group, agent_id))
+            return Hold(key=str(row[0]), until=float(row[1]), joined=int(row[2]) + 1)
+
+    def release(self, group: str, agent_id: str) -> str | None:
+        """End the agent's hold (it reported a recovery: its next report is a new failure)."""
+        with self._tx() as db:
+            row = db.execute("SELECT key FROM holds WHERE grp = ? AND agent_id = ?",
+                             (group, agent_id)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM holds WHERE grp = ? AND agent_id = ?", (group, agent_id))
+            return str(row[0])
 
     def open_incident(self, group: str) -> IncidentRecord | None:
         row = self._db.execute(
