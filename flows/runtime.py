@@ -36,7 +36,7 @@ class Runtime:
     def vcenter(self, site: str) -> VCenter:
         vc = self.cfg.sites[site].vcenter
         return VCenter(url=vc.url, user=vc.username, password=self.secret(vc.password),
-                       datacenter=vc.datacenter)
+                       datacenter=vc.datacenter, verify_tls=vc.verify_tls)
 
     def db(self, group: GroupConfig, node: NodeConfig, host: str | None = None,
            port: int | None = None) -> Db:

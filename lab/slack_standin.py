@@ -132,11 +132,14 @@ class Store:
         self._last_ts = max(time.time(), self._last_ts + 0.000001)
         return f"{self._last_ts:.6f}"
 
-    def channel_id(self, channel: Any) -> str:
+    def channel_id(self, channel: Any, by_name: bool = True) -> str:
+        """The id of `channel`; with `by_name` (chat.postMessage) a name or #name also works."""
         if not channel or not isinstance(channel, str):
             raise SlackError("channel_not_found")
         if channel in self.channels:
             return channel
+        if not by_name:  # as Slack: chat.update takes only the id
+            raise SlackError("channel_not_found")
         name = channel.lstrip("#")
         for cid, cname in self.channels.items():
             if cname == name:
@@ -242,7 +245,7 @@ class Api:
 
     def update(self, p: dict[str, Any]) -> dict[str, Any]:
         s = self.store
-        channel = s.channel_id(p.get("channel"))
+        channel = s.channel_id(p.get("channel"), by_name=False)
         old = s.get(channel, p.get("ts"))
         if old is None:
             raise SlackError("message_not_found")

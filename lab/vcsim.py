@@ -101,11 +101,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0,
-                timeout: float = 30.0) -> dict[str, Any]:
+def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float = 30.0,
+                twins: list[str] | None = None, tls: bool = False) -> dict[str, Any]:
     """Start vcsim detached with the lab inventory and return how to reach it.
 
-    `port=0` lets the launcher pick a free port itself (no race with other tests).
+    `port=0` lets the launcher pick a free port itself (no race with other tests). `twins`:
+    VM names created in both datacenters alike; `tls`: HTTPS with a self-signed certificate.
     """
     if not groups:
         raise ValueError("start_vcsim needs at least one protection group name")
@@ -120,10 +121,12 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0,
     # The simulated datastores are directories under TMPDIR: keep them inside the lab.
     tmp = lab_dir / "vcsim-datastores"
     tmp.mkdir(parents=True, exist_ok=True)
-    proc = procs.spawn(
-        [str(binary), "-port", str(port), "-groups", ",".join(groups), "-info", str(info_path)],
-        log=log, env={"TMPDIR": str(tmp)},
-    )
+    argv = [str(binary), "-port", str(port), "-groups", ",".join(groups), "-info", str(info_path)]
+    if twins:
+        argv += ["-twins", ",".join(twins)]
+    if tls:
+        argv.append("-tls")
+    proc = procs.spawn(argv, log=log, env={"TMPDIR": str(tmp)})
     deadline = time.monotonic() + timeout
     while not info_path.exists():
         if proc.poll() is not None:
@@ -145,6 +148,7 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0,
         "vms": served["vms"],
         "isolated_portgroup": served["isolated_portgroup"],
         "isolated_vswitch": served["isolated_vswitch"],
+        "twins": served.get("twins") or [],
         "log": str(log),
     }
 
@@ -183,11 +187,29 @@ def disconnect(si: vim.ServiceInstance) -> None:
         Disconnect(si)
 
 
-def vms_by_name(si: vim.ServiceInstance) -> dict[str, list[vim.VirtualMachine]]:
-    """All VMs in the inventory, by name, in one property-collector round trip."""
+def _root(si: vim.ServiceInstance, datacenter: str | None) -> Any:
+    content = si.RetrieveContent()
+    if datacenter is None:
+        return content.rootFolder
+    assert content.viewManager is not None, "vCenter without a ViewManager"
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True)
+    try:
+        dcs = {dc.name: dc for dc in view.view}
+    finally:
+        view.DestroyView()
+    if datacenter not in dcs:
+        raise LookupError(f"no datacenter {datacenter!r} in vCenter; there: {sorted(dcs)}")
+    return dcs[datacenter].vmFolder
+
+
+def vms_by_name(si: vim.ServiceInstance,
+                datacenter: str | None = None) -> dict[str, list[vim.VirtualMachine]]:
+    """All VMs in the inventory (or in one datacenter), by name, in one property-collector
+    round trip."""
     content = si.RetrieveContent()
     assert content.viewManager is not None, "vCenter without a ViewManager"
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    view = content.viewManager.CreateContainerView(_root(si, datacenter), [vim.VirtualMachine],
+                                                   True)
     try:
         pc = vmodl.query.PropertyCollector
         spec = pc.FilterSpec(
@@ -209,29 +231,32 @@ def vms_by_name(si: vim.ServiceInstance) -> dict[str, list[vim.VirtualMachine]]:
         view.DestroyView()
 
 
-def find_vm(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
-    """The one VM called `name`; LookupError if there is none or more than one."""
-    found = vms_by_name(si)
+def find_vm(si: vim.ServiceInstance, name: str,
+            datacenter: str | None = None) -> vim.VirtualMachine:
+    """The one VM called `name` (in `datacenter`, if given); LookupError if there is none or
+    more than one."""
+    found = vms_by_name(si, datacenter)
     vms = found.get(name, [])
     if len(vms) != 1:
         what = "no VM" if not vms else f"{len(vms)} VMs"
-        raise LookupError(f"{what} named {name!r} in vCenter; VMs there: {sorted(found)}")
+        where = f"datacenter {datacenter!r}" if datacenter else "vCenter"
+        raise LookupError(f"{what} named {name!r} in {where}; VMs there: {sorted(found)}")
     return vms[0]
 
 
-def vm_power_state(si: vim.ServiceInstance, name: str) -> str:
+def vm_power_state(si: vim.ServiceInstance, name: str, datacenter: str | None = None) -> str:
     """'poweredOn', 'poweredOff' or 'suspended'."""
-    return str(find_vm(si, name).runtime.powerState)
+    return str(find_vm(si, name, datacenter).runtime.powerState)
 
 
-def power_off(si: vim.ServiceInstance, name: str) -> None:
+def power_off(si: vim.ServiceInstance, name: str, datacenter: str | None = None) -> None:
     """Power a VM off; a VM that is already off counts as done."""
-    _power(find_vm(si, name).PowerOffVM_Task)
+    _power(find_vm(si, name, datacenter).PowerOffVM_Task)
 
 
-def power_on(si: vim.ServiceInstance, name: str) -> None:
+def power_on(si: vim.ServiceInstance, name: str, datacenter: str | None = None) -> None:
     """Power a VM on; a VM that is already on counts as done."""
-    _power(find_vm(si, name).PowerOnVM_Task)
+    _power(find_vm(si, name, datacenter).PowerOnVM_Task)
 
 
 def _power(start_task: Any) -> None:

@@ -40,6 +40,9 @@ class IncidentThread:
     title: str
     scrub: Callable[[str], str] = lambda s: s
     root_ts: str | None = None
+    # Slack answers chat.postMessage with the channel's id; chat.update accepts only an id, so
+    # a configured "#name" is replaced by the id the first post returned.
+    channel_id: str | None = None
     steps: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _q: queue.Queue[tuple[str, str] | None] = field(default_factory=queue.Queue)
@@ -67,6 +70,7 @@ class IncidentThread:
             root = client.chat_postMessage(channel=self.target.channel, text=self.scrub(headline),
                                            blocks=_blocks(self.title, self.scrub(headline)))
             self.root_ts = str(root["ts"])
+            self.channel_id = str(root.get("channel") or self.target.channel)
         except SlackApiError as exc:
             self.errors.append(f"chat.postMessage: {exc.response.get('error')}")
         except Exception as exc:  # Slack down must never stop a recovery
@@ -79,11 +83,11 @@ class IncidentThread:
             try:
                 if kind == "reply":
                     self.steps.append(text)
-                    client.chat_postMessage(channel=self.target.channel, thread_ts=self.root_ts,
-                                            text=text)
+                    client.chat_postMessage(channel=self.channel_id or self.target.channel,
+                                            thread_ts=self.root_ts, text=text)
                 else:
-                    client.chat_update(channel=self.target.channel, ts=self.root_ts, text=text,
-                                       blocks=_blocks(self.title, text))
+                    client.chat_update(channel=self.channel_id or self.target.channel,
+                                       ts=self.root_ts, text=text, blocks=_blocks(self.title, text))
             except SlackApiError as exc:
                 self.errors.append(f"{kind}: {exc.response.get('error')}")
             except Exception as exc:

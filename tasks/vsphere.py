@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class VCenter:
     user: str
     password: SecretStr
     datacenter: str | None = None
+    verify_tls: bool = True
 
     def __str__(self) -> str:
         return f"{self.user}@{self.url}"
@@ -58,6 +60,8 @@ def connect(vc: VCenter, fresh: bool = False) -> Any:
         kwargs.update(port=u.port or 80, protocol="http")
     else:
         kwargs.update(port=u.port or 443)
+        if not vc.verify_tls:  # the operator's choice (vcenter.verify_tls: false), e.g. self-signed
+            kwargs["sslContext"] = ssl._create_unverified_context()
     try:
         si = SmartConnect(**kwargs)
     except Exception as exc:  # never let the password ride along in a message
@@ -67,10 +71,30 @@ def connect(vc: VCenter, fresh: bool = False) -> Any:
     return si
 
 
-def vms_by_name(si: Any) -> dict[str, Any]:
-    """Every VM by name, in one PropertyCollector round trip (not one per VM)."""
+def datacenter_named(si: Any, name: str) -> Any:
+    """The datacenter called `name` (in any folder); LookupError naming the ones there are."""
     content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True)
+    try:
+        dcs = list(view.view)
+    finally:
+        view.DestroyView()
+    for dc in dcs:
+        if dc.name == name:
+            return dc
+    raise LookupError(f"no datacenter {name!r} in vCenter; there: {sorted(d.name for d in dcs)}")
+
+
+def vms_by_name(si: Any, datacenter: str | None = None) -> dict[str, Any]:
+    """Every VM by name, in one PropertyCollector round trip (not one per VM).
+
+    With `datacenter`, only that datacenter's VMs: one vCenter (or linked mode) often holds
+    both sites, and a DR VM is often named like the VM it protects. A name that two VMs
+    share within the scope maps to None: acting on either could be acting on the wrong one.
+    """
+    content = si.RetrieveContent()
+    root = content.rootFolder if datacenter is None else datacenter_named(si, datacenter).vmFolder
+    view = content.viewManager.CreateContainerView(root, [vim.VirtualMachine], True)
     try:
         pc = vmodl.query.PropertyCollector
         spec = pc.FilterSpec(
@@ -82,7 +106,8 @@ def vms_by_name(si: Any) -> dict[str, Any]:
         result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
         while result is not None:
             for obj in result.objects:
-                found[str(obj.propSet[0].val)] = obj.obj
+                name = str(obj.propSet[0].val)
+                found[name] = None if name in found else obj.obj
             if not result.token:
                 break
             result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
@@ -92,10 +117,14 @@ def vms_by_name(si: Any) -> dict[str, Any]:
 
 
 def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
-    vm = vms_by_name(si).get(name)
+    """The one VM called `name` in `datacenter` (the whole vCenter if None)."""
+    where = f" in datacenter {datacenter!r}" if datacenter else " in vCenter"
+    found = vms_by_name(si, datacenter)
+    if name not in found:
+        raise LookupError(f"VM {name!r} not found{where}")
+    vm = found[name]
     if vm is None:
-        raise LookupError(f"VM {name!r} not found in vCenter"
-                          + (f" ({datacenter})" if datacenter else ""))
+        raise LookupError(f"several VMs named {name!r}{where}: refusing to pick one")
     return vm
 
 

@@ -143,6 +143,35 @@ def test_post_update_and_history_newest_first(slack: dict[str, Any], web: WebCli
     assert e.value.response["error"] == "channel_not_found"
 
 
+def test_update_takes_only_a_channel_id_as_slack_does(slack: dict[str, Any],
+                                                       web: WebClient) -> None:
+    by_name = web.chat_postMessage(channel=f"#{slack_standin.CHANNEL_NAME}", text="by name")
+    assert by_name["channel"] == slack_standin.CHANNEL_ID  # Slack answers with the id
+    with pytest.raises(SlackApiError) as e:
+        web.chat_update(channel=f"#{slack_standin.CHANNEL_NAME}", ts=by_name["ts"], text="x")
+    assert e.value.response["error"] == "channel_not_found"
+    done = web.chat_update(channel=by_name["channel"], ts=by_name["ts"], text="by id")
+    assert done["message"]["text"] == "by id"
+
+
+def test_incident_thread_on_a_channel_name_updates_its_headline(slack: dict[str, Any]) -> None:
+    from pydantic import SecretStr
+
+    from tasks.slack import IncidentThread, SlackTarget
+
+    target = SlackTarget(api_url=slack["url"], channel=f"#{slack_standin.CHANNEL_NAME}",
+                         token=SecretStr(slack["bot_token"]))
+    thread = IncidentThread(target, "Failover of orders")
+    thread.start("⏳ started")
+    thread.step("ok", "fenced")
+    thread.headline("✅ failed over")
+    thread.close()
+    assert thread.errors == []
+    root = next(m for m in SlackLab(slack["url"]).messages() if m["ts"] == thread.root_ts)
+    assert root["text"] == "✅ failed over" and root["channel"] == slack_standin.CHANNEL_ID
+    assert thread.steps == ["✅ fenced"]
+
+
 def test_threads_stay_out_of_history_and_come_back_in_replies(slack: dict[str, Any],
                                                               web: WebClient) -> None:
     channel = slack["channel"]

@@ -2,11 +2,15 @@
 // inventory: datacenters "prod" and "dr", one powered-on VM per protection group and site, and an
 // isolated port group in "dr" for DR drills. It writes a JSON description of what it serves to -info
 // once the inventory is ready, so the caller can wait for that file instead of polling the port.
+// With -twins, each named VM is created in both datacenters under the very same name (a DR VM
+// named like the VM it protects, as many shops do); with -tls, vCenter is served over HTTPS with
+// a self-signed certificate, as a fresh vCenter is.
 package main
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -46,6 +50,7 @@ type info struct {
 	VMs               map[string]vmInfo `json:"vms"`
 	IsolatedPortgroup string            `json:"isolated_portgroup"`
 	IsolatedVswitch   string            `json:"isolated_vswitch"`
+	Twins             []string          `json:"twins"`
 }
 
 // Model.Create names datacenters DC0, DC1, ... in order; we rename them to the lab's sites.
@@ -57,13 +62,15 @@ func main() {
 	infoPath := flag.String("info", "", "write the served inventory as JSON to this file when ready")
 	isolated := flag.String("isolated-portgroup", "drflow-isolated", "isolated port group in dr")
 	verbose := flag.Bool("verbose", false, "keep the property collector's per-call log lines")
+	twins := flag.String("twins", "", "comma-separated VM names created in every datacenter alike")
+	useTLS := flag.Bool("tls", false, "serve HTTPS with a self-signed certificate")
 	flag.Parse()
 	if !*verbose {
 		// A power bridge long-polls WaitForUpdatesEx: vcsim would log each call, every second.
 		log.SetOutput(quietWriter{os.Stderr})
 	}
 
-	if err := run(*port, splitGroups(*groups), *infoPath, *isolated); err != nil {
+	if err := run(*port, splitGroups(*groups), splitGroups(*twins), *infoPath, *isolated, *useTLS); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim-lab:", err)
 		os.Exit(1)
 	}
@@ -93,7 +100,7 @@ func splitGroups(s string) []string {
 	return out
 }
 
-func run(port int, groups []string, infoPath, isolated string) error {
+func run(port int, groups, twins []string, infoPath, isolated string, useTLS bool) error {
 	m := simulator.VPX()
 	m.Datacenter = len(sites)
 	m.Host = 1
@@ -123,17 +130,20 @@ func run(port int, groups []string, infoPath, isolated string) error {
 	}
 	_ = l.Close()
 	m.Service.TLS = nil
+	if useTLS {
+		m.Service.TLS = new(tls.Config) // the simulator then makes a self-signed certificate
+	}
 	m.Service.Listen = &url.URL{Host: addr}
 	s := m.Service.NewServer()
 	registerDisableMethodHook(m.Service)
 
 	ctx := context.Background()
-	c, err := govmomi.NewClient(ctx, s.URL, true)
+	c, err := govmomi.NewClient(ctx, s.URL, true) // insecure: our own self-signed certificate
 	if err != nil {
 		return fmt.Errorf("connect to own simulator: %w", err)
 	}
-	out := info{VMs: map[string]vmInfo{}, IsolatedPortgroup: isolated, Pid: os.Getpid()}
-	if err := buildInventory(ctx, c, groups, isolated, &out); err != nil {
+	out := info{VMs: map[string]vmInfo{}, IsolatedPortgroup: isolated, Pid: os.Getpid(), Twins: twins}
+	if err := buildInventory(ctx, c, groups, twins, isolated, &out); err != nil {
 		return fmt.Errorf("inventory: %w", err)
 	}
 	_ = c.Logout(ctx)
@@ -152,7 +162,7 @@ func run(port int, groups []string, infoPath, isolated string) error {
 	select {} // serve until signalled
 }
 
-func buildInventory(ctx context.Context, c *govmomi.Client, groups []string, isolated string, out *info) error {
+func buildInventory(ctx context.Context, c *govmomi.Client, groups, twins []string, isolated string, out *info) error {
 	finder := find.NewFinder(c.Client, false)
 	for i, site := range sites {
 		dc, err := finder.Datacenter(ctx, fmt.Sprintf("DC%d", i))
@@ -184,6 +194,11 @@ func buildInventory(ctx context.Context, c *govmomi.Client, groups []string, iso
 				return fmt.Errorf("create VM %s: %w", name, err)
 			}
 			out.VMs[name] = vmInfo{Datacenter: site, EsxHost: hostName}
+		}
+		for _, name := range twins {
+			if err := createVM(ctx, c, folders.VmFolder, pool, host, name); err != nil {
+				return fmt.Errorf("create VM %s in %s: %w", name, site, err)
+			}
 		}
 		if site == "dr" {
 			vswitch, err := addIsolatedPortgroup(ctx, finder, host, isolated)
