@@ -1,9 +1,10 @@
 """DR drill runbook: readiness → bubble (VM clone + promoted copy) → checks → RTO/RPO → teardown → report.
 
-Production is only ever read, except for two marker rows in drflow's own table on the primary
-(one committed before the copy, one after; both removed at teardown) that prove which history
-the copy holds. No power operation on production VMs, no DNS change, no promotion of the
-production standby, no change to replication settings. Teardown runs whatever happened.
+Production is only ever read: the standby's replay position and newest completed transaction,
+observed before the copy, are what the copy must hold; the copy's base backup asks the standby
+for a spread restartpoint, never an immediate one. No write, table or setting on production, no
+power operation on production VMs, no DNS change, no promotion of the production standby, no
+change to replication settings. Teardown runs whatever happened.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class _State:
     step: str = ""
     run_dir: Path | None = None
     bindir: str | None = None
-    markers: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,15 +163,12 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
             s.reason = (f"removed {len(leftovers)} copy/copies and {len(destroyed)} clone(s)"
                         + (f"; left: {left + refused}" if left or refused else ""))
 
-    st.step = "mark the primary"
-    before = f"drill-{st.drill_id}-before"
-    with run.step(st.step, g.primary.vm, {"marker": before}) as s:
-        tables = bubble.user_tables(primary)
-        st.markers.append(before)
-        marker_lsn = bubble.write_marker(primary, g.name, before)
-        waited = bubble.wait_replayed(standby, marker_lsn, timeout=max(10.0, g.rpo_budget_s * 2))
-        s.reason = (f"marker committed at {_lsn(marker_lsn)}, replayed by the standby in "
-                    f"{waited:.2f} s; {len(tables)} user table(s) on the primary")
+    st.step = "observe the standby"
+    with run.step(st.step, g.standby.vm) as s:
+        seen = bubble.observe_standby(standby)
+        s.reason = (f"standby replayed up to {_lsn(seen.replay_lsn)}; newest completed "
+                    f"transaction {seen.witness_xid} ({seen.witness_status}); "
+                    f"{len(seen.tables)} user table(s); read-only")
 
     st.step = "clone the DR VM into the bubble"
     clone_name = st.clone_prefix + st.drill_id
@@ -200,7 +197,6 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                     f"{dc.max_rate or 'unlimited'}); standby lag then "
                     f"{_num(lag.lag_s)} s / {lag.lag_bytes} bytes")
 
-    after = f"drill-{st.drill_id}-after"
     st.step = "start and promote the copy"
     copy_db = Db(host=bubble.COPY_HOST, port=copy.port, dbname=g.database.name,
                  user=g.database.user, password=rt.secret(g.database.password))
@@ -211,11 +207,10 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
         s.reason = f"promoted on port {copy.port} at LSN {_lsn(copy_lsn)}"
 
     st.step = "check the copy"
-    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}", {"markers": [before, after]}) as s:
-        st.markers.append(after)
-        bubble.write_marker(primary, g.name, after)
-        facts = bubble.check_copy(copy_db, before, after, tables, copy_lsn, marker_lsn,
-                                  st.drill_id)
+    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}",
+                  {"witness_xid": seen.witness_xid}) as s:
+        facts = bubble.check_copy(copy_db, seen, copy_lsn, st.drill_id, (primary, standby),
+                                  copy.name)
         d = copy_verified(facts)
         s.reason = d.reason
         if not d.proceed:
@@ -243,11 +238,6 @@ def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st:
             left += [f"VM {n}" for n in bubble.drill_vms(vc, st.clone_prefix)]
         except Exception as exc:
             left.append(f"clones {st.clone_prefix}*: {type(exc).__name__}: {exc}")
-        if st.markers:
-            try:
-                bubble.remove_markers(rt.db(g, g.primary), g.name)
-            except Exception as exc:
-                left.append(f"markers on the primary: {type(exc).__name__}")
         if st.run_dir is not None:
             left += [f"process {p}" for p in bubble.processes_under(st.run_dir)]
             if st.run_dir.exists():

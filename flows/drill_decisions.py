@@ -92,29 +92,37 @@ def readiness(checks: Mapping[str, Decision]) -> Decision:
 
 
 def copy_verified(f: CopyFacts) -> Decision:
-    """Writable, detached from production, and holding exactly the primary's history up to its LSN."""
+    """Writable, detached from production, and holding production's history up to the moment
+    the drill observed the standby (its replay position and newest completed transaction)."""
     problems = []
     if f.in_recovery is not False:
         problems.append("the copy is still in recovery (promotion did not finish)")
     if f.replicating_from:
         problems.append(f"the copy is attached to {f.replicating_from}: not isolated")
+    if f.senders_to_copy:
+        problems.append(f"production sends WAL to the copy ({', '.join(f.senders_to_copy)}): "
+                        "not isolated")
     if not f.wrote_and_read:
         problems.append("a write on the copy could not be read back")
-    if not f.marker_before:
-        problems.append("the marker committed on the primary before the copy is missing")
-    if f.marker_after:
-        problems.append("the marker committed on the primary after the copy is present: the copy "
-                        "is still receiving production's changes")
+    if f.witness is None or f.witness != f.witness_on_copy:
+        problems.append(f"the standby saw {f.witness or 'no transaction'} before the copy, the "
+                        f"copy has {f.witness_on_copy or 'nothing'}")
     if f.missing_tables:
-        problems.append(f"table(s) of the primary missing on the copy: "
+        problems.append(f"table(s) of production missing on the copy: "
                         f"{', '.join(f.missing_tables[:10])}")
-    if f.copy_lsn is not None and f.marker_lsn is not None and f.copy_lsn < f.marker_lsn:
-        problems.append("the copy's LSN is older than the marker's")
+    if f.known_lsn is None or f.copy_lsn is None or f.copy_lsn < f.known_lsn:
+        problems.append(f"the copy ends at {_lsn(f.copy_lsn)}, before the standby's replay "
+                        f"position {_lsn(f.known_lsn)} observed before the copy")
     if problems:
         return Decision(False, "; ".join(problems))
-    return Decision(True, "writable; holds the primary's marker from before the copy and not the "
-                          "one from after it; every table of the primary is there; detached "
-                          "from production")
+    return Decision(True, f"writable; holds production's history up to the standby's replay "
+                          f"position {_lsn(f.known_lsn)} observed before the copy ({f.witness} "
+                          f"there and on the copy; copy at {_lsn(f.copy_lsn)}); every table "
+                          "of production is there; detached from production")
+
+
+def _lsn(v: int | None) -> str:
+    return "unknown" if v is None else f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
 
 
 def teardown_clean(leftovers: Sequence[str]) -> Decision:

@@ -6,6 +6,9 @@ config's `drill.work_dir`, listening on 127.0.0.1 only. It is started with every
 could tie it to production overridden (no primary_conninfo, no synchronous standbys, no
 archiving), so it can never become a standby of, or a sender to, production; and without fsync,
 so that it does not compete with production for the disk where they share one.
+
+Production is only read: no row, table or setting is written there, and the base backup asks
+the standby for a spread (not an immediate) restartpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from tasks.vsphere import VCenter, connect, find_vm
 
 PG_OS_USER = "postgres"  # PostgreSQL refuses to run as root
 COPY_HOST = "127.0.0.1"  # the copy never listens beyond the drill machine
-MARKER_TABLE = "drflow_drill_marker"
 CHECK_TABLE = "drflow_drill_check"
 RUN_FILE = "drill.json"
 # The copy and its base backup yield the CPU to production wherever they share a machine.
@@ -196,12 +198,13 @@ class CopyFacts:
 
     in_recovery: bool | None
     replicating_from: str | None  # a WAL receiver or primary_conninfo on the copy: never allowed
-    marker_before: bool
-    marker_after: bool
     wrote_and_read: bool
     missing_tables: Sequence[str] = field(default_factory=tuple)
     copy_lsn: int | None = None
-    marker_lsn: int | None = None
+    known_lsn: int | None = None  # the standby's replay position observed before the copy
+    witness: str | None = None  # "xid N committed" as the standby saw it before the copy
+    witness_on_copy: str | None = None  # that transaction's fate on the copy
+    senders_to_copy: Sequence[str] = field(default_factory=tuple)  # production → copy WAL
 
 
 def _same_endpoint(a_host: str, a_port: int, b_host: str, b_port: int) -> bool:
@@ -358,7 +361,8 @@ def _vm_networks(si: Any, vms: list[Any], net_names: dict[str, str]) -> dict[str
 
 def drill_vms(vc: VCenter, prefix: str) -> list[str]:
     """Names of the VMs a drill of this group may have made (leftovers included)."""
-    return sorted(n for n in vsphere.vms_by_name(connect(vc)) if n.startswith(prefix))
+    return sorted(n for n in vsphere.vms_by_name(connect(vc), vc.datacenter)
+                  if n.startswith(prefix))
 
 
 @task(name="clone the DR VM into the bubble", timeout_seconds=600, cache_policy=NO_CACHE)
@@ -410,8 +414,11 @@ def destroy_clones(vc: VCenter, prefix: str, portgroup: str) -> tuple[list[str],
     """
     si = connect(vc)
     destroyed, refused = [], []
-    for name, vm in sorted(vsphere.vms_by_name(si).items()):
+    for name, vm in sorted(vsphere.vms_by_name(si, vc.datacenter).items()):
         if not name.startswith(prefix):
+            continue
+        if vm is None:
+            refused.append(f"{name} (several VMs by that name: not sure which is ours)")
             continue
         if any(str(n.backing.deviceName) != portgroup for n in _nics(vm)):
             refused.append(f"{name} (has a NIC outside {portgroup!r}: not a drill clone)")
@@ -421,50 +428,61 @@ def destroy_clones(vc: VCenter, prefix: str, portgroup: str) -> tuple[list[str],
     return destroyed, refused
 
 
-# --- production: a marker row to prove what the copy holds --------------------------------------
+# --- production, read only: what the copy must hold -----------------------------------------------
 
 
-@task(name="write a drill marker on the primary", retries=2, retry_delay_seconds=0.5,
-      timeout_seconds=60, cache_policy=NO_CACHE)
-def write_marker(primary: Db, group: str, token: str) -> int:
-    """Commit one row in drflow's own marker table; return the primary's WAL position after it."""
-    with primary.connect() as c:
-        c.execute(f"create table if not exists {MARKER_TABLE} (token text primary key, "
-                  "grp text not null, written_at timestamptz not null default now())")
-        c.execute(f"insert into {MARKER_TABLE} (token, grp) values (%s, %s) "
-                  "on conflict do nothing", (token, group))
-        row = c.execute("select pg_current_wal_lsn()::text").fetchone()
-    lsn = lsn_int(row[0] if row else None)
-    if lsn is None:
-        raise DrillError(f"no WAL position from {primary} after the marker")
-    return lsn
+@dataclass(frozen=True)
+class Observation:
+    """The standby at one moment, read in one snapshot: the copy must hold at least this."""
+
+    replay_lsn: int  # WAL the standby had replayed
+    witness_xid: int  # the newest transaction the standby saw completed...
+    witness_status: str  # ...and its fate there ('committed' or 'aborted')
+    tables: tuple[str, ...]  # production's user tables
 
 
-def wait_replayed(standby: Db, lsn: int, timeout: float) -> float:
-    """Wait until the standby has replayed up to `lsn`; return the seconds it took."""
-    t0 = time.monotonic()
-    with standby.connect() as c:
-        while True:
-            row = c.execute("select pg_last_wal_replay_lsn()::text").fetchone()
-            replayed = lsn_int(row[0] if row else None)
-            if replayed is not None and replayed >= lsn:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise DrillError(f"the standby replayed only up to {row[0] if row else None}, "
-                                 f"not the drill marker, within {timeout:.0f} s")
-            time.sleep(0.02)
+def _newest_completed(snapshot: str) -> int:
+    """The newest transaction id a `pg_current_snapshot()` text (xmin:xmax:xip,…) shows done."""
+    xmin, xmax, xip = snapshot.split(":")
+    running = {int(x) for x in xip.split(",") if x}
+    x = int(xmax) - 1
+    while x in running and x >= int(xmin):
+        x -= 1
+    return x
 
 
-@task(name="remove drill markers", retries=2, retry_delay_seconds=0.5, timeout_seconds=60,
+@task(name="observe the standby", retries=2, retry_delay_seconds=0.5, timeout_seconds=60,
       cache_policy=NO_CACHE)
-def remove_markers(primary: Db, group: str) -> int:
-    """Delete the group's markers (this drill's, and any an interrupted drill left)."""
-    with primary.connect() as c:
-        exists = c.execute("select to_regclass(%s)", (MARKER_TABLE,)).fetchone()
-        if not exists or exists[0] is None:
-            return 0
-        cur = c.execute(f"delete from {MARKER_TABLE} where grp = %s", (group,))
-        return cur.rowcount
+def observe_standby(standby: Db) -> Observation:
+    """Read-only: the standby's replay position, its newest completed transaction and tables.
+
+    Production is never written for a drill (no marker row, no table): these facts, read in
+    one snapshot on the standby, are what the copy taken afterwards must contain."""
+    with standby.connect() as c:
+        c.execute("begin isolation level repeatable read read only")
+        row = c.execute("select pg_last_wal_replay_lsn()::text, pg_current_snapshot()::text"
+                        ).fetchone()
+        if row is None or lsn_int(row[0]) is None:
+            raise DrillError(f"{standby} reports no replay position: is it a standby?")
+        xid = _newest_completed(str(row[1]))
+        status = c.execute("select pg_xact_status(%s::text::xid8)", (xid,)).fetchone()
+        c.execute("commit")
+    replay = lsn_int(row[0])
+    assert replay is not None
+    if status is None or status[0] not in ("committed", "aborted"):
+        raise DrillError(f"transaction {xid} on {standby} is {status[0] if status else None}, "
+                         "not completed: cannot use it as the drill's witness")
+    return Observation(replay_lsn=replay, witness_xid=xid, witness_status=str(status[0]),
+                       tables=tuple(user_tables(standby)))
+
+
+def senders_to(db: Db, application_prefix: str) -> list[str]:
+    """Read-only: WAL senders of `db` to a client whose application name starts with the prefix."""
+    with db.connect() as c:
+        rows = c.execute("select application_name || ' (' || state || ')' from "
+                         "pg_stat_replication where starts_with(application_name, %s)",
+                         (application_prefix,)).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def user_tables(db: Db) -> list[str]:
@@ -578,10 +596,12 @@ def _base_backup(bindir: Path, conninfo: str, copy: DrillCopy, passfile: Path,
     # `fetch` takes the WAL at the end of the copy (4x faster here than `stream`, which pads
     # whole segments); if the standby recycled that WAL meanwhile, `stream` with its temporary
     # slot cannot miss any. Never a permanent slot: a crashed drill must not pin the standby's WAL.
+    # A spread checkpoint: the standby's restartpoint paces its writes as its own would, where
+    # `fast` makes production's standby flush everything at once for a drill.
     for method in ("fetch", "stream"):
         try:
             _run([*NICE, str(bindir / "pg_basebackup"), "-D", str(copy.datadir), "-d", conninfo,
-                  "--checkpoint=fast", f"--wal-method={method}", "--no-sync", "--no-manifest",
+                  "--checkpoint=spread", f"--wal-method={method}", "--no-sync", "--no-manifest",
                   *([f"--max-rate={max_rate}"] if max_rate else [])],
                  f"pg_basebackup of the standby ({method})", timeout=6 * 3600,
                  cwd=copy.run_dir, PGPASSFILE=str(passfile))
@@ -679,9 +699,10 @@ def promote_copy(db: Db) -> int:
 
 
 @task(name="check the copy", timeout_seconds=300, cache_policy=NO_CACHE)
-def check_copy(db: Db, marker_before: str, marker_after: str, expected_tables: list[str],
-               copy_lsn: int | None, marker_lsn: int | None, drill_id: str) -> CopyFacts:
-    """Application checks on the promoted copy: write, read, markers, tables, detachment."""
+def check_copy(db: Db, seen: Observation, copy_lsn: int | None, drill_id: str,
+               production: Sequence[Db], copy_name: str) -> CopyFacts:
+    """Application checks on the promoted copy: write, read, the witness transaction, tables,
+    detachment (the copy takes WAL from nobody; production sends it none, read-only)."""
     with db.connect(timeout=10) as c:
         rec = c.execute("select pg_is_in_recovery()").fetchone()
         rcv = c.execute("select sender_host || ':' || sender_port from pg_stat_wal_receiver"
@@ -689,22 +710,21 @@ def check_copy(db: Db, marker_before: str, marker_after: str, expected_tables: l
         conninfo = c.execute("select current_setting('primary_conninfo')").fetchone()
         attached = (rcv[0] if rcv else None) or ((conninfo[0] if conninfo else "") and
                                                   "primary_conninfo")
+        # Before the copy's own first write: its transaction ids then go on from production's.
+        fate = c.execute("select pg_xact_status(%s::text::xid8)", (seen.witness_xid,)).fetchone()
         c.execute(f"create table if not exists {CHECK_TABLE} (id text primary key, "
                   "at timestamptz default now())")
         c.execute(f"insert into {CHECK_TABLE} (id) values (%s)", (drill_id,))
         read = c.execute(f"select 1 from {CHECK_TABLE} where id = %s", (drill_id,)).fetchone()
-        has_table = c.execute("select to_regclass(%s)", (MARKER_TABLE,)).fetchone()
-        before = after = False
-        if has_table and has_table[0] is not None:
-            found = {str(r[0]) for r in c.execute(
-                f"select token from {MARKER_TABLE} where token = any(%s)",
-                ([marker_before, marker_after],)).fetchall()}
-            before, after = marker_before in found, marker_after in found
     present = set(user_tables(db))
-    missing = [t for t in expected_tables if t not in present]
+    missing = [t for t in seen.tables if t not in present]
+    senders = [s for p in production for s in senders_to(p, f"drflow-drill-{copy_name}")]
     return CopyFacts(in_recovery=bool(rec[0]) if rec else None, replicating_from=attached or None,
-                     marker_before=before, marker_after=after, wrote_and_read=read is not None,
-                     missing_tables=tuple(missing), copy_lsn=copy_lsn, marker_lsn=marker_lsn)
+                     wrote_and_read=read is not None, missing_tables=tuple(missing),
+                     copy_lsn=copy_lsn, known_lsn=seen.replay_lsn,
+                     witness=f"xid {seen.witness_xid} {seen.witness_status}",
+                     witness_on_copy=f"xid {seen.witness_xid} {fate[0] if fate else None}",
+                     senders_to_copy=tuple(senders))
 
 
 # --- teardown -----------------------------------------------------------------------------------

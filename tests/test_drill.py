@@ -118,14 +118,20 @@ def test_dns_readiness_and_the_combined_verdict() -> None:
 
 
 def test_copy_verdict_and_outcome() -> None:
-    good = CopyFacts(in_recovery=False, replicating_from=None, marker_before=True,
-                     marker_after=False, wrote_and_read=True, copy_lsn=200, marker_lsn=100)
+    good = CopyFacts(in_recovery=False, replicating_from=None, wrote_and_read=True,
+                     copy_lsn=200, known_lsn=100, witness="xid 7 committed",
+                     witness_on_copy="xid 7 committed")
     assert copy_verified(good).proceed
-    bad = CopyFacts(in_recovery=True, replicating_from="10.0.0.1:5432", marker_before=False,
-                    marker_after=True, wrote_and_read=False, missing_tables=("public.t",))
+    assert "up to the standby's replay position 0/64" in copy_verified(good).reason
+    bad = CopyFacts(in_recovery=True, replicating_from="10.0.0.1:5432", wrote_and_read=False,
+                    missing_tables=("public.t",), copy_lsn=99, known_lsn=100,
+                    witness="xid 7 committed", witness_on_copy="xid 7 in progress",
+                    senders_to_copy=("drflow-drill-x (streaming)",))
     reason = copy_verified(bad).reason
     for words in ("still in recovery", "attached to 10.0.0.1:5432", "could not be read back",
-                  "before the copy is missing", "after the copy is present", "public.t"):
+                  "the standby saw xid 7 committed before the copy, the copy has xid 7 in "
+                  "progress", "public.t", "ends at 0/63, before the standby's replay position "
+                  "0/64", "production sends WAL to the copy (drflow-drill-x (streaming))"):
         assert words in reason
     clean, dirty = teardown_clean([]), teardown_clean(["VM x-drill-1"])
     assert drill_outcome(None, None, clean)[0] == "passed"
@@ -453,7 +459,7 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     assert result["rpo_bytes"] is not None and result["copy_bytes"] > 1_000_000
     steps = {s["name"]: s for s in result["steps"]}
     assert all(s["outcome"] == "ok" for s in steps.values()), steps
-    assert "from before the copy and not the one from after it" in steps["check the copy"]["reason"]
+    assert "there and on the copy" in steps["check the copy"]["reason"]
     assert steps["clone the DR VM into the bubble"]["reason"].startswith(
         f"{GROUP}-dr-drill-{result['drill_id']} on drflow-isolated (poweredOn)")
 
@@ -464,6 +470,95 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     assert any(f"*{GROUP}*: DR drill passed — RTO {result['rto_s']:.2f} s" in t for t in texts)
     artifact = _artifact(result["run_id"])
     assert f"# DR drill of {GROUP}: PASSED" in artifact and "| check the copy | ok |" in artifact
+
+
+def _app_conn(inst: Any, dbname: str) -> Any:
+    from lab import postgres as lpg
+
+    return psycopg.connect(host=str(inst.socket_dir), port=inst.port, user=lpg.PG_OS_USER,
+                           dbname=dbname, autocommit=True)
+
+
+def production_data(lab: dict[str, Any], skip: str) -> dict[str, Any]:
+    """The primary's catalog, settings, every user table's rows and write counters (all but
+    the tables whose name starts with `skip`) and its requested checkpoints."""
+    primary, _ = _instances(lab, GROUP)
+    out: dict[str, Any] = {}
+    with _app_conn(primary, lab["database"]["name"]) as c:
+        out["catalog"] = c.execute(
+            "select c.oid::bigint, n.nspname, c.relname, c.relkind from pg_class c "
+            "join pg_namespace n on n.oid = c.relnamespace where not starts_with(c.relname, %s) "
+            "order by 1", (skip,)).fetchall()
+        out["settings"] = c.execute("select name, setting from pg_settings order by 1").fetchall()
+        tables = [r[0] for r in c.execute(
+            "select format('%%I.%%I', schemaname, relname) from pg_stat_user_tables "
+            "where not starts_with(relname, %s) order by 1", (skip,)).fetchall()]
+        out["rows"] = {t: c.execute(f"select count(*), md5(coalesce(string_agg(x::text, '|' "
+                                    f"order by x::text), '')) from {t} x").fetchone()
+                       for t in tables}
+        out["writes"] = c.execute(
+            "select relid::bigint, n_tup_ins, n_tup_upd, n_tup_del from pg_stat_user_tables "
+            "where not starts_with(relname, %s) order by 1", (skip,)).fetchall()
+        out["checkpoints_req"] = c.execute("select checkpoints_req from pg_stat_bgwriter"
+                                           ).fetchone()
+    return out
+
+
+@pytest.fixture
+def checkpoints_logged(drill_env: dict[str, Any]) -> Iterator[list[Path]]:
+    """log_checkpoints on for both production nodes while the test runs (the lab has it off)."""
+    from lab import postgres as lpg
+
+    nodes = _instances(drill_env["lab"], GROUP)
+    for n in nodes:
+        with lpg.admin_conn(n) as c:
+            c.execute("alter system set log_checkpoints = on")
+            c.execute("select pg_reload_conf()")
+    time.sleep(0.5)
+    try:
+        yield [n.log for n in nodes]
+    finally:
+        for n in nodes:
+            with lpg.admin_conn(n) as c:
+                c.execute("alter system reset log_checkpoints")
+                c.execute("select pg_reload_conf()")
+
+
+def test_drill_under_a_writer_writes_nothing_and_forces_no_checkpoint_on_production(
+        drill_env: dict[str, Any], checkpoints_logged: list[Path]) -> None:
+    """Issue 11 item 3: no row, table, setting or immediate checkpoint on production."""
+    from lab import postgres as lpg
+
+    lab = drill_env["lab"]
+    primary, standby = _instances(lab, GROUP)
+    with Writer(lab) as writer:
+        time.sleep(0.3)
+        # The test's own checkpoint, replayed by the standby: the base backup's restartpoint
+        # then has work to do and is logged, with "immediate" if it was asked for one.
+        with lpg.admin_conn(primary) as c:
+            c.execute("checkpoint")
+        lpg.wait_replay_caught_up(primary, standby, timeout=30)
+        before = production_data(lab, writer.table)
+        offsets = [p.stat().st_size for p in checkpoints_logged]
+        result = run_drill(drill_env["config"])
+        time.sleep(1.2)  # table counters reach pg_stat at most a second after a commit
+        after = production_data(lab, writer.table)
+        during = len(writer.acked)
+    assert result["outcome"] == "passed", result["reason"]
+    assert writer.errors == [] and during > 50
+    assert writer.stored() == writer.acked
+    assert after == before
+    logged = [p.read_bytes()[o:].decode(errors="replace")
+              for p, o in zip(checkpoints_logged, offsets, strict=True)]
+    starts = [line for text in logged for line in text.splitlines() if "point starting:" in line]
+    assert any("restartpoint starting:" in line for line in starts), logged
+    assert [line for line in starts if "immediate" in line] == []
+    steps = {s["name"]: s for s in result["steps"]}
+    assert "read-only" in steps["observe the standby"]["reason"]
+    assert "there and on the copy" in steps["check the copy"]["reason"]
+    print(f"\ndrill under a writer: {result['drill_s']:.2f} s, copy {result['copy_s']:.2f} s; "
+          f"checkpoints logged: {starts}")
+    nothing_left(drill_env)
 
 
 def _artifact(flow_run_id: str) -> str:
