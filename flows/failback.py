@@ -144,6 +144,7 @@ class _Failback:
         self.home, self.dr = g.primary, g.standby
         self.run_ = RunbookRun(rt, "failback", g.name, title=f"Failback of {g.name}")
         self.request_ts: str | None = None
+        self.request_channel: str | None = None  # the id Slack answered with (update wants it)
 
     def run(self, requested_by: str, approval_timeout_s: float | None) -> dict[str, Any]:
         g, run = self.g, self.run_
@@ -221,6 +222,7 @@ class _Failback:
                 channel=rt.slack.channel, text=f"Failback of {g.name}: approval needed",
                 blocks=approval_blocks(g.name, run.run_id, rt.scrub(text)))
             self.request_ts = str(resp["ts"])
+            self.request_channel = str(resp.get("channel") or rt.slack.channel)
             s.result = {"message_ts": self.request_ts}
             s.reason = f"approval requested from {who}"
         with run.step("wait for approval", g.name, {"timeout_s": timeout_s}) as s:
@@ -350,7 +352,8 @@ class _Failback:
         rt = self.rt
         try:
             rt.slack.client().chat_update(
-                channel=rt.slack.channel, ts=self.request_ts, text=rt.scrub(text),
+                channel=self.request_channel or rt.slack.channel, ts=self.request_ts,
+                text=rt.scrub(text),
                 blocks=[{"type": "section",
                          "text": {"type": "mrkdwn", "text": rt.scrub(text)[:2900]}}])
         except Exception:  # Slack down must not change the outcome
