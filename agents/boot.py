@@ -14,7 +14,11 @@ own addresses), and then:
   second_primary`): the gateway fences it, then re-protects;
 - the gateway cannot be reached, this side is unknown, or roles are moving (an open failover
   incident, a failback): touch nothing that runs, start nothing that would be a primary, and ask
-  again every few seconds.
+  again every few seconds;
+- whatever the gateway says (its record may be stale: a manual failover it never heard of, a
+  state directory lost and fallen back to "home serves"), a node that would come up as a primary
+  first asks the other node's PostgreSQL itself: if that answers as a writable primary, this one
+  is held down (reported `held_for_reprotect`, with `peer_writable`) instead of started.
 
 Every report carries `details.site`, so the gateway learns which side an agent is on.
 stdlib + drflow models only (no Prefect): the agent stays small.
@@ -72,6 +76,16 @@ class LocalState:
 
 
 @dataclass(frozen=True)
+class PeerCheck:
+    """What the other node's PostgreSQL answered (asked directly, not through the gateway)."""
+
+    where: str
+    answered: bool
+    writable_primary: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class BootDecision:
     action: Action
     reason: str
@@ -125,6 +139,53 @@ def decide_boot(roles: dict[str, Any] | None, site: str | None, local: LocalStat
                                      "starting it, it cannot take writes", BOOT_STARTED)
     return BootDecision("hold", f"{elsewhere}; PostgreSQL here would come up as a primary: "
                                 "held down until re-protect rewinds it", BOOT_HELD)
+
+
+def starts_a_primary(d: BootDecision, local: LocalState) -> bool:
+    """Would acting on `d` bring up a PostgreSQL that takes writes?"""
+    return d.action == "start" and not local.standby_signal
+
+
+def guard_peer(d: BootDecision, local: LocalState, peer: PeerCheck | None) -> BootDecision:
+    """Never start a primary while the other node answers as a writable primary, whatever the
+    gateway said. A peer that does not answer is no evidence either way: the gateway's word
+    stands (a home VM rebooting while DR is down must come back)."""
+    if not starts_a_primary(d, local) or peer is None or not peer.writable_primary:
+        return d
+    return BootDecision("hold", f"{d.reason.split(':', 1)[0]}, but the other node {peer.where} "
+                                f"answers as a writable primary ({peer.detail}): not starting "
+                                "a second primary; held down until re-protect rewinds it",
+                        BOOT_HELD)
+
+
+def peer_node(roles: dict[str, Any] | None, site: str | None) -> tuple[str, int] | None:
+    """The other side's PostgreSQL endpoint, from the gateway's answer."""
+    for other, node in ((roles or {}).get("nodes") or {}).items():
+        if other != site and isinstance(node, dict) and node.get("host") and node.get("port"):
+            return str(node["host"]), int(node["port"])
+    return None
+
+
+def probe_peer(host: str, port: int, *, dbname: str, user: str, password: SecretStr | None,
+               timeout_s: float = 2.0) -> PeerCheck:
+    """Ask PostgreSQL at host:port whether it takes writes; bounded (connect and statement)."""
+    import psycopg
+
+    where = f"{host}:{port}"
+    try:
+        with psycopg.connect(host=host, port=port, dbname=dbname, user=user,
+                             password=password.get_secret_value() if password else None,
+                             connect_timeout=max(1, int(timeout_s)), autocommit=True,
+                             application_name="drflow-agent-boot",
+                             options=f"-c statement_timeout={int(timeout_s * 1000)}") as conn:
+            row = conn.execute("SELECT pg_is_in_recovery(), "
+                               "current_setting('default_transaction_read_only')").fetchone()
+    except psycopg.Error as exc:
+        return PeerCheck(where, False, False, str(exc).strip().splitlines()[0][:200]
+                         if str(exc).strip() else type(exc).__name__)
+    writable = bool(row) and not row[0] and row[1] == "off"  # type: ignore[index]
+    return PeerCheck(where, True, writable, "writable primary" if writable
+                     else "in recovery or read-only")
 
 
 def _unsure(local: LocalState, why: str) -> BootDecision:
@@ -212,11 +273,14 @@ class BootGate:
     def __init__(self, *, agent_id: str, group: str, resource: str, port: int,
                  host: str | None, url: str, secret: SecretStr, driver: Any,
                  emit: Callable[[HealthEvent], None], retry_s: float = 2.0,
-                 fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles) -> None:
+                 fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles,
+                 probe: Callable[[str, int], PeerCheck] | None = None) -> None:
         self.agent_id, self.group, self.resource = agent_id, group, resource
         self.port, self.url, self.secret = port, url, secret
         self.addresses = local_addresses(host)
         self.driver, self.emit, self.retry_s, self.fetch = driver, emit, retry_s, fetch
+        self.probe = probe
+        self.peer: PeerCheck | None = None
         self.decisions: list[BootDecision] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -228,6 +292,12 @@ class BootGate:
         from drflow.secrets import resolve
 
         r = cfg.control_resource()
+        password = resolve(r.password) if r.password else None
+
+        def probe(host: str, port: int) -> PeerCheck:
+            return probe_peer(host, port, dbname=r.dbname, user=r.user, password=password)
+
+        kw.setdefault("probe", probe)
         return cls(agent_id=cfg.agent_id, group=cfg.group, resource=r.name, port=r.port,
                    host=r.host, url=roles_url(cfg.gateway.url, cfg.group),
                    secret=resolve(cfg.gateway.webhook_secret), driver=driver, emit=emit, **kw)
@@ -263,6 +333,12 @@ class BootGate:
         site = my_site(roles, self.port, self.addresses) if roles else None
         local = LocalState.from_status(self.driver.status())
         d = decide_boot(roles, site, local, problem)
+        self.peer = None
+        if starts_a_primary(d, local) and self.probe is not None:
+            peer = peer_node(roles, site)
+            if peer is not None:
+                self.peer = self.probe(*peer)
+                d = guard_peer(d, local, self.peer)
         self._act(d, site, local)
         return d
 
@@ -282,6 +358,8 @@ class BootGate:
             return
         details: dict[str, Any] = {"drflow_boot": d.report, "site": site, "action": d.action,
                                    "reason": d.reason}
+        if self.peer is not None and self.peer.writable_primary:
+            details["peer_writable"] = self.peer.where
         if d.report == BOOT_SECOND_PRIMARY:
             kind = EventKind.RESOURCE_FAILED
             details["error"] = d.reason

@@ -61,6 +61,13 @@ def _check_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     return value
 
 
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host in ("", "*")
+
+
 def _check_host(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -223,6 +230,9 @@ class GatewayConfig(_Model):
     """The webhook gateway: where it listens and how agents' webhooks are verified."""
 
     listen: str = "127.0.0.1:8088"
+    # Where runbooks (possibly on another host) reach the gateway; default: `listen`, unless that
+    # binds every address (0.0.0.0, ::), which no client can dial.
+    url: HttpUrl | None = None
     webhook_secret: SecretRef
     # Signs the orchestrator's calls to the agents' control API (start, stop, rewind_to, …).
     control_secret: SecretRef | None = None
@@ -236,6 +246,22 @@ class GatewayConfig(_Model):
             raise ValueError("must be 'HOST:PORT' with a port in 1..65535, e.g. '127.0.0.1:8088'")
         _check_host(host.strip("[]"))
         return v
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Self:
+        if self.url is None and _is_wildcard(self.host):
+            raise ValueError(f"gateway.listen {self.listen!r} binds every address, which is no "
+                             "address a runbook can call: set gateway.url to the URL workers "
+                             "reach the gateway at, e.g. 'http://gateway.dr.example.com:8088'")
+        return self
+
+    @property
+    def client_url(self) -> str:
+        """Base URL (no trailing slash) runbooks report role changes to."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def host(self) -> str:

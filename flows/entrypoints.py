@@ -18,59 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
 from prefect import State, flow
 from prefect.client.schemas.objects import FlowRun
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.failback import failback as failback_flow
 from flows.failover import failover as failover_flow
+from flows.locks import (  # noqa: F401 - LimitMissing, limit_names: re-exported
+    LimitMissing,
+    exclusive,
+    failback_limit,
+    limit_names,
+    roles_limit,
+)
 from flows.reprotect import reprotect as reprotect_flow
 from flows.runtime import runtime
 
 FAILBACK = "failback/failback"
-
-
-class LimitMissing(RuntimeError):
-    """A group's concurrency limit cannot be taken (it does not exist, or the API refused)."""
-
-
-def limit_names(group: str) -> list[str]:
-    """Every global concurrency limit `drflow deploy` creates for `group`."""
-    return [roles_limit(group), failback_limit(group)]
-
-
-def roles_limit(group: str) -> str:
-    return f"roles-{group}"
-
-
-def failback_limit(group: str) -> str:
-    return f"failback-{group}"
-
-
-@contextmanager
-def exclusive(name: str) -> Iterator[None]:
-    """Hold one slot of the limit `name`, waiting for it; a missing limit is an error, not a pass.
-
-    The lease is short (60 s, Prefect's minimum) so that a worker that dies mid-run frees the
-    slot for the re-run soon; a transient failure to renew it must not kill a failover half-way.
-    """
-    held = ExitStack()
-    try:
-        held.enter_context(concurrency(name, occupy=1, strict=True, lease_duration=60,
-                                       raise_on_lease_renewal_failure=False))
-    except ConcurrencySlotAcquisitionError as exc:
-        raise LimitMissing(f"cannot take a slot of the concurrency limit {name!r}: {exc}. Create "
-                           "the limits with `drflow deploy --config drflow.yaml`") from exc
-    with held:
-        yield
 
 
 def warm_secrets(config_path: str | None) -> None:

@@ -3,6 +3,10 @@
 Every step is idempotent, so a run re-started after a crash at any point completes without a
 second promotion: the fence is checked before promoting, a promoted standby is not promoted again,
 and the DNS change and the verification write are safe to repeat.
+
+Whatever started it (the gateway, `drflow failover`, a worker), the run holds its group's
+`roles-<group>` lock (flows/locks.py) and moves the gateway's roles record itself: roles in motion
+before the fence, the promoted side serving right after the promotion (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from flows.decisions import (
     promotion,
     relax_sync,
 )
+from flows.locks import exclusive, roles_limit
 from flows.run import RunbookRun
-from flows.runtime import runtime
+from flows.runtime import Runtime, runtime
 from tasks import dns as dns_tasks
+from tasks import gateway as gw
 from tasks import postgres as pg
 from tasks import vsphere
 
@@ -49,7 +55,12 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
              config_path: str | None = None) -> dict[str, Any]:
     """Move group `group`'s service to its standby. `incident` carries what triggered it (the
     gateway's evidence); `force` accepts promoting beyond the RPO budget, audited."""
-    incident = dict(incident or {})
+    with exclusive(roles_limit(group)):
+        return _failover(group, dict(incident or {}), force, config_path)
+
+
+def _failover(group: str, incident: dict[str, Any], force: bool,
+              config_path: str | None) -> dict[str, Any]:
     rt = runtime(config_path)
     g = rt.cfg.group(group)
     reported = str(incident.get("reason") or incident.get("kind") or "failover requested")
@@ -65,6 +76,8 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
                "standby": new.vm})
 
     def stop(outcome: str, why: str) -> dict[str, Any]:
+        if moving:  # nothing was promoted: roles are where they were
+            report_roles(rt, group, transition="none", reason=f"failover stopped: {why}")
         run.finish(outcome, f"⚠️ *{group}*: failover stopped — {why}",
                    {"outcome": outcome}, f"# Failover of {group}: {outcome}\n\n{why}\n\n"
                    + run.steps_table())
@@ -76,8 +89,18 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
         d = confirm_failure(old.vm, power, app, reported)
         s.result = {"power_state": power, "power_error": power_err, "app": app.detail}
         _decide(s, d)
+    moving = False
     if not d.proceed:
         return stop("not_confirmed", d.reason)
+
+    with run.step("tell the gateway roles are moving", g.name) as s:
+        # From here until the new roles are recorded, a booting agent of the group waits
+        # instead of starting a primary (agents/boot.py).
+        s.reason = report_roles(rt, group, transition="failover",
+                                reason=f"failover of {group} from {old.vm}: {reported}")
+        moving = True
+        if s.reason != "gateway told":
+            s.outcome = "skipped"
 
     with run.step("fence old primary", old.vm) as s:
         state, err = vsphere.fence(old_vc, old.vm)
@@ -90,6 +113,10 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     with run.step("check standby lag", new.vm, {"rpo_budget_s": g.rpo_budget_s,
                                                       "force": force}) as s:
         st = pg.standby_status(standby)
+        if not _has_replication_evidence(evidence):
+            # Started outside a gateway incident (`drflow failover`): only the gateway heard
+            # the old primary's heartbeats; ask it (read after the fence, so no later report).
+            evidence, s.result["evidence_source"] = gateway_evidence(rt, group, old.vm)
         history = [(float(t), int(lsn)) for t, lsn in evidence.get("primary_lsn_history", [])]
         last = evidence.get("primary_last_lsn")
         lag = lag_estimate(st.received_lsn, int(last) if last is not None else None, history,
@@ -98,7 +125,9 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
         if st.in_recovery is False:
             lag = lag_estimate(0, 0, [])  # promoted by an earlier run: its lag was audited then
         d = promotion(st.in_recovery, lag, g.rpo_budget_s, force)
-        s.result = {"lag_s": lag.seconds, "lag_bytes": lag.bytes, "standby": st.detail}
+        s.result.update({"lag_s": lag.seconds, "lag_bytes": lag.bytes, "standby": st.detail,
+                         "sync_standby_streaming": evidence.get("sync_standby_streaming"),
+                         "primary_last_heard_at": evidence.get("last_heard_at")})
         _decide(s, d)
     if not d.proceed:
         return stop("refused", d.reason)
@@ -118,6 +147,15 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
             s.outcome = "skipped"
         s.reason = d.reason
     relaxed = d.proceed or "already relaxed" in d.reason
+
+    with run.step("record the new roles", g.name, {"primary_site": new.site}) as s:
+        # As soon as the standby takes writes: the old primary's agent must find it serving.
+        s.reason = report_roles(rt, group, primary_site=new.site, protected=False,
+                                transition="none",
+                                reason=f"failed over to {new.vm} ({new.site}): {reported}")
+        moving = False
+        if s.reason != "gateway told":
+            s.outcome = "skipped"
 
     with run.step("point DNS at the new primary", g.dns.record,
                   {"host": new.host, "port": new.port}) as s:
@@ -147,6 +185,26 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
                 + run.steps_table())
     run.finish("ok", headline, figures, markdown)
     return {"outcome": "failed_over", "group": group, **figures}
+
+
+def report_roles(rt: Runtime, group: str, **update: Any) -> str:
+    """Tell the gateway (at gateway.url) what changed; best effort, says what happened."""
+    return gw.report_roles(rt.cfg.gateway.client_url, rt.secret(rt.cfg.gateway.webhook_secret),
+                           group, **update)
+
+
+def gateway_evidence(rt: Runtime, group: str, agent_id: str) -> tuple[dict[str, Any], str]:
+    """(the failed primary's replication evidence from the gateway, or {}; where it came from)."""
+    url = rt.cfg.gateway.client_url
+    try:
+        ev = gw.fetch_evidence(url, rt.secret(rt.cfg.gateway.webhook_secret), group, agent_id)
+    except gw.EvidenceUnavailable as exc:
+        return {}, f"none: {exc}"
+    return ev, f"gateway {url}"
+
+
+def _has_replication_evidence(evidence: dict[str, Any]) -> bool:
+    return "sync_standby_streaming" in evidence or "primary_last_lsn" in evidence
 
 
 def failed_and_target(g: GroupConfig, incident: dict[str, Any]) -> tuple[NodeConfig, NodeConfig]:

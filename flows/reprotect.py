@@ -20,17 +20,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from agents.control_api import ControlError
 from drflow.config import GroupConfig, NodeConfig
-from drflow.signing import sign_headers
 from flows.decisions import AppCheck, Decision
+from flows.locks import exclusive, roles_limit
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
+from tasks import gateway as gateway_tasks
 from tasks import postgres as pg
 from tasks import replication as repl
 from tasks import vsphere
@@ -152,16 +152,10 @@ def observe(rt: Runtime, g: GroupConfig) -> Serving:
 
 
 def tell_gateway(rt: Runtime, group: str, **update: Any) -> str:
-    """Report changed roles to the gateway (signed); best effort, says what happened."""
-    body = httpx.Request("POST", "http://x", json=update).content
-    url = f"http://{rt.cfg.gateway.host}:{rt.cfg.gateway.port}/v1/groups/{group}/roles"
-    secret = rt.secret(rt.cfg.gateway.webhook_secret).get_secret_value().encode()
-    try:
-        r = httpx.post(url, content=body, timeout=5, headers={
-            "Content-Type": "application/json", **sign_headers(secret, body)})
-    except httpx.HTTPError as exc:
-        return f"gateway not told ({type(exc).__name__}); it learns from the agents"
-    return "gateway told" if r.status_code == 200 else f"gateway refused: {r.status_code}"
+    """Report changed roles to the gateway at `gateway.url` (signed); best effort, says what
+    happened."""
+    return gateway_tasks.report_roles(rt.cfg.gateway.client_url,
+                                      rt.secret(rt.cfg.gateway.webhook_secret), group, **update)
 
 
 def protect(run: RunbookRun, rt: Runtime, g: GroupConfig, primary: NodeConfig,
@@ -263,7 +257,12 @@ def _brief_status(status: dict[str, Any] | None) -> dict[str, Any] | None:
 def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bool = False,
               config_path: str | None = None) -> dict[str, Any]:
     """Make the node that does not serve `group` a synchronous (or async) standby again."""
-    trigger = dict(trigger or {})
+    with exclusive(roles_limit(group)):  # never alongside a failover, whoever started either
+        return _reprotect(group, dict(trigger or {}), fence_first, config_path)
+
+
+def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
+               config_path: str | None) -> dict[str, Any]:
     rt = runtime(config_path)
     g = rt.cfg.group(group)
     reason = str(trigger.get("reason") or "re-protect requested")
@@ -290,7 +289,9 @@ def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bo
     except ReprotectStopped as exc:
         return stop("refused", str(exc))
     seconds = time.monotonic() - t0
-    told = tell_gateway(rt, group, protected=True, transition="none",
+    # primary_site too: a record that lost track (a gateway whose state was lost says "home
+    # serves") is set right by what re-protect found.
+    told = tell_gateway(rt, group, primary_site=primary.site, protected=True, transition="none",
                         reason=f"re-protected: {target.vm} streams from {primary.vm}")
     mode = "synchronous" if g.replication == "sync" else "asynchronous"
     how = figures.get("rewind_reason") if figures.get("rewind_method") == "pg_basebackup" else None

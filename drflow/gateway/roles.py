@@ -4,7 +4,10 @@ Agents ask it on boot before starting PostgreSQL (`GET /v1/groups/{group}/roles?
 read is open (it holds no secret; hosts and ports are in DNS anyway) but the answer is signed
 with the webhook secret and echoes the caller's nonce, so an agent acts only on a fresh answer
 from the gateway. Flows report what they changed (`POST /v1/groups/{group}/roles`, signed like
-events). A failover that ends `failed_over` flips the record through the gateway's close hook.
+events). Every failover reports the move itself, whatever started it (the gateway, `drflow
+failover`, a worker): `primary_site` = the promoted node's side, unprotected. The close hook of a
+gateway incident that ends `failed_over` applies the same absolute move again (for a run that
+could not reach this replica): both are idempotent, so the order does not matter.
 
 The record also drives re-protect: when the old primary's agent reports in (its boot report, or
 a heartbeat once its side is known) while the group runs unprotected on the other side, the
@@ -93,7 +96,10 @@ def other_site(policy: GroupRoster, site: str) -> str | None:
 
 
 def after_failover(rec: RolesRecord, new_primary_site: str, reason: str, now: float) -> RolesRecord:
-    """The group now serves from `new_primary_site` with no standby: a new protection generation."""
+    """The group now serves from `new_primary_site` with no standby: a new protection generation.
+    Idempotent: a record that already says so is returned as it is."""
+    if rec.primary_site == new_primary_site and not rec.protected and rec.transition is None:
+        return rec
     return rec.model_copy(update={
         "primary_site": new_primary_site, "protected": False, "seq": rec.seq + 1,
         "transition": None, "changed_at": now, "reason": reason, "reprotect_key": None})
@@ -101,15 +107,36 @@ def after_failover(rec: RolesRecord, new_primary_site: str, reason: str, now: fl
 
 def apply_update(rec: RolesRecord, upd: RolesUpdate, now: float) -> RolesRecord:
     changes: dict[str, Any] = {"changed_at": now, "reason": upd.reason or rec.reason}
-    if upd.primary_site is not None and upd.primary_site != rec.primary_site:
+    moved = upd.primary_site is not None and upd.primary_site != rec.primary_site
+    if moved:
         changes["primary_site"] = upd.primary_site
     if upd.protected is not None:
         changes["protected"] = upd.protected
-        if not upd.protected and rec.protected:
-            changes.update(seq=rec.seq + 1, reprotect_key=None)
+    # Losing protection, or moving while unprotected (a failover back before any re-protect),
+    # starts a new generation: the old side needs a re-protect run of its own.
+    if (upd.protected is False and rec.protected) or \
+            (moved and not (upd.protected if upd.protected is not None else rec.protected)):
+        changes.update(seq=rec.seq + 1, reprotect_key=None)
     if upd.transition is not None:
         changes["transition"] = None if upd.transition == "none" else upd.transition
     return rec.model_copy(update=changes)
+
+
+def stale_record(rec: RolesRecord, policy: GroupRoster, *, agent_site: str | None,
+                 report: str | None, peer_writable: bool) -> RolesRecord | None:
+    """An agent of the side the record calls serving was held at boot because the other node
+    answers as a writable primary: the record is stale (a failover this gateway never heard of,
+    or its state lost). The corrected record, or None. Re-protect then checks the real roles
+    (writable nodes and DNS) before it touches anything, so a wrong report cannot do harm."""
+    if report != BOOT_HELD or not peer_writable or agent_site != rec.primary_site:
+        return None
+    other = other_site(policy, agent_site)
+    if other is None:
+        return None
+    return apply_update(rec, RolesUpdate(
+        primary_site=other, protected=False,
+        reason=f"the agent on {agent_site} found the node on {other} answering as a writable "
+               "primary at boot: the record was stale"), time.time())
 
 
 class ProtectAction(StrEnum):
@@ -295,18 +322,37 @@ class RolesService:
         log.warning("group %s roles: %s", group, _brief(after))
         return after
 
+    def evidence(self, group: str, agent_id: str, nonce: str) -> dict[str, Any]:
+        """What `agent_id`'s heartbeats last said about replication (for a manual failover)."""
+        ev = self.gateway.replication.evidence(group, agent_id)
+        state = self.gateway.tracker.get(group, agent_id)
+        heard = state.last_seen_wall if state is not None and state.heard else None
+        return {"group": group, "agent_id": agent_id, "nonce": nonce, "at": time.time(),
+                "evidence": {**ev, "agent_id": agent_id, "last_heard_at": heard}}
+
     # -- hooks from the gateway service (on its event loop) ----------------------------------
 
     def on_close(self, group: str, key: str, outcome: str, reason: str) -> None:
-        """A failover incident closed: `failed_over` moves the group to its other side."""
+        """A failover incident closed: `failed_over` means the group serves from the side that
+        is not the failed agent's (absolute, so applying it after the flow's own report, or
+        twice, changes nothing)."""
         if outcome != "failed_over":
             return
         rec = self.record(group)
-        new_site = other_site(self.settings.roster(group), rec.primary_site)
+        incident = self.gateway.store.incident(key)
+        failed = incident.incident.evidence.get("agent_id") if incident else None
+        failed_site = self._site_by_vm(group, failed) if isinstance(failed, str) else None
+        if isinstance(failed, str) and failed_site is None:
+            failed_site = self.store.agent_site(group, failed)
+        new_site = other_site(self.settings.roster(group), failed_site) if failed_site else None
         if new_site is None:
-            log.error("group %s failed over but its sides are not configured", group)
+            # Never toggle blindly: the flow reports the move itself.
+            log.error("group %s failed over (%s) but the failed agent's side is unknown: the "
+                      "roles record is left to the flow's report", group, key)
             return
         after = after_failover(rec, new_site, f"failover {key}: {reason or outcome}", time.time())
+        if after is rec:
+            return
         self.store.put(after)
         self._audit("roles.update", group, {"actor": "gateway", "incident": key,
                                             "before": _brief(rec), "after": _brief(after)},
@@ -326,6 +372,16 @@ class RolesService:
             site = self.store.agent_site(group, event.agent_id) or self._site_by_vm(
                 group, event.agent_id)
         rec = self.record(group)
+        corrected = stale_record(rec, self.settings.roster(group), agent_site=site,
+                                 report=report, peer_writable=bool(event.details.get(
+                                     "peer_writable")))
+        if corrected is not None:
+            self.store.put(corrected)
+            self._audit("roles.update", group, {"actor": f"agent:{event.agent_id}",
+                                                "before": _brief(rec),
+                                                "after": _brief(corrected)},
+                        "ok", corrected.reason)
+            rec = corrected
         decision = decide_protection(rec, agent_id=event.agent_id, agent_site=site,
                                      report=report,
                                      incident_open=self.gateway.store.open_incident(group)
@@ -407,6 +463,25 @@ def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings)
         body = json.dumps(roles.view(group, nonce)).encode()
         return Response(body, media_type="application/json", headers=sign_headers(secret, body))
 
+    @app.get("/v1/groups/{group}/evidence")
+    async def get_evidence(group: str, request: Request,
+                           agent_id: str = Query(default="", max_length=200),
+                           nonce: str = Query(default="", max_length=100)) -> Response:
+        """Signed read for a runbook (signed answer, echoes `nonce`): the failed primary's last
+        replication reports, which only the gateway holds."""
+        try:
+            authenticate(secret, request.headers, b"", settings.signature_window_s)
+            if group not in settings.groups:
+                raise Rejection(404, "unknown_group", f"unknown protection group {group!r}")
+            if not agent_id:
+                raise Rejection(422, "malformed", "agent_id is required")
+        except Rejection as rejection:
+            service.refuse(rejection, request.url.path,
+                           request.client.host if request.client else None)
+            return JSONResponse(rejection.body(), status_code=rejection.status)
+        body = json.dumps(roles.evidence(group, agent_id, nonce)).encode()
+        return Response(body, media_type="application/json", headers=sign_headers(secret, body))
+
     @app.post("/v1/groups/{group}/roles")
     async def post_roles(group: str, request: Request) -> JSONResponse:
         """Signed call from a flow: the roles it changed."""
@@ -426,5 +501,5 @@ def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings)
 __all__ = [
     "BOOT_HELD", "BOOT_SECOND_PRIMARY", "ProtectAction", "ProtectDecision", "ProtectStarter",
     "RolesRecord", "RolesService", "RolesStore", "RolesUpdate", "after_failover",
-    "apply_update", "decide_protection", "other_site", "register_roles",
+    "apply_update", "decide_protection", "other_site", "register_roles", "stale_record",
 ]

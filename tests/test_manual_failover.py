@@ -1,0 +1,196 @@
+"""A manual failover (`drflow failover`, `auto_failover: false`) on the lab: real agents, a real
+gateway process, vcsim, PostgreSQL, moto and Prefect.
+
+- it needs no --force for a synchronous standby that was streaming (the gateway's evidence);
+- it moves the gateway's roles record like an automatic one;
+- the old primary's VM powered on again never answers as a writable primary, also when the
+  gateway's state was lost and its record fell back to "home serves";
+- it and the gateway's re-protect runs queue on the group's `roles-<group>` lock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from lab import vcsim
+from lab.harness import takes_write
+from tests.harness import DRFLOW, Env, start_env, stop_env, wait_for
+
+pytestmark = pytest.mark.lab
+
+POLL_S = 30.0
+
+
+@pytest.fixture
+def env(prefect_api: str) -> Iterator[Env]:
+    """One sync group, agents heartbeating, `drflow gateway` with auto_failover off."""
+    e = start_env(groups=1, replication="sync", gateway=False)
+    try:
+        cfg = yaml.safe_load(e.config.read_text())
+        for g in cfg["groups"]:
+            g["policy"]["auto_failover"] = False
+        e.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        e.start_gateway()
+        e.wait_all_heard()
+        yield e
+    finally:
+        stop_env(e)
+
+
+def _si(env: Env) -> Any:
+    vc = env.state["vcenter"]
+    return vcsim.connect(vc["url"], vc["user"], vc["password"])
+
+
+def _roles(env: Env) -> dict[str, Any]:
+    return dict(httpx.get(f"{env.gateway_url}/v1/groups/orders/roles", timeout=5).json())
+
+
+def _failover_cli(env: Env) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [DRFLOW, "failover", "orders", "--config", str(env.config), "--state-dir",
+         str(env.state_dir), "--reason", "test: prod VM powered off"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _poll_no_second_writer(env: Env, old: dict[str, Any], new: dict[str, Any]) -> tuple[int, int]:
+    """Probe both nodes for POLL_S seconds (each probe bounded); (polls, polls where the old
+    primary took a write while the promoted one did too)."""
+    polls, both = 0, 0
+    deadline = time.monotonic() + POLL_S
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        old_w = takes_write(env, old)
+        new_w = takes_write(env, new)
+        assert time.monotonic() - t0 < 10, "a probe was not bounded"
+        polls += 1
+        both += old_w and new_w
+        time.sleep(0.2)
+    return polls, both
+
+
+def _reprotected(env: Env, after: int) -> bool:
+    done = [r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"]
+    return len(done) > after
+
+
+def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
+        env: Env) -> None:
+    from flows.locks import exclusive, roles_limit
+
+    g = env.group("orders")
+    prod, dr = g["primary"], g["standby"]
+    seq = _roles(env)["seq"]
+    vcsim.power_off(_si(env), prod["vm"])
+    time.sleep(4)  # past heartbeat_timeout_s: with auto_failover off the gateway only alerts
+    assert env.audit_records("failover.start", "orders") == []
+
+    # No --force: the standby was the synchronous standby, and the gateway says so.
+    proc = _failover_cli(env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    lag = env.audit_records("failover.check standby lag", dr["vm"])[-1]
+    assert lag.outcome == "ok" and "synchronous standby" in lag.reason, lag.reason
+    assert lag.parameters["result"]["evidence_source"].startswith("gateway"), lag.parameters
+
+    # The roles record moved exactly like an automatic failover's.
+    roles = _roles(env)
+    assert (roles["primary_site"], roles["protected"], roles["transition"]) == ("dr", False, None)
+    assert roles["seq"] == seq + 1 and not roles["in_transition"]
+    assert [r.outcome for r in env.audit_records("failover.record the new roles", "orders")
+            if r.outcome != "started"] == ["ok"]
+
+    # The old VM comes back while the test holds the group's lock: the gateway's re-protect run
+    # (in the gateway's own process) waits for it, and the old primary stays held down.
+    done = len([r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"])
+    with exclusive(roles_limit("orders")):
+        vcsim.power_on(_si(env), prod["vm"])
+        polls, both = _poll_no_second_writer(env, prod, dr)
+        assert env.audit_records("reprotect.start", "orders") == [], \
+            "re-protect started while another run held roles-orders"
+    assert polls > 20 and both == 0, f"{both} of {polls} polls saw two writable primaries"
+    wait_for(lambda: _reprotected(env, done), 120, "old primary re-protected by the gateway")
+    roles = _roles(env)
+    assert (roles["primary_site"], roles["protected"]) == ("dr", True)
+    assert not takes_write(env, prod) and takes_write(env, dr)
+
+
+def test_after_the_gateway_lost_its_state_the_old_primary_still_never_takes_writes(
+        env: Env) -> None:
+    from flows.locks import exclusive, roles_limit
+
+    g = env.group("orders")
+    prod, dr = g["primary"], g["standby"]
+    _in_process_failover_waits_for_the_lock(env)
+    vcsim.power_off(_si(env), prod["vm"])
+    time.sleep(4)
+
+    # Another run holds the group's lock: `drflow failover` waits for it, touching nothing.
+    starts = len(env.audit_records("failover.start", "orders"))
+    with exclusive(roles_limit("orders")):
+        proc = _failover_cli(env)
+        time.sleep(8)
+        assert proc.poll() is None, "drflow failover did not wait for roles-orders"
+        assert len(env.audit_records("failover.start", "orders")) == starts
+        released = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    start = env.audit_records("failover.start", "orders")[-1]
+    assert datetime.fromisoformat(start.time).timestamp() >= released - 0.5
+
+    # The gateway loses its state directory: its record falls back to "home serves".
+    env.stop_gateway()
+    shutil.rmtree(env.state_dir / "gateway.db", ignore_errors=True)
+    for p in env.state_dir.glob("gateway.db*"):
+        p.unlink()
+    env.start_gateway()
+    assert _roles(env)["primary_site"] == "prod"
+
+    done = len([r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"])
+    vcsim.power_on(_si(env), prod["vm"])
+    polls, both = _poll_no_second_writer(env, prod, dr)
+    assert polls > 20 and both == 0, f"{both} of {polls} polls saw two writable primaries"
+    # The held agent's report corrects the record; the gateway re-protects the old primary.
+    wait_for(lambda: _reprotected(env, done), 120, "old primary re-protected by the gateway")
+    roles = _roles(env)
+    assert (roles["primary_site"], roles["protected"]) == ("dr", True)
+    assert not takes_write(env, prod) and takes_write(env, dr)
+
+
+def _in_process_failover_waits_for_the_lock(env: Env) -> None:
+    """The embedded runner's path: the flow called in a thread of a process (the gateway's, in
+    `drflow up`) queues on the group's lock too."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.failover import failover
+    from flows.locks import exclusive, roles_limit
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            result.update(failover("orders", {"reason": "test: healthy primary"},
+                                   config_path=str(env.config)))
+
+    with exclusive(roles_limit("orders")):
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        time.sleep(6)
+        assert t.is_alive() and env.audit_records("failover.start", "orders") == [], \
+            "the in-process failover did not wait for roles-orders"
+    t.join(60)
+    assert not t.is_alive()
+    # The primary is healthy: once it had the lock, the run refused to fail it over.
+    assert result.get("outcome") == "not_confirmed", result
