@@ -113,11 +113,14 @@ def discover(
     write: Path | None = typer.Option(None, "--write", help="write an agent.yaml for what was found"),
     datadir: list[Path] = typer.Option(
         [], "--datadir", help="only the instance(s) with this data directory (repeatable)"),
-    gateway_url: str = typer.Option("http://127.0.0.1:8080/v1/events", "--gateway-url",
-                                    help="where the written config sends events"),
+    gateway_url: str = typer.Option("http://127.0.0.1:8088/v1/events", "--gateway-url",
+                                    help="where the written config sends events (the gateway "
+                                         "listens on 8088 by default)"),
     secret_ref: str = typer.Option("env:DRFLOW_WEBHOOK_SECRET", "--secret-ref",
                                    help="reference to the webhook secret (env:NAME or file:/path)"),
-    agent_id: str | None = typer.Option(None, "--agent-id", help="default: the host name"),
+    agent_id: str | None = typer.Option(
+        None, "--agent-id", help="this VM's name in vCenter (as primary.vm / standby.vm in "
+                                 "drflow.yaml); required with --write"),
     group: str = typer.Option("default", "--group", help="protection group of this agent"),
     outbox: str = typer.Option("agent-outbox.sqlite", "--outbox",
                                help="outbox path (relative to the written file)"),
@@ -149,6 +152,12 @@ def discover(
         except (SecretError, ValueError) as exc:
             typer.echo(f"error: --pg-password-ref: {exc}", err=True)
             raise typer.Exit(2) from None
+    if write is not None and not agent_id:
+        # The host name is often not the VM's name, and failover fences the VM by that name.
+        typer.echo("error: --agent-id is required with --write: it must be this VM's name in "
+                   "vCenter, as written in drflow.yaml (primary.vm / standby.vm), because "
+                   "the gateway matches events and failover fences the VM by it", err=True)
+        raise typer.Exit(2)
     if control_master_ref and (control_secret_ref or write is None):
         typer.echo("error: --control-master-ref needs --write and excludes --control-secret-ref",
                    err=True)

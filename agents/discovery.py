@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,7 +329,8 @@ def config_for(instances: list[PgInstance], *, agent_id: str | None, group: str,
                control_peers: list[str] | None = None) -> dict[str, Any]:
     """A complete agent.yaml document for the instances."""
     cfg: dict[str, Any] = {
-        "agent_id": agent_id or socket.gethostname(),
+        # The VM's name in vCenter; without one the table shows "(set --agent-id)".
+        "agent_id": agent_id or "(set --agent-id)",
         "group": group,
         "gateway": {"url": gateway_url, "webhook_secret": {"ref": secret_ref}},
         "heartbeat_interval_s": 1,
