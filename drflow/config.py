@@ -12,6 +12,7 @@ import re
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -133,6 +134,34 @@ def cron_problem(expr: str) -> str | None:
             if len(values) == 2 and values[0] > values[1]:
                 return f"cron {name} field {part!r}: range {rng!r} runs backwards"
     return None
+
+
+def _cron_values(part: str, lo: int, hi: int, names: list[str]) -> set[int]:
+    out: set[int] = set()
+    for item in part.split(","):
+        rng, _, step = item.partition("/")
+        if rng == "*":
+            a, b = lo, hi
+        else:
+            bounds = [int(x) if x.isdigit() else names.index(x.lower()) + (1 if lo == 1 else 0)
+                      for x in rng.split("-")]
+            a, b = bounds[0], bounds[-1] if len(bounds) == 2 or not step else hi
+        out.update(range(a, b + 1, int(step) if step else 1))
+    return out
+
+
+def cron_matches(expr: str, at: datetime) -> bool:
+    """Whether the valid 5-field cron `expr` fires in the minute of `at` (cron's rules: when
+    both day of month and day of week are restricted, either one matching is enough)."""
+    sets = [_cron_values(p, lo, hi, names)
+            for p, (_, lo, hi, names) in zip(expr.split(), _CRON_FIELDS, strict=True)]
+    minute, hour, mday, month, wday = sets
+    if 7 in wday:
+        wday.add(0)  # 0 and 7 are both Sunday
+    day_ok = at.day in mday, at.isoweekday() % 7 in wday
+    dom_any, dow_any = expr.split()[2] == "*", expr.split()[4] == "*"
+    day = (day_ok[0] and day_ok[1]) if dom_any or dow_any else (day_ok[0] or day_ok[1])
+    return at.minute in minute and at.hour in hour and at.month in month and day
 
 
 SiteName = Annotated[str, AfterValidator(lambda v: _check_dns_label(v, "site name"))]
@@ -480,6 +509,10 @@ def cross_check(cfg: DrflowConfig) -> list[tuple[Loc, str]]:
             if node.site not in cfg.sites:
                 problems.append(((*at, role, "site"), f"site {node.site!r} is not defined under "
                                  f"sites (defined: {', '.join(cfg.sites)})"))
+            if not _is_ipv4(node.host):
+                problems.append(((*at, role, "host"), f"failover and failback point the A record "
+                                 f"{g.dns.record} at this host, and an A record holds an IPv4 "
+                                 f"address: {node.host!r} is not one; write the address"))
             endpoint = (node.host, node.port)
             where = f"groups[{i}].{role}"
             if endpoint in seen_endpoints:
@@ -502,6 +535,14 @@ def cross_check(cfg: DrflowConfig) -> list[tuple[Loc, str]]:
                              f"is {p.approvals_required} but only {len(p.approvers)} approver(s) "
                              "are listed"))
     return problems
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def format_path(loc: Loc) -> str:

@@ -163,7 +163,18 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     console.print(f"gateway: http://{host}:{port}  (agents post to /v1/events; "
                   f"metrics: /metrics; groups: /v1/groups)")
     console.print(f"audit trail: {rt.cfg.audit.url}   (drflow audit show|verify)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    from flows.drill_scheduler import DrillScheduler, describe, run_drill, schedules
+
+    # Embedded mode runs each group's drill_schedule itself; deployment mode leaves it to Prefect.
+    crons = schedules(rt.cfg) if mode != Mode.deployment else {}
+    for line in describe(crons, mode == Mode.deployment):
+        console.print(line)
+    drills = DrillScheduler(crons, run_drill(str(config.resolve())))
+    drills.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        drills.stop()
 
 
 def failover_cmd(

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
 from drflow import secrets
@@ -18,6 +22,7 @@ from drflow.cli import app as cli_app
 from drflow.config import (
     ConfigError,
     DrflowConfig,
+    cron_matches,
     cron_problem,
     dump_config,
     load_config,
@@ -273,6 +278,12 @@ BAD_CASES = [
      "  webhook_secret: null" + HERE, "", "gateway.webhook_secret: must be a secret reference such as"),
     ("dup-key", "      ttl: 30", "      ttl: 30\n      ttl: 40" + HERE, "payments",
      "groups[1].dns.ttl: duplicate key"),
+    ("dns-host-name", "      host: 127.0.0.1", "      host: payments-db.example.com" + HERE,
+     "payments", "groups[1].primary.host: failover and failback point the A record "
+     "payments.db.lab.drflow.internal. at this host, and an A record holds an IPv4 address: "
+     "'payments-db.example.com' is not one"),
+    ("dns-host-ipv6", "      host: 127.0.0.1", "      host: '::1'" + HERE, "payments",
+     "groups[1].primary.host: failover and failback point the A record"),
 ]
 
 
@@ -542,3 +553,68 @@ def test_secret_values_never_show(moto: dict[str, str], tmp_path: Path,
     for text in texts:
         for v in values:
             assert v not in text
+
+
+# --- the example claims every field; the cron matcher the embedded drill scheduler uses --------
+
+
+def _unclaimed(model: type[BaseModel], data: Any, commented: set[str],
+               path: str = "") -> Iterator[str]:
+    """Paths of fields of `model` that `data` (the example, loaded) neither sets nor shows as a
+    commented-out line; fields of models inside are checked where the example sets them."""
+    for name, field in model.model_fields.items():
+        if not (isinstance(data, dict) and name in data):
+            if name not in commented:
+                yield f"{path}{name}"
+            continue
+        inner = _model_type(field.annotation)
+        if inner is None or inner is SecretRef:  # references: explained once, at the top
+            continue
+        value = data[name]
+        is_map = get_origin(_unwrap_optional(field.annotation)) is dict
+        items = value if isinstance(value, list) else list(value.values()) if is_map else [value]
+        # Shown once is enough for a list or map of the same model (e.g. two sites).
+        per_item = [set(_unclaimed(inner, item, commented, f"{path}{name}.")) for item in items]
+        yield from sorted(set.intersection(*per_item)) if per_item else []
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if get_origin(tp) in (Union, types.UnionType) and len(args) == 1 else tp
+
+
+def _model_type(tp: Any) -> type[BaseModel] | None:
+    for arg in (tp, *get_args(tp), *(a for t in get_args(tp) for a in get_args(t))):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def test_example_claims_every_field_of_the_config() -> None:
+    text = (REPO / "examples" / "drflow.yaml").read_text()
+    commented = {m.group(1) for m in re.finditer(r"^\s*#\s*([a-z_0-9]+):", text, re.M)}
+    missing = list(_unclaimed(DrflowConfig, yaml.safe_load(text), commented))
+    assert missing == [], f"examples/drflow.yaml does not show {missing}"
+    load_config(REPO / "examples" / "drflow.yaml")
+    # agent_url is marked as what re-protect and failback need.
+    for line in [ln for ln in text.splitlines() if ln.strip().startswith("agent_url:")]:
+        assert "re-protect and failback" in line, line
+
+
+@pytest.mark.parametrize(("cron", "when", "fires"), [
+    ("0 3 * * 0", datetime(2026, 11, 29, 3, 0), True),  # a Sunday
+    ("0 3 * * 0", datetime(2026, 11, 30, 3, 0), False),
+    ("0 3 * * 7", datetime(2026, 11, 29, 3, 0), True),
+    ("*/15 * * * *", datetime(2026, 1, 1, 0, 45), True),
+    ("*/15 * * * *", datetime(2026, 1, 1, 0, 46), False),
+    ("30 2 * * 1-5", datetime(2026, 12, 2, 2, 30), True),
+    ("30 2 * * mon-fri", datetime(2026, 12, 5, 2, 30), False),  # a Saturday
+    ("0 0 1 * sun", datetime(2026, 12, 1, 0, 0), True),  # day of month OR day of week
+    ("0 0 1 * sun", datetime(2026, 11, 29, 0, 0), True),
+    ("0 0 1 * sun", datetime(2026, 12, 2, 0, 0), False),
+    ("5/20 * * * *", datetime(2026, 1, 1, 0, 45), True),
+    ("0 0 * jan-mar *", datetime(2026, 4, 1, 0, 0), False),
+])
+def test_cron_matches(cron: str, when: datetime, fires: bool) -> None:
+    assert cron_problem(cron) is None
+    assert cron_matches(cron, when) is fires

@@ -644,6 +644,46 @@ def test_step_failing_midway_still_tears_down_and_reports(drill_env: dict[str, A
     assert finish_record(drill_env, result["drill_id"]).outcome == "failed"
 
 
+def test_drflow_up_runs_the_drill_schedule_itself(drill_env: dict[str, Any]) -> None:
+    """Issue 11 item 6: under `drflow up` (embedded), drill_schedule fires the real drill flow."""
+    from datetime import UTC, datetime
+
+    from drflow.config import load_config
+    from flows.drill_scheduler import DrillScheduler, describe, run_drill, schedules
+
+    cfg = load_config(drill_env["config"])
+    crons = {GROUP: "* * * * *"}  # every minute; the clock below makes the next one 1.5 s away
+    assert schedules(cfg) == {GROUP: "0 3 * * 0", SCHEDULED: "* * * * *"}
+    assert describe(crons, False) == [f"drill of {GROUP}: cron '* * * * *' (UTC), run here"]
+    from flows.runtime import runtime
+
+    def finished() -> list[Any]:
+        return [r for r in runtime(drill_env["config"]).audit.iter_records()
+                if r.action == "drill.finish" and r.target == GROUP]
+
+    earlier = len(finished())
+    real = datetime.now(UTC)
+    offset = real.replace(second=58, microsecond=500_000) - real
+    clock = [offset]
+    drills = DrillScheduler(crons, run_drill(drill_env["config"]),
+                            now=lambda: datetime.now(UTC) + clock[0])
+    t0 = time.monotonic()
+    drills.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not drills.started and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [g for g, _ in drills.started] == [GROUP], "the schedule did not fire"
+        fired = time.monotonic() - t0
+        drills.wait_drills(120)
+    finally:
+        drills.stop()
+    assert fired < 5
+    recs = finished()[earlier:]
+    assert [r.outcome for r in recs] == ["passed"], [(r.outcome, r.reason) for r in recs]
+    nothing_left(drill_env)
+
+
 def test_cli_run_history_and_report(drill_env: dict[str, Any]) -> None:
     runner = CliRunner()
     cfg = ["--config", drill_env["config"]]
