@@ -139,8 +139,11 @@ def _writable(lab: Lab, node: dict[str, Any]) -> bool:
 def test_no_host_can_inject_settings_or_commands(lab: Lab) -> None:
     dr, prod = lab.dr, lab.prod
     before = _snapshot(lab)
-    marker = Path(f"/tmp/drflow-hostile-{uuid.uuid4().hex}")
-    injected = f"::1%x'\nrestore_command = 'id >{marker}'\n#"
+    datadir = lab.inst(dr).datadir
+    # No "/" in it: ipaddress refuses that even in a scope id. The command runs in the datadir.
+    name = f"drflow-hostile-{uuid.uuid4().hex}"
+    marker = datadir / name
+    injected = f"::1%x'\nrestore_command = 'id >{name}'\n#"
     hosts = [injected, "localhost\n", f"{prod['host']}\n", "::1%eth0", "::1%x'", "fe80::1%lo",
              f"{prod['host']} port=1", "-oX", "", "h" * 300, "exa mple.com", "ex\x00ample"]
     answers = []
@@ -156,7 +159,6 @@ def test_no_host_can_inject_settings_or_commands(lab: Lab) -> None:
         assert status == 400, (verb, host, status, answer)
         assert answer["ok"] is False and f"bad arguments for {verb}" in answer["error"]
     # The configuration still parses (PostgreSQL's own reading of it), with nothing injected.
-    datadir = lab.inst(dr).datadir
     shown = subprocess.run(
         ["runuser", "-u", "postgres", "--", lp.pg_bin("postgres"), "-D", str(datadir), "-C",
          "restore_command"], capture_output=True, text=True, timeout=30, cwd="/")
