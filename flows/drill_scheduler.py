@@ -58,10 +58,16 @@ class DrillScheduler:
                                             daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """No new drills; a drill under way gets `timeout` s to finish and tear its bubble down
+        (what a killed one leaves, the next drill of its group removes first)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(5)
+        self.wait_drills(timeout)
+        for group, t in self._running.items():
+            if t.is_alive():
+                log.warning("the drill of %s is still running at stop", group)
 
     def wait_drills(self, timeout: float) -> None:
         """Wait for the drills started so far to finish (a clean stop lets them tear down)."""

@@ -711,7 +711,12 @@ def check_copy(db: Db, seen: Observation, copy_lsn: int | None, drill_id: str,
         attached = (rcv[0] if rcv else None) or ((conninfo[0] if conninfo else "") and
                                                   "primary_conninfo")
         # Before the copy's own first write: its transaction ids then go on from production's.
-        fate = c.execute("select pg_xact_status(%s::text::xid8)", (seen.witness_xid,)).fetchone()
+        try:
+            row = c.execute("select pg_xact_status(%s::text::xid8)", (seen.witness_xid,)
+                            ).fetchone()
+            fate = str(row[0]) if row else "unknown"
+        except psycopg.errors.InvalidParameterValue:  # "transaction ID … is in the future"
+            fate = "not yet begun (the copy is older than the observation)"
         c.execute(f"create table if not exists {CHECK_TABLE} (id text primary key, "
                   "at timestamptz default now())")
         c.execute(f"insert into {CHECK_TABLE} (id) values (%s)", (drill_id,))
@@ -723,7 +728,7 @@ def check_copy(db: Db, seen: Observation, copy_lsn: int | None, drill_id: str,
                      wrote_and_read=read is not None, missing_tables=tuple(missing),
                      copy_lsn=copy_lsn, known_lsn=seen.replay_lsn,
                      witness=f"xid {seen.witness_xid} {seen.witness_status}",
-                     witness_on_copy=f"xid {seen.witness_xid} {fate[0] if fate else None}",
+                     witness_on_copy=f"xid {seen.witness_xid} {fate}",
                      senders_to_copy=tuple(senders))
 
 

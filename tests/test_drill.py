@@ -684,6 +684,47 @@ def test_drflow_up_runs_the_drill_schedule_itself(drill_env: dict[str, Any]) -> 
     nothing_left(drill_env)
 
 
+def test_drflow_up_fires_a_drill_at_its_cron_time(drill_env: dict[str, Any],
+                                                  prefect_api: str) -> None:
+    """The real `drflow up` process: schedule listed at start, the drill run at the next minute."""
+    from flows.runtime import runtime
+    from lab import procs
+
+    root: Path = drill_env["root"]
+    cfg = yaml.safe_load(Path(drill_env["config"]).read_text())
+    for g in cfg["groups"]:
+        g["policy"]["drill_schedule"] = "* * * * *" if g["name"] == GROUP else None
+    path = root / "drflow-up.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def finished() -> list[Any]:
+        return [r for r in runtime(drill_env["config"]).audit.iter_records()
+                if r.action == "drill.finish" and r.target == GROUP]
+
+    earlier = len(finished())
+    log = root / "drflow-up.log"
+    up = procs.spawn([str(Path(sys.executable).parent / "drflow"), "up", "--config", str(path),
+                      "--state-dir", str(root / "up-state")], log,
+                     env={"PREFECT_API_URL": prefect_api}, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 150  # the next minute, then the drill itself
+        while len(finished()) == earlier and time.monotonic() < deadline:
+            assert up.poll() is None, log.read_text()
+            time.sleep(1)
+        text = log.read_text()
+        assert f"drill of {GROUP}: cron '* * * * *' (UTC), run here" in text
+        recs = finished()[earlier:]
+        assert [r.outcome for r in recs][:1] == ["passed"], text[-3000:]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)  # a drill that has started finishes and tears down first
+        except subprocess.TimeoutExpired:
+            procs.kill_tree(up.pid)
+            up.wait(5)
+    nothing_left(drill_env)
+
+
 def test_cli_run_history_and_report(drill_env: dict[str, Any]) -> None:
     runner = CliRunner()
     cfg = ["--config", drill_env["config"]]
