@@ -172,7 +172,10 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     drills = DrillScheduler(crons, run_drill(str(config.resolve())))
     drills.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        from drflow.gateway.http_server import server_config
+
+        # With the gateway's header and body read timeouts (slow clients are cut off).
+        uvicorn.Server(server_config(app, settings, host, port)).run()
     finally:
         drills.stop()
 
