@@ -317,3 +317,57 @@ def test_attach_to_points_a_standby_at_another_upstream(pair: Pair) -> None:
         assert replicas == {"ctl-dr": "streaming", "ctl-third": "streaming"}
     finally:
         lp.destroy(third)
+
+
+def test_each_agent_has_its_own_secret_and_peers_are_validated(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    from agents.config import ConfigError, parse_config
+
+    master = b"master"
+    assert control_secret(master, "orders-prod") == hmac.new(
+        master, b"orders-prod", hashlib.sha256).hexdigest().encode()
+    assert control_secret(master, "orders-prod") != control_secret(master, "orders-dr")
+
+    def config(peers: list[str]) -> str:
+        return ("agent_id: a\ngroup: g\n"
+                "gateway: {url: 'http://127.0.0.1:1/v1/events', webhook_secret: {ref: 'env:X'}}\n"
+                "control: {listen: '127.0.0.1:9101', secret: {ref: 'env:Y'}, peers: "
+                + json.dumps(peers) + "}\n"
+                "resources: [{name: pg, type: postgres, datadir: /tmp/x}]\n")
+
+    cfg = parse_config(config(["10.0.0.2:5432", "[::1]:5433", "db-2.example.net:5432"]),
+                       tmp_path)
+    assert cfg.control is not None
+    assert cfg.control.peer_addresses() == [("10.0.0.2", 5432), ("::1", 5433),
+                                            ("db-2.example.net", 5432)]
+    for bad in ("db\n:5432", "::1%eth0:5432", "[fe80::1%lo]:5432", "db:0", "db", "db:5432 x",
+                "db:²"):
+        with pytest.raises(ConfigError, match="peers"):
+            parse_config(config([bad]), tmp_path)
+
+
+def test_discover_writes_the_agents_own_secret_and_its_peers(pair: Pair, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    master_file = tmp_path / "master"
+    master_file.write_text(SECRET.get_secret_value())
+    out = tmp_path / "agent.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "drflow.cli", "agent", "discover", "--datadir",
+         str(pair.dr.inst.datadir), "--agent-id", "ctl-dr", "--control-listen", "127.0.0.1:9101",
+         "--control-master-ref", f"file:{master_file}", "--peer", f"{LOCAL}:{pair.prod.inst.port}",
+         "--write", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(out.read_text())
+    secret_file = tmp_path / "control_secret"
+    assert cfg["control"]["secret"] == {"ref": f"file:{secret_file}"}
+    assert cfg["control"]["peers"] == [f"{LOCAL}:{pair.prod.inst.port}"]
+    assert secret_file.read_text() == own_secret("ctl-dr").get_secret_value()
+    assert os.stat(secret_file).st_mode & 0o777 == 0o600
+    assert SECRET.get_secret_value() not in out.read_text() + secret_file.read_text()
