@@ -263,27 +263,30 @@ class Writer:
 
 
 def takes_write(env: Env, node: dict[str, Any], timeout_s: float = 1.0) -> bool:
-    """Is `node` a primary that takes a write? Bounded: connect and statement time out. A primary
-    whose commit hangs (waiting for a synchronous standby) counts as taking it: the write is in
-    its WAL, and a client that waits long enough gets it acknowledged."""
+    """Does `node` answer as a writable primary? Bounded: connect and statement time out. Once it
+    answered as a primary that is not read-only, it counts whatever becomes of the test write: a
+    commit that hangs (waiting for a synchronous standby) or a connection cut mid-commit still
+    left the write in its WAL, where a client that waits long enough gets it acknowledged."""
     db = env.state["database"]
     try:
-        with psycopg.connect(host=node["host"], port=node["port"], user=db["user"],
-                             password=db["password"], dbname=db["name"], autocommit=True,
-                             connect_timeout=max(1, int(timeout_s)),
-                             options=f"-c statement_timeout={int(timeout_s * 1000)}") as c:
-            row = c.execute("select pg_is_in_recovery(), "
-                            "current_setting('default_transaction_read_only')").fetchone()
-            if row is None or row[0] or row[1] == "on":
-                return False
-            try:
-                c.execute("create table if not exists probe_writes (at timestamptz)")
-                c.execute("insert into probe_writes values (now())")
-            except psycopg.errors.QueryCanceled:
-                return True  # the commit waited past the timeout: written, not yet acknowledged
-            return True
+        conn = psycopg.connect(host=node["host"], port=node["port"], user=db["user"],
+                               password=db["password"], dbname=db["name"], autocommit=True,
+                               connect_timeout=max(1, int(timeout_s)),
+                               options=f"-c statement_timeout={int(timeout_s * 1000)}")
     except psycopg.Error:
         return False
+    with conn:
+        try:
+            row = conn.execute("select pg_is_in_recovery(), "
+                               "current_setting('default_transaction_read_only')").fetchone()
+        except psycopg.Error:
+            return False
+        if row is None or row[0] or row[1] == "on":
+            return False
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("create table if not exists probe_writes (at timestamptz)")
+            conn.execute("insert into probe_writes values (now())")
+        return True
 
 
 def lab_secret_values(state: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 from drflow.dns import resolve_endpoint
 from flows.failback import home_ready, replay_complete
 from lab import vcsim
+from lab.harness import takes_write
 from lab.slack_standin import SlackLab
 from tasks.replication import Replica
 from tests.harness import Env, Writer, lab_secret_values, start_env, stop_env, wait_for
@@ -283,11 +284,15 @@ def test_a_returning_old_primary_never_accepts_a_write(env: Env) -> None:
     wait_for(lambda: len(env.audit_records("failover.finish", "orders")) > before, 60,
              "second failover finished")
     seen_writable: list[float] = []
+    polls: list[float] = []
     stop = threading.Event()
 
     def probe() -> None:
+        # Bounded (connect and statement timeouts); a primary whose commit hangs waiting for a
+        # synchronous standby took the write all the same: it counts, it is not "safe".
         while not stop.is_set():
-            if _writable(env, prod):
+            polls.append(time.time())
+            if takes_write(env, prod):
                 seen_writable.append(time.time())
             time.sleep(0.05)
 
@@ -302,4 +307,6 @@ def test_a_returning_old_primary_never_accepts_a_write(env: Env) -> None:
              "old primary re-protected")
     stop.set()
     t.join(5)
+    assert not t.is_alive(), "the probe hung: its silence proves nothing"
+    assert len(polls) > 20, f"only {len(polls)} probes"
     assert seen_writable == [], "the returning old primary took a write"

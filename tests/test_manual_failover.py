@@ -17,13 +17,15 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from lab import vcsim
+from drflow.config import ConfigError, load_config
+from lab import procs, vcsim
 from lab.harness import takes_write
 from tests.harness import DRFLOW, Env, start_env, stop_env, wait_for
 
@@ -57,9 +59,9 @@ def _roles(env: Env) -> dict[str, Any]:
     return dict(httpx.get(f"{env.gateway_url}/v1/groups/orders/roles", timeout=5).json())
 
 
-def _failover_cli(env: Env) -> subprocess.Popen[str]:
+def _failover_cli(env: Env, config: Path | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [DRFLOW, "failover", "orders", "--config", str(env.config), "--state-dir",
+        [DRFLOW, "failover", "orders", "--config", str(config or env.config), "--state-dir",
          str(env.state_dir), "--reason", "test: prod VM powered off"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -97,8 +99,15 @@ def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
     time.sleep(4)  # past heartbeat_timeout_s: with auto_failover off the gateway only alerts
     assert env.audit_records("failover.start", "orders") == []
 
+    # The runbook runs where `gateway.listen` is only a bind address (0.0.0.0: nothing of the
+    # gateway's there): it reaches the gateway at `gateway.url`.
+    cfg = yaml.safe_load(env.config.read_text())
+    cfg["gateway"]["listen"] = f"0.0.0.0:{procs.free_port()}"
+    cfg["gateway"]["url"] = env.gateway_url
+    worker_config = env.lab_dir / "worker.yaml"
+    worker_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     # No --force: the standby was the synchronous standby, and the gateway says so.
-    proc = _failover_cli(env)
+    proc = _failover_cli(env, worker_config)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     lag = env.audit_records("failover.check standby lag", dr["vm"])[-1]
@@ -194,3 +203,19 @@ def _in_process_failover_waits_for_the_lock(env: Env) -> None:
     assert not t.is_alive()
     # The primary is healthy: once it had the lock, the run refused to fail it over.
     assert result.get("outcome") == "not_confirmed", result
+
+
+def test_config_check_refuses_a_wildcard_listen_without_a_url(tmp_path: Path) -> None:
+    example = (Path(__file__).parents[1] / "examples" / "drflow.yaml").read_text()
+    os.environ.setdefault("DRFLOW_WEBHOOK_SECRET", "x")
+    wildcard = tmp_path / "wildcard.yaml"
+    wildcard.write_text(example.replace('listen: "127.0.0.1:8088"', 'listen: "0.0.0.0:8088"', 1))
+    with pytest.raises(ConfigError, match=r"set gateway\.url"):
+        load_config(wildcard)
+    with_url = tmp_path / "with_url.yaml"
+    with_url.write_text(example.replace(
+        'listen: "127.0.0.1:8088"',
+        'listen: "0.0.0.0:8088"\n  url: "https://gateway.dr.example.com:8443/"', 1))
+    assert load_config(with_url).gateway.client_url == "https://gateway.dr.example.com:8443"
+    assert load_config(Path(__file__).parents[1] / "examples" / "drflow.yaml"
+                       ).gateway.client_url == "http://127.0.0.1:8088"
