@@ -90,11 +90,11 @@ def _finding_cases(env: Env) -> dict[str, tuple[Callable[[], httpx.Response], in
     agent = env.group(group)["primary"]["vm"]
     secret = _secret(env)
     url = env.gateway_url
-    heartbeat = _event(agent, group, role="primary")
     now = int(time.time())
 
     def with_ts(ts: str) -> httpx.Response:
         # The HMAC is right for this very timestamp string: only its form is wrong.
+        heartbeat = _event(agent, group, role="primary")
         return httpx.post(url + "/v1/events", content=heartbeat, timeout=10, headers={
             **JSON, TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: signature(secret, ts, heartbeat)})
 
@@ -120,12 +120,14 @@ def _finding_cases(env: Env) -> dict[str, tuple[Callable[[], httpx.Response], in
         "timestamp with underscores": (lambda: with_ts(f"{now:_}"), 401, "bad_timestamp"),
         "timestamp with a sign": (lambda: with_ts(f"+{now}"), 401, "bad_timestamp"),
         "non-ASCII signature header": (
-            lambda: httpx.post(url + "/v1/events", content=heartbeat, timeout=10, headers=[
+            lambda: httpx.post(url + "/v1/events", content=_event(agent, group), timeout=10,
+                               headers=[
                 (b"Content-Type", b"application/json"), (TIMESTAMP_HEADER.encode(), str(now).encode()),
                 (SIGNATURE_HEADER.encode(), b"sha256=\xb2")]),
             401, "bad_signature"),
         "event as text/plain": (
-            lambda: signed(heartbeat, **{"Content-Type": "text/plain"}), 415,
+            lambda: signed(_event(agent, group, role="primary"), **{"Content-Type": "text/plain"}),
+            415,
             "unsupported_media_type"),
         "heartbeat from an unknown agent (NUL in its id)": (
             lambda: signed(_event(agent + "\x00evil", group, role="primary")), 403,
