@@ -35,7 +35,7 @@ from drflow.gateway import (
     run,
 )
 from drflow.gateway.settings import GroupNode, GroupRoster
-from drflow.signing import sign_headers
+from drflow.signing import sign_headers, signature
 from lab.procs import free_port, kill_tree, spawn, stop_tree, wait_port
 
 SECRET = "gw-test-secret-7f3a9c"  # a test value; the tests check it never leaks
@@ -205,7 +205,10 @@ def _rejection_cases() -> list[tuple[str, int, str]]:
             ("future", 401, "stale"), ("not_json", 422, "malformed"),
             ("bad_kind", 422, "malformed"), ("missing_field", 422, "malformed"),
             ("extra_field", 422, "malformed"), ("unknown_group", 404, "unknown_group"),
-            ("oversized", 413, "oversized"), ("oversized_chunked", 413, "oversized")]
+            ("oversized", 413, "oversized"), ("oversized_chunked", 413, "oversized"),
+            ("unknown_agent", 403, "unknown_agent"), ("text_plain", 415, "unsupported_media_type"),
+            ("too_deep", 422, "too_complex"), ("loose_timestamp", 401, "bad_timestamp"),
+            ("non_ascii_signature", 401, "bad_signature")]
 
 
 @pytest.mark.parametrize(("case", "status", "reason"), _rejection_cases())
@@ -237,6 +240,22 @@ def test_bad_input_is_refused_and_changes_nothing(gw: Gateway, case: str, status
         r = gw.post({**good, "group": "nope"})
     elif case == "oversized":
         r = gw.post({**good, "details": {"role": "primary", "pad": "x" * 70_000}})
+    elif case == "unknown_agent":
+        r = gw.post({**good, "agent_id": "pg-a\u0000"})
+    elif case == "text_plain":
+        r = httpx.post(url, content=raw, headers={**sign_headers(SECRET.encode(), raw),
+                                                  "Content-Type": "text/plain"})
+    elif case == "too_deep":
+        r = gw.post({**good, "details": {"role": "primary", "x": json.loads("[" * 40 + "]" * 40)}})
+    elif case == "loose_timestamp":
+        ts = f"{int(time.time()):_}"
+        r = httpx.post(url, content=raw, headers={
+            "Content-Type": "application/json", "X-Drflow-Timestamp": ts,
+            "X-Drflow-Signature": signature(SECRET.encode(), ts, raw)})
+    elif case == "non_ascii_signature":
+        r = httpx.post(url, content=raw, headers=[
+            (b"Content-Type", b"application/json"), (b"X-Drflow-Timestamp", b"1"),
+            (b"X-Drflow-Signature", b"sha256=\xb2")])
     else:
         def chunks() -> Iterator[bytes]:
             for _ in range(20):
