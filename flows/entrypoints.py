@@ -1,12 +1,10 @@
 """Deployment entrypoints: each runbook run under its group's Prefect concurrency limit.
 
-In one process (`drflow up`) the gateway's own state and locks keep runbooks of a group apart.
-Across machines only the Prefect server is shared, so each deployed run first takes a slot of a
-global concurrency limit (limit 1, created by `drflow deploy`):
-
-- `roles-<group>`: failover and re-protect, the runbooks that change which node is what;
-- `failback-<group>`: failback, apart, because it waits (paused) for a human: a failover must
-  never queue behind an approval that nobody clicks.
+The locks (flows/locks.py) are Prefect global concurrency limits, the one thing every starter
+shares: `roles-<group>` for failover and re-protect, `failback-<group>` for failback (apart: a
+failover must never queue behind an approval that nobody clicks). The runbooks take `roles-` in
+their own body whatever started them; here each deployed run takes its limit before the runbook
+starts, re-entrantly, while its secrets warm up.
 
 The flows keep their names (`failover`, …): deployments read `failover/failover` whichever file
 holds the entrypoint, and a run looks the same in the UI as one started by `drflow up`. Each run

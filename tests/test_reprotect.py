@@ -20,12 +20,16 @@ import uvicorn
 from pydantic import SecretStr
 
 from agents.boot import (
+    BootDecision,
     BootGate,
     LocalState,
+    PeerCheck,
     RolesUnavailable,
     decide_boot,
     fetch_roles,
+    guard_peer,
     my_site,
+    peer_node,
     roles_url,
 )
 from agents.control_api import ControlClient
@@ -40,7 +44,9 @@ from drflow.gateway.roles import (
     after_failover,
     apply_update,
     decide_protection,
+    stale_record,
 )
+from drflow.gateway.settings import GroupNode, GroupRoster
 from drflow.signing import sign_headers
 from flows.decisions import AppCheck
 from flows.reprotect import plan_target, restore_sync, rewind_reason, serving_side
@@ -128,6 +134,58 @@ def test_roles_record_and_protection_decisions() -> None:
 ROLES = {"group": "g", "primary_site": "dr", "in_transition": False,
          "nodes": {"prod": {"host": "127.0.0.1", "port": 5432},
                    "dr": {"host": "10.9.9.9", "port": 5432}}}
+
+
+def test_failover_moves_are_absolute_and_idempotent() -> None:
+    rec = RolesRecord(group="g", primary_site="prod")
+    reported = apply_update(rec, RolesUpdate(primary_site="dr", protected=False,
+                                             transition="none"), 1.0)
+    assert (reported.primary_site, reported.protected, reported.seq) == ("dr", False, 1)
+    # The gateway's close hook applies the same move after the flow's own report: no change.
+    assert after_failover(reported, "dr", "failover g:1", 2.0) is reported
+    again = apply_update(reported, RolesUpdate(primary_site="dr", protected=False,
+                                               transition="none"), 3.0)
+    assert (again.primary_site, again.seq) == ("dr", 1)
+    # A failover back before any re-protect is a new generation: the other side needs its own.
+    claimed = reported.model_copy(update={"reprotect_key": "reprotect:g:1"})
+    back = apply_update(claimed, RolesUpdate(primary_site="prod", protected=False), 4.0)
+    assert (back.primary_site, back.seq, back.reprotect_key) == ("prod", 2, None)
+    # Failback home, protected: no new generation.
+    home = apply_update(reported, RolesUpdate(primary_site="prod", protected=True), 5.0)
+    assert (home.primary_site, home.protected, home.seq) == ("prod", True, 1)
+
+
+def test_a_stale_record_is_corrected_only_by_a_held_agent_that_saw_a_writable_peer() -> None:
+    roster = GroupRoster(primary=GroupNode(site="prod", vm="p", host="10.0.0.1", port=5432),
+                         standby=GroupNode(site="dr", vm="d", host="10.0.1.1", port=5432))
+    lost = RolesRecord(group="g", primary_site="prod")  # a gateway whose state was lost
+    fixed = stale_record(lost, roster, agent_site="prod", report=BOOT_HELD, peer_writable=True)
+    assert fixed is not None and (fixed.primary_site, fixed.protected) == ("dr", False)
+    assert decide_protection(fixed, agent_id="p", agent_site="prod", report=BOOT_HELD,
+                             incident_open=False).action is ProtectAction.REPROTECT
+    for site, report, peer in (("prod", BOOT_HELD, False), ("dr", BOOT_HELD, True),
+                               ("prod", "started", True)):
+        assert stale_record(lost, roster, agent_site=site, report=report,
+                            peer_writable=peer) is None
+
+
+def test_the_boot_check_never_starts_a_primary_next_to_a_writable_peer() -> None:
+    serving_here = {**ROLES, "primary_site": "prod"}  # what a stale gateway says
+    down = LocalState(False, "down", False)
+    d = decide_boot(serving_here, "prod", down)
+    assert d.action == "start"
+    assert peer_node(serving_here, "prod") == ("10.9.9.9", 5432)
+    writable = PeerCheck("10.9.9.9:5432", True, True, "writable primary")
+    held = guard_peer(d, down, writable)
+    assert (held.action, held.report) == ("hold", BOOT_HELD) and "10.9.9.9" in held.reason
+    # No evidence either way, or a standby there: the gateway's word stands.
+    assert guard_peer(d, down, PeerCheck("10.9.9.9:5432", False, False, "timeout")) is d
+    assert guard_peer(d, down, PeerCheck("10.9.9.9:5432", True, False, "in recovery")) is d
+    # A standby (standby.signal) takes no writes: it starts whatever the peer is.
+    standby = LocalState(False, "down", True)
+    assert guard_peer(decide_boot(serving_here, "prod", standby), standby, writable).action \
+        == "start"
+    assert guard_peer(BootDecision("wait", "unsure"), down, writable).action == "wait"
 
 
 @pytest.mark.parametrize(("roles", "site", "local", "action", "report"), [
