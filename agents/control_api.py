@@ -233,6 +233,8 @@ def _parse(body: bytes) -> tuple[str, dict[str, Any], str]:
     verb, args, nonce = data.get("verb"), data.get("args", {}), data.get("nonce")
     if not isinstance(verb, str) or not isinstance(args, dict):
         raise _Refusal(400, '"verb" must be a string and "args" an object')
+    if not (verb.isascii() and verb.replace("_", "").isalpha() and len(verb) <= 32):
+        raise _Refusal(400, '"verb" must be a verb name (letters and _, at most 32)')
     try:
         nonce = str(uuid.UUID(str(nonce)))
     except ValueError:

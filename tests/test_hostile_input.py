@@ -358,6 +358,8 @@ def test_every_malformed_request_gets_a_4xx(lab: Lab) -> None:
         "NaN": request(b'{"verb": "status", "args": {"x": NaN}, "nonce": "'
                        + str(uuid.uuid4()).encode() + b'"}'),
         "not an object": request(b"[1, 2, 3]"),
+        "a verb of 60 KB": request(b'{"verb": "' + b"x" * 60_000 + b'", "args": {}, "nonce": "'
+                                   + str(uuid.uuid4()).encode() + b'"}'),
     }
     for what, data in cases.items():
         answer = _raw(dr, data)
@@ -365,6 +367,7 @@ def test_every_malformed_request_gets_a_4xx(lab: Lab) -> None:
         assert status_line.startswith(b"HTTP/1."), (what, answer[:200])
         code = int(status_line.split()[1])
         assert 400 <= code < 500, (what, status_line)
+        assert len(answer) < 2048, (what, "the answer echoes the input", len(answer))
     time.sleep(0.5)
     log = lab.agent_log(dr)
     assert log.count("Traceback") == tracebacks, log[-3000:]
