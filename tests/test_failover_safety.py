@@ -22,9 +22,9 @@ from tests.harness import Env, Writer, start_env, stop_env, wait_for
 
 pytestmark = pytest.mark.lab
 
-STEPS = ["confirm failure", "fence old primary", "check standby lag", "promote standby",
-         "relax synchronous replication", "point DNS at the new primary",
-         "verify a write through DNS"]
+STEPS = ["confirm failure", "tell the gateway roles are moving", "fence old primary",
+         "check standby lag", "promote standby", "relax synchronous replication",
+         "record the new roles", "point DNS at the new primary", "verify a write through DNS"]
 
 
 
@@ -208,5 +208,33 @@ def test_a_failover_interrupted_by_ctrl_c_resumes_at_the_next_start(prefect_api:
         assert env.writable(g["standby"])
         promoted = [r for r in env.audit_records("failover.promote standby") if r.outcome == "ok"]
         assert [r.reason for r in promoted] == ["promoted"]
+    finally:
+        stop_env(env)
+
+
+def test_an_async_failover_within_its_budget_needs_no_force(prefect_api: str) -> None:
+    """Asynchronous replication, streaming, under write load: the primary's host is lost and the
+    gateway's failover (never forced) promotes, because the heartbeats' LSN history puts the
+    standby's lag within the RPO budget."""
+    env = start_env(groups=1, replication="async")
+    try:
+        g = env.state["groups"][0]
+        writer = Writer(env, g["name"]).start()
+        time.sleep(3)  # a few heartbeats carrying the primary's LSN while writes go on
+        vcsim.power_off(env.si(), g["primary"]["vm"])
+        rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 60,
+                       "failover finished")[-1]
+        writer.stop()
+        assert rec.outcome == "ok", rec.reason
+        start = env.audit_records("failover.start", g["name"])[-1]
+        assert start.parameters["force"] is False
+        lag = [r for r in env.audit_records("failover.check standby lag", g["standby"]["vm"])
+               if r.outcome != "started"][-1]
+        assert lag.outcome == "ok" and "within the RPO budget" in lag.reason, lag.reason
+        assert "override" not in lag.reason
+        assert env.writable(g["standby"])
+        lost = writer.lost(g["standby"]["host"], g["standby"]["port"])
+        print(f"async failover: lag {lag.reason!r}; {len(lost)} of {len(writer.acked)} "
+              "acknowledged writes lost")
     finally:
         stop_env(env)
