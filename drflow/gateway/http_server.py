@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -67,6 +68,9 @@ class HeaderTimeoutH11(H11Protocol):
     def _headers_late(self) -> None:
         self._header_timer = None
         if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self.transport.close()  # idle, not a byte of a request yet: nobody to answer
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
         log.warning("closed the connection of %s: request headers not received within %g s",
