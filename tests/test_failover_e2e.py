@@ -158,8 +158,18 @@ def test_no_secret_leaks_into_logs_audit_slack_or_artifacts(env: Env, prefect_ap
     places: dict[str, bytes] = {}
     for log in (env.lab_dir / "logs").glob("*.log"):
         places[str(log)] = log.read_bytes()
-    for f in env.lab_dir.glob("audit.db*"):
-        places[str(f)] = f.read_bytes()
+    # The stores: audit trail, the gateway's state, every agent's outbox (events waiting and
+    # sent), the Prefect server's database (flow and task runs, parameters, states, logs).
+    stores = [*env.lab_dir.glob("audit.db*"), *env.state_dir.glob("*.db*"),
+              *env.lab_dir.glob("agents/*/*.sqlite*"),
+              *Path(os.environ["PREFECT_HOME"]).rglob("*.db*")]
+    # PostgreSQL's own logs (server log, pg_ctl log, and any log directory in a data dir).
+    stores += [*env.lab_dir.glob("pg/*/*/*.log"), *env.lab_dir.glob("pg/*/*/data/log/*")]
+    assert any("outbox" in f.name for f in stores) and any(f.suffix == ".log" for f in stores)
+    assert any(f.name == "prefect.db" for f in stores)
+    for f in stores:
+        if f.is_file():
+            places[str(f)] = f.read_bytes()
     slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
     places["slack"] = repr(slack.messages()).encode()
     arts = httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 200}, timeout=10).json()
