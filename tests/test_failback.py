@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from drflow.dns import resolve_endpoint
 from flows.failback import home_ready, replay_complete
@@ -104,8 +106,10 @@ def _writable(env: Env, node: dict[str, Any]) -> bool:
 class FailbackRun:
     """The failback flow in a thread of this process; approvals arrive through the gateway."""
 
-    def __init__(self, env: Env, timeout_s: float | None = None) -> None:
+    def __init__(self, env: Env, timeout_s: float | None = None,
+                 config: Path | None = None) -> None:
         self.env, self.timeout_s = env, timeout_s
+        self.config = config or env.config
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.t0 = time.time()
@@ -126,7 +130,7 @@ class FailbackRun:
             try:
                 self.result = failback("orders", requested_by="test",
                                        approval_timeout_s=self.timeout_s,
-                                       config_path=str(self.env.config))
+                                       config_path=str(self.config))
             except BaseException as exc:
                 self.error = exc
 
@@ -212,6 +216,65 @@ def test_no_answer_within_the_timeout_changes_nothing(env: Env) -> None:
     msg = next(m for m in _slack(env).messages() if m["ts"] == run.request["ts"])
     # The buttons are gone; a click from a stale client is refused (test_slack_actions.py).
     assert "expired" in msg["text"] and not _has_buttons(msg)
+
+
+def _resume(run: FailbackRun, answer: dict[str, Any]) -> None:
+    """Resume the paused run directly, as anyone with access to Prefect's API or UI can."""
+    import uuid
+
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(uuid.UUID(run.run_id), run_input=answer)
+
+
+def _wait_step(env: Env, run: FailbackRun) -> Any:
+    recs = [r for r in env.audit_records("failback.wait for approval", "orders")
+            if r.actor.endswith(run.run_id) and r.outcome != "started"]
+    assert len(recs) == 1, recs
+    return recs[0]
+
+
+def _two_approvers_config(env: Env) -> Path:
+    doc = yaml.safe_load(env.config.read_text())
+    doc["groups"][0]["policy"]["approvals_required"] = 2
+    path = env.lab_dir / "drflow-two-approvers.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_the_paused_run_refuses_input_without_the_gateways_proof(env: Env) -> None:
+    """The real failback, resumed through Prefect's API with an approval the gateway never gave:
+    nothing switches over, and the refusal is audited."""
+    dr = env.group("orders")["standby"]
+    run = FailbackRun(env)
+    _resume(run, {"approved": True, "approver": "U0ONCALL1", "approvers": ["U0ONCALL1"]})
+    result = run.wait()
+    assert result["outcome"] == "rejected", result
+    assert "without a verified Slack decision" in result["reason"]
+    assert _dns(env) == _endpoint(dr) and _writable(env, dr)
+    assert _roles(env)["primary_site"] == "dr"
+    rec = _wait_step(env, run)
+    assert rec.outcome == "refused" and "without a verified Slack decision" in rec.reason
+    assert not [r for r in env.audit_records("failback.stop writes on the DR primary")
+                if r.actor.endswith(run.run_id)]
+
+
+def test_the_paused_run_refuses_one_approver_where_two_are_required(env: Env) -> None:
+    """A proven answer (signed with the webhook secret, as the gateway signs) that carries one
+    approver while the flow's policy needs two: refused by the flow itself."""
+    from drflow.approval import proof
+
+    dr = env.group("orders")["standby"]
+    run = FailbackRun(env, config=_two_approvers_config(env))
+    secret = env.state["secrets"]["webhook"].encode()
+    _resume(run, {"approved": True, "approver": "U0ONCALL1", "approvers": ["U0ONCALL1"],
+                  "proof": proof(secret, run.run_id, True, ["U0ONCALL1"])})
+    result = run.wait()
+    assert result["outcome"] == "rejected", result
+    assert "1 distinct approval(s), 2 required" in result["reason"]
+    assert _dns(env) == _endpoint(dr) and _writable(env, dr)
+    rec = _wait_step(env, run)
+    assert rec.outcome == "refused" and "2 required" in rec.reason
 
 
 def test_approved_failback_under_load_loses_nothing(env: Env) -> None:
