@@ -371,3 +371,13 @@ def test_discover_writes_the_agents_own_secret_and_its_peers(pair: Pair, tmp_pat
     assert secret_file.read_text() == own_secret("ctl-dr").get_secret_value()
     assert os.stat(secret_file).st_mode & 0o777 == 0o600
     assert SECRET.get_secret_value() not in out.read_text() + secret_file.read_text()
+
+
+def test_configuration_literals_are_quoted_as_postgresql_quotes_them() -> None:
+    from agents.drivers.postgres import conf_literal
+
+    assert conf_literal("host=a port=1") == "'host=a port=1'"
+    assert conf_literal("pass='x\\y'") == "'pass=''x\\\\y'''"
+    for bad in ("a\nrestore_command = 'id'", "a\rb", "a\x00b", "a\x7fb"):
+        with pytest.raises(ValueError):
+            conf_literal(bad)

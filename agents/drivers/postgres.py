@@ -4,8 +4,10 @@ Every action runs a fixed server binary from `bin_dir` with validated arguments 
 as the data directory's owner when the agent runs as root. Passwords travel in PGPASSWORD or a
 0600 passfile, never on a command line, and only to the group's configured peers: `rewind_to` and
 `attach_to` accept no other target, and refuse this instance itself however its address is spelt.
-Settings are written by PostgreSQL itself (`ALTER SYSTEM` with the value as a literal), never by
-editing postgresql.auto.conf. Every precondition is checked before anything is stopped. Verbs are
+A running server's settings are written by PostgreSQL itself (`ALTER SYSTEM` with the value as a
+literal); a stopped one's `primary_conninfo` (it must stream from the right primary to become
+consistent at all) is written with PostgreSQL's quoting and read back with `postgres -C` before it
+starts. Every precondition is checked before anything is stopped. Verbs are
 idempotent: asking for the state the instance is already in returns `{"action": "none", …}`.
 """
 
@@ -51,6 +53,7 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z
 _IP_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}", re.ASCII)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}", re.ASCII)
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*", re.ASCII)
+_SETTING = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.$]*)")
 # Files that describe this instance, not the cluster: pg_rewind and pg_basebackup would replace
 # them with the source's copies (its port, its access rules), so they are put back afterwards,
 # together with whatever postgresql.conf includes from inside the data directory.
@@ -357,11 +360,12 @@ class PostgresDriver:
                 self._base_backup(source_host, source_port, reason)
                 done("pg_basebackup")
             self._restore_local_config(saved)
-            self._write_file(self.datadir / "standby.signal", b"")
+            # postgresql.auto.conf is the source's now: its port (if set there) is not ours, and
+            # its primary_conninfo (if any) points at us.
+            self._write_upstream_offline(source_host, source_port, drop_port=True,
+                                         pin_port=not saved)
             self._held_down = False
             self._pg_ctl_start()
-            # postgresql.auto.conf is the source's now: its port (if set there) is not ours.
-            self._set_upstream(source_host, source_port, drop_port=True, pin_port=not saved)
             done("start")
             streaming = self._wait_streaming(source_host, source_port, 30)
             done("streaming")
@@ -391,10 +395,10 @@ class PostgresDriver:
                 if not (self.datadir / "standby.signal").exists():
                     raise VerbError(f"port {self.port} is a stopped primary (no standby.signal); "
                                     "use rewind_to, it may hold writes the new primary lacks")
+                self._write_upstream_offline(primary_host, primary_port)
                 self._clear_stale_pidfile()
                 self._held_down = False
-                self._pg_ctl_start()  # as a standby (standby.signal); then told where to stream
-                self._set_upstream(primary_host, primary_port)
+                self._pg_ctl_start()
             streaming = self._wait_streaming(primary_host, primary_port, 30)
             return {"action": "attached", "upstream": f"{primary_host}:{primary_port}",
                     "streaming": streaming}
@@ -753,27 +757,52 @@ class PostgresDriver:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._write_file(dest, data)
 
-    def _set_upstream(self, host: str, port: int, *, drop_port: bool = False,
-                      pin_port: bool = False) -> None:
-        """Point the running standby at host:port: PostgreSQL writes the setting itself
-        (ALTER SYSTEM with a literal), so no value can add a line to postgresql.auto.conf."""
+    def _upstream_conninfo(self, host: str, port: int) -> str:
         params: dict[str, Any] = {"host": host, "port": port, "user": self.replication_user}
         if self.application_name:
             params["application_name"] = self.application_name
         if self._replication_password is not None:
             params["passfile"] = str(self._write_passfile())
-        conninfo = make_conninfo(**params)
+        return make_conninfo(**params)
+
+    def _set_upstream(self, host: str, port: int) -> None:
+        """Point the running standby at host:port: PostgreSQL writes the setting itself
+        (ALTER SYSTEM with a literal), so no value can add a line to postgresql.auto.conf."""
+        conninfo = self._upstream_conninfo(host, port)
         with self._connect() as conn:
             conn.execute(sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
                 sql.Literal(conninfo)))
             conn.execute("ALTER SYSTEM RESET primary_slot_name")
-            if drop_port:
-                conn.execute("ALTER SYSTEM RESET port")
-            if pin_port:
-                # The source's postgresql.conf came along and carries its port, not ours.
-                conn.execute(sql.SQL("ALTER SYSTEM SET port = {}").format(
-                    sql.Literal(self.port)))
             conn.execute("SELECT pg_reload_conf()")
+
+    def _write_upstream_offline(self, host: str, port: int, *, drop_port: bool = False,
+                                pin_port: bool = False) -> None:
+        """Point the stopped standby at host:port before it starts (it cannot become consistent,
+        hence take a connection for ALTER SYSTEM, without WAL from there): the settings go into
+        postgresql.auto.conf as PostgreSQL quotes them, and `postgres -C` must read back exactly
+        that conninfo, or the old file is put back and nothing starts."""
+        conninfo = self._upstream_conninfo(host, port)
+        auto = self.datadir / "postgresql.auto.conf"
+        try:
+            old = auto.read_bytes()
+        except FileNotFoundError:
+            old = (b"# Do not edit this file manually!\n"
+                   b"# It will be overwritten by the ALTER SYSTEM command.\n")
+        drop = {"primary_conninfo", "primary_slot_name"} | ({"port"} if drop_port else set())
+        kept = [ln for ln in old.decode(errors="replace").splitlines()
+                if _setting_name(ln) not in drop]
+        kept.append(f"primary_conninfo = {conf_literal(conninfo)}")
+        if pin_port:
+            # The source's postgresql.conf came along and carries its port, not ours.
+            kept.append(f"port = {int(self.port)}")
+        self._write_file(auto, ("\n".join(kept) + "\n").encode())
+        self._write_file(self.datadir / "standby.signal", b"")
+        r = self._run(["postgres", "-D", str(self.datadir), "-C", "primary_conninfo"],
+                      timeout=30)
+        if r.returncode != 0 or r.stdout.rstrip("\n") != conninfo:
+            self._write_file(auto, old)
+            raise VerbError(f"postgresql.auto.conf in {self.datadir} did not read back as "
+                            f"written: {_tail(r.stderr or r.stdout)}; it was put back")
 
     def _configured_upstream(self, conn: psycopg.Connection[Any]) -> tuple[str, int] | None:
         try:
@@ -843,6 +872,19 @@ def _is_postmaster_of(pid: int, datadir: Path) -> bool:
         return True
     except psutil.NoSuchProcess:
         return False
+
+
+def conf_literal(value: str) -> str:
+    """`value` as a string literal of PostgreSQL's configuration files ('' for ', \\ for \\);
+    control characters, which could end the line, are refused."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("a configuration value may not hold control characters")
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _setting_name(line: str) -> str | None:
+    m = _SETTING.match(line)
+    return m.group(1).lower() if m else None
 
 
 def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
