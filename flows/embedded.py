@@ -19,6 +19,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from drflow.gateway.contracts import Incident
 from flows.failover import failover
+from flows.locks import ensure_limit, roles_limit
 from flows.runtime import runtime
 from tasks import vsphere
 
@@ -54,6 +55,8 @@ class EmbeddedStarter:
                 log.warning("warm-up: %s", exc)
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             warm_up_flow()
+        for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
+            ensure_limit(roles_limit(g.name))
         return time.monotonic() - t0
 
     async def start_incident(self, incident: Incident) -> str:

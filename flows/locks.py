@@ -10,17 +10,28 @@ The runbooks take their lock themselves (flows/failover.py, flows/reprotect.py),
 failover` on a laptop, the embedded runner of `drflow up` and a deployment run on a worker all
 queue on the same slot. Taking it is re-entrant within one run: the deployment entrypoints
 (flows/entrypoints.py) take it before the runbook's body takes it again.
+
+A holder that dies without releasing (kill -9, OOM) keeps its slot until its lease runs out
+(60 s, Prefect's minimum, and the server's sweep: about 70 s). On one machine — the CLI, the
+embedded runner restarted after a crash — that wait is not needed: each holder writes its lease
+id, pid and process start time to a small file in the system's temporary directory, and the
+next taker on the same machine releases the lease of a holder that is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from uuid import UUID
 
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-from prefect.concurrency.sync import concurrency
 
 log = logging.getLogger("drflow.locks")
 
@@ -69,7 +80,7 @@ def exclusive(name: str, create: bool = True) -> Iterator[None]:
             raise LimitMissing(f"cannot take a slot of the concurrency limit {name!r}: {exc}. "
                                "Create the limits with `drflow deploy --config drflow.yaml`"
                                ) from exc
-        _create_limit(name)
+        ensure_limit(name)
         try:
             stack.enter_context(_slot(name))
         except ConcurrencySlotAcquisitionError as again:
@@ -83,13 +94,91 @@ def exclusive(name: str, create: bool = True) -> Iterator[None]:
         _held.reset(token)
 
 
-def _slot(name: str) -> AbstractContextManager[None]:
-    return concurrency(name, occupy=1, strict=True, lease_duration=60,
-                       raise_on_lease_renewal_failure=False)
+LEASE_S = 60.0
 
 
-def _create_limit(name: str) -> None:
-    """Create `name` with size 1; another runner creating it at the same time is fine."""
+@contextmanager
+def _slot(name: str) -> Iterator[None]:
+    """prefect.concurrency.sync.concurrency, keeping the lease id (it is not exposed there)."""
+    # Prefect 3.9 internals: the public context manager hides the lease id we must record.
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import (
+        acquire_concurrency_slots_with_lease,
+        release_concurrency_slots_with_lease,
+    )
+
+    _reclaim_from_dead_holder(name, release_concurrency_slots_with_lease)
+    lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=LEASE_S, strict=True,
+                                                 suppress_warnings=True).lease_id
+    record = _record_holder(name, lease)
+    try:
+        with maintain_concurrency_lease(lease, LEASE_S, raise_on_lease_renewal_failure=False,
+                                        suppress_warnings=True):
+            yield
+    finally:
+        _forget_holder(record, lease)  # first: the next holder may write its own once released
+        with contextlib.suppress(Exception):
+            release_concurrency_slots_with_lease(lease)
+
+
+def _holder_path(name: str) -> Path:
+    d = Path(tempfile.gettempdir()) / "drflow-locks"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d / f"{name}.json"
+
+
+def _me() -> dict[str, object]:
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _record_holder(name: str, lease: UUID) -> Path:
+    path = _holder_path(name)
+    with contextlib.suppress(OSError):
+        path.write_text(json.dumps({"lease": str(lease), **_me()}))
+    return path
+
+
+def _forget_holder(path: Path, lease: UUID) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("lease") == str(lease):
+            path.unlink()
+
+
+def holder_is_gone(record: dict[str, object]) -> bool:
+    """Is the process that wrote `record` (on this machine) no longer running?"""
+    import psutil
+
+    pid, started = record.get("pid"), record.get("started")
+    if not isinstance(pid, int) or not isinstance(started, int | float):
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - started) > 1.0  # pid reused
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _reclaim_from_dead_holder(name: str, release: object) -> None:
+    path = _holder_path(name)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or not holder_is_gone(record):
+        return
+    with contextlib.suppress(Exception):  # already expired, or released by another taker
+        release(UUID(str(record["lease"])))  # type: ignore[operator]
+        log.warning("released %s from process %s, which died holding it", name, record["pid"])
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def ensure_limit(name: str) -> None:
+    """Create `name` with size 1 unless it exists; another runner creating it at the same time
+    is fine."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound

@@ -142,7 +142,7 @@ def status(
         "--config", "-c", envvar="DRFLOW_CONFIG", exists=True, dir_okay=False,
         help="drflow configuration file (env DRFLOW_CONFIG).")],
     gateway: Annotated[str | None, typer.Option(
-        "--gateway", help="Gateway URL; default: http://<gateway.listen of the config>. "
+        "--gateway", help="Gateway URL; default: gateway.url of the config (else from gateway.listen). "
                           "'' skips it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -155,7 +155,7 @@ def status(
     except ConfigError as exc:
         typer.echo(f"error: invalid configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None
-    url = f"http://{cfg.gateway.listen}" if gateway is None else gateway or None
+    url = cfg.gateway.client_url if gateway is None else gateway or None
     audit, audit_note = _audit(cfg)
     try:
         data = gather(cfg, url, audit)

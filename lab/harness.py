@@ -263,10 +263,10 @@ class Writer:
 
 
 def takes_write(env: Env, node: dict[str, Any], timeout_s: float = 1.0) -> bool:
-    """Does `node` answer as a writable primary? Bounded: connect and statement time out. Once it
-    answered as a primary that is not read-only, it counts whatever becomes of the test write: a
-    commit that hangs (waiting for a synchronous standby) or a connection cut mid-commit still
-    left the write in its WAL, where a client that waits long enough gets it acknowledged."""
+    """Does `node` answer as a writable primary? Bounded: connect, statement and commit time
+    out. Once it answered as a primary that is not read-only it counts, whatever becomes of the
+    test write: a commit that waits for a synchronous standby, or is cut, left the write in its
+    WAL, where a client that waits long enough gets it acknowledged."""
     db = env.state["database"]
     try:
         conn = psycopg.connect(host=node["host"], port=node["port"], user=db["user"],
@@ -275,7 +275,7 @@ def takes_write(env: Env, node: dict[str, Any], timeout_s: float = 1.0) -> bool:
                                options=f"-c statement_timeout={int(timeout_s * 1000)}")
     except psycopg.Error:
         return False
-    with conn:
+    try:
         try:
             row = conn.execute("select pg_is_in_recovery(), "
                                "current_setting('default_transaction_read_only')").fetchone()
@@ -283,10 +283,22 @@ def takes_write(env: Env, node: dict[str, Any], timeout_s: float = 1.0) -> bool:
             return False
         if row is None or row[0] or row[1] == "on":
             return False
-        with contextlib.suppress(psycopg.Error):
-            conn.execute("create table if not exists probe_writes (at timestamptz)")
-            conn.execute("insert into probe_writes values (now())")
+        # statement_timeout ends before the commit (PostgreSQL disables it there): a commit
+        # waiting for a synchronous standby is cancelled from here instead.
+        for sql in ("create table if not exists probe_writes (at timestamptz)",
+                    "insert into probe_writes values (now())"):
+            timer = threading.Timer(timeout_s, conn.cancel_safe)
+            timer.start()
+            try:
+                conn.execute(sql)
+            except psycopg.Error:
+                break
+            finally:
+                timer.cancel()
         return True
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def lab_secret_values(state: dict[str, Any]) -> list[str]:
