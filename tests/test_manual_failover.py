@@ -219,3 +219,29 @@ def test_config_check_refuses_a_wildcard_listen_without_a_url(tmp_path: Path) ->
     assert load_config(with_url).gateway.client_url == "https://gateway.dr.example.com:8443"
     assert load_config(Path(__file__).parents[1] / "examples" / "drflow.yaml"
                        ).gateway.client_url == "http://127.0.0.1:8088"
+
+
+def test_the_gateway_hands_its_replication_evidence_only_signed(tmp_path: Path) -> None:
+    """What a manual failover reads instead of `--force`: the failed primary's last heartbeats,
+    over a signed request, in a signed answer that echoes the caller's nonce."""
+    from pydantic import SecretStr
+
+    from tasks.gateway import EvidenceUnavailable, fetch_evidence
+    from tests.test_gateway import PRIMARY, SECRET, event, make_settings, post, running_gateway
+
+    with running_gateway(make_settings(tmp_path / "gw.sqlite")) as gw:
+        hb = event("heartbeat", details={"postgres": {
+            "role": "primary", "wal_lsn": "0/3000060",
+            "replicas": [{"application_name": "b", "state": "streaming", "sync_state": "sync"}]}})
+        assert post(gw.url, hb).status_code == 202
+        ev = fetch_evidence(gw.url, SecretStr(SECRET), "g1", PRIMARY)
+        assert ev["sync_standby_streaming"] is True and ev["primary_last_lsn"] == 0x3000060
+        assert ev["agent_id"] == PRIMARY and time.time() - ev["last_heard_at"] < 30
+        assert fetch_evidence(gw.url, SecretStr(SECRET), "g1", "pg-b").get(
+            "sync_standby_streaming") is None  # nothing heard from it: no evidence
+        with pytest.raises(EvidenceUnavailable, match="401"):
+            fetch_evidence(gw.url, SecretStr("not-the-secret"), "g1", PRIMARY)
+        assert httpx.get(f"{gw.url}/v1/groups/g1/evidence",
+                         params={"agent_id": PRIMARY}, timeout=5).status_code == 401
+        with pytest.raises(EvidenceUnavailable, match="404"):
+            fetch_evidence(gw.url, SecretStr(SECRET), "nope", PRIMARY)
