@@ -352,8 +352,11 @@ class BootGate:
             self.driver.start()
         elif d.action == "fence":
             self.driver.stop("immediate")
-        elif d.action == "hold" or (d.action == "wait" and not local.running):
-            self.driver.stop("fast")  # not running: only marks it held down
+        elif (d.action == "hold" or (d.action == "wait" and not local.running)) and \
+                not getattr(self.driver, "held_down", False):
+            # Not running: only marks it held down. Once: re-marking on every retry would race
+            # a re-protect that starts the rewound standby meanwhile, and stop it again.
+            self.driver.stop("fast")
         if d.report is None or site is None:
             return
         details: dict[str, Any] = {"drflow_boot": d.report, "site": site, "action": d.action,
