@@ -24,11 +24,18 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import yaml
 
-from drflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify
+from drflow.signing import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    SignatureError,
+    sign_headers,
+    verify,
+)
 from lab import postgres, procs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +61,27 @@ def start_http(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     return srv
 
 
-def receiver(secret: bytes, counts: dict[str, int]) -> ThreadingHTTPServer:
+def receiver(secret: bytes, counts: dict[str, int], port: int) -> ThreadingHTTPServer:
+    """The gateway's stand-in: signed events in, and the signed roles answer the boot check asks
+    for (this node's side serves), so the boot check settles as it does against a gateway."""
+
     class Receiver(_Quiet):
+        def do_GET(self) -> None:
+            nonce = parse_qs(urlsplit(self.path).query).get("nonce", [""])[0]
+            body = json.dumps({
+                "group": "bench", "nonce": nonce, "at": time.time(), "primary_site": "prod",
+                "in_transition": False, "incident_open": False,
+                "nodes": {"prod": {"host": "127.0.0.1", "port": port}},
+            }).encode()
+            counts["roles"] = counts.get("roles", 0) + 1
+            self.send_response(200)
+            for k, v in sign_headers(secret, body).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             try:
@@ -120,11 +146,12 @@ def measure(seconds: float, warmup: float, entry: str = "drflow") -> dict[str, A
     agent: subprocess.Popen[bytes] | None = None
     counts: dict[str, int] = {"bad": 0}
     secret = "bench-" + uuid.uuid4().hex
-    events = receiver(secret.encode(), counts)
+    events: ThreadingHTTPServer | None = None
     health = health_endpoint()
     try:
         print("starting a lab PostgreSQL pair ...", flush=True)
         primary, standby = postgres.create_pair(work / "pg", "bench", sync=False)
+        events = receiver(secret.encode(), counts, primary.port)
         _user, password = postgres.client_credentials(work / "pg")
         cfg = agent_config(
             work, primary, "BENCH_PG_PASSWORD", "BENCH_WEBHOOK_SECRET",
@@ -162,6 +189,7 @@ def measure(seconds: float, warmup: float, entry: str = "drflow") -> dict[str, A
             "cpu_pct": round(100 * cpu_s / wall, 2), "seconds": round(wall, 1),
             "threads": proc.num_threads(), "heartbeats": counts.get("heartbeat", 0) - beats_before,
             "failures": counts.get("resource_failed", 0), "bad_signatures": counts["bad"],
+            "roles_asked": counts.get("roles", 0),
         }
         if result["failures"]:
             print("warning: resources failed during the run; see " + str(work / "agent.log"))
@@ -176,7 +204,8 @@ def measure(seconds: float, warmup: float, entry: str = "drflow") -> dict[str, A
         for inst in (standby, primary):
             if inst is not None:
                 postgres.destroy(inst)
-        events.shutdown()
+        if events is not None:
+            events.shutdown()
         health.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
