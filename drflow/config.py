@@ -406,8 +406,9 @@ class DrillConfig(_Model):
     work_dir: str = "/var/tmp/drflow-drill"
     port_range: tuple[int, int] = (54400, 54499)
     # pg_basebackup --max-rate (kB/s, or with k/M): what the copy may take from the standby,
-    # hence from production's commit latency. null: as fast as it goes.
-    max_rate: str | None = Field(default="100M", pattern=r"^[1-9][0-9]*[kM]?$")
+    # hence from production's commit latency. null: as fast as it goes. The drill's RTO counts
+    # from the end of the copy, so a slower copy only lengthens the drill (BENCHMARKS.md).
+    max_rate: str | None = Field(default="60M", pattern=r"^[1-9][0-9]*[kM]?$")
 
     @field_validator("work_dir")
     @classmethod

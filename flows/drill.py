@@ -5,10 +5,17 @@ observed before the copy, are what the copy must hold; the copy's base backup as
 for a spread restartpoint, never an immediate one. No write, table or setting on production, no
 power operation on production VMs, no DNS change, no promotion of the production standby, no
 change to replication settings. Teardown runs whatever happened.
+
+RTO counts from the moment the copy of the standby is complete (what the bubble holds is
+production as of then: the drill's stand-in for the moment of a disaster) to the copy writable
+and verified. A real failover promotes the standby where it is and copies nothing, so the time
+spent copying, which grows with the database and is paced to spare production, is the drill's
+own overhead: it is reported beside the RTO as `ready_s` (drill start → copy verified).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +58,8 @@ class _State:
     run_dir: Path | None = None
     bindir: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    clone: Any = None  # the VM clone's future, made while the standby is copied
+    copied_at: float | None = None  # monotonic time the copy of the standby was complete
 
 
 @flow(name="drill", log_prints=False, persist_result=False)
@@ -170,20 +179,22 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                     f"transaction {seen.witness_xid} ({seen.witness_status}); "
                     f"{len(seen.tables)} user table(s); read-only")
 
-    st.step = "clone the DR VM into the bubble"
+    # The VM clone (a whole disk copy on a real vCenter) and the copy of the standby need
+    # nothing from each other: the clone is made while the standby is copied, and waited for
+    # after. Teardown waits for it too, whatever happened.
     clone_name = st.clone_prefix + st.drill_id
-    with run.step(st.step, g.standby.vm, {"clone": clone_name,
-                                          "portgroup": dc.isolated_portgroup}) as s:
-        clone = bubble.clone_into_bubble(vc, g.standby.vm, clone_name, dc.isolated_portgroup)
-        st.figures["clone"] = clone_name
-        s.reason = (f"{clone_name} on {', '.join(clone['networks']) or 'no network'} "
-                    f"({clone['power_state']})")
+    st.figures["clone"] = clone_name
+    st.clone = bubble.clone_into_bubble.submit(vc, g.standby.vm, clone_name,
+                                               dc.isolated_portgroup)
 
     st.step = "copy the standby"
     name = f"{g.name}-{st.drill_id}"
     with run.step(st.step, g.standby.vm, {"copy": name}) as s:
         st.run_dir = work_dir / name  # set first: teardown removes a half-made copy too
         made = bubble.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
+        # The copy now holds production as of this moment: the drill's stand-in for the moment
+        # of a disaster, from which its RTO counts (module docstring).
+        st.copied_at = time.monotonic()
         copy: bubble.DrillCopy = made["copy"]
         st.bindir = made["bindir"]
         # RPO: what a failover at the moment of the copy would have lost (the standby's lag).
@@ -196,6 +207,13 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                     f"(pg_basebackup, WAL {made['wal_method']}, max rate "
                     f"{dc.max_rate or 'unlimited'}); standby lag then "
                     f"{_num(lag.lag_s)} s / {lag.lag_bytes} bytes")
+
+    st.step = "clone the DR VM into the bubble"
+    with run.step(st.step, g.standby.vm, {"clone": clone_name,
+                                          "portgroup": dc.isolated_portgroup}) as s:
+        clone = st.clone.result()
+        s.reason = (f"{clone_name} on {', '.join(clone['networks']) or 'no network'} "
+                    f"({clone['power_state']})")
 
     st.step = "start and promote the copy"
     copy_db = Db(host=bubble.COPY_HOST, port=copy.port, dbname=g.database.name,
@@ -216,7 +234,9 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
         if not d.proceed:
             s.outcome = "failed"
             raise bubble.DrillError(d.reason)
-    st.figures["rto_s"] = round(time.monotonic() - st.t0, 3)
+    done = time.monotonic()
+    st.figures["rto_s"] = round(done - (st.copied_at or st.t0), 3)
+    st.figures["ready_s"] = round(done - st.t0, 3)
 
 
 def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st: _State,
@@ -224,6 +244,10 @@ def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st:
     """Remove everything the drill built, each part on its own, then check nothing is left."""
     left: list[str] = []
     with run.step("tear down the bubble", g.name) as s:
+        if st.clone is not None:
+            # A clone still being made would appear after the check below: let it finish.
+            with contextlib.suppress(Exception):
+                st.clone.wait(timeout=600)
         if st.run_dir is not None:
             try:
                 left += bubble.remove_copy(st.run_dir, st.bindir or str(bubble.pg_bindir()))
@@ -258,7 +282,8 @@ def _report(run: RunbookRun, g: GroupConfig, st: _State, outcome: str, reason: s
     figures: dict[str, Any] = {
         "group": g.name, "drill_id": st.drill_id, "run_id": run.run_id, "outcome": outcome,
         "reason": reason, "started_at": started_at.isoformat(timespec="seconds"),
-        "drill_s": round(drill_s, 3), "rto_s": f.get("rto_s"), "rpo_s": f.get("rpo_s"),
+        "drill_s": round(drill_s, 3), "rto_s": f.get("rto_s"), "ready_s": f.get("ready_s"),
+        "rpo_s": f.get("rpo_s"),
         "rpo_bytes": f.get("rpo_bytes"), "rpo_budget_s": g.rpo_budget_s,
         "copy_lsn": f.get("copy_lsn"), "copy_bytes": f.get("copy_bytes"),
         "copy_s": f.get("copy_s"), "clone": f.get("clone"), "steps": steps,
@@ -282,7 +307,10 @@ def render_markdown(f: dict[str, Any], steps_table: str) -> str:
         f"# DR drill of {f['group']}: {f['outcome'].upper()}\n\n"
         f"{f['reason']}\n\n"
         "| figure | value |\n|---|---|\n"
-        f"| RTO (drill start → copy writable and verified) | **{_num(f.get('rto_s'))} s** |\n"
+        f"| RTO (copy of the standby complete → copy writable and verified) | "
+        f"**{_num(f.get('rto_s'))} s** |\n"
+        f"| bubble ready (drill start → copy writable and verified) | "
+        f"{_num(f.get('ready_s'))} s |\n"
         f"| RPO (standby lag at the moment of the copy) | **{_num(f.get('rpo_s'))} s / "
         f"{f.get('rpo_bytes') if f.get('rpo_bytes') is not None else '—'} bytes** "
         f"(budget {f['rpo_budget_s']:g} s) |\n"

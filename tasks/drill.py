@@ -365,7 +365,9 @@ def drill_vms(vc: VCenter, prefix: str) -> list[str]:
                   if n.startswith(prefix))
 
 
-@task(name="clone the DR VM into the bubble", timeout_seconds=600, cache_policy=NO_CACHE)
+# No task timeout: it runs beside the copy in a worker thread, where Prefect cannot enforce one;
+# each vCenter task it waits for is bounded (`_wait_task`).
+@task(name="clone the DR VM into the bubble", cache_policy=NO_CACHE)
 def clone_into_bubble(vc: VCenter, standby_vm: str, clone_name: str,
                       portgroup: str) -> dict[str, Any]:
     """Clone the standby VM with every NIC moved to the isolated port group, check, power on."""

@@ -455,6 +455,8 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     nothing_left(drill_env)
 
     assert 0 < result["rto_s"] < result["drill_s"] < 30
+    # RTO counts from the end of the copy (issue 19); ready_s from the drill's start.
+    assert result["rto_s"] + result["copy_s"] < result["ready_s"] < result["drill_s"]
     assert result["rpo_s"] is not None and 0 <= result["rpo_s"] <= 1
     assert result["rpo_bytes"] is not None and result["copy_bytes"] > 1_000_000
     steps = {s["name"]: s for s in result["steps"]}
@@ -642,6 +644,33 @@ def test_step_failing_midway_still_tears_down_and_reports(drill_env: dict[str, A
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status"
                                                                      ).read_text()
     assert finish_record(drill_env, result["drill_id"]).outcome == "failed"
+
+
+def test_copy_failing_while_the_clone_is_made_tears_the_clone_down(
+        drill_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: the VM clone is made beside the copy; a copy that fails before the clone is
+    done still leaves nothing behind (teardown waits for the clone, then destroys it)."""
+    from tasks import drill as bubble
+
+    real_find = bubble.find_vm
+
+    def slow_vcenter(*a: Any, **k: Any) -> Any:  # vcsim cannot be made slow
+        if threading.current_thread() is not threading.main_thread():  # the clone, beside
+            time.sleep(1.5)
+        return real_find(*a, **k)
+
+    def broken_copy(*_a: Any, **_k: Any) -> None:  # fault injection: the base backup fails
+        raise bubble.DrillError("injected fault: pg_basebackup failed")
+
+    monkeypatch.setattr(bubble, "find_vm", slow_vcenter)
+    monkeypatch.setattr(bubble, "make_copy", broken_copy)
+    result = run_drill(drill_env["config"])
+    assert result["outcome"] == "failed"
+    assert result["reason"].startswith("step 'copy the standby' failed: DrillError: injected")
+    assert {s["name"]: s for s in result["steps"]}["tear down the bubble"]["outcome"] == "ok"
+    assert result["rto_s"] is None and result["ready_s"] is None
+    time.sleep(2)  # a clone made after the teardown would be there by now
+    nothing_left(drill_env)
 
 
 def test_drflow_up_runs_the_drill_schedule_itself(drill_env: dict[str, Any]) -> None:
