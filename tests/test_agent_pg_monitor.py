@@ -1,4 +1,4 @@
-"""The PostgreSQL monitor keeps one session between checks (issue 19: the agent's CPU), and still
+"""The PostgreSQL monitor keeps one session between checks (the agent's CPU), and still
 judges the server as a fresh connection would: after a restart, when down, and every 10 s."""
 
 from __future__ import annotations

@@ -455,7 +455,7 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     nothing_left(drill_env)
 
     assert 0 < result["rto_s"] < result["drill_s"] < 30
-    # RTO counts from the end of the copy (issue 19); ready_s from the drill's start.
+    # RTO counts from the end of the copy; ready_s from the drill's start.
     assert result["rto_s"] + result["copy_s"] < result["ready_s"] < result["drill_s"]
     assert result["rpo_s"] is not None and 0 <= result["rpo_s"] <= 1
     assert result["rpo_bytes"] is not None and result["copy_bytes"] > 1_000_000

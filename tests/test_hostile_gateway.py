@@ -1,4 +1,4 @@
-"""Hostile input against a real gateway on the lab (issue 12): every finding gets its documented
+"""Hostile input against a real gateway on the lab: every finding gets its documented
 4xx and changes nothing; event storms open one incident; slow clients are cut off while
 heartbeats stay fast."""
 

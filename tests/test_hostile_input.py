@@ -1,4 +1,4 @@
-"""Hostile input against the real guest agents of a lab (issue 12, the agent's control API).
+"""Hostile input against the real guest agents of a lab (the control API).
 
 Each test is an attack from the issue's findings, made by someone who holds what a compromised
 VM holds; each refusal is the documented 4xx and nothing changes: no command runs, the
