@@ -11,11 +11,12 @@ lint: bootstrap
 	$(BIN)/ruff check .
 
 typecheck: bootstrap
-	$(BIN)/mypy drflow agents tasks flows
+	$(BIN)/mypy drflow agents tasks flows orchestrator
 
 test: bootstrap
 	$(BIN)/ruff check .
-	$(BIN)/mypy drflow agents tasks flows
+	$(BIN)/mypy drflow agents tasks flows orchestrator
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 demo: bootstrap

@@ -1,0 +1,1 @@
+"""The guest agent: monitors, local recovery, outbox, boot check and control API, on the core alone."""

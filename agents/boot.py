@@ -52,7 +52,7 @@ from drflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, v
 
 log = logging.getLogger(__name__)
 
-# The gateway reads these in details.drflow_boot (drflow/gateway/roles.py).
+# The gateway reads these in details.drflow_boot (orchestrator/gateway/roles.py).
 BOOT_HELD = "held_for_reprotect"
 BOOT_SECOND_PRIMARY = "second_primary"
 BOOT_STARTED = "started"

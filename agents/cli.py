@@ -1,4 +1,4 @@
-"""`drflow agent run` and `drflow agent discover`. Heavy imports happen inside the commands."""
+"""`drflow agent run` and `drflow agent discover`, with heavy imports inside the commands."""
 
 from __future__ import annotations
 

@@ -10,11 +10,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.graph import Graph, GraphError
+from drflow.listen import ListenAddress
 from drflow.secrets import SecretRef
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 DEFAULT_PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 
+
+
+def http_url(v: str, what: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError(f"{what} must start with http:// or https://, got {v!r}")
+    return v
 
 class ConfigError(Exception):
     """agent.yaml is missing, unreadable or invalid; the message points at the field."""
@@ -88,12 +95,7 @@ class HttpResource(_Resource):
     url: str
     expect_status: int = Field(200, ge=100, le=599)
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {v!r}")
-        return v
+    _http_url = field_validator("url")(lambda v: http_url(v, "url"))
 
 
 class PostgresResource(_Resource):
@@ -153,15 +155,10 @@ class GatewayConfig(_Model):
     url: str
     webhook_secret: SecretRef
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"gateway url must start with http:// or https://, got {v!r}")
-        return v
+    _http_url = field_validator("url")(lambda v: http_url(v, "gateway url"))
 
 
-class ControlConfig(_Model):
+class ControlConfig(_Model, ListenAddress):
     listen: str = Field(description="host:port the control API binds to, e.g. 127.0.0.1:9101")
     secret: SecretRef = Field(description="this agent's own control secret: HMAC-SHA256 of its "
                                           "agent_id under the master gateway.control_secret")
@@ -175,14 +172,14 @@ class ControlConfig(_Model):
     @field_validator("peers")
     @classmethod
     def _peers(cls, v: list[str]) -> list[str]:
-        from agents.drivers.postgres import parse_peer
+        from agents.drivers.pg_args import parse_peer
 
         for peer in v:
             parse_peer(peer)
         return v
 
     def peer_addresses(self) -> list[tuple[str, int]]:
-        from agents.drivers.postgres import parse_peer
+        from agents.drivers.pg_args import parse_peer
 
         return [parse_peer(p) for p in self.peers]
 
@@ -193,14 +190,6 @@ class ControlConfig(_Model):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"listen must be host:port, got {v!r}")
         return v
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 class AgentConfig(_Model):

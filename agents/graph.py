@@ -81,22 +81,20 @@ class Graph:
 
     def dependents(self, name: str) -> list[str]:
         """Everything that depends on `name`, directly or not, in start order."""
-        seen: set[str] = set()
-        todo = list(self._dependents[name])
-        while todo:
-            n = todo.pop()
-            if n not in seen:
-                seen.add(n)
-                todo.extend(self._dependents[n])
-        return self.start_order(seen)
+        return self.start_order(_reach(self._dependents, name))
 
     def dependencies(self, name: str) -> list[str]:
         """Everything `name` stands on, directly or not, in start order."""
-        seen: set[str] = set()
-        todo = list(self._deps[name])
-        while todo:
-            n = todo.pop()
-            if n not in seen:
-                seen.add(n)
-                todo.extend(self._deps[n])
-        return self.start_order(seen)
+        return self.start_order(_reach(self._deps, name))
+
+
+def _reach(edges: Mapping[str, Iterable[str]], name: str) -> set[str]:
+    """Every node reachable from `name` along `edges`, `name` itself excepted."""
+    seen: set[str] = set()
+    todo = list(edges[name])
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(edges[n])
+    return seen

@@ -47,8 +47,8 @@ def main() -> None:
     home = root / "prefect"
     os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       PREFECT_LOGGING_LEVEL="WARNING")
-    from drflow.prefect_local import start_local_server
     from lab import manager, procs
+    from orchestrator.prefect_local import start_local_server
 
     port = procs.free_port()
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"  # before prefect is imported

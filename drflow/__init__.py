@@ -1,0 +1,1 @@
+"""The core without Prefect: models, config, secrets, signing, audit, shared vSphere/PostgreSQL helpers."""

@@ -10,18 +10,32 @@ import json
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
-
-if TYPE_CHECKING:
-    from drflow.config import AwsConfig
 
 SCHEMES = ("env", "file", "aws-sm")
 REF_EXAMPLES = (
     '{ref: "env:NAME"}, {ref: "file:/path/to/file"} or {ref: "aws-sm:SECRET_ID#json_key"}'
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class AwsConfig(Protocol):
+    """What resolving needs from the config's `aws` section (drflow.config.AwsConfig)."""
+
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def endpoint_url(self) -> str | None: ...
+    @property
+    def access_key_id(self) -> SecretRef | None: ...
+    @property
+    def secret_access_key(self) -> SecretRef | None: ...
+    @property
+    def session_token(self) -> SecretRef | None: ...
+
+    def model_dump_json(self) -> str: ...
 
 
 class SecretError(Exception):

@@ -27,19 +27,11 @@ from prefect import flow
 
 from drflow.config import DrillConfig, GroupConfig
 from drflow.dns import resolve_endpoint
+from flows import drill_decisions
 from flows.decisions import Decision
-from flows.drill_decisions import (
-    copy_verified,
-    dns_sane,
-    drill_outcome,
-    isolation_proven,
-    readiness,
-    replication_ready,
-    teardown_clean,
-)
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
-from tasks import drill as bubble
+from tasks import drill_checks, errors, pg_copy, vsphere
 from tasks.postgres import Db
 
 
@@ -86,8 +78,8 @@ def drill(group: str, config_path: str | None = None,
     failed: str | None = None
     teardown = Decision(True, "nothing was built")
     try:
-        bubble.prepare_work_dir(work_dir)
-        with bubble.group_lock(work_dir, group) as mine:
+        pg_copy.prepare_work_dir(work_dir)
+        with pg_copy.group_lock(work_dir, group) as mine:
             if not mine:
                 refused = f"another drill of {group} is running on this machine"
                 run.note("refused", refused)
@@ -103,9 +95,9 @@ def drill(group: str, config_path: str | None = None,
                     failed = f"step '{st.step}' failed: {type(exc).__name__}: {str(exc)[:500]}"
                 finally:
                     teardown = _teardown(run, rt, g, dc, st, work_dir)
-    except (bubble.DrillError, OSError) as exc:  # the work directory itself is unusable
+    except (errors.DrillError, OSError) as exc:  # the work directory itself is unusable
         refused = f"drill.work_dir {work_dir}: {exc}"
-    outcome, reason = drill_outcome(refused, failed, teardown)
+    outcome, reason = drill_decisions.drill_outcome(refused, failed, teardown)
     figures = _report(run, g, st, outcome, reason, started_at)
     if outcome != "passed" and raise_on_failure:
         raise DrillFailed(f"drill of {group} {outcome}: {reason}")
@@ -123,8 +115,8 @@ def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) ->
     checks: dict[str, Decision] = {}
     primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
     with run.step("check replication", g.standby.vm, {"rpo_budget_s": g.rpo_budget_s}) as s:
-        f = bubble.replication_facts(primary, standby)
-        d = replication_ready(f, f"{g.primary.host}:{g.primary.port}", g.replication,
+        f = drill_checks.replication_facts(primary, standby)
+        d = drill_decisions.replication_ready(f, f"{g.primary.host}:{g.primary.port}", g.replication,
                               g.rpo_budget_s)
         s.result = {"state": f.state, "sync_state": f.sync_state, "lag_s": f.lag_s,
                     "lag_bytes": f.lag_bytes, "replay_paused": f.replay_paused}
@@ -132,14 +124,14 @@ def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) ->
         checks["replication"] = d
     vc = rt.vcenter(g.standby.site)
     with run.step("check vCenter", vc.url) as s:
-        ok, detail = bubble.vcenter_facts(vc, g.standby.vm)
+        ok, detail = vsphere.vcenter_facts(vc, g.standby.vm)
         d = Decision(ok, detail if ok else f"vCenter unreachable: {detail}")
         _decide(s, d)
         checks["vCenter"] = d
     with run.step("check isolation", dc.isolated_portgroup) as s:
         if ok:
-            facts = bubble.isolation_facts(vc, g.standby.vm, dc.isolated_portgroup)
-            d = isolation_proven(facts, dc.isolated_portgroup)
+            facts = vsphere.isolation_facts(vc, g.standby.vm, dc.isolated_portgroup)
+            d = drill_decisions.isolation_proven(facts, dc.isolated_portgroup)
             s.result = {"host": facts.host, "vswitch": facts.vswitch, "pnics": list(facts.pnics),
                         "attached_vms": list(facts.attached_vms)}
         else:
@@ -151,10 +143,10 @@ def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) ->
             resolved, err = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record), None
         except Exception as exc:
             resolved, err = None, f"{type(exc).__name__}: {str(exc)[:200]}"
-        d = dns_sane(resolved, err, g.dns.record, g.primary.host, g.primary.port)
+        d = drill_decisions.dns_sane(resolved, err, g.dns.record, g.primary.host, g.primary.port)
         _decide(s, d)
         checks["DNS"] = d
-    verdict = readiness(checks)
+    verdict = drill_decisions.readiness(checks)
     return None if verdict.proceed else verdict.reason
 
 
@@ -162,19 +154,19 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                      st: _State, work_dir: Path) -> None:
     primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
     vc = rt.vcenter(g.standby.site)
-    leftovers = bubble.leftover_copies(work_dir, g.name)
-    stray_vms = bubble.drill_vms(vc, st.clone_prefix)
+    leftovers = pg_copy.leftover_copies(work_dir, g.name)
+    stray_vms = vsphere.drill_vms(vc, st.clone_prefix)
     if leftovers or stray_vms:
         st.step = "remove leftovers of an earlier drill"
         with run.step(st.step, g.name) as s:
-            left = [p for d in leftovers for p in bubble.remove_copy(d, str(bubble.pg_bindir()))]
-            destroyed, refused = bubble.destroy_clones(vc, st.clone_prefix, dc.isolated_portgroup)
+            left = [p for d in leftovers for p in pg_copy.remove_copy(d, str(pg_copy.pg_bindir()))]
+            destroyed, refused = vsphere.destroy_clones(vc, st.clone_prefix, dc.isolated_portgroup)
             s.reason = (f"removed {len(leftovers)} copy/copies and {len(destroyed)} clone(s)"
                         + (f"; left: {left + refused}" if left or refused else ""))
 
     st.step = "observe the standby"
     with run.step(st.step, g.standby.vm) as s:
-        seen = bubble.observe_standby(standby)
+        seen = drill_checks.observe_standby(standby)
         s.reason = (f"standby replayed up to {_lsn(seen.replay_lsn)}; newest completed "
                     f"transaction {seen.witness_xid} ({seen.witness_status}); "
                     f"{len(seen.tables)} user table(s); read-only")
@@ -184,21 +176,21 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
     # after. Teardown waits for it too, whatever happened.
     clone_name = st.clone_prefix + st.drill_id
     st.figures["clone"] = clone_name
-    st.clone = bubble.clone_into_bubble.submit(vc, g.standby.vm, clone_name,
+    st.clone = vsphere.clone_into_bubble.submit(vc, g.standby.vm, clone_name,
                                                dc.isolated_portgroup)
 
     st.step = "copy the standby"
     name = f"{g.name}-{st.drill_id}"
     with run.step(st.step, g.standby.vm, {"copy": name}) as s:
         st.run_dir = work_dir / name  # set first: teardown removes a half-made copy too
-        made = bubble.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
+        made = pg_copy.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
         # The copy now holds production as of this moment: the drill's stand-in for the moment
         # of a disaster, from which its RTO counts (module docstring).
         st.copied_at = time.monotonic()
-        copy: bubble.DrillCopy = made["copy"]
+        copy: pg_copy.DrillCopy = made["copy"]
         st.bindir = made["bindir"]
         # RPO: what a failover at the moment of the copy would have lost (the standby's lag).
-        lag = bubble.replication_facts(primary, standby)
+        lag = drill_checks.replication_facts(primary, standby)
         st.figures.update(copy_s=round(made["seconds"], 3), copy_bytes=made["bytes"],
                           wal_method=made["wal_method"], copy_port=copy.port,
                           rpo_s=None if lag.lag_s is None else round(lag.lag_s, 3),
@@ -216,24 +208,24 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
                     f"({clone['power_state']})")
 
     st.step = "start and promote the copy"
-    copy_db = Db(host=bubble.COPY_HOST, port=copy.port, dbname=g.database.name,
+    copy_db = Db(host=pg_copy.COPY_HOST, port=copy.port, dbname=g.database.name,
                  user=g.database.user, password=rt.secret(g.database.password))
-    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}") as s:
-        bubble.start_copy(copy, made["bindir"])
-        copy_lsn = bubble.promote_copy(copy_db)
+    with run.step(st.step, f"{pg_copy.COPY_HOST}:{copy.port}") as s:
+        pg_copy.start_copy(copy, made["bindir"])
+        copy_lsn = pg_copy.promote_copy(copy_db)
         st.figures["copy_lsn"] = _lsn(copy_lsn)
         s.reason = f"promoted on port {copy.port} at LSN {_lsn(copy_lsn)}"
 
     st.step = "check the copy"
-    with run.step(st.step, f"{bubble.COPY_HOST}:{copy.port}",
+    with run.step(st.step, f"{pg_copy.COPY_HOST}:{copy.port}",
                   {"witness_xid": seen.witness_xid}) as s:
-        facts = bubble.check_copy(copy_db, seen, copy_lsn, st.drill_id, (primary, standby),
+        facts = drill_checks.check_copy(copy_db, seen, copy_lsn, st.drill_id, (primary, standby),
                                   copy.name)
-        d = copy_verified(facts)
+        d = drill_decisions.copy_verified(facts)
         s.reason = d.reason
         if not d.proceed:
             s.outcome = "failed"
-            raise bubble.DrillError(d.reason)
+            raise errors.DrillError(d.reason)
     done = time.monotonic()
     st.figures["rto_s"] = round(done - (st.copied_at or st.t0), 3)
     st.figures["ready_s"] = round(done - st.t0, 3)
@@ -250,23 +242,23 @@ def _teardown(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig, st:
                 st.clone.wait(timeout=600)
         if st.run_dir is not None:
             try:
-                left += bubble.remove_copy(st.run_dir, st.bindir or str(bubble.pg_bindir()))
+                left += pg_copy.remove_copy(st.run_dir, st.bindir or str(pg_copy.pg_bindir()))
             except Exception as exc:
                 left.append(f"copy {st.run_dir}: {type(exc).__name__}: {exc}")
         try:
             vc = rt.vcenter(g.standby.site)
-            _destroyed, refused = bubble.destroy_clones(vc, st.clone_prefix,
+            _destroyed, refused = vsphere.destroy_clones(vc, st.clone_prefix,
                                                         dc.isolated_portgroup)
             left += refused
             # Check from scratch, not from what the call above returned.
-            left += [f"VM {n}" for n in bubble.drill_vms(vc, st.clone_prefix)]
+            left += [f"VM {n}" for n in vsphere.drill_vms(vc, st.clone_prefix)]
         except Exception as exc:
             left.append(f"clones {st.clone_prefix}*: {type(exc).__name__}: {exc}")
         if st.run_dir is not None:
-            left += [f"process {p}" for p in bubble.processes_under(st.run_dir)]
+            left += [f"process {p}" for p in pg_copy.processes_under(st.run_dir)]
             if st.run_dir.exists():
                 left.append(f"directory {st.run_dir}")
-        d = teardown_clean(sorted(set(left)))
+        d = drill_decisions.teardown_clean(sorted(set(left)))
         s.reason = d.reason
         if not d.proceed:
             s.outcome = "failed"

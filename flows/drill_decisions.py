@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from flows.decisions import Decision
 
 if TYPE_CHECKING:  # the facts are gathered by tasks; decisions only read them
-    from tasks.drill import CopyFacts, IsolationFacts, ReplicationFacts
+    from tasks.drill_checks import CopyFacts, ReplicationFacts
+    from tasks.vsphere import IsolationFacts
 
 
 def replication_ready(f: ReplicationFacts, primary: str, replication: str,

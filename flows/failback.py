@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +35,12 @@ from prefect.input import RunInput
 
 from drflow.approval import check_answer
 from drflow.config import GroupConfig, NodeConfig
-from drflow.dns import resolve_endpoint
+from flows.cutover import point_dns_and_verify
 from flows.decisions import Decision
 from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_gateway
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
-from tasks import dns as dns_tasks
 from tasks import postgres as pg
 from tasks import replication as repl
 
@@ -304,15 +302,7 @@ class _Failback:
         with run.step("promote home", home.vm) as s:
             promoted_now = pg.promote(rt.db(g, home))
             s.reason = "promoted" if promoted_now else "already a primary: not promoted again"
-        with run.step("point DNS home", g.dns.record, {"host": home.host, "port": home.port}) as s:
-            s.reason = dns_tasks.point_dns(rt.route53, g.dns.zone_id, g.dns.record, home.host,
-                                           home.port, g.dns.ttl,
-                                           f"drflow failback of {g.name} ({run.run_id})")
-        with run.step("verify a write through DNS", g.dns.record) as s:
-            host, port = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
-            up_at = pg.verify_write(rt.db(g, home, host=host, port=port),
-                                    f"failback-{run.run_id}-{uuid.uuid4().hex[:8]}")
-            s.reason = f"{g.dns.record} → {host}:{port} took a write"
+        up_at = point_dns_and_verify(run, rt, g, home, "point DNS home")
         down_at = figures.pop("down_at", None)
         downtime = None if down_at is None else up_at - down_at
         figures.update(downtime_s=None if downtime is None else round(downtime, 3),

@@ -12,14 +12,13 @@ before the fence, the promoted side serving right after the promotion (docs/safe
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
 
 from drflow.config import GroupConfig, NodeConfig
-from drflow.dns import resolve_endpoint
+from flows.cutover import point_dns_and_verify
 from flows.decisions import (
     Decision,
     confirm_failure,
@@ -31,7 +30,6 @@ from flows.decisions import (
 from flows.locks import exclusive, roles_limit
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
-from tasks import dns as dns_tasks
 from tasks import gateway as gw
 from tasks import postgres as pg
 from tasks import vsphere
@@ -157,17 +155,7 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
         if s.reason != "gateway told":
             s.outcome = "skipped"
 
-    with run.step("point DNS at the new primary", g.dns.record,
-                  {"host": new.host, "port": new.port}) as s:
-        s.reason = dns_tasks.point_dns(rt.route53, g.dns.zone_id, g.dns.record, new.host,
-                                       new.port, g.dns.ttl,
-                                       f"drflow failover of {group} ({run.run_id})")
-
-    with run.step("verify a write through DNS", g.dns.record) as s:
-        host, port = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
-        acked = pg.verify_write(rt.db(g, new, host=host, port=port),
-                                f"failover-{run.run_id}-{uuid.uuid4().hex[:8]}")
-        s.reason = f"{g.dns.record} → {host}:{port} took a write"
+    acked = point_dns_and_verify(run, rt, g, new, "point DNS at the new primary")
 
     rto_s = acked - first_failure
     figures = {"rto_s": round(rto_s, 3), "rpo_s": rpo_s, "rpo_bytes": rpo_bytes,

@@ -9,7 +9,7 @@ Each is a Prefect global concurrency limit of size 1, the one thing every starte
 The runbooks take their lock themselves (flows/failover.py, flows/reprotect.py), so `drflow
 failover` on a laptop, the embedded runner of `drflow up` and a deployment run on a worker all
 queue on the same slot. Taking it is re-entrant within one run: the deployment entrypoints
-(flows/entrypoints.py) take it before the runbook's body takes it again.
+(orchestrator/entrypoints.py) take it before the runbook's body takes it again.
 
 A holder that dies without releasing (kill -9, OOM) keeps its slot until its lease runs out
 (60 s, Prefect's minimum, and the server's sweep: about 70 s). On one machine — the CLI, the

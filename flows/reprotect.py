@@ -8,23 +8,21 @@ tell the gateway the group is protected, notify, audit.
 Idempotent and resumable: a node already streaming from the primary is not rewound again, a
 synchronous_standby_names already naming it is left alone, and every step checks first.
 Triggered by `drflow reprotect GROUP` and by the gateway when the old primary's agent reports in
-after a failover (`ReprotectStarter`).
+after a failover (`orchestrator.embedded.ReprotectStarter`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from agents.control_api import ControlError
 from drflow.config import GroupConfig, NodeConfig
+from drflow.control import ControlError
 from flows.decisions import AppCheck, Decision
 from flows.locks import exclusive, roles_limit
 from flows.run import RunbookRun
@@ -303,53 +301,3 @@ def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
     run.finish("ok", headline, figures, f"# Re-protect of {group}\n\n{headline}\n\n"
                + run.steps_table())
     return {"outcome": "protected", "group": group, **figures}
-
-
-class ReprotectStarter:
-    """The gateway's ProtectStarter: runs re-protect in this process, once per key, one run per
-    group at a time; then, if the group's policy says so, the failback (which waits for Slack)."""
-
-    def __init__(self, config_path: str) -> None:
-        self.config_path = config_path
-        self._runs: dict[str, threading.Thread] = {}
-        self._results: dict[str, dict[str, Any]] = {}
-        self._group_locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    async def start_reprotect(self, group: str, key: str, fence_first: bool, reason: str) -> str:
-        with self._lock:
-            if key not in self._runs:
-                t = threading.Thread(target=self._run, args=(group, key, fence_first, reason),
-                                     name=f"flow {key}", daemon=True)
-                self._runs[key] = t
-                self._group_locks.setdefault(group, threading.Lock())
-                t.start()
-        return key
-
-    def wait(self, key: str, timeout: float | None = None) -> dict[str, Any] | None:
-        t = self._runs.get(key)
-        if t is not None:
-            t.join(timeout)
-        return self._results.get(key)
-
-    def _run(self, group: str, key: str, fence_first: bool, reason: str) -> None:
-        with self._group_locks[group], temporary_settings(
-                {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            try:
-                trigger = {"kind": "gateway", "reason": reason, "idempotency_key": key}
-                result = reprotect.with_options(flow_run_name=key.replace(":", "-"))(
-                    group, trigger, fence_first, config_path=self.config_path)
-            except Exception as exc:
-                log.exception("re-protect %s failed", key)
-                result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-            self._results[key] = result
-        if result.get("outcome") == "protected" and \
-                runtime(self.config_path).cfg.group(group).policy.auto_failback:
-            from flows.failback import failback
-
-            with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                try:
-                    failback(group, requested_by=f"auto_failback after {key}",
-                             config_path=self.config_path)
-                except Exception:
-                    log.exception("automatic failback of %s after %s failed", group, key)

@@ -65,7 +65,7 @@ def service_spec(lab_dir: Path, vm: str, config: Path) -> dict[str, Any]:
     """How the power bridge runs the agent: it writes its own pid, then becomes the agent."""
     d = agent_dir(lab_dir, vm)
     pidfile = d / "agent.pid"
-    argv = [sys.executable, "-m", "drflow.cli", "agent", "run", "--config", str(config)]
+    argv = [sys.executable, "-m", "orchestrator.cli", "agent", "run", "--config", str(config)]
     shell = f"echo $$ > {shlex.quote(str(pidfile))}; exec {shlex.join(argv)}"
     return {"name": f"agent:{vm}", "pidfile": str(pidfile), "start": ["sh", "-c", shell],
             "run_as": None, "cwd": str(d), "log": str(lab_dir / "logs" / f"agent-{vm}.log")}

@@ -144,7 +144,7 @@ def throwaway_prefect() -> Iterator[str]:
     port = procs.free_port()
     os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
-    from drflow.prefect_local import start_local_server
+    from orchestrator.prefect_local import start_local_server
 
     print(f"starting a Prefect server on :{port} …", flush=True)
     server = start_local_server(home, port)

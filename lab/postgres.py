@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import grp
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -55,10 +53,17 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from pydantic import SecretStr
 
+from drflow.pg_os import (
+    PG_OS_USER,
+    give_to_pg,
+    log_tail,
+    os_user,
+    pg_can_traverse,
+    run_pg,
+)
 from lab import procs
 
 PG_ROOT = Path("/usr/lib/postgresql")
-PG_OS_USER = "postgres"  # PostgreSQL refuses to run as root
 CLIENT_USER = "drflow"
 HOST = "127.0.0.1"
 TEMPLATE_PREFIX = "drflow-pg-template-"
@@ -141,72 +146,19 @@ def _version_key(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)) or (0,)
 
 
-def run_as() -> str | None:
-    """The OS user the servers run as: `postgres` when we are root, else ourselves (None)."""
-    return PG_OS_USER if os.geteuid() == 0 else None
-
-
-def _as_pg(argv: list[str]) -> list[str]:
-    user = run_as()
-    return ["runuser", "-u", user, "--", *argv] if user else argv
-
-
-def _pg_env() -> dict[str, str]:
-    # No PG* variables of ours leak in, and HOME is one postgres can read (pg_basebackup -R would
-    # otherwise write passfile='/root/.pgpass' into primary_conninfo).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if run_as():
-        env["HOME"] = pwd.getpwnam(PG_OS_USER).pw_dir
-    return env
-
-
 def _run(argv: list[str], what: str, cwd: Path, timeout: float = 60.0,
          log: Path | None = None) -> None:
-    try:
-        out = subprocess.run(_as_pg(argv), cwd=cwd, env=_pg_env(), capture_output=True,
-                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise PostgresLabError(f"{what} did not finish within {timeout:.0f} s{_tail(log)}") from e
-    if out.returncode != 0:
-        msg = (out.stderr or out.stdout).strip()
-        raise PostgresLabError(f"{what} failed (exit {out.returncode}): {msg}{_tail(log)}")
-
-
-def _tail(log: Path | None, lines: int = 12) -> str:
-    if log is None or not log.exists():
-        return ""
-    text = log.read_text(errors="replace").splitlines()[-lines:]
-    return f"\nlast lines of {log}:\n" + "\n".join(text)
-
-
-def _chown_pg(*paths: Path) -> None:
-    if run_as():
-        for p in paths:
-            shutil.chown(p, PG_OS_USER, PG_OS_USER)
-
-
-def _pg_can_traverse(d: Path) -> bool:
-    user = run_as()
-    if user is None:
-        return os.access(d, os.X_OK)
-    st = d.stat()
-    pw = pwd.getpwnam(user)
-    if st.st_uid == pw.pw_uid:
-        return bool(st.st_mode & 0o100)
-    groups = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
-    if st.st_gid in groups:
-        return bool(st.st_mode & 0o010)
-    return bool(st.st_mode & 0o001)
+    run_pg(argv, what, cwd, timeout, error=PostgresLabError, log=log)
 
 
 def _ensure_traversable(base_dir: Path) -> None:
     base_dir = base_dir.resolve()
-    if not _pg_can_traverse(base_dir) and base_dir.stat().st_uid == os.geteuid():
+    if not pg_can_traverse(base_dir) and base_dir.stat().st_uid == os.geteuid():
         base_dir.chmod(base_dir.stat().st_mode | 0o711)
     for d in [*reversed(base_dir.parents), base_dir]:
-        if not _pg_can_traverse(d):
+        if not pg_can_traverse(d):
             raise PostgresLabError(
-                f"PostgreSQL runs as {run_as()!r} and cannot enter {d} (mode "
+                f"PostgreSQL runs as {os_user()!r} and cannot enter {d} (mode "
                 f"{d.stat().st_mode & 0o777:o}): `chmod o+x {d}`, or put the lab in a directory it "
                 "can reach (e.g. under /tmp, never in /root)"
             )
@@ -258,7 +210,7 @@ def template_dir() -> Path:
         _sweep_stale_templates()
         root = Path(tempfile.mkdtemp(prefix=f"{TEMPLATE_PREFIX}{os.getpid()}-", dir="/tmp"))
         atexit.register(shutil.rmtree, root, True)
-        _chown_pg(root)
+        give_to_pg(root)
         data = root / "data"
         # 1 MB WAL segments: copies, base backups and WAL file creation stay small (28 MB per
         # data directory instead of 40). No sync: a template lost to a machine crash is remade.
@@ -355,14 +307,14 @@ def write_instance_conf(inst: Instance) -> None:
         f"unix_socket_directories = '{inst.socket_dir}'\n"
         f"cluster_name = '{inst.name}'   # also the application_name of its walreceiver\n"
     )
-    _chown_pg(path)
+    give_to_pg(path)
 
 
 def _touch_log(log: Path) -> None:
     # Created by us for postgres: if root created it later (the power bridge appends pg_ctl's
     # output to it), the server could not open it.
     log.touch(exist_ok=True)
-    _chown_pg(log)
+    give_to_pg(log)
 
 
 def create_pair(base_dir: Path, group: str, sync: bool,
@@ -386,7 +338,7 @@ def create_pair(base_dir: Path, group: str, sync: bool,
     except FileExistsError:
         raise PostgresLabError(
             f"{gdir} already exists: destroy that pair first or use another base_dir") from None
-    _chown_pg(gdir)
+    give_to_pg(gdir)
     client_credentials(base_dir)
     primary = _new_instance(gdir / "prod", f"{group}-prod", "primary")
     standby = _new_instance(gdir / "dr", f"{group}-dr", "standby")
@@ -402,7 +354,7 @@ def create_pair(base_dir: Path, group: str, sync: bool,
 
 def _new_instance(home: Path, name: str, role: str) -> Instance:
     home.mkdir(mode=0o700)
-    _chown_pg(home)
+    give_to_pg(home)
     inst = Instance(name=name, datadir=home / "data", port=_claim_port(),
                     log=home / "server.log", role=role)
     write_instance_conf(inst)
@@ -539,10 +491,10 @@ def wait_ready(inst: Instance, timeout: float = 30.0) -> None:
         elif status is not None:
             last = f"postmaster status {status!r}"
         if seen is not None and not procs.pid_alive(seen):
-            raise PostgresLabError(f"{inst.name} exited while starting{_tail(inst.log)}")
+            raise PostgresLabError(f"{inst.name} exited while starting{log_tail(inst.log)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{inst.name} (port {inst.port}) not ready within {timeout:.0f} s: "
-                               f"{last}{_tail(inst.log)}")
+                               f"{last}{log_tail(inst.log)}")
         time.sleep(0.02)
 
 
@@ -633,7 +585,7 @@ def service_spec(inst: Instance) -> dict[str, Any]:
         "start": ["/bin/sh", "-c", 'rm -f "$1" && exec "$2" start -D "$3" -l "$4" -W -s',
                   "pg-start", str(_socket_lock(inst)), pg_bin("pg_ctl"), str(inst.datadir),
                   str(inst.log)],
-        "run_as": run_as(),
+        "run_as": os_user(),
         "cwd": str(inst.socket_dir),
         "log": str(inst.log),
     }
@@ -711,7 +663,7 @@ def wait_streaming(primary: Instance, standby: Instance, timeout: float = 30.0,
             raise TimeoutError(
                 f"{standby.name} not streaming{' synchronously' if sync else ''} from "
                 f"{primary.name} within {timeout:.0f} s (pg_stat_replication: {seen})"
-                f"{_tail(standby.log)}")
+                f"{log_tail(standby.log)}")
         time.sleep(0.05)
 
 

@@ -17,8 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
+from drflow.vsphere import vm_names
 from lab import procs
 
 GOPATH = Path("/usr/share/gocode")
@@ -206,29 +207,10 @@ def vms_by_name(si: vim.ServiceInstance,
                 datacenter: str | None = None) -> dict[str, list[vim.VirtualMachine]]:
     """All VMs in the inventory (or in one datacenter), by name, in one property-collector
     round trip."""
-    content = si.RetrieveContent()
-    assert content.viewManager is not None, "vCenter without a ViewManager"
-    view = content.viewManager.CreateContainerView(_root(si, datacenter), [vim.VirtualMachine],
-                                                   True)
-    try:
-        pc = vmodl.query.PropertyCollector
-        spec = pc.FilterSpec(
-            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
-                name="view", type=vim.view.ContainerView, path="view", skip=False)])],
-            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
-        )
-        found: dict[str, list[vim.VirtualMachine]] = {}
-        result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
-        while result is not None:
-            for obj in result.objects:
-                name = next(str(p.val) for p in obj.propSet if p.name == "name")
-                found.setdefault(name, []).append(obj.obj)
-            if not result.token:
-                break
-            result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
-        return found
-    finally:
-        view.DestroyView()
+    found: dict[str, list[vim.VirtualMachine]] = {}
+    for name, vm in vm_names(si, _root(si, datacenter)):
+        found.setdefault(name, []).append(vm)
+    return found
 
 
 def find_vm(si: vim.ServiceInstance, name: str,

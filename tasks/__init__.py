@@ -1,0 +1,1 @@
+"""Prefect tasks, one module per system touched: vSphere, PostgreSQL, DNS, Slack, agents, gateway."""

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from agents.control_api import ControlClient, ControlError
+from drflow.control import ControlClient, ControlError
 
 TRANSIENT_STATUSES = {0, 502, 503, 504}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 import time
@@ -15,6 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 from pyVim.connect import SmartConnect
 from pyVmomi import vim, vmodl
+
+from drflow.vsphere import vm_names
+from tasks.errors import DrillError
 
 # A hung vCenter must fail a step, not hang it: every call is bounded by this socket timeout.
 VCENTER_TIMEOUT_S = 5
@@ -92,28 +96,12 @@ def vms_by_name(si: Any, datacenter: str | None = None) -> dict[str, Any]:
     both sites, and a DR VM is often named like the VM it protects. A name that two VMs
     share within the scope maps to None: acting on either could be acting on the wrong one.
     """
-    content = si.RetrieveContent()
-    root = content.rootFolder if datacenter is None else datacenter_named(si, datacenter).vmFolder
-    view = content.viewManager.CreateContainerView(root, [vim.VirtualMachine], True)
-    try:
-        pc = vmodl.query.PropertyCollector
-        spec = pc.FilterSpec(
-            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
-                name="view", type=vim.view.ContainerView, path="view", skip=False)])],
-            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
-        )
-        found: dict[str, Any] = {}
-        result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
-        while result is not None:
-            for obj in result.objects:
-                name = str(obj.propSet[0].val)
-                found[name] = None if name in found else obj.obj
-            if not result.token:
-                break
-            result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
-        return found
-    finally:
-        view.DestroyView()
+    root = (si.RetrieveContent().rootFolder if datacenter is None
+            else datacenter_named(si, datacenter).vmFolder)
+    found: dict[str, Any] = {}
+    for name, vm in vm_names(si, root):
+        found[name] = None if name in found else vm
+    return found
 
 
 def find_vm(si: Any, name: str, datacenter: str | None = None) -> Any:
@@ -202,3 +190,174 @@ def wait_task(t: Any, timeout: float = 120.0) -> Any:
         raise TaskFailed(f"vSphere task {t.info.descriptionId} failed: "
                          f"{getattr(err, 'msg', None) or type(err).__name__}", err)
     return t.info.result
+
+
+# --- the drill's clone of the DR VM on the isolated port group ----------------------------------
+
+
+@dataclass(frozen=True)
+class IsolationFacts:
+    """What vCenter says about the isolated port group on the standby VM's host."""
+
+    error: str | None = None
+    host: str | None = None
+    portgroup_found: bool = False
+    distributed: bool = False
+    vswitch: str | None = None
+    pnics: tuple[str, ...] = ()
+    bridged: bool = False
+    other_portgroups: tuple[str, ...] = ()  # other port groups sharing the vSwitch
+    standby_networks: tuple[str, ...] = ()  # networks the standby VM's NICs are on
+    attached_vms: tuple[str, ...] = ()  # VMs with a NIC on the isolated port group
+    bridging_vms: tuple[str, ...] = ()  # ...of which also on another network
+
+
+def isolation_facts(vc: VCenter, standby_vm: str, portgroup: str) -> IsolationFacts:
+    """Read the isolated port group's vSwitch on the standby VM's host (read-only)."""
+    try:
+        si = connect(vc)
+        vm = find_vm(si, standby_vm, vc.datacenter)
+        host = vm.runtime.host
+        standby_networks = tuple(str(n.name) for n in vm.network)
+        info = host.configManager.networkSystem.networkInfo
+        pgs = {p.spec.name: p for p in info.portgroup or []}
+        net = next((n for n in host.network if n.name == portgroup), None)
+        if portgroup not in pgs:
+            dist = isinstance(net, vim.dvs.DistributedVirtualPortgroup)
+            return IsolationFacts(host=str(host.name), portgroup_found=dist, distributed=dist,
+                                  standby_networks=standby_networks)
+        pg = pgs[portgroup]
+        sw = next((s for s in info.vswitch or [] if s.name == pg.spec.vswitchName), None)
+        if sw is None:
+            return IsolationFacts(error=f"port group {portgroup!r} names vSwitch "
+                                        f"{pg.spec.vswitchName!r}, which the host does not have")
+        # Read from the VMs' side: vcsim does not keep Network.vm up to date for clones.
+        net_names = {n._moId: str(n.name) for n in host.network}
+        on_host = _vm_networks(si, list(host.vm), net_names)
+        attached = [name for name, nets in on_host.items() if portgroup in nets]
+        return IsolationFacts(
+            host=str(host.name), portgroup_found=True, vswitch=str(sw.name),
+            pnics=tuple(str(p).removeprefix("key-vim.host.PhysicalNic-") for p in sw.pnic or []),
+            bridged=sw.spec is not None and sw.spec.bridge is not None,
+            other_portgroups=tuple(str(p.spec.name) for p in info.portgroup
+                                   if p.spec.vswitchName == sw.name and p.spec.name != portgroup),
+            standby_networks=standby_networks,
+            attached_vms=tuple(sorted(attached)),
+            bridging_vms=tuple(sorted(n for n in attached if on_host[n] - {portgroup})),
+        )
+    except Exception as exc:
+        return IsolationFacts(error=f"vCenter {vc.url}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def vcenter_facts(vc: VCenter, standby_vm: str) -> tuple[bool, str]:
+    """(reachable, detail): log in and find the standby VM."""
+    try:
+        vm = find_vm(connect(vc), standby_vm, vc.datacenter)
+        return True, f"{vc.url} answers; {standby_vm} is {vm.runtime.powerState}"
+    except Exception as exc:
+        return False, f"{vc.url}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _wait_task(t: Any, timeout: float = 120.0) -> Any:
+    try:
+        return wait_task(t, timeout)
+    except TaskFailed as exc:
+        raise DrillError(str(exc)) from None
+
+
+def _nics(vm: Any) -> list[Any]:
+    return [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+
+def _vm_networks(si: Any, vms: list[Any], net_names: dict[str, str]) -> dict[str, set[str]]:
+    """{VM name: names of its networks} for `vms`, in one property-collector round trip
+    (`net_names` maps network ids to names; an unknown network counts by its id)."""
+    if not vms:
+        return {}
+    pc = vmodl.query.PropertyCollector
+    spec = pc.FilterSpec(
+        objectSet=[pc.ObjectSpec(obj=vm, skip=False) for vm in vms],
+        propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name", "network"])])
+    content = si.RetrieveContent()
+    found: dict[str, set[str]] = {}
+    result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+    while result is not None:
+        for obj in result.objects:
+            props = {p.name: p.val for p in obj.propSet}
+            found[str(props.get("name"))] = {net_names.get(n._moId, n._moId)
+                                             for n in props.get("network") or []}
+        if not result.token:
+            break
+        result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
+    return found
+
+
+def drill_vms(vc: VCenter, prefix: str) -> list[str]:
+    """Names of the VMs a drill of this group may have made (leftovers included)."""
+    return sorted(n for n in vms_by_name(connect(vc), vc.datacenter)
+                  if n.startswith(prefix))
+
+
+# No task timeout: it runs beside the copy in a worker thread, where Prefect cannot enforce one;
+# each vCenter task it waits for is bounded (`_wait_task`).
+@task(name="clone the DR VM into the bubble", cache_policy=NO_CACHE)
+def clone_into_bubble(vc: VCenter, standby_vm: str, clone_name: str,
+                      portgroup: str) -> dict[str, Any]:
+    """Clone the standby VM with every NIC moved to the isolated port group, check, power on."""
+    si = connect(vc)
+    src = find_vm(si, standby_vm, vc.datacenter)
+    host = src.runtime.host
+    net = next((n for n in host.network if n.name == portgroup), None)
+    if net is None:
+        raise DrillError(f"host {host.name} has no network {portgroup!r}")
+    changes = []
+    for nic in _nics(src):
+        nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+            deviceName=portgroup, network=net)
+        changes.append(vim.vm.device.VirtualDeviceSpec(
+            operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=nic))
+    spec = vim.vm.CloneSpec(
+        location=vim.vm.RelocateSpec(pool=src.resourcePool, host=host),
+        powerOn=False, template=False, config=vim.vm.ConfigSpec(deviceChange=changes))
+    clone = _wait_task(src.CloneVM_Task(folder=src.parent, name=clone_name, spec=spec))
+    networks = sorted({str(n.backing.deviceName) for n in _nics(clone)})
+    if set(networks) - {portgroup}:
+        _destroy(clone)
+        raise DrillError(f"clone {clone_name} came out on {networks}, not only on {portgroup!r}: "
+                         "destroyed it before powering on")
+    # vcsim (and a CloneSpec on some vCenter versions) does not power on: do it ourselves.
+    with contextlib.suppress(vim.fault.InvalidPowerState):
+        _wait_task(clone.PowerOnVM_Task())
+    return {"clone": clone_name, "host": str(host.name), "networks": networks,
+            "power_state": str(clone.runtime.powerState)}
+
+
+def _destroy(vm: Any) -> None:
+    if vm.runtime.powerState != "poweredOff":
+        with contextlib.suppress(vim.fault.InvalidPowerState):
+            _wait_task(vm.PowerOffVM_Task())
+    _wait_task(vm.Destroy_Task())
+
+
+@task(name="destroy drill clones", retries=2, retry_delay_seconds=1, timeout_seconds=300,
+      cache_policy=NO_CACHE)
+def destroy_clones(vc: VCenter, prefix: str, portgroup: str) -> tuple[list[str], list[str]]:
+    """Destroy VMs named `prefix…` whose NICs are all on the isolated port group.
+
+    Returns (destroyed, refused): a VM with the prefix but a NIC elsewhere is not a drill clone
+    this code made, so it is left alone and reported.
+    """
+    si = connect(vc)
+    destroyed, refused = [], []
+    for name, vm in sorted(vms_by_name(si, vc.datacenter).items()):
+        if not name.startswith(prefix):
+            continue
+        if vm is None:
+            refused.append(f"{name} (several VMs by that name: not sure which is ours)")
+            continue
+        if any(str(n.backing.deviceName) != portgroup for n in _nics(vm)):
+            refused.append(f"{name} (has a NIC outside {portgroup!r}: not a drill clone)")
+            continue
+        _destroy(vm)
+        destroyed.append(name)
+    return destroyed, refused

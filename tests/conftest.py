@@ -41,7 +41,7 @@ def new_lab_dir(prefix: str = "drflow-lab-") -> Path:
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """A real Prefect server (SQLite) for the whole session; its URL is already in the env."""
-    from drflow.prefect_local import start_local_server
+    from orchestrator.prefect_local import start_local_server
 
     server = start_local_server(PREFECT_HOME, PREFECT_PORT)
     try:

@@ -15,8 +15,9 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from agents.control_api import ControlClient, ControlError, ControlServer, serve
+from agents.control_api import ControlServer, serve
 from agents.drivers.postgres import PostgresDriver
+from drflow.control import ControlClient, ControlError
 from drflow.signing import control_secret, sign_control_headers
 from lab import postgres as lp
 from lab.procs import free_port
@@ -359,7 +360,7 @@ def test_discover_writes_the_agents_own_secret_and_its_peers(pair: Pair, tmp_pat
     master_file.write_text(SECRET.get_secret_value())
     out = tmp_path / "agent.yaml"
     r = subprocess.run(
-        [sys.executable, "-m", "drflow.cli", "agent", "discover", "--datadir",
+        [sys.executable, "-m", "orchestrator.cli", "agent", "discover", "--datadir",
          str(pair.dr.inst.datadir), "--agent-id", "ctl-dr", "--control-listen", "127.0.0.1:9101",
          "--control-master-ref", f"file:{master_file}", "--peer", f"{LOCAL}:{pair.prod.inst.port}",
          "--write", str(out)], capture_output=True, text=True, timeout=120)

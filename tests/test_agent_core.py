@@ -665,7 +665,6 @@ def test_agent_without_postgres_does_not_load_psycopg(tmp_path: Path) -> None:
         from agents.runner import Agent
         Agent(load_config(Path({str(tmp_path / 'agent.yaml')!r})), emit=lambda e: None)
         assert "psycopg" not in sys.modules, "psycopg loaded"
-        assert "prefect" not in sys.modules, "prefect loaded"
     """)
     without_pg = GOOD.split("  - name: pg\n")[0].replace(
         'control: {listen: "127.0.0.1:9101", secret: {ref: "file:/etc/drflow/control"}}\n', "")

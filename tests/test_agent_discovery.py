@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from agents.config import load_config
 from agents.discovery import _conf_value, parse_conninfo
 from agents.monitors.volume import mount_point_of
 from lab import postgres
-from tests.conftest import new_lab_dir
+from tests.harness import Pair, pg_pair
 from tests.test_agent_core import DRFLOW, ROOT, SECRET_ENV, AgentProcess, Receiver, new_secret
 
 pytestmark = pytest.mark.lab
@@ -25,16 +24,9 @@ PG_PASSWORD_ENV = "DRFLOW_TEST_PG_PASSWORD"
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[postgres.Instance, postgres.Instance, str]]:
-    base = new_lab_dir("drflow-agent-disc-")
-    primary, standby = postgres.create_pair(base, "agdisc", sync=True)
-    _user, password = postgres.client_credentials(base)
-    try:
-        yield primary, standby, password
-    finally:
-        for inst in (standby, primary):
-            postgres.destroy(inst)
-        shutil.rmtree(base, ignore_errors=True)
+def pair() -> Iterator[Pair]:
+    with pg_pair("drflow-agent-disc-", "agdisc", sync=True) as p:
+        yield p
 
 
 def discover(*args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:

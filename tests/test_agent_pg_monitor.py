@@ -3,7 +3,6 @@ judges the server as a fresh connection would: after a restart, when down, and e
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -11,22 +10,15 @@ from pydantic import SecretStr
 
 from agents.monitors.postgres import PostgresMonitor
 from lab import postgres
-from tests.conftest import new_lab_dir
+from tests.harness import Pair, pg_pair
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[postgres.Instance, postgres.Instance, str]]:
-    base = new_lab_dir("drflow-agent-pgmon-")
-    primary, standby = postgres.create_pair(base, "pgmon", sync=False)
-    _user, password = postgres.client_credentials(base)
-    try:
-        yield primary, standby, password
-    finally:
-        for inst in (standby, primary):
-            postgres.destroy(inst)
-        shutil.rmtree(base, ignore_errors=True)
+def pair() -> Iterator[Pair]:
+    with pg_pair("drflow-agent-pgmon-", "pgmon", sync=False) as p:
+        yield p
 
 
 class Clock:

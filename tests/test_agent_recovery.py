@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from agents.control_api import ControlClient
+from drflow.control import ControlClient
 from lab import postgres
-from tests.conftest import new_lab_dir
+from tests.harness import Pair, pg_pair
 from tests.test_agent_core import (
     SECRET_ENV,
     AgentProcess,
@@ -34,21 +33,14 @@ PG_PASSWORD_ENV = "DRFLOW_TEST_PG_PASSWORD"
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[postgres.Instance, postgres.Instance, str]]:
-    base = new_lab_dir("drflow-agent-rec-")
-    primary, standby = postgres.create_pair(base, "agrec", sync=False)
-    _user, password = postgres.client_credentials(base)
-    # Crash recovery first fsyncs every file of the data directory (~2 s on this disk), which
-    # alone would eat half the 5 s budget; syncfs is one call. Production should set it too.
-    with postgres.admin_conn(primary) as c:
-        c.execute("ALTER SYSTEM SET recovery_init_sync_method = 'syncfs'")
-        c.execute("SELECT pg_reload_conf()")
-    try:
-        yield primary, standby, password
-    finally:
-        for inst in (standby, primary):
-            postgres.destroy(inst)
-        shutil.rmtree(base, ignore_errors=True)
+def pair() -> Iterator[Pair]:
+    with pg_pair("drflow-agent-rec-", "agrec", sync=False) as p:
+        # Crash recovery first fsyncs every file of the data directory (~2 s on this disk), which
+        # alone would eat half the 5 s budget; syncfs is one call. Production should set it too.
+        with postgres.admin_conn(p[0]) as c:
+            c.execute("ALTER SYSTEM SET recovery_init_sync_method = 'syncfs'")
+            c.execute("SELECT pg_reload_conf()")
+        yield p
 
 
 def pg_resources(inst: postgres.Instance, restart: dict[str, Any]) -> list[dict[str, Any]]:

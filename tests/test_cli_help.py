@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import click
 import typer.main
+from typer.testing import CliRunner
 
-from drflow.cli import _add_plugins, app
+from orchestrator.cli import _add_plugins, app
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
 
@@ -44,3 +46,18 @@ def test_help_runs_for_every_command() -> None:
         out = subprocess.run([DRFLOW, *path, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, (path, out.stderr)
         assert "Usage" in out.stdout
+
+
+def test_help_reads_well_at_80_columns() -> None:
+    # A group lists each command by the first paragraph of its help, line breaks included: one
+    # line of source, or the listing breaks mid-sentence. Flags take no value: no `<bool>`.
+    commands = _commands()
+    broken = [" ".join(p) for p, c in commands
+              if "\n" in inspect.cleandoc(c.help or "").split("\n\n")[0]]
+    assert broken == []
+    runner = CliRunner()
+    for path, _ in commands:
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert out.exit_code == 0, (path, out.output)
+        assert "<bool>" not in out.output, path
+        assert max(len(line) for line in out.output.splitlines()) <= 80, path

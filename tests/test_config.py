@@ -18,7 +18,6 @@ from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
 from drflow import secrets
-from drflow.cli import app as cli_app
 from drflow.config import (
     ConfigError,
     DrflowConfig,
@@ -30,6 +29,7 @@ from drflow.config import (
 )
 from drflow.secrets import SecretError, SecretRef, resolve
 from lab.procs import free_port, spawn, stop_tree, wait_port
+from orchestrator.cli import app as cli_app
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

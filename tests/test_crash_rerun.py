@@ -196,7 +196,7 @@ def test_reprotect_killed_inside_its_steps_completes_on_rerun(env: Env) -> None:
 def _agent_answers(env: Env, node: dict[str, Any]) -> bool:
     from pydantic import SecretStr
 
-    from agents.control_api import ControlClient
+    from drflow.control import ControlClient
 
     try:
         ControlClient.for_agent(node["agent_url"], SecretStr(env.state["secrets"]["control"]),

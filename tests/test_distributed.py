@@ -29,11 +29,11 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed, Crashed, Running
 
 from drflow.events import EventKind, HealthEvent
-from drflow.gateway.contracts import Incident, IncidentKind
-from drflow.gateway.status import PROTECTED, UNPROTECTED
 from drflow.signing import sign_headers
-from flows.deployed import DeploymentStarter, is_stale, outcome_of
 from lab import postgres, procs, vcsim
+from orchestrator.deployed import DeploymentStarter, is_stale, outcome_of
+from orchestrator.gateway.contracts import Incident, IncidentKind
+from orchestrator.gateway.status import PROTECTED, UNPROTECTED
 from tests.harness import DRFLOW, Env, start_env, stop_env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

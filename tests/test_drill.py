@@ -28,8 +28,6 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.decisions import Decision
-from flows.drill_cli import app as drill_app
-from flows.drill_cli import drill_rows, summary, with_schedules
 from flows.drill_decisions import (
     copy_verified,
     dns_sane,
@@ -39,7 +37,10 @@ from flows.drill_decisions import (
     replication_ready,
     teardown_clean,
 )
-from tasks.drill import CopyFacts, IsolationFacts, ReplicationFacts
+from orchestrator.drill_cli import app as drill_app
+from orchestrator.drill_cli import drill_rows, summary, with_schedules
+from tasks.drill_checks import CopyFacts, ReplicationFacts
+from tasks.vsphere import IsolationFacts
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -212,15 +213,15 @@ def drill_env(lab: dict[str, Any], prefect_api: str) -> Iterator[dict[str, Any]]
 def _sweep(lab: dict[str, Any], config: Path, work_dir: Path) -> None:
     """Whatever a broken test left behind (copies, clones), so that the shared lab stays clean."""
     from flows.runtime import runtime
-    from tasks import drill as bubble
+    from tasks import pg_copy, vsphere
 
     if not config.exists():
         return
     rt = runtime(str(config))
     for g in rt.cfg.groups:
-        for d in bubble.leftover_copies(work_dir, g.name) if work_dir.exists() else []:
-            bubble.remove_copy.fn(d, str(bubble.pg_bindir()))
-        bubble.destroy_clones.fn(rt.vcenter(g.standby.site), f"{g.standby.vm}-drill-",
+        for d in pg_copy.leftover_copies(work_dir, g.name) if work_dir.exists() else []:
+            pg_copy.remove_copy.fn(d, str(pg_copy.pg_bindir()))
+        vsphere.destroy_clones.fn(rt.vcenter(g.standby.site), f"{g.standby.vm}-drill-",
                                  "drflow-isolated")
 
 
@@ -338,12 +339,12 @@ def finish_record(env: dict[str, Any], drill_id: str) -> Any:
 
 
 def nothing_left(env: dict[str, Any]) -> None:
-    from tasks import drill as bubble
+    from tasks import pg_copy
 
     work = env["work_dir"]
-    assert bubble.leftover_copies(work, GROUP) == []
-    assert bubble.processes_under(work) == [] or all(  # only the scheduled group's copy may run
-        SCHEDULED in " ".join(_cmdline(p)) for p in bubble.processes_under(work))
+    assert pg_copy.leftover_copies(work, GROUP) == []
+    assert pg_copy.processes_under(work) == [] or all(  # only the scheduled group's copy may run
+        SCHEDULED in " ".join(_cmdline(p)) for p in pg_copy.processes_under(work))
     assert not [n for n in production(env)["vms"] if n.startswith(f"{GROUP}-dr-drill-")]
 
 
@@ -611,20 +612,20 @@ def test_drill_that_cannot_prove_isolation_refuses(drill_env: dict[str, Any]) ->
 def test_step_failing_midway_still_tears_down_and_reports(drill_env: dict[str, Any],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.runtime import runtime
-    from tasks import drill as bubble
+    from tasks import drill_checks, pg_copy, vsphere
 
     rt = runtime(drill_env["config"])
     vc = rt.vcenter(rt.cfg.group(GROUP).standby.site)
     seen: dict[str, Any] = {}
 
     def crash(*_a: Any, **_k: Any) -> None:  # fault injection: the application check crashes
-        seen["clones"] = bubble.drill_vms(vc, f"{GROUP}-dr-drill-")
-        seen["copies"] = bubble.leftover_copies(drill_env["work_dir"], GROUP)
-        seen["processes"] = [p for d in seen["copies"] for p in bubble.processes_under(d)]
-        seen["isolation"] = bubble.isolation_facts(vc, f"{GROUP}-dr", "drflow-isolated")
+        seen["clones"] = vsphere.drill_vms(vc, f"{GROUP}-dr-drill-")
+        seen["copies"] = pg_copy.leftover_copies(drill_env["work_dir"], GROUP)
+        seen["processes"] = [p for d in seen["copies"] for p in pg_copy.processes_under(d)]
+        seen["isolation"] = vsphere.isolation_facts(vc, f"{GROUP}-dr", "drflow-isolated")
         raise RuntimeError("injected fault: the application check crashed")
 
-    monkeypatch.setattr(bubble, "check_copy", crash)
+    monkeypatch.setattr(drill_checks, "check_copy", crash)
     before = production(drill_env)
     result = run_drill(drill_env["config"])
     assert seen["clones"] and seen["copies"] and seen["processes"]  # there was a bubble to remove
@@ -650,9 +651,9 @@ def test_copy_failing_while_the_clone_is_made_tears_the_clone_down(
         drill_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 19: the VM clone is made beside the copy; a copy that fails before the clone is
     done still leaves nothing behind (teardown waits for the clone, then destroys it)."""
-    from tasks import drill as bubble
+    from tasks import errors, pg_copy, vsphere
 
-    real_find = bubble.find_vm
+    real_find = vsphere.find_vm
 
     def slow_vcenter(*a: Any, **k: Any) -> Any:  # vcsim cannot be made slow
         if threading.current_thread() is not threading.main_thread():  # the clone, beside
@@ -660,10 +661,10 @@ def test_copy_failing_while_the_clone_is_made_tears_the_clone_down(
         return real_find(*a, **k)
 
     def broken_copy(*_a: Any, **_k: Any) -> None:  # fault injection: the base backup fails
-        raise bubble.DrillError("injected fault: pg_basebackup failed")
+        raise errors.DrillError("injected fault: pg_basebackup failed")
 
-    monkeypatch.setattr(bubble, "find_vm", slow_vcenter)
-    monkeypatch.setattr(bubble, "make_copy", broken_copy)
+    monkeypatch.setattr(vsphere, "find_vm", slow_vcenter)
+    monkeypatch.setattr(pg_copy, "make_copy", broken_copy)
     result = run_drill(drill_env["config"])
     assert result["outcome"] == "failed"
     assert result["reason"].startswith("step 'copy the standby' failed: DrillError: injected")
@@ -678,7 +679,7 @@ def test_drflow_up_runs_the_drill_schedule_itself(drill_env: dict[str, Any]) -> 
     from datetime import UTC, datetime
 
     from drflow.config import load_config
-    from flows.drill_scheduler import DrillScheduler, describe, run_drill, schedules
+    from orchestrator.drill_scheduler import DrillScheduler, describe, run_drill, schedules
 
     cfg = load_config(drill_env["config"])
     crons = {GROUP: "* * * * *"}  # every minute; the clock below makes the next one 1.5 s away

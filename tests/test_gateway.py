@@ -23,7 +23,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from drflow.gateway import (
+from drflow.signing import sign_headers, signature
+from lab.procs import free_port, kill_tree, spawn, stop_tree, wait_port
+from orchestrator.gateway import (
     Action,
     GatewaySettings,
     GroupPolicy,
@@ -34,9 +36,7 @@ from drflow.gateway import (
     decide_incident,
     run,
 )
-from drflow.gateway.settings import GroupNode, GroupRoster
-from drflow.signing import sign_headers, signature
-from lab.procs import free_port, kill_tree, spawn, stop_tree, wait_port
+from orchestrator.gateway.settings import GroupNode, GroupRoster
 
 SECRET = "gw-test-secret-7f3a9c"  # a test value; the tests check it never leaks
 PRIMARY, STANDBY = "pg-a", "pg-b"
@@ -595,7 +595,7 @@ def test_with_the_real_audit_store(tmp_path: Path) -> None:
 def test_settings_from_the_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from drflow import secrets
     from drflow.config import load_config
-    from drflow.gateway.from_config import listen_address, settings_from_config
+    from orchestrator.gateway.from_config import listen_address, settings_from_config
 
     secrets.clear_cache()
     monkeypatch.setenv("DRFLOW_WEBHOOK_SECRET", SECRET)
@@ -725,7 +725,7 @@ if __name__ == "__main__":
 
 
 def test_replication_evidence_from_primary_heartbeats() -> None:
-    from drflow.gateway.replication import ReplicationEvidence, parse_heartbeat
+    from orchestrator.gateway.replication import ReplicationEvidence, parse_heartbeat
 
     hb = {"postgres": {"role": "primary", "wal_lsn": "0/3000060",
                        "replicas": [{"name": "s", "state": "streaming", "sync_state": "sync"}]}}

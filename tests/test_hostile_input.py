@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from agents.control_api import ControlClient
+from drflow.control import ControlClient
 from drflow.signing import control_secret, sign_control_headers
 from lab import postgres as lp
 from lab.procs import free_port

@@ -181,7 +181,7 @@ def _cwd(p: psutil.Process) -> str | None:
 @pytest.fixture
 def impostor() -> Iterator[int]:
     """A live process of the servers' OS user: what a stale lock's pid can turn into."""
-    user = pg.run_as()
+    user = pg.os_user()
     sleeper = subprocess.Popen(["sleep", "60"], user=user) if user else subprocess.Popen(
         ["sleep", "60"])
     try:
@@ -254,7 +254,7 @@ def test_pg_rewind_turns_the_old_primary_into_a_standby(base_dir: Path,
         env = {**os.environ, "PGPASSWORD": creds[1]}  # not on a command line
         source = f"host={new.host} port={new.port} user={creds[0]} dbname=postgres"
         rewind = [pg.pg_bin("pg_rewind"), "-D", str(old.datadir), "--source-server", source]
-        user = pg.run_as()
+        user = pg.os_user()
         out = subprocess.run(["runuser", "-u", user, "--", *rewind] if user else rewind,
                              capture_output=True, text=True, env=env, cwd=old.socket_dir,
                              timeout=60)

@@ -21,6 +21,7 @@ import pytest
 from pyVmomi import vim
 
 from lab import procs, vcsim
+from tests.harness import running_vcsim, vsphere_session
 
 pytestmark = pytest.mark.lab
 
@@ -38,19 +39,16 @@ def vc(lab_dir: Path) -> Iterator[dict[str, Any]]:
     t0 = time.monotonic()
     vcsim.build_launcher()  # ~16 s the first time, then served from the cache
     built = time.monotonic()
-    info = vcsim.start_vcsim(lab_dir, GROUPS)
-    print(f"\nvcsim launcher ready in {built - t0:.2f} s, vcsim up in {time.monotonic() - built:.2f} s")
-    try:
+    with running_vcsim(lab_dir, GROUPS) as info:
+        print(f"\nvcsim launcher ready in {built - t0:.2f} s, "
+              f"vcsim up in {time.monotonic() - built:.2f} s")
         yield info
-    finally:
-        vcsim.stop_vcsim(info)
 
 
 @pytest.fixture(scope="module")
 def si(vc: dict[str, Any]) -> Iterator[vim.ServiceInstance]:
-    conn = vcsim.connect(vc["url"], vc["user"], vc["password"])
-    yield conn
-    vcsim.disconnect(conn)
+    with vsphere_session(vc) as conn:
+        yield conn
 
 
 def _datacenter(si: vim.ServiceInstance, name: str) -> vim.Datacenter:

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from drflow.prefect_api import RECORD, NoPrefectAPI, forget, record, resolve
 from lab import procs
 from lab.harness import Env, start_env, stop_env
+from orchestrator.prefect_api import RECORD, NoPrefectAPI, forget, record, resolve
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "drflow.yaml"

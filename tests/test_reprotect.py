@@ -32,10 +32,15 @@ from agents.boot import (
     peer_node,
     roles_url,
 )
-from agents.control_api import ControlClient
 from drflow.config import load_config
+from drflow.control import ControlClient
 from drflow.events import HealthEvent
-from drflow.gateway.roles import (
+from drflow.signing import sign_headers
+from flows.decisions import AppCheck
+from flows.reprotect import plan_target, restore_sync, rewind_reason, serving_side
+from lab import postgres as lp
+from lab import vcsim
+from orchestrator.gateway.roles_decide import (
     BOOT_HELD,
     BOOT_SECOND_PRIMARY,
     ProtectAction,
@@ -46,12 +51,7 @@ from drflow.gateway.roles import (
     decide_protection,
     stale_record,
 )
-from drflow.gateway.settings import GroupNode, GroupRoster
-from drflow.signing import sign_headers
-from flows.decisions import AppCheck
-from flows.reprotect import plan_target, restore_sync, rewind_reason, serving_side
-from lab import postgres as lp
-from lab import vcsim
+from orchestrator.gateway.settings import GroupNode, GroupRoster
 from tests.conftest import new_lab_dir
 from tests.harness import wait_for
 
@@ -397,11 +397,10 @@ class AgentDriver:
 def gateway(lab: Lab) -> Iterator[str]:
     """The gateway in this process, on the lab config's address (the lab's agents report there),
     starting re-protect runs itself."""
-    from drflow.gateway import create_app
-    from drflow.gateway.from_config import listen_address, settings_from_config
-    from flows.embedded import EmbeddedStarter
-    from flows.reprotect import ReprotectStarter
     from flows.runtime import runtime
+    from orchestrator.embedded import EmbeddedStarter, ReprotectStarter
+    from orchestrator.gateway import create_app
+    from orchestrator.gateway.from_config import listen_address, settings_from_config
 
     rt = runtime(lab.config)
     starter = EmbeddedStarter(lab.config)

@@ -21,10 +21,10 @@ import uvicorn
 
 from drflow.approval import Ledger, Verdict, answer, check_answer, decide_click
 from drflow.audit import AuditStore, open_store
-from drflow.gateway import GatewaySettings, GroupPolicy, Incident, create_app
-from drflow.gateway.settings import GroupRoster
 from lab import procs
 from lab.slack_standin import SlackLab, start_slack
+from orchestrator.gateway import GatewaySettings, GroupPolicy, Incident, create_app
+from orchestrator.gateway.settings import GroupRoster
 
 WEBHOOK_SECRET = "wh-secret-for-approval-tests-5d1e"
 APPROVERS = ["U0ONCALL1", "U0ONCALL2"]

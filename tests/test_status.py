@@ -14,7 +14,8 @@ import pytest
 from pydantic import SecretStr
 
 from drflow.audit import open_store
-from drflow.gateway.status import (
+from lab import postgres, procs
+from orchestrator.gateway.status import (
     DEGRADED,
     PROTECTED,
     UNKNOWN,
@@ -26,7 +27,6 @@ from drflow.gateway.status import (
     probe,
     summarize,
 )
-from lab import postgres, procs
 from tests.harness import DRFLOW, wait_for
 
 

@@ -15,8 +15,8 @@ from pydantic import SecretStr
 from pyVmomi import vim
 
 from lab import vcsim
-from tasks import drill as bubble
 from tasks import vsphere
+from tests.harness import running_vcsim, vsphere_session
 
 pytestmark = pytest.mark.lab
 
@@ -25,18 +25,14 @@ TWIN = "erp-db"
 
 @pytest.fixture(scope="module")
 def vc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    info = vcsim.start_vcsim(tmp_path_factory.mktemp("twins"), ["crm"], twins=[TWIN])
-    try:
+    with running_vcsim(tmp_path_factory.mktemp("twins"), ["crm"], twins=[TWIN]) as info:
         yield info
-    finally:
-        vcsim.stop_vcsim(info)
 
 
 @pytest.fixture(scope="module")
 def si(vc: dict[str, Any]) -> Iterator[vim.ServiceInstance]:
-    conn = vcsim.connect(vc["url"], vc["user"], vc["password"])
-    yield conn
-    vcsim.disconnect(conn)
+    with vsphere_session(vc) as conn:
+        yield conn
 
 
 def _site(vc: dict[str, Any], datacenter: str | None) -> vsphere.VCenter:
@@ -73,9 +69,9 @@ def test_an_ambiguous_or_unknown_name_is_refused_not_guessed(vc: dict[str, Any],
     assert state is None and err is not None and "'crm-dr' not found in datacenter 'prod'" in err
     assert _power(si) == {"prod": "poweredOn", "dr": "poweredOn"}
     # The drill's lookups are scoped alike: the DR site's VM, not production's namesake.
-    ok, detail = bubble.vcenter_facts(_site(vc, "dr"), TWIN)
+    ok, detail = vsphere.vcenter_facts(_site(vc, "dr"), TWIN)
     assert ok, detail
-    assert bubble.drill_vms(_site(vc, "prod"), "crm-") == ["crm-prod"]
+    assert vsphere.drill_vms(_site(vc, "prod"), "crm-") == ["crm-prod"]
 
 
 def test_lab_helpers_are_scoped_too(si: vim.ServiceInstance) -> None:

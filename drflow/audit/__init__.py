@@ -15,17 +15,18 @@ if TYPE_CHECKING:
         read_export_head,
         verify_export,
     )
+    from drflow.audit.open import open_store
     from drflow.audit.records import GENESIS, AuditRecord, VerifyResult
     from drflow.audit.redact import REDACTED, Redactor
     from drflow.audit.steps import AuditedStep, audited
-    from drflow.audit.store import DEFAULT_URL, AuditStore, AuditStoreError, open_store
+    from drflow.audit.store import DEFAULT_URL, AuditStore, AuditStoreError
 
 _WHERE = {
     "export_to_file": "export", "export_to_s3": "export", "read_export_head": "export",
     "verify_export": "export", "GENESIS": "records", "AuditRecord": "records",
     "VerifyResult": "records", "REDACTED": "redact", "Redactor": "redact",
     "AuditedStep": "steps", "audited": "steps", "DEFAULT_URL": "store", "AuditStore": "store",
-    "AuditStoreError": "store", "open_store": "store",
+    "AuditStoreError": "store", "open_store": "open",
 }
 
 __all__ = [

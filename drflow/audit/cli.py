@@ -78,7 +78,8 @@ def _settings(config: Path | None) -> _Settings:
 
 
 def _open(url: str | None, config: Path | None) -> tuple[AuditStore, _Settings]:
-    from drflow.audit.store import AuditStoreError, open_store
+    from drflow.audit.open import open_store
+    from drflow.audit.store import AuditStoreError
 
     settings = _settings(config)
     target = url or settings.url or os.environ.get("DRFLOW_AUDIT_URL") or DEFAULT_URL

@@ -10,9 +10,15 @@ from typing import Any
 import psycopg
 from pydantic import SecretStr
 
-from drflow.audit.records import FIELDS, GENESIS, AuditRecord, VerifyResult, verify_rows
+from drflow.audit.records import (
+    FIELDS,
+    AuditRecord,
+    VerifyResult,
+    verify_rows,
+    with_problems,
+)
 from drflow.audit.redact import Redactor
-from drflow.audit.store import AuditStore, AuditStoreError, mask_url
+from drflow.audit.store import COLUMNS, AuditStoreError, SqlAuditStore, mask_url
 
 # Any constant shared by all drflow processes: serialises concurrent schema creation.
 _SCHEMA_LOCK_KEY = 0x6472666C6F77  # "drflow"
@@ -49,15 +55,16 @@ CREATE OR REPLACE TRIGGER audit_head_no_delete BEFORE DELETE OR TRUNCATE ON audi
     FOR EACH STATEMENT EXECUTE FUNCTION drflow_audit_refuse();
 """
 
-_COLUMNS = ", ".join(FIELDS)
-_INSERT = (f"INSERT INTO audit_records ({_COLUMNS}) "
+_INSERT = (f"INSERT INTO audit_records ({COLUMNS}) "
            f"VALUES ({', '.join('%(' + f + ')s' for f in FIELDS)})")
 _SET_HEAD = ("INSERT INTO audit_head (id, seq, hash) VALUES (1, %s, %s) "
              "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 
 
-class PostgresAuditStore(AuditStore):
+class PostgresAuditStore(SqlAuditStore):
     """Audit records in two tables of a PostgreSQL database, created on first use."""
+
+    _PARAM = "%s"
 
     def __init__(self, url: str, *, create: bool = True, redactor: Redactor | None = None,
                  password: SecretStr | None = None, connect_timeout_s: int = 10) -> None:
@@ -113,12 +120,6 @@ class PostgresAuditStore(AuditStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
             conn.execute(_DDL)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
-
     def _append(self, fields: Mapping[str, Any]) -> AuditRecord:
         with self._lock:
             conn = self._connection()
@@ -127,8 +128,7 @@ class PostgresAuditStore(AuditStore):
                     # EXCLUSIVE still lets readers in but admits one appender at a time, so no
                     # two processes can read the same head and fork the chain.
                     conn.execute("LOCK TABLE audit_records IN EXCLUSIVE MODE")
-                    row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-                    seq, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+                    seq, prev_hash = self._read_head(conn)
                     rec = self._seal(fields, seq + 1, prev_hash)
                     conn.execute(_INSERT, rec.to_row())
                     conn.execute(_SET_HEAD, (rec.seq, rec.hash))
@@ -137,19 +137,6 @@ class PostgresAuditStore(AuditStore):
                     f"cannot append to {self.location}: the stored head does not match the "
                     "records; run `drflow audit verify`") from exc
             return rec
-
-    def _fetch_rows(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self._connection().execute(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE seq > %s ORDER BY seq LIMIT %s",
-                (after_seq, limit))
-            return [dict(zip(FIELDS, r, strict=True)) for r in cur]
-
-    def head(self) -> tuple[int, str]:
-        with self._lock:
-            row = self._connection().execute(
-                "SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def verify(self, expected_head: tuple[int, str] | None = None) -> VerifyResult:
         try:
@@ -166,17 +153,8 @@ class PostgresAuditStore(AuditStore):
                     return VerifyResult(False, 0, None,
                                         f"no audit tables in {self.location}")
                 problems = self._schema_problems(conn)
-                row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-                stored_head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-                result = verify_rows(_stream(conn), expected_head, stored_head)
-            if result.ok and problems:
-                return VerifyResult(False, result.checked, None, "; ".join(problems),
-                                    result.head_seq, result.head_hash)
-            if problems:
-                return VerifyResult(False, result.checked, result.first_bad_seq,
-                                    f"{result.problem}; also: {'; '.join(problems)}",
-                                    result.head_seq, result.head_hash)
-            return result
+                result = verify_rows(_stream(conn), expected_head, self._read_head(conn))
+            return with_problems(result, problems)
         except psycopg.Error as exc:
             return VerifyResult(False, 0, None, f"cannot read {self.location}: {exc}")
         finally:
@@ -197,6 +175,6 @@ def _stream(conn: psycopg.Connection[Any]) -> Iterator[dict[str, Any]]:
     # A server-side cursor: memory stays flat however many records there are.
     with conn.cursor(name="drflow_audit_verify") as cur:
         cur.itersize = 1000
-        cur.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY seq")
+        cur.execute(f"SELECT {COLUMNS} FROM audit_records ORDER BY seq")
         for r in cur:
             yield dict(zip(FIELDS, r, strict=True))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +177,14 @@ def verify_rows(rows: Iterable[Mapping[str, Any]],
             bad = prev_seq
         return VerifyResult(False, checked, bad, problem, prev_seq, prev_hash)
     return VerifyResult(True, checked, None, None, prev_seq, prev_hash)
+
+
+def with_problems(result: VerifyResult, problems: Sequence[str]) -> VerifyResult:
+    """The chain's result with the store's own problems (file, schema, triggers) added to it."""
+    if not problems:
+        return result
+    joined = "; ".join(problems)
+    if not result.ok:
+        return dataclasses.replace(result, problem=f"{result.problem}; also: {joined}")
+    return VerifyResult(False, result.checked, None, joined, result.head_seq, result.head_hash,
+                        result.notes)

@@ -12,10 +12,17 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from drflow.audit.records import FIELDS, GENESIS, AuditRecord, VerifyResult, verify_rows
+from drflow.audit.records import (
+    FIELDS,
+    GENESIS,
+    AuditRecord,
+    VerifyResult,
+    verify_rows,
+    with_problems,
+)
 from drflow.audit.redact import Redactor
 from drflow.audit.sqlite_header import header_problem
-from drflow.audit.store import AuditStore, AuditStoreError
+from drflow.audit.store import COLUMNS, AuditStoreError, SqlAuditStore
 
 # Written into the file header, so verify can tell a drflow audit file from any SQLite file.
 APPLICATION_ID = 0x64726661  # "drfa"
@@ -56,8 +63,7 @@ BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END""",
 BEGIN SELECT RAISE(ABORT, 'the audit head cannot be deleted'); END""",
 )
 
-_COLUMNS = ", ".join(FIELDS)
-_INSERT = f"INSERT INTO audit_records ({_COLUMNS}) VALUES ({', '.join(':' + f for f in FIELDS)})"
+_INSERT = f"INSERT INTO audit_records ({COLUMNS}) VALUES ({', '.join(':' + f for f in FIELDS)})"
 _SET_HEAD = ("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
              "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 
@@ -74,7 +80,7 @@ def _expected_schema() -> frozenset[tuple[str, str, str, str | None]]:
         mem.close()
 
 
-class SQLiteAuditStore(AuditStore):
+class SQLiteAuditStore(SqlAuditStore):
     """Audit records in one SQLite file; safe for many threads and processes appending at once."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
@@ -151,12 +157,6 @@ class SQLiteAuditStore(AuditStore):
             conn.execute("ROLLBACK")
             raise
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
-
     # -- writing and reading -----------------------------------------------------------------
 
     def _append(self, fields: Mapping[str, Any]) -> AuditRecord:
@@ -166,8 +166,7 @@ class SQLiteAuditStore(AuditStore):
             # both read the same head and fork the chain.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-                seq, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+                seq, prev_hash = self._read_head(conn)
                 rec = self._seal(fields, seq + 1, prev_hash)
                 conn.execute(_INSERT, rec.to_row())
                 conn.execute(_SET_HEAD, (rec.seq, rec.hash))
@@ -182,19 +181,6 @@ class SQLiteAuditStore(AuditStore):
                     conn.execute("ROLLBACK")
                 raise
             return rec
-
-    def _fetch_rows(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self._connection().execute(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit))
-            return [dict(zip(FIELDS, r, strict=True)) for r in cur]
-
-    def head(self) -> tuple[int, str]:
-        with self._lock:
-            row = self._connection().execute(
-                "SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     # -- verification --------------------------------------------------------------------------
 
@@ -278,13 +264,7 @@ class SQLiteAuditStore(AuditStore):
             return VerifyResult(False, result.checked, reader.last_seq + 1,
                                 "; ".join(file_problems), result.head_seq, result.head_hash,
                                 notes)
-        if not file_problems:
-            return result
-        if not result.ok:
-            return dataclasses.replace(
-                result, problem=f"{result.problem}; also: {'; '.join(file_problems)}")
-        return VerifyResult(False, result.checked, None, "; ".join(file_problems),
-                            result.head_seq, result.head_hash, notes)
+        return with_problems(result, file_problems)
 
     def _raw_header_problem(self) -> str | None:
         """The header's fixed fields, read straight from the file. Inside verify's read
@@ -310,7 +290,7 @@ class _RowReader:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         try:
-            cur = self.conn.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY seq")
+            cur = self.conn.execute(f"SELECT {COLUMNS} FROM audit_records ORDER BY seq")
             for r in cur:
                 row = dict(zip(FIELDS, r, strict=True))
                 self.count += 1

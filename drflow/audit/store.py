@@ -1,9 +1,11 @@
-"""The audit store interface shared by the SQLite and PostgreSQL backends, and `open_store`."""
+"""The audit store interface that the SQLite and PostgreSQL backends implement."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
@@ -11,11 +13,19 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from drflow.audit.records import AuditRecord, VerifyResult, canonical_json, record_hash
+from drflow.audit.records import (
+    FIELDS,
+    GENESIS,
+    AuditRecord,
+    VerifyResult,
+    canonical_json,
+    record_hash,
+)
 from drflow.audit.redact import Redactor
 
 DEFAULT_URL = "sqlite:///./drflow-audit.db"
 BATCH = 500
+COLUMNS = ", ".join(FIELDS)
 
 
 class AuditStoreError(RuntimeError):
@@ -125,29 +135,38 @@ class AuditStore(ABC):
         self.close()
 
 
-def open_store(url: str = DEFAULT_URL, *, create: bool = True,
-               password: SecretStr | None = None,
-               secret_values: Iterable[str | SecretStr] = ()) -> AuditStore:
-    """Open the store a URL names: `sqlite:///relative/path`, `sqlite:////abs/path` or
-    `postgresql://user@host:port/db` (`password` kept apart from the URL). With
-    `create=False` a missing SQLite file or missing tables are an error, not a new store."""
-    redactor = Redactor(secret_values)
-    if password is not None:
-        redactor.add_secret_values([password])
-    if url.startswith("sqlite:"):
-        from drflow.audit.sqlite_store import SQLiteAuditStore
+class SqlAuditStore(AuditStore):
+    """What the SQL backends share: one connection behind a lock, and reads of rows and head."""
 
-        if not url.startswith("sqlite:///") or url == "sqlite:///" or ":memory:" in url:
-            raise AuditStoreError(
-                f"bad SQLite audit URL {url!r}: use sqlite:///relative/path.db or "
-                "sqlite:////absolute/path.db (a file; in-memory stores are not supported)")
-        return SQLiteAuditStore(url[len("sqlite:///"):], create=create, redactor=redactor)
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        from drflow.audit.pg_store import PostgresAuditStore
+    _PARAM = "?"  # the driver's query placeholder
+    _lock: threading.RLock
+    _conn: Any  # opened by `_connection()` in process `_pid`, None until then
+    _pid: int
 
-        dsn = "postgresql" + url[len(scheme):]
-        return PostgresAuditStore(dsn, create=create, redactor=redactor, password=password)
-    raise AuditStoreError(
-        f"unsupported audit store URL {mask_url(url)!r}: use sqlite:///path/to/audit.db or "
-        "postgresql://user:password@host:port/dbname")
+    @abstractmethod
+    def _connection(self) -> Any:
+        """The open connection (opened on first use); call it under `_lock`."""
+
+    def _fetch_rows(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
+        p = self._PARAM
+        with self._lock:
+            cur = self._connection().execute(
+                f"SELECT {COLUMNS} FROM audit_records WHERE seq > {p} ORDER BY seq LIMIT {p}",
+                (after_seq, limit))
+            return [dict(zip(FIELDS, r, strict=True)) for r in cur]
+
+    def head(self) -> tuple[int, str]:
+        with self._lock:
+            return self._read_head(self._connection())
+
+    @staticmethod
+    def _read_head(conn: Any) -> tuple[int, str]:
+        row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    def close(self) -> None:
+        with self._lock:
+            # A forked child must not close its parent's connection.
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None

@@ -1,0 +1,147 @@
+"""The warm path: run incident flows in the gateway's own process, against the Prefect API.
+
+Prefect's default start path (a worker polls, then spawns a process) costs seconds we do not
+have during an outage. Here the flow runs in a thread of a process that has already imported
+everything, resolved its secrets and logged in to vCenter; the run is still a Prefect flow run,
+visible in the UI like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+from flows.failback import failback
+from flows.failover import failover
+from flows.locks import ensure_limit, roles_limit
+from flows.reprotect import reprotect
+from flows.runtime import runtime
+from orchestrator.gateway.contracts import Incident
+from tasks import vsphere
+
+log = logging.getLogger("drflow.embedded")
+
+Closer = Callable[[str, str, str, str], Any]  # (group, idempotency key, outcome, reason)
+
+
+@flow(name="warm-up", persist_result=False)
+def warm_up_flow() -> str:
+    return "warm"
+
+
+class EmbeddedStarter:
+    """An IncidentStarter that runs the failover flow in this process, once per incident key."""
+
+    def __init__(self, config_path: str, close: Closer | None = None) -> None:
+        self.config_path = config_path
+        self.close = close
+        self._runs: dict[str, threading.Thread] = {}
+        self._results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> float:
+        """Do now what the first incident would otherwise pay for; returns the seconds spent."""
+        t0 = time.monotonic()
+        rt = runtime(self.config_path)
+        _ = rt.secret_values, rt.audit, rt.route53, rt.slack
+        for site in rt.cfg.sites:
+            try:
+                vsphere.connect(rt.vcenter(site))
+            except ConnectionError as exc:  # vCenter may be the thing that is down
+                log.warning("warm-up: %s", exc)
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            warm_up_flow()
+        for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
+            ensure_limit(roles_limit(g.name))
+        return time.monotonic() - t0
+
+    async def start_incident(self, incident: Incident) -> str:
+        key = incident.idempotency_key
+        with self._lock:
+            if key not in self._runs:
+                t = threading.Thread(target=self._run, args=(incident,), name=f"flow {key}",
+                                     daemon=True)
+                self._runs[key] = t
+                t.start()
+        return key
+
+    def result(self, key: str) -> dict[str, Any] | None:
+        return self._results.get(key)
+
+    def wait(self, key: str, timeout: float | None = None) -> dict[str, Any] | None:
+        t = self._runs.get(key)
+        if t is not None:
+            t.join(timeout)
+        return self._results.get(key)
+
+    def _run(self, incident: Incident) -> None:
+        key = incident.idempotency_key
+        payload = incident.model_dump(mode="json")
+        try:
+            with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                result = failover.with_options(flow_run_name=key.replace(":", "-"))(
+                    incident.group, payload, config_path=self.config_path)
+        except Exception as exc:
+            log.exception("failover %s failed", key)
+            result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        self._results[key] = result
+        if self.close is not None:
+            try:
+                self.close(incident.group, key, str(result.get("outcome")),
+                           str(result.get("reason", "")))
+            except Exception:
+                log.exception("could not close incident %s", key)
+
+
+class ReprotectStarter:
+    """The gateway's ProtectStarter: runs re-protect in this process, once per key, one run per
+    group at a time; then, if the group's policy says so, the failback (which waits for Slack)."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self._runs: dict[str, threading.Thread] = {}
+        self._results: dict[str, dict[str, Any]] = {}
+        self._group_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    async def start_reprotect(self, group: str, key: str, fence_first: bool, reason: str) -> str:
+        with self._lock:
+            if key not in self._runs:
+                t = threading.Thread(target=self._run, args=(group, key, fence_first, reason),
+                                     name=f"flow {key}", daemon=True)
+                self._runs[key] = t
+                self._group_locks.setdefault(group, threading.Lock())
+                t.start()
+        return key
+
+    def wait(self, key: str, timeout: float | None = None) -> dict[str, Any] | None:
+        t = self._runs.get(key)
+        if t is not None:
+            t.join(timeout)
+        return self._results.get(key)
+
+    def _run(self, group: str, key: str, fence_first: bool, reason: str) -> None:
+        with self._group_locks[group], temporary_settings(
+                {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            try:
+                trigger = {"kind": "gateway", "reason": reason, "idempotency_key": key}
+                result = reprotect.with_options(flow_run_name=key.replace(":", "-"))(
+                    group, trigger, fence_first, config_path=self.config_path)
+            except Exception as exc:
+                log.exception("re-protect %s failed", key)
+                result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            self._results[key] = result
+        if result.get("outcome") == "protected" and \
+                runtime(self.config_path).cfg.group(group).policy.auto_failback:
+            with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                try:
+                    failback(group, requested_by=f"auto_failback after {key}",
+                             config_path=self.config_path)
+                except Exception:
+                    log.exception("automatic failback of %s after %s failed", group, key)

@@ -1,0 +1,105 @@
+"""Who is alive and who is primary: last heartbeat per agent on the monotonic clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator.gateway.decide import Role
+
+
+@dataclass
+class AgentState:
+    group: str
+    agent_id: str
+    role: Role | None
+    last_seen: float  # monotonic
+    last_seen_wall: float  # wall clock of the same moment, for evidence and RTO
+    heard: bool  # False when armed from persisted state at gateway start, not by a heartbeat
+    fired: bool = False  # silence already handled; cleared by the next heartbeat
+
+
+class HeartbeatTracker:
+    """Tracks heartbeats per (group, agent); the group's primary is the agent that most recently
+    said `role=primary`. Not thread-safe: used from the gateway's event loop only."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
+        self._wall = wall
+        self._agents: dict[tuple[str, str], AgentState] = {}
+        self._primary: dict[str, str] = {}
+
+    def restore(self, agents: list[tuple[str, str, str | None]], primaries: dict[str, str]) -> None:
+        """Arm every known agent as if heard now: after a restart, silence counts from here."""
+        now, wall = self._clock(), self._wall()
+        for group, agent_id, role in agents:
+            self._agents[(group, agent_id)] = AgentState(
+                group, agent_id, Role.parse(role), now, wall, heard=False
+            )
+        self._primary.update(primaries)
+
+    def heartbeat(self, group: str, agent_id: str, role: Role | None) -> tuple[bool, bool]:
+        """Record a heartbeat; return (agent is new or changed role, group's primary changed)."""
+        now, wall = self._clock(), self._wall()
+        state = self._agents.get((group, agent_id))
+        changed = state is None or (role is not None and state.role is not role)
+        if state is None:
+            state = AgentState(group, agent_id, role, now, wall, heard=True)
+            self._agents[(group, agent_id)] = state
+        state.last_seen, state.last_seen_wall, state.heard, state.fired = now, wall, True, False
+        if role is not None:
+            state.role = role
+        return changed, self.set_role_claim(group, agent_id, role)
+
+    def set_role_claim(self, group: str, agent_id: str, role: Role | None) -> bool:
+        """Apply a role report to the group's primary; True if the primary changed."""
+        state = self._agents.get((group, agent_id))
+        if state is not None and role is not None:
+            state.role = role
+        current = self._primary.get(group)
+        if role is Role.PRIMARY and current != agent_id:
+            self._primary[group] = agent_id
+            return True
+        if role is Role.STANDBY and current == agent_id:
+            del self._primary[group]
+            return True
+        return False
+
+    def forget_primary(self, group: str, agent_id: str) -> bool:
+        if self._primary.get(group) == agent_id:
+            del self._primary[group]
+            return True
+        return False
+
+    def primary(self, group: str) -> str | None:
+        return self._primary.get(group)
+
+    def effective_role(self, group: str, agent_id: str) -> Role | None:
+        """PRIMARY only for the group's current primary; a stale primary claim counts as unknown."""
+        if self._primary.get(group) == agent_id:
+            return Role.PRIMARY
+        state = self._agents.get((group, agent_id))
+        return Role.STANDBY if state is not None and state.role is Role.STANDBY else None
+
+    def get(self, group: str, agent_id: str) -> AgentState | None:
+        return self._agents.get((group, agent_id))
+
+    def agents(self) -> list[AgentState]:
+        return list(self._agents.values())
+
+    def age(self, state: AgentState) -> float:
+        return self._clock() - state.last_seen
+
+    def overdue(self, timeout_s: float) -> list[AgentState]:
+        """Agents silent for at least `timeout_s` whose silence has not been handled yet."""
+        now = self._clock()
+        return [s for s in self._agents.values() if not s.fired and now - s.last_seen >= timeout_s]
+
+    def next_deadline(self, timeout_s: float) -> float | None:
+        pending = [s.last_seen + timeout_s for s in self._agents.values() if not s.fired]
+        return min(pending, default=None)

@@ -1,0 +1,435 @@
+"""The gateway's engine: verified events in, heartbeats watched, one failover run per incident.
+
+It accepts verified events, watches heartbeats, opens incidents and starts exactly one failover
+run per incident. Everything runs on one asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from drflow.events import EventKind, HealthEvent
+from orchestrator.gateway.contracts import (
+    Alert,
+    Alerter,
+    AuditSink,
+    Incident,
+    IncidentKind,
+    IncidentStarter,
+    append_or_log,
+)
+from orchestrator.gateway.decide import Action, Decision, Role, decide_incident, reported_role
+from orchestrator.gateway.heartbeats import AgentState, HeartbeatTracker
+from orchestrator.gateway.intake import Rejection, clip
+from orchestrator.gateway.metrics import GatewayMetrics
+from orchestrator.gateway.replication import ReplicationEvidence
+from orchestrator.gateway.settings import GatewaySettings
+from orchestrator.gateway.store import GatewayStore, IncidentRecord, IncidentStatus, Seen
+
+_PRUNE_EVERY_S = 60.0
+_WATCH_MAX_SLEEP_S = 1.0
+log = logging.getLogger("drflow.gateway")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    event_id: str
+    decision: Decision
+    incident_key: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "status": "accepted", "event_id": self.event_id, "action": self.decision.action.value,
+            "reason": self.decision.reason, "incident": self.incident_key,
+        }
+
+
+def _utc(value: datetime) -> datetime:
+    # Agents may send naive timestamps; they are UTC by contract.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class GatewayService:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        starter: IncidentStarter,
+        audit: AuditSink | None = None,
+        alerter: Alerter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tracker = HeartbeatTracker()
+        self.replication = ReplicationEvidence()
+        self.metrics = GatewayMetrics(self.tracker)
+        self._starter = starter
+        self._audit = audit
+        self._alerter = alerter
+        self._store: GatewayStore | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
+        self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
+        # When each (group, agent, alert kind) last alerted (monotonic), to repeat it only rarely.
+        self._alerted: dict[tuple[str, str, str], float] = {}
+        # Called on the loop with every new verified event, and after an incident closes
+        # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
+        self.event_hooks: list[Callable[[HealthEvent], None]] = []
+        self.close_hooks: list[Callable[[str, str, str, str], None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the state, re-arm known agents, re-drive unstarted incidents, start watching."""
+        self._loop = asyncio.get_running_loop()
+        self._store = GatewayStore(self.settings.state_path)
+        self.tracker.restore(self.store.agents(), self.store.primaries())
+        for rec in self.store.unstarted():
+            log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
+            self._spawn(self._drive_start(rec.incident, None))
+        if self.settings.runs_in_process:
+            # Their runs lived in the process that stopped: run them again, same key. The
+            # runbooks are idempotent, so a re-run completes what the interrupted one began.
+            for rec in self.store.running():
+                log.warning("resuming incident %s, interrupted by a restart",
+                            rec.incident.idempotency_key)
+                self.store.mark_start_failed(rec.incident.idempotency_key,
+                                             "its run was interrupted by a restart")
+                self._spawn(self._drive_start(rec.incident, None))
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._watcher] if self._watcher else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> GatewayStore:
+        if self._store is None:
+            raise RuntimeError("the gateway is not started (use it inside the app's lifespan)")
+        return self._store
+
+    def _lock(self, group: str) -> asyncio.Lock:
+        return self._locks.setdefault(group, asyncio.Lock())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def accept(self, event: HealthEvent, signature: str) -> Accepted:
+        """Record a verified event of a known group and act on it.
+
+        Synchronous on purpose: between the dedupe check and the incident claim nothing else runs
+        on the loop, so concurrent requests cannot interleave there."""
+        seen = self.store.record_event(str(event.event_id), signature, event.group, event.kind.value)
+        self.metrics.events.labels(event.kind.value, seen.value if seen is not Seen.NEW else "accepted").inc()
+        if seen is Seen.REPLAYED:
+            raise Rejection(409, "replayed", "replayed request: this signature was already accepted")
+        if seen is Seen.DUPLICATE:
+            raise Rejection(409, "duplicate", f"duplicate: event {event.event_id} was already received")
+        for hook in self.event_hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("event hook failed for %s from %s", event.kind.value, event.agent_id)
+
+        key = (event.group, event.agent_id)
+        role = reported_role(event.details)
+        if event.kind in (EventKind.HEARTBEAT, EventKind.ROLE_CHANGED):
+            self.replication.record(event.group, event.agent_id, event.details)
+            self._heartbeat(event.group, event.agent_id, role)
+            return Accepted(str(event.event_id), Decision(Action.NONE, f"{event.kind.value} recorded"))
+        if event.kind is EventKind.RESOURCE_FAILED:
+            self._failures.setdefault(key, {}).setdefault(
+                event.resource or "", _utc(event.observed_at)
+            )
+            noted = Decision(Action.NONE, "failure recorded; the agent is repairing")
+            return Accepted(str(event.event_id), noted)
+        if event.kind is EventKind.RESOURCE_RECOVERED:
+            self._failures.get(key, {}).pop(event.resource or "", None)
+            released = self.store.release(event.group, event.agent_id)
+            if released is not None:
+                log.info("agent %s recovered: the hold-down of %s ends", event.agent_id, released)
+            return Accepted(str(event.event_id), Decision(Action.NONE, "recovery recorded"))
+
+        # recovery_exhausted
+        open_rec = self.store.open_incident(event.group)
+        hold = self.store.join(event.group, event.agent_id) if open_rec is None else None
+        if hold is None and role is not None and self.tracker.set_role_claim(
+                event.group, event.agent_id, role):
+            self.store.set_primary(event.group, self.tracker.primary(event.group))
+        decision = decide_incident(
+            group=event.group, trigger=IncidentKind.RECOVERY_EXHAUSTED, agent_id=event.agent_id,
+            role=self.tracker.effective_role(event.group, event.agent_id),
+            auto_failover=self.settings.groups[event.group].auto_failover,
+            open_incident=open_rec.incident.idempotency_key if open_rec else None,
+            resource=event.resource, held_by=hold.key if hold else None,
+        )
+        if decision.action is Action.JOIN and hold is not None:
+            self.metrics.joined.labels(event.group).inc()
+            if hold.joined == 1:  # one audit record per hold-down, however many reports follow
+                self._record("incident.join", event.group,
+                             {"idempotency_key": hold.key, "agent_id": event.agent_id,
+                              "hold_down_until": datetime.fromtimestamp(hold.until, UTC).isoformat()},
+                             "joined", decision.reason)
+            return Accepted(str(event.event_id), decision, hold.key)
+        first = [_utc(event.observed_at), *self._failures.get(key, {}).values()]
+        reported = event.details.get("first_failure_at")
+        if isinstance(reported, str):
+            with contextlib.suppress(ValueError):
+                first.append(_utc(datetime.fromisoformat(reported)))
+        evidence = {
+            "agent_id": event.agent_id, "event_id": str(event.event_id), "resource": event.resource,
+            "observed_at": _utc(event.observed_at).isoformat(),
+            "details": {k: v for k, v in event.details.items() if k != "role"},
+        }
+        incident = self._act(
+            decision, event.group, IncidentKind.RECOVERY_EXHAUSTED, event.agent_id, evidence, min(first)
+        )
+        if incident is not None:
+            self._failures.pop(key, None)
+        if incident is None and open_rec is not None:
+            return Accepted(str(event.event_id), decision, open_rec.incident.idempotency_key)
+        return Accepted(str(event.event_id), decision, incident.idempotency_key if incident else None)
+
+    def _heartbeat(self, group: str, agent_id: str, role: Role | None) -> None:
+        changed, primary_changed = self.tracker.heartbeat(group, agent_id, role)
+        if changed:
+            state = self.tracker.get(group, agent_id)
+            self.store.save_agent(group, agent_id, state.role.value if state and state.role else None)
+        if primary_changed:
+            self.store.set_primary(group, self.tracker.primary(group))
+            log.info("group %s: current primary agent is now %s", group, self.tracker.primary(group))
+
+    # -- decisions into actions -----------------------------------------------------------------
+
+    def _act(
+        self,
+        decision: Decision,
+        group: str,
+        kind: IncidentKind,
+        agent_id: str,
+        evidence: dict[str, Any],
+        first_failure_at: datetime,
+    ) -> Incident | None:
+        if decision.action is Action.ALERT:
+            self._raise_alert(Alert(group=group, kind=kind.value, agent_id=agent_id,
+                                    reason=decision.reason, evidence=evidence))
+            return None
+        if decision.action is Action.NONE:
+            log.info("%s", decision.reason)
+            return None
+        decided_at = time.monotonic()
+        evidence = {**evidence, **self.replication.evidence(group, agent_id)}
+        incident = self.store.claim_incident(group, kind, decision.reason, evidence, first_failure_at)
+        if incident is None:
+            # Another gateway process sharing the state file claimed it first.
+            log.info("group %s: incident already claimed elsewhere", group)
+            return None
+        log.warning("incident %s opened: %s", incident.idempotency_key, decision.reason)
+        self._record("incident.open", group, {"idempotency_key": incident.idempotency_key,
+                                               "kind": kind.value, "agent_id": agent_id},
+                     "opened", decision.reason)
+        self._spawn(self._drive_start(incident, decided_at))
+        return incident
+
+    def _raise_alert(self, alert: Alert) -> None:
+        # One alert per agent and kind per hold-down period: a storm of reports is one page.
+        key = (alert.group, alert.agent_id, alert.kind)
+        now = time.monotonic()
+        last = self._alerted.get(key)
+        if last is not None and now - last < self.settings.incident_hold_down_s:
+            self.metrics.alerts_suppressed.labels(alert.group, alert.kind).inc()
+            return
+        self._alerted[key] = now
+        log.warning("alert: %s", alert.reason)
+        self.metrics.alerts.labels(alert.group, alert.kind).inc()
+        self._record("incident.alert", alert.group, {"kind": alert.kind, "agent_id": alert.agent_id},
+                     "alerted", alert.reason)
+        if self._alerter is not None:
+            self._spawn(self._send_alert(self._alerter, alert))
+
+    async def _send_alert(self, alerter: Alerter, alert: Alert) -> None:
+        try:
+            await asyncio.wait_for(alerter.alert(alert), self.settings.start_timeout_s)
+        except Exception:
+            log.exception("could not deliver the alert for group %s", alert.group)
+
+    async def _drive_start(self, incident: Incident, decided_at: float | None) -> None:
+        """Call start_incident until it succeeds or the incident is closed; same key every time."""
+        key, group = incident.idempotency_key, incident.group
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
+            async with self._lock(group):
+                rec = self.store.incident(key)
+                if rec is None or rec.status not in (IncidentStatus.STARTING, IncidentStatus.START_FAILED):
+                    return
+                if decided_at is not None and attempt == 1:
+                    self.metrics.start_latency.observe(time.monotonic() - decided_at)
+                try:
+                    run_id = await asyncio.wait_for(
+                        self._starter.start_incident(incident), self.settings.start_timeout_s
+                    )
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    self.store.mark_start_failed(key, error)
+                    self.metrics.start_errors.labels(group).inc()
+                    log.error("starting the failover run of %s failed (attempt %d, retry in %.1f s): %s",
+                              key, attempt, delay, error)
+                    self._record("incident.start", group, {"idempotency_key": key, "attempt": attempt},
+                                 "failed", error)
+                else:
+                    self.store.mark_started(key, run_id)
+                    self.metrics.incidents.labels(group, incident.kind.value).inc()
+                    log.warning("incident %s: failover run %s started", key, run_id)
+                    self._record("incident.start", group, {"idempotency_key": key, "run_id": run_id,
+                                                           "attempt": attempt}, "started", incident.reason)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.start_retry_max_s)
+
+    async def close_incident(
+        self, group: str, key: str, outcome: str = "closed", reason: str = ""
+    ) -> IncidentRecord:
+        """Close the group's open incident `key` (called by the failover flow when it is done).
+
+        Raises Rejection (404 unknown group, 409 when `key` is not the open incident)."""
+        if group not in self.settings.groups:
+            raise Rejection(404, "unknown_group", f"unknown protection group {clip(group)}")
+        async with self._lock(group):
+            rec = self.store.incident(key)
+            closable = rec is not None and rec.incident.group == group
+            if rec is None or not closable or not self.store.close_incident(
+                    group, key, outcome, reason, self.settings.incident_hold_down_s):
+                current = self.store.open_incident(group)
+                raise Rejection(
+                    409, "not_open",
+                    f"incident {key} is not the open incident of group {group} "
+                    f"(open: {current.incident.idempotency_key if current else 'none'})",
+                )
+            agent = rec.incident.evidence.get("agent_id")
+            # The failed agent is no longer the primary; the next role=primary heartbeat names the new one.
+            if isinstance(agent, str) and self.tracker.forget_primary(group, agent):
+                self.store.set_primary(group, None)
+            log.warning("incident %s closed (%s): %s", key, outcome, reason)
+            self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},
+                         "closed", reason or outcome)
+            for close_hook in self.close_hooks:
+                try:
+                    close_hook(group, key, outcome, reason)
+                except Exception:
+                    log.exception("close hook failed for incident %s", key)
+            closed = self.store.incident(key)
+            assert closed is not None
+            return closed
+
+    def close_incident_threadsafe(
+        self, group: str, key: str, outcome: str = "closed", reason: str = "", timeout: float = 10.0
+    ) -> IncidentRecord:
+        """close_incident() from any other thread (e.g. a flow run in the same process)."""
+        if self._loop is None or self._store is None:
+            raise RuntimeError("the gateway is not running")
+        future = asyncio.run_coroutine_threadsafe(
+            self.close_incident(group, key, outcome, reason), self._loop
+        )
+        return future.result(timeout)
+
+    # -- heartbeat watch ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        timeout = self.settings.heartbeat_timeout_s
+        next_prune = time.monotonic()
+        while True:
+            try:
+                for state in self.tracker.overdue(timeout):
+                    self._on_silence(state)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + _PRUNE_EVERY_S
+                    self.store.prune(self.settings.dedupe_retention_s, self.settings.signature_window_s + 60)
+            except Exception:
+                log.exception("heartbeat watch failed; continuing")
+            # Sleep to the next deadline; capped at the timeout so that agents first heard
+            # during the sleep (deadline = now + timeout) are never overslept.
+            deadline = self.tracker.next_deadline(timeout)
+            cap = min(_WATCH_MAX_SLEEP_S, timeout)
+            delay = cap if deadline is None else min(cap, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(delay)
+
+    def _on_silence(self, state: AgentState) -> None:
+        state.fired = True
+        # Rows of agents the configuration no longer names (or older gateways let in) stay silent.
+        if state.agent_id not in self.settings.known_agents(state.group):
+            return
+        open_rec = self.store.open_incident(state.group)
+        silent_for = self.tracker.age(state)
+        role = self.tracker.effective_role(state.group, state.agent_id)
+        decision = decide_incident(
+            group=state.group, trigger=IncidentKind.HEARTBEAT_LOST, agent_id=state.agent_id,
+            role=role, auto_failover=self.settings.groups[state.group].auto_failover,
+            open_incident=open_rec.incident.idempotency_key if open_rec else None,
+            silent_for_s=silent_for, heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+        )
+        last = datetime.fromtimestamp(state.last_seen_wall, UTC)
+        evidence = {
+            "agent_id": state.agent_id, "role": role.value if role else None,
+            "silent_for_s": round(silent_for, 3), "heartbeat_timeout_s": self.settings.heartbeat_timeout_s,
+            # When the gateway restarted since, silence is counted from its start.
+            ("last_heartbeat_at" if state.heard else "watching_since"): last.isoformat(),
+        }
+        self._act(decision, state.group, IncidentKind.HEARTBEAT_LOST, state.agent_id, evidence, last)
+
+    # -- views and audit ------------------------------------------------------------------------
+
+    def groups_view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        agents = self.tracker.agents()
+        for name, policy in self.settings.groups.items():
+            primary = self.tracker.primary(name)
+            pstate = self.tracker.get(name, primary) if primary else None
+            rec = self.store.open_incident(name)
+            out[name] = {
+                "auto_failover": policy.auto_failover,
+                "primary": primary,
+                "primary_heartbeat_age_s": round(self.tracker.age(pstate), 3) if pstate else None,
+                "agents": [
+                    {"agent_id": s.agent_id,
+                     "role": (self.tracker.effective_role(name, s.agent_id) or "unknown"),
+                     "heartbeat_age_s": round(self.tracker.age(s), 3), "heard": s.heard}
+                    for s in agents if s.group == name
+                ],
+                "open_incident": None if rec is None else {
+                    "idempotency_key": rec.incident.idempotency_key, "kind": rec.incident.kind.value,
+                    "status": rec.status.value, "run_id": rec.run_id, "reason": rec.incident.reason,
+                    "first_failure_at": rec.incident.first_failure_at.isoformat(), "error": rec.error,
+                },
+            }
+        return out
+
+    def refuse(self, rejection: Rejection, target: str, client: str | None) -> None:
+        """Count, log and audit a refused request (never its body)."""
+        self.metrics.rejections.labels(rejection.reason).inc()
+        log.warning("refused %s from %s: %s %s", target, client, rejection.status, rejection.detail)
+        self._record("request.refuse", target,
+                     {"client": client, "status": rejection.status, "reason": rejection.reason},
+                     "refused", rejection.detail)
+
+    def _record(
+        self, action: str, target: str, parameters: dict[str, Any], outcome: str, reason: str
+    ) -> None:
+        append_or_log(self._audit, action, target, parameters, outcome, reason)
