@@ -65,11 +65,6 @@ def env(prefect_api: str) -> Iterator[Env]:
         stop_env(e)
 
 
-def _si(env: Env) -> Any:
-    vc = env.state["vcenter"]
-    return vcsim.connect(vc["url"], vc["user"], vc["password"])
-
-
 def _slack(env: Env) -> SlackLab:
     return SlackLab(env.state["slack"]["url"])
 
@@ -166,13 +161,13 @@ def test_host_loss_then_return_is_reprotected_by_the_gateway(env: Env) -> None:
     g = env.group("orders")
     prod, dr = g["primary"], g["standby"]
     writer = Writer(env, "orders").start()
-    vcsim.power_off(_si(env), prod["vm"])
+    vcsim.power_off(env.si(), prod["vm"])
     wait_for(lambda: [r for r in env.audit_records("failover.finish", "orders")
                       if r.outcome == "ok"], 60, "failover finished")
     roles = wait_for(lambda: (r := _roles(env))["primary_site"] == "dr" and r, 10,
                      "roles flipped by the failover's close")
     assert roles["protected"] is False and roles["seq"] == 1
-    vcsim.power_on(_si(env), prod["vm"])
+    vcsim.power_on(env.si(), prod["vm"])
     # The gateway hears the old primary's agent and starts re-protect on its own.
     rec = wait_for(lambda: [r for r in env.audit_records("reprotect.finish", "orders")
                             if r.outcome == "ok"], 90, "re-protect finished")[-1]
@@ -342,7 +337,7 @@ def test_a_returning_old_primary_never_accepts_a_write(env: Env) -> None:
     prod, dr = g["primary"], g["standby"]
     # On power-on the bridge starts the agent only; the agent asks the gateway first.
     assert not _bridge_starts_postgres(env, prod["vm"])
-    vcsim.power_off(_si(env), prod["vm"])
+    vcsim.power_off(env.si(), prod["vm"])
     before = len(env.audit_records("failover.finish", "orders"))
     wait_for(lambda: len(env.audit_records("failover.finish", "orders")) > before, 60,
              "second failover finished")
@@ -363,7 +358,7 @@ def test_a_returning_old_primary_never_accepts_a_write(env: Env) -> None:
     t.start()
     done_before = len([r for r in env.audit_records("reprotect.finish", "orders")
                        if r.outcome == "ok"])
-    vcsim.power_on(_si(env), prod["vm"])
+    vcsim.power_on(env.si(), prod["vm"])
     wait_for(lambda: len([r for r in env.audit_records("reprotect.finish", "orders")
                           if r.outcome == "ok"]) > done_before and
              _replica_state(env, dr, prod["vm"]) == ("streaming", "sync"), 90,

@@ -315,11 +315,8 @@ def _settle(env: Env, group: str) -> None:
     time.sleep(2)
 
 
-def test_storm_for_a_healthy_primary_is_one_incident_one_run_one_thread(env: Env) -> None:
-    group = _names(env)[0]
-    threads_before = len(_slack_threads(env, group))
-    codes = _storm(env, group)
-    assert set(codes) == {202}, sorted(set(codes))
+def _storm_outcome(env: Env, group: str) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """Once the storm settled: the group's incidents opened, runs started and finished, alerts."""
     _settle(env, group)
     opened = env.audit_records("incident.open", group)
     runs = env.audit_records("failover.start", group)
@@ -328,6 +325,15 @@ def test_storm_for_a_healthy_primary_is_one_incident_one_run_one_thread(env: Env
     print(f"incidents {len(opened)}, runs {len(runs)}, outcome "
           f"{[f.outcome for f in finished]}, alerts {len(alerts)}, joins "
           f"{len(env.audit_records('incident.join', group))}")
+    return opened, runs, finished, alerts
+
+
+def test_storm_for_a_healthy_primary_is_one_incident_one_run_one_thread(env: Env) -> None:
+    group = _names(env)[0]
+    threads_before = len(_slack_threads(env, group))
+    codes = _storm(env, group)
+    assert set(codes) == {202}, sorted(set(codes))
+    opened, runs, finished, alerts = _storm_outcome(env, group)
     assert len(opened) == 1 and len(runs) == 1
     assert finished[-1].outcome == "not_confirmed", finished[-1].reason
     assert len(alerts) <= 1
@@ -341,13 +347,7 @@ def test_storm_for_a_dead_primary_is_one_failover(env: Env) -> None:
     vcsim.power_off(env.si(), g["primary"]["vm"])
     codes = _storm(env, group)
     assert set(codes) <= {202}, sorted(set(codes))
-    _settle(env, group)
-    opened = env.audit_records("incident.open", group)
-    runs = env.audit_records("failover.start", group)
-    finished = env.audit_records("failover.finish", group)
-    alerts = env.audit_records("incident.alert", group)
-    print(f"incidents {len(opened)}, runs {len(runs)}, outcome "
-          f"{[f.outcome for f in finished]}, alerts {len(alerts)}")
+    opened, runs, finished, alerts = _storm_outcome(env, group)
     assert len(opened) == 1 and len(runs) == 1
     assert finished[-1].outcome == "ok", finished[-1].reason
     # One run promoted (its step is audited before and after).

@@ -226,12 +226,8 @@ def services_dir(lab_dir: Path) -> Iterator[Path]:
 @pytest.fixture
 def postgres_dir() -> Iterator[Path]:
     """A directory the `postgres` user owns and can reach (pytest's tmp dirs are root-only)."""
-    if os.geteuid() != 0:
-        pytest.skip("run_as needs root")
-    try:
-        pw = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("no postgres user on this machine")
+    # The lab runs as root with Debian's postgresql installed (make bootstrap): no skip.
+    pw = pwd.getpwnam("postgres")
     root = Path(tempfile.mkdtemp(prefix="drflow-bridge-"))
     os.chown(root, pw.pw_uid, pw.pw_gid)
     root.chmod(0o755)

@@ -50,11 +50,6 @@ def env(prefect_api: str) -> Iterator[Env]:
         stop_env(e)
 
 
-def _si(env: Env) -> Any:
-    vc = env.state["vcenter"]
-    return vcsim.connect(vc["url"], vc["user"], vc["password"])
-
-
 def _roles(env: Env) -> dict[str, Any]:
     return dict(httpx.get(f"{env.gateway_url}/v1/groups/orders/roles", timeout=5).json())
 
@@ -95,7 +90,7 @@ def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
     g = env.group("orders")
     prod, dr = g["primary"], g["standby"]
     seq = _roles(env)["seq"]
-    vcsim.power_off(_si(env), prod["vm"])
+    vcsim.power_off(env.si(), prod["vm"])
     time.sleep(4)  # past heartbeat_timeout_s: with auto_failover off the gateway only alerts
     assert env.audit_records("failover.start", "orders") == []
 
@@ -125,7 +120,7 @@ def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
     # (in the gateway's own process) waits for it, and the old primary stays held down.
     done = len([r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"])
     with exclusive(roles_limit("orders")):
-        vcsim.power_on(_si(env), prod["vm"])
+        vcsim.power_on(env.si(), prod["vm"])
         polls, both = _poll_no_second_writer(env, prod, dr)
         assert env.audit_records("reprotect.start", "orders") == [], \
             "re-protect started while another run held roles-orders"
@@ -143,7 +138,7 @@ def test_after_the_gateway_lost_its_state_the_old_primary_still_never_takes_writ
     g = env.group("orders")
     prod, dr = g["primary"], g["standby"]
     _in_process_failover_waits_for_the_lock(env)
-    vcsim.power_off(_si(env), prod["vm"])
+    vcsim.power_off(env.si(), prod["vm"])
     time.sleep(4)
 
     # Another run holds the group's lock: `drflow failover` waits for it, touching nothing.
@@ -168,7 +163,7 @@ def test_after_the_gateway_lost_its_state_the_old_primary_still_never_takes_writ
     assert _roles(env)["primary_site"] == "prod"
 
     done = len([r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"])
-    vcsim.power_on(_si(env), prod["vm"])
+    vcsim.power_on(env.si(), prod["vm"])
     polls, both = _poll_no_second_writer(env, prod, dr)
     assert polls > 20 and both == 0, f"{both} of {polls} polls saw two writable primaries"
     # The held agent's report corrects the record; the gateway re-protects the old primary.
