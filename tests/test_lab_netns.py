@@ -1,0 +1,321 @@
+"""The lab's network layer on real namespaces: reachability, packet-drop faults, isolation, cleanup."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lab import netns
+from lab.netns import Topology
+
+PORT = 7000
+needs_netns = pytest.mark.skipif(not netns.available()[0], reason=f"no namespaces: {netns.available()[1]}")
+
+SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(64)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    lab_dir: Path
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def serve(self, location: str, n: int) -> str:
+        """A TCP server on the location's n-th address, run inside its namespace."""
+        addr = self.topo.address(location, n)
+        netns.add_address(self.topo, location, addr)
+        proc = subprocess.Popen([*self.topo.exec_prefix(location), sys.executable, "-c", SERVER, addr,
+                                 str(PORT)], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        self.servers.append(proc)
+        return addr
+
+    def destroy(self) -> None:
+        netns.destroy(self.topo)
+        for p in self.servers:
+            p.wait(timeout=5)
+
+
+def new_lab(tmp: Path, name: str) -> Lab:
+    lab_dir = tmp / name
+    return Lab(netns.create(lab_dir, progress=lambda _m: None), lab_dir)
+
+
+def connect(address: str, port: int = PORT, src: str | None = None) -> str:
+    """'ok', 'timeout' (packets dropped) or the error's name (refused, unreachable…)."""
+    try:
+        with socket.create_connection((address, port), timeout=1,
+                                      source_address=(src, 0) if src else None):
+            return "ok"
+    except TimeoutError:
+        return "timeout"
+    except OSError as e:
+        return type(e).__name__ + (f"[{os.strerror(e.errno)}]" if e.errno else "")
+
+
+Check = tuple[str, str, str | None] | tuple[str, str, str | None, int]
+
+
+def probe(topo: Topology, checks: Mapping[str, Check], port: int = PORT) -> dict[str, str]:
+    """Run connects at once, each (from location, to address, source address or None[, port])."""
+    with ThreadPoolExecutor(len(checks)) as pool:
+        futs = {k: pool.submit(netns.call_in, topo, c[0], connect, c[1], c[3] if len(c) > 3 else port, c[2])
+                for k, c in checks.items()}
+        return {k: f.result() for k, f in futs.items()}
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """One lab with a server in prod (.10 and .11), dr and witness, another lab beside it, and a
+    server on the shared internet address in the root namespace."""
+    if not netns.available()[0]:
+        pytest.skip(netns.available()[1])
+    tmp = tmp_path_factory.mktemp("netns")
+    lab, other = new_lab(tmp, "lab"), new_lab(tmp, "other")
+    inet = socket.socket()
+    try:
+        addrs = {"p10": lab.serve("prod", 10), "p11": lab.serve("prod", 11), "d10": lab.serve("dr", 10),
+                 "w10": lab.serve("witness", 10), "o10": other.serve("prod", 10)}
+        inet.bind((netns.ensure_internet(), 0))
+        inet.listen(64)  # the kernel completes handshakes without accept()
+        yield {"lab": lab, "other": other, "inet_port": inet.getsockname()[1], **addrs}
+    finally:
+        inet.close()
+        lab.destroy()
+        other.destroy()
+    if not any(r.get("enabled") for r in netns._records()):  # no other lab on the machine now
+        lo = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+        assert netns.INTERNET_ADDRESS not in lo, "the last lab left the internet address behind"
+
+
+def _all(result: dict[str, str], want: str) -> None:
+    assert result == dict.fromkeys(result, want), result
+
+
+def test_addresses_are_the_plans() -> None:
+    t = Topology("a3f9", 1, True)
+    assert (t.subnet("prod"), t.subnet("dr"), t.subnet("witness")) == \
+        ("198.18.4.0/24", "198.18.5.0/24", "198.18.6.0/24")
+    assert t.address("dr", 10) == "198.18.5.10" and t.block == "198.18.4.0/22"
+    links = {loc: (t.link_address(loc, core_side=False), t.link_address(loc, core_side=True))
+             for loc in ("internet", "prod", "witness")}
+    assert links == {"internet": ("198.18.7.1", "198.18.7.2"), "prod": ("198.18.7.6", "198.18.7.5"),
+                     "witness": ("198.18.7.14", "198.18.7.13")}
+    assert Topology("a3f9", 126, True).subnet("witness") == "198.19.250.0/24"  # below slot 127
+    assert t.netns("prod") == "drfl-a3f9-prod"
+    assert t.exec_prefix("dr") == ["ip", "netns", "exec", "drfl-a3f9-dr"]
+    assert max(len(t.link(a, b)) for a in (*netns.LOCATIONS, "internet") for b in ("core",)) <= 15
+    assert t.location_of("198.18.6.77") == "witness" and t.location_of("198.18.7.1") is None
+    assert Topology.from_dict(t.to_dict()) == t and t.internet_address == netns.INTERNET_ADDRESS
+    off = Topology("a3f9", 3, False)
+    assert (off.address("prod", 10), off.address("witness", 12), off.internet_address) == \
+        ("127.100.3.10", "127.102.3.12", "127.0.0.1")
+    assert off.netns("prod") == "" and off.exec_prefix("prod") == []
+    with pytest.raises(ValueError):
+        t.address("prod", 9)
+
+
+@needs_netns
+def test_prod_reachable_from_root_other_sites_and_itself(net: dict) -> None:
+    lab: Lab = net["lab"]
+    _all(probe(lab.topo, {"root": ("internet", net["p10"], None), "dr": ("dr", net["p10"], None),
+                          "witness": ("witness", net["p10"], None), "prod": ("prod", net["p10"], net["p11"]),
+                          "dr->witness": ("dr", net["w10"], None)}), "ok")
+    inet = {loc: (loc, netns.INTERNET_ADDRESS, None) for loc in netns.LOCATIONS}
+    _all(probe(lab.topo, inet, port=net["inet_port"]), "ok")
+
+
+@needs_netns
+def test_blackhole_drops_to_and_from_the_address_until_unblackholed(net: dict) -> None:
+    lab: Lab = net["lab"]
+    p10, p11 = net["p10"], net["p11"]
+    before = time.time()
+    took = netns.blackhole(lab.topo, p10)
+    try:
+        assert before <= took <= time.time()
+        assert netns.faults(lab.topo) == [{"kind": "blackhole", "target": p10}]
+        res = probe(lab.topo, {"dr": ("dr", p10, None), "root": ("internet", p10, None),
+                               "prod": ("prod", p10, p11), "from it": ("prod", p11, p10),
+                               "other VM": ("dr", p11, None), "itself": ("prod", p10, p10)})
+        assert res == {"dr": "timeout", "root": "timeout", "prod": "timeout", "from it": "timeout",
+                       "other VM": "ok", "itself": "ok"}, res
+    finally:
+        netns.unblackhole(lab.topo, p10)
+    _all(probe(lab.topo, {"dr": ("dr", p10, None), "prod": ("prod", p10, p11)}), "ok")
+    assert netns.faults(lab.topo) == []
+    netns.unblackhole(lab.topo, p10)  # twice: no error
+
+
+@needs_netns
+def test_partition_drops_both_ways_while_the_site_works_inside(net: dict) -> None:
+    lab: Lab = net["lab"]
+    took = netns.partition(lab.topo, "prod")
+    try:
+        assert netns.faults(lab.topo) == [{"kind": "partition", "target": "prod"}]
+        res = probe(lab.topo, {"prod->dr": ("prod", net["d10"], net["p10"]),
+                               "dr->prod": ("dr", net["p10"], None),
+                               "root->prod": ("internet", net["p10"], None),
+                               "prod->internet": ("prod", netns.INTERNET_ADDRESS, net["p10"],
+                                                  net["inet_port"]),
+                               "prod->prod": ("prod", net["p10"], net["p11"])})
+        assert res == {"prod->dr": "timeout", "dr->prod": "timeout", "root->prod": "timeout",
+                       "prod->internet": "timeout", "prod->prod": "ok"}, res
+        assert took <= time.time()
+    finally:
+        netns.heal(lab.topo)
+    _all(probe(lab.topo, {"prod->dr": ("prod", net["d10"], net["p10"]), "dr->prod": ("dr", net["p10"], None),
+                          "root->prod": ("internet", net["p10"], None)}), "ok")
+    assert netns.faults(lab.topo) == []
+
+
+@needs_netns
+def test_cut_drops_only_between_the_two_locations(net: dict) -> None:
+    lab: Lab = net["lab"]
+    netns.cut(lab.topo, "prod", "dr")
+    netns.cut(lab.topo, "dr", "internet")
+    try:
+        assert sorted((f["kind"], f["target"]) for f in netns.faults(lab.topo)) == \
+            [("cut", "dr<->internet"), ("cut", "dr<->prod")]
+        res = probe(lab.topo, {"prod->dr": ("prod", net["d10"], net["p10"]),
+                               "dr->prod": ("dr", net["p10"], None),
+                               "root->prod": ("internet", net["p10"], None),
+                               "witness->prod": ("witness", net["p10"], None),
+                               "prod->witness": ("prod", net["w10"], net["p10"]),
+                               "root->dr": ("internet", net["d10"], None),
+                               "witness->dr": ("witness", net["d10"], None)})
+        assert res == {"prod->dr": "timeout", "dr->prod": "timeout", "root->prod": "ok",
+                       "witness->prod": "ok", "prod->witness": "ok", "root->dr": "timeout",
+                       "witness->dr": "ok"}, res
+    finally:
+        netns.heal(lab.topo)
+    _all(probe(lab.topo, {"prod->dr": ("prod", net["d10"], net["p10"]),
+                          "root->dr": ("internet", net["d10"], None)}), "ok")
+
+
+@needs_netns
+def test_sites_route_only_inside_their_lab(net: dict) -> None:
+    lab: Lab = net["lab"]
+    other: Lab = net["other"]
+    assert lab.topo.slot != other.topo.slot
+    block = ipaddress.IPv4Network(lab.topo.block)
+    for loc in netns.LOCATIONS:
+        routes = subprocess.run(["ip", "-n", lab.topo.netns(loc), "-4", "route"], capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+        dsts = [r.split()[0] for r in routes]
+        assert "default" not in dsts
+        assert all(d == netns.INTERNET_ADDRESS or ipaddress.IPv4Network(d).subnet_of(block)
+                   for d in dsts), routes
+    res = probe(lab.topo, {"prod->other": ("prod", net["o10"], net["p10"]),
+                           "dr->other": ("dr", net["o10"], None),
+                           "prod->outside": ("prod", "192.0.2.1", None)})
+    assert all(v != "ok" for v in res.values()), res
+    assert probe(other.topo, {"other->lab": ("prod", net["p10"], net["o10"])})["other->lab"] != "ok"
+    _all(probe(lab.topo, {"root->lab": ("internet", net["p10"], None),
+                          "root->other": ("internet", net["o10"], None)}), "ok")
+
+
+def _leftovers(topo: Topology) -> list[str]:
+    left = [n for n in os.listdir("/run/netns") if n.startswith(f"drfl-{topo.lab_id}-")]
+    left += [n for n in os.listdir("/sys/class/net") if n.startswith(f"dfl{topo.lab_id}")]
+    routes = subprocess.run(["ip", "route", "show", topo.block], capture_output=True, text=True).stdout
+    left += [routes] if routes.strip() else []
+    left += [p.name for p in netns.state_dir().glob(f"{topo.lab_id}.*")]
+    return left
+
+
+@needs_netns
+def test_destroy_leaves_nothing_and_can_repeat(tmp_path: Path) -> None:
+    lab = new_lab(tmp_path, "gone")
+    lab.serve("prod", 10)
+    lab.serve("dr", 10)
+    pids = netns.processes_in(lab.topo, "prod") + netns.processes_in(lab.topo, "dr")
+    assert sorted(pids) == sorted(p.pid for p in lab.servers)
+    lab.destroy()
+    assert _leftovers(lab.topo) == []
+    assert all(p.returncode == -9 for p in lab.servers)
+    netns.destroy(lab.topo)
+
+
+@needs_netns
+def test_sweep_removes_what_a_crashed_lab_left_and_nothing_live(tmp_path: Path) -> None:
+    live, dead = new_lab(tmp_path, "live"), new_lab(tmp_path, "dead")
+    dead.serve("prod", 10)
+    stray = secrets.token_hex(2)
+    subprocess.run(["ip", "netns", "add", f"drfl-{stray}-core"], check=True)
+    try:
+        is_live = lambda p: p != dead.lab_dir  # noqa: E731
+        # While a lab is being built (its lock held) a sweep leaves it alone.
+        with netns._flock(netns.state_dir() / f"{dead.topo.lab_id}.lock"):
+            first = netns.sweep_orphans(is_live, progress=lambda _m: None)
+        assert stray in first and dead.topo.lab_id not in first
+        removed = netns.sweep_orphans(is_live, progress=lambda _m: None)
+        assert dead.topo.lab_id in removed and live.topo.lab_id not in first + removed
+        assert _leftovers(dead.topo) == [] and not os.path.exists(f"/run/netns/drfl-{stray}-core")
+        dead.servers[0].wait(timeout=5)
+        assert len(_leftovers(live.topo)) == 8  # 4 namespaces, root link, route, record, lock file
+    finally:
+        subprocess.run(["ip", "netns", "del", f"drfl-{stray}-core"], capture_output=True)
+        live.destroy()
+        dead.destroy()
+
+
+@needs_netns
+def test_labs_built_at_once_get_different_slots(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(3) as pool:
+        topos = list(pool.map(lambda i: netns.create(tmp_path / f"l{i}", progress=lambda _m: None), range(3)))
+    try:
+        assert len({t.slot for t in topos}) == 3 and len({t.lab_id for t in topos}) == 3
+    finally:
+        for t in topos:
+            netns.destroy(t)
+
+
+@needs_netns
+def test_internet_address_stays_while_a_lab_exists(net: dict) -> None:
+    netns.release_internet()
+    out = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    assert f"{netns.INTERNET_ADDRESS}/32" in out
+    assert netns.ensure_internet() == netns.INTERNET_ADDRESS  # idempotent
+
+
+def test_loopback_lab_when_namespaces_are_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRFLOW_LAB_NETNS", "off")
+    assert netns.available() == (False, "DRFLOW_LAB_NETNS=off")
+    said: list[str] = []
+    topo = netns.create(tmp_path / "lo", progress=said.append)
+    try:
+        assert not topo.enabled and topo.internet_address == "127.0.0.1" == netns.ensure_internet()
+        assert topo.address("prod", 10) == f"127.100.{topo.slot}.10" and topo.exec_prefix("prod") == []
+        assert "blackhole" in said[0] and "partition" in said[0] and "DRFLOW_LAB_NETNS=off" in said[0]
+        with socket.socket() as s:  # the loopback address is usable as is
+            s.bind((topo.address("dr", 10), 0))
+            s.listen()
+            assert connect(topo.address("dr", 10), s.getsockname()[1]) == "ok"
+        for fault, args in ((netns.blackhole, ("127.100.0.10",)), (netns.partition, ("prod",)),
+                            (netns.cut, ("prod", "dr")), (netns.heal, ())):
+            with pytest.raises(netns.NetnsError, match="loopback"):
+                fault(topo, *args)  # type: ignore[operator]
+        assert netns.faults(topo) == [] and netns.processes_in(topo, "prod") == []
+    finally:
+        netns.destroy(topo)
+    assert not (netns.state_dir() / f"{topo.lab_id}.json").exists()
