@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlencode, urlsplit
+from urllib.request import Request, urlopen
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
@@ -26,6 +30,7 @@ GOPATH = Path("/usr/share/gocode")
 GOVMOMI_SIMULATOR = GOPATH / "src/github.com/vmware/govmomi/simulator"
 LAUNCHER_SOURCE = Path(__file__).resolve().parent / "vcsim" / "main.go"
 ISOLATED_PORTGROUP = "drflow-isolated"
+SITES = ("prod", "dr")
 # vcsim accepts any login: these are throwaway lab credentials, not secrets of anything real.
 LAB_USER = "drflow-lab@vsphere.local"
 LAB_PASSWORD = "lab-only-any-password-works"
@@ -103,26 +108,39 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float = 30.0,
-                twins: list[str] | None = None, tls: bool = False) -> dict[str, Any]:
+                twins: list[str] | None = None, tls: bool = False,
+                sites: Sequence[str] = SITES, listen: str = "127.0.0.1",
+                prefix: Sequence[str] = (), name: str = "vcsim") -> dict[str, Any]:
     """Start vcsim detached with the lab inventory and return how to reach it.
 
     `port=0` lets the launcher pick a free port itself (no race with other tests). `twins`:
-    VM names created in both datacenters alike; `tls`: HTTPS with a self-signed certificate.
+    VM names created in every served datacenter alike; `tls`: HTTPS with a self-signed
+    certificate. `sites`: the datacenters served (production has a vCenter per site); `listen`:
+    the address served on; `prefix`: an argv prefix to run the launcher with (e.g.
+    `["ip", "netns", "exec", NS]`); `name` names its info and log files, so that two vcsims can
+    share one lab directory.
     """
     if not groups:
         raise ValueError("start_vcsim needs at least one protection group name")
     bad = [g for g in groups if not g or "," in g or g != g.strip()]
     if bad:
         raise ValueError(f"invalid protection group names for vcsim VMs: {bad!r}")
+    sites = list(sites)
+    if not sites or set(sites) - set(SITES) or len(set(sites)) != len(sites):
+        raise ValueError(f"sites must be distinct names among {SITES}, got {sites!r}")
+    ipaddress.ip_address(listen)  # ValueError for anything else
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid vcsim name {name!r}: it names files in the lab directory")
     binary = build_launcher()
     lab_dir = Path(lab_dir).resolve()
-    info_path = lab_dir / "vcsim.json"
+    info_path = lab_dir / f"{name}.json"
     info_path.unlink(missing_ok=True)
-    log = lab_dir / "logs" / "vcsim.log"
+    log = lab_dir / "logs" / f"{name}.log"
     # The simulated datastores are directories under TMPDIR: keep them inside the lab.
-    tmp = lab_dir / "vcsim-datastores"
+    tmp = lab_dir / f"{name}-datastores"
     tmp.mkdir(parents=True, exist_ok=True)
-    argv = [str(binary), "-port", str(port), "-groups", ",".join(groups), "-info", str(info_path)]
+    argv = [*prefix, str(binary), "-port", str(port), "-groups", ",".join(groups),
+            "-info", str(info_path), "-sites", ",".join(sites), "-listen", listen]
     if twins:
         argv += ["-twins", ",".join(twins)]
     if tls:
@@ -146,11 +164,15 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
         "port": served["port"],
         "user": LAB_USER,
         "password": LAB_PASSWORD,
+        "sites": served.get("sites") or sites,
         "vms": served["vms"],
+        "hosts": served.get("hosts") or {},
+        "spare_hosts": served.get("spare_hosts") or {},
         "isolated_portgroup": served["isolated_portgroup"],
         "isolated_vswitch": served["isolated_vswitch"],
         "twins": served.get("twins") or [],
         "log": str(log),
+        "info_path": str(info_path),
     }
 
 
@@ -262,6 +284,95 @@ def wait_task(task: vim.Task, timeout: float = 60.0) -> Any:
             raise TimeoutError(f"vSphere task {info.descriptionId} still {info.state} "
                                f"after {timeout:.0f} s")
         time.sleep(0.02)
+
+
+def vm_connection_state(si: vim.ServiceInstance, name: str, datacenter: str | None = None) -> str:
+    """'connected', 'disconnected', 'orphaned', 'inaccessible' or 'invalid'."""
+    return str(find_vm(si, name, datacenter).runtime.connectionState)
+
+
+def vm_host(si: vim.ServiceInstance, name: str, datacenter: str | None = None) -> str:
+    """The name of the ESXi host the VM runs on now."""
+    host = find_vm(si, name, datacenter).runtime.host
+    if host is None:
+        raise LookupError(f"VM {name!r} is on no ESXi host")
+    return str(host.name)
+
+
+def host_connection_state(si: vim.ServiceInstance, host_name: str) -> str:
+    """'connected', 'notResponding' or 'disconnected' for the ESXi host called `host_name`."""
+    content = si.RetrieveContent()
+    assert content.viewManager is not None, "vCenter without a ViewManager"
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.HostSystem], True)
+    try:
+        hosts = {str(h.name): h for h in view.view}
+    finally:
+        view.DestroyView()
+    if host_name not in hosts:
+        raise LookupError(f"no ESXi host {host_name!r} in vCenter; there: {sorted(hosts)}")
+    return str(hosts[host_name].runtime.connectionState)
+
+
+# --- faults (the launcher's /drflow/... hooks; each answers the instant it took effect) ---------
+
+
+def host_loss(url: str, vm: str, not_responding_after: float = 60.0, mgmt_only: bool = False,
+              *, datacenter: str | None = None) -> float:
+    """The ESXi host of `vm` stops heartbeating (or, `mgmt_only`, only its management network
+    goes): vCenter shows nothing for `not_responding_after` seconds, then the host
+    `notResponding` and its VMs `disconnected`; power operations on them never succeed.
+    Returns the instant (time.time()) the fault took effect."""
+    params = {"vm": vm, "not_responding_after": repr(float(not_responding_after)),
+              "mgmt_only": "1" if mgmt_only else "0"}
+    return float(_hook(url, "/drflow/host-loss", params, datacenter)["at"])
+
+
+def host_restore(url: str, vm: str, ha: bool = False, *, datacenter: str | None = None) -> float:
+    """The host of `vm` is back. `ha`: vSphere HA restarted `vm` on the datacenter's spare host
+    (poweredOff at once, poweredOn 2 s later). Returns the instant it took effect."""
+    params = {"vm": vm, "ha": "1" if ha else "0"}
+    return float(_hook(url, "/drflow/host-restore", params, datacenter)["at"])
+
+
+def stun_task(url: str, vm: str, task: str, seconds: float, *,
+              datacenter: str | None = None) -> dict[str, Any]:
+    """Run a real task on `vm` for `seconds` ('snapshot': CreateSnapshot_Task, which leaves a
+    snapshot; 'vmotion': RelocateVM_Task to the spare host, or back from it). The answer holds
+    `task` (its moref), `at` (the instant it started running), `ends_at`, and for vMotion
+    `from_host` / `to_host`."""
+    params = {"vm": vm, "task": task, "seconds": repr(float(seconds))}
+    return _hook(url, "/drflow/stun-task", params, datacenter)
+
+
+def _hook(url: str, path: str, params: dict[str, str], datacenter: str | None,
+          timeout: float = 10.0) -> dict[str, Any]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected a vcsim URL like http://127.0.0.1:PORT/sdk, got {url!r}")
+    if datacenter is not None:
+        params = {**params, "datacenter": datacenter}
+    context = None
+    if parts.scheme == "https":  # the launcher's own self-signed certificate
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    request = Request(f"{parts.scheme}://{parts.netloc}{path}?{urlencode(params)}", data=b"",
+                      method="POST")
+    try:
+        with urlopen(request, timeout=timeout, context=context) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+    except HTTPError as e:
+        detail = e.read().decode(errors="replace").strip()
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail)["error"]
+        if e.code == 404:
+            raise LookupError(f"vcsim at {parts.netloc}: {detail}") from None
+        if e.code == 400:
+            raise ValueError(f"vcsim at {parts.netloc} refused {path}: {detail}") from None
+        raise RuntimeError(f"vcsim at {parts.netloc} refused {path} (HTTP {e.code}): {detail}") from None
+    except URLError as e:
+        raise ConnectionError(f"vcsim at {parts.netloc} did not answer {path}: {e.reason}") from None
 
 
 def health(info: dict[str, Any]) -> tuple[bool, str]:
