@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 LOCATIONS = ("prod", "dr", "witness")
 INTERNET_ADDRESS = "198.19.255.254"
 # What cannot be produced on loopback: each needs packets dropped between network stacks.
@@ -428,9 +430,22 @@ def destroy(topo: Topology) -> None:
         release_internet()
 
 
+def _owner_alive(rec: dict[str, Any]) -> bool:
+    """Another process that created the topology still runs (started before its record: no reused pid)."""
+    pid = int(rec.get("pid") or 0)
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and p.create_time() <= float(rec.get("created", 0)) + 1
+    except psutil.Error:
+        return False
+
+
 def sweep_orphans(is_live: Callable[[Path], bool], progress: Callable[[str], None] = print) -> list[str]:
-    """Remove what crashed labs left: recorded topologies whose lab_dir is not live, and any
-    drfl-*/dfl* namespace or link that no record claims. Returns the ids removed."""
+    """Remove what crashed labs left: recorded topologies whose lab_dir is not live (and whose
+    creating process, if another one, has ended: tests build topologies without a lab directory),
+    and any drfl-*/dfl* namespace or link that no record claims. Returns the ids removed."""
     can, _ = _can_manage()
     # Namespaces first, records second: a lab records itself before it creates anything, so a
     # namespace seen here without a record really has none.
@@ -440,7 +455,7 @@ def sweep_orphans(is_live: Callable[[Path], bool], progress: Callable[[str], Non
     for rec in records:
         lab_id = str(rec["id"])
         topo = Topology(lab_id, int(rec["slot"]), bool(rec.get("enabled", True)))
-        if (topo.enabled and not can) or is_live(Path(str(rec["lab_dir"]))):
+        if (topo.enabled and not can) or _owner_alive(rec) or is_live(Path(str(rec["lab_dir"]))):
             continue
         with _flock(state_dir() / f"{lab_id}.lock", blocking=False) as free:
             if not free:

@@ -84,6 +84,44 @@ def probe(topo: Topology, checks: Mapping[str, Check], port: int = PORT) -> dict
         return {k: f.result() for k, f in futs.items()}
 
 
+Leg = tuple[str, str | None, str, str]  # from location, source address or None, to location, to address
+UDP_PORT = 7100
+
+
+def _udp_socket(address: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((address, port))
+    return s
+
+
+def _udp_send(src: str | None, dst: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        if src:
+            s.bind((src, 0))
+        s.sendto(b"x", (dst, port))
+
+
+def one_way(topo: Topology, legs: Mapping[str, Leg]) -> dict[str, bool]:
+    """Does a datagram get through? One direction at a time, which a TCP connect cannot tell."""
+    rxs = {k: netns.call_in(topo, to, _udp_socket, dst, UDP_PORT + i)
+           for i, (k, (_f, _s, to, dst)) in enumerate(legs.items())}
+    try:
+        for i, (frm, src, _t, dst) in enumerate(legs.values()):
+            netns.call_in(topo, frm, _udp_send, src, dst, UDP_PORT + i)
+        deadline = time.monotonic() + 0.5
+        out = {}
+        for k, rx in rxs.items():
+            rx.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                out[k] = bool(rx.recv(16))
+            except TimeoutError:
+                out[k] = False
+        return out
+    finally:
+        for rx in rxs.values():
+            rx.close()
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """One lab with a server in prod (.10 and .11), dr and witness, another lab beside it, and a
@@ -103,9 +141,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]
         inet.close()
         lab.destroy()
         other.destroy()
-    if not any(r.get("enabled") for r in netns._records()):  # no other lab on the machine now
-        lo = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
-        assert netns.INTERNET_ADDRESS not in lo, "the last lab left the internet address behind"
+    lo = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    in_use = any(r.get("enabled") for r in netns._records()) or netns._listening(netns.INTERNET_ADDRESS)
+    assert in_use or netns.INTERNET_ADDRESS not in lo, "the last lab left the internet address behind"
 
 
 def _all(result: dict[str, str], want: str) -> None:
@@ -159,6 +197,14 @@ def test_blackhole_drops_to_and_from_the_address_until_unblackholed(net: dict) -
                                "other VM": ("dr", p11, None), "itself": ("prod", p10, p10)})
         assert res == {"dr": "timeout", "root": "timeout", "prod": "timeout", "from it": "timeout",
                        "other VM": "ok", "itself": "ok"}, res
+        inet, d10 = netns.INTERNET_ADDRESS, net["d10"]
+        legs = one_way(lab.topo, {"dr->it": ("dr", None, "prod", p10), "it->dr": ("prod", p10, "dr", d10),
+                                  "it->root": ("prod", p10, "internet", inet),
+                                  "vm->it": ("prod", p11, "prod", p10), "it->vm": ("prod", p10, "prod", p11),
+                                  "it->itself": ("prod", p10, "prod", p10),
+                                  "dr->vm": ("dr", None, "prod", p11)})
+        assert legs == {"dr->it": False, "it->dr": False, "it->root": False, "vm->it": False, "it->vm": False,
+                        "it->itself": True, "dr->vm": True}, legs
     finally:
         netns.unblackhole(lab.topo, p10)
     _all(probe(lab.topo, {"dr": ("dr", p10, None), "prod": ("prod", p10, p11)}), "ok")
@@ -180,6 +226,15 @@ def test_partition_drops_both_ways_while_the_site_works_inside(net: dict) -> Non
                                "prod->prod": ("prod", net["p10"], net["p11"])})
         assert res == {"prod->dr": "timeout", "dr->prod": "timeout", "root->prod": "timeout",
                        "prod->internet": "timeout", "prod->prod": "ok"}, res
+        p10, p11 = net["p10"], net["p11"]
+        legs = one_way(lab.topo, {"prod->dr": ("prod", p10, "dr", net["d10"]),
+                                  "dr->prod": ("dr", None, "prod", p10),
+                                  "root->prod": ("internet", None, "prod", p10),
+                                  "prod->root": ("prod", p10, "internet", netns.INTERNET_ADDRESS),
+                                  "prod->prod": ("prod", p11, "prod", p10),
+                                  "dr->witness": ("dr", None, "witness", net["w10"])})
+        assert legs == {"prod->dr": False, "dr->prod": False, "root->prod": False, "prod->root": False,
+                        "prod->prod": True, "dr->witness": True}, legs
         assert took <= time.time()
     finally:
         netns.heal(lab.topo)
@@ -206,6 +261,15 @@ def test_cut_drops_only_between_the_two_locations(net: dict) -> None:
         assert res == {"prod->dr": "timeout", "dr->prod": "timeout", "root->prod": "ok",
                        "witness->prod": "ok", "prod->witness": "ok", "root->dr": "timeout",
                        "witness->dr": "ok"}, res
+        p10, d10 = net["p10"], net["d10"]
+        legs = one_way(lab.topo, {"prod->dr": ("prod", p10, "dr", d10), "dr->prod": ("dr", None, "prod", p10),
+                                  "dr->root": ("dr", None, "internet", netns.INTERNET_ADDRESS),
+                                  "root->dr": ("internet", None, "dr", d10),
+                                  "root->prod": ("internet", None, "prod", p10),
+                                  "witness->prod": ("witness", None, "prod", p10),
+                                  "prod->witness": ("prod", p10, "witness", net["w10"])})
+        assert legs == {"prod->dr": False, "dr->prod": False, "dr->root": False, "root->dr": False,
+                        "root->prod": True, "witness->prod": True, "prod->witness": True}, legs
     finally:
         netns.heal(lab.topo)
     _all(probe(lab.topo, {"prod->dr": ("prod", net["d10"], net["p10"]),
