@@ -93,20 +93,22 @@ def test_cached_resolver_reuses_an_answer_for_its_ttl() -> None:
 
 # --- on the lab ----------------------------------------------------------------------------------
 
-def _unused_address(lab: dict[str, Any]) -> tuple[Any, str]:
+def _answering_address(lab: dict[str, Any]) -> tuple[Any, tuple[str, int]]:
+    """A standby's PostgreSQL: it answers at once until blackholed (no writer uses it)."""
     from lab import manager
 
     topo = manager.topology(lab)
     if topo is None or not topo.enabled:
         pytest.skip("the lab runs on loopback: no address can be made silent")
-    return topo, topo.address("prod", 250)  # in prod's network, nothing has it
+    node = lab["groups"][-1]["standby"]
+    return topo, (node["host"], int(node["port"]))
 
 
 def test_follow_bounds_a_connect_to_a_silent_address_libpq_defaults_do_not(
         lab: dict[str, Any]) -> None:
     from lab import netns
 
-    topo, silent = _unused_address(lab)
+    topo, (silent, port) = _answering_address(lab)
     db = lab["database"]
     netns.blackhole(topo, silent)
     try:
@@ -114,7 +116,7 @@ def test_follow_bounds_a_connect_to_a_silent_address_libpq_defaults_do_not(
 
         def defaults() -> None:
             try:
-                clients.connect((silent, 5432), db, clients.LIBPQ_DEFAULTS).close()
+                clients.connect((silent, port), db, clients.LIBPQ_DEFAULTS).close()
                 pending.append(None)
             except BaseException as exc:  # recorded for the assertion
                 pending.append(exc)
@@ -122,7 +124,7 @@ def test_follow_bounds_a_connect_to_a_silent_address_libpq_defaults_do_not(
         threading.Thread(target=defaults, daemon=True).start()
         t = time.monotonic()
         with pytest.raises(Exception, match=r"timeout|timed out"):
-            clients.connect((silent, 5432), db, clients.FOLLOW)
+            clients.connect((silent, port), db, clients.FOLLOW)
         took = time.monotonic() - t
         assert 1.5 <= took <= 3.5, f"FOLLOW gave up after {took:.2f} s, not ~2 s"
         time.sleep(max(0.0, 4.0 - (time.monotonic() - t)))

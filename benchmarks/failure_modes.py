@@ -1,0 +1,434 @@
+"""What drflow does today in each failure a datacenter has, measured on the lab.
+
+Each case injects one fault (lab/faults.py) on its own group while an application-like writer
+writes through the group's DNS name with the FOLLOW client settings (lab/clients.py); for a
+partition or a cut link, a second writer inside the cut-off site writes straight to its primary.
+The gateway runs at the DR site, as in production. A case ends when a `failover.finish` record
+appears, or after an observation window; then the fault is healed and writes are watched for a
+few more seconds. The VM-level cases share one lab (a group each, one after another); partition,
+cut and site loss get a lab of their own.
+
+Per case:
+  failover            a `failover.*` audit record for the group after the fault
+  outcome / reason    the `failover.finish` record's outcome and reason, or why none started
+  rto_s               fault → first write acknowledged by the new primary (null if none)
+  acked_lost          acknowledged writes missing from the node that is primary at the end
+  two_writers         two nodes acknowledged writes in overlapping periods (lab.clients.two_writers)
+  healthy_powered_off a VM the fault did not kill is poweredOff at the end (its site's vCenter;
+                      an unreachable vCenter counts as unknown → false, said in the reason)
+host_loss_libpq_defaults: the same host loss seen by a second writer with libpq's default
+settings; `hung_s` is how long its call to the dead host had been waiting when it gave up or the
+case ended (`still_hung`).
+
+Last line: one JSON object, a key per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    target: str  # "primary" (the group's prod VM) or a location
+    lab: str  # "vm": the shared lab of VM-level cases; otherwise its own
+    groups: int = 1
+    other: str | None = None
+    seconds: float | None = None
+    task: str = "none"
+    site_writer: bool = False
+
+
+CASES: dict[str, Case] = {
+    "power_off": Case("power-off", "primary", "vm"),
+    "guest_crash": Case("guest-crash", "primary", "vm"),
+    "host_loss": Case("host-loss", "primary", "vm"),
+    "mgmt_loss": Case("mgmt-loss", "primary", "vm"),
+    "stun_5s_snapshot": Case("stun", "primary", "vm", seconds=5, task="snapshot"),
+    "stun_8s": Case("stun", "primary", "vm", seconds=8),
+    "blackhole": Case("blackhole", "primary", "vm"),
+    "partition_prod": Case("partition", "prod", "own", site_writer=True),
+    "cut_prod_dr": Case("cut", "prod", "own", other="dr", site_writer=True),
+    "site_loss_prod": Case("site-loss", "prod", "own", groups=5),
+    "site_loss_dr": Case("site-loss", "dr", "own"),
+}
+KILLS_TARGET = ("power-off", "guest-crash", "host-loss")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+@dataclass
+class GroupRun:
+    """One group under one fault: its writers and what was observed."""
+
+    g: dict[str, Any]
+    writers: list[Any] = field(default_factory=list)
+    site_proc: Any = None
+    site_out: Path | None = None
+    libpq: Any = None
+
+    @property
+    def name(self) -> str:
+        return str(self.g["name"])
+
+    def node(self, role: str) -> tuple[str, int]:
+        return (str(self.g[role]["host"]), int(self.g[role]["port"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: "
+                    + ", ".join(CASES))
+    ap.add_argument("--window", type=float, default=90.0,
+                    help="seconds to wait for a failover.finish record before healing")
+    ap.add_argument("--not-responding-after", type=float, default=60.0,
+                    help="host-loss / mgmt-loss: seconds until vCenter marks the host "
+                         "notResponding (vCenter's default: 60)")
+    ap.add_argument("--after-heal", type=float, default=10.0,
+                    help="seconds writes are watched after the heal")
+    ap.add_argument("--quick", action="store_true",
+                    help="short windows (30 s, not responding after 10 s, 5 s after heal)")
+    args = ap.parse_args()
+    if args.quick:
+        args.window, args.not_responding_after, args.after_heal = 30.0, 10.0, 5.0
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+
+    from lab.harness import throwaway_prefect
+
+    results: dict[str, dict[str, Any]] = {}
+    with throwaway_prefect():
+        vm_cases = [n for n in names if CASES[n].lab == "vm"]
+        if vm_cases:
+            run_lab(vm_cases, len(vm_cases), args, results)
+        for n in names:
+            if CASES[n].lab != "vm":
+                run_lab([n], CASES[n].groups, args, results)
+    print_table(results)
+    print(json.dumps(results))
+
+
+def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
+            results: dict[str, dict[str, Any]]) -> None:
+    from lab.harness import start_env, stop_env
+
+    log(f"starting a lab with {groups} sync group(s), agents and the gateway for "
+        f"{', '.join(cases)} …")
+    t = time.monotonic()
+    env = start_env(groups=groups, replication="sync")
+    log(f"lab up in {time.monotonic() - t:.0f} s ({env.lab_dir})")
+    try:
+        for i, name in enumerate(cases):
+            case = CASES[name]
+            gs = env.state["groups"] if case.groups > 1 else [env.state["groups"][i]]
+            try:
+                results.update(run_case(env, name, case, gs, args))
+            except Exception as exc:  # one case's trouble must not hide the others' results
+                log(f"{name}: the benchmark itself failed: {type(exc).__name__}: {exc}")
+                results[name] = {"failover": False, "outcome": "benchmark_error",
+                                 "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                 "rto_s": None, "acked_lost": 0, "two_writers": False,
+                                 "healthy_powered_off": False}
+    finally:
+        stop_env(env)
+
+
+def run_case(env: Any, name: str, case: Case, gs: list[dict[str, Any]],
+             args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from lab import clients, faults
+
+    db = env.state["database"]
+    runs = [GroupRun(g) for g in gs]
+    for r in runs:
+        resolve = clients.dns_resolver(env.route53(), r.g["dns"]["zone_id"], r.g["dns"]["record"])
+        clients.ensure_table(resolve(), db)
+        r.writers.append(clients.ClientWriter(f"dns-{r.name}", resolve, db, clients.FOLLOW).start())
+        if name == "host_loss":
+            r.libpq = clients.ClientWriter(f"libpq-{r.name}", resolve, db,
+                                           clients.LIBPQ_DEFAULTS).start()
+        if case.site_writer:
+            start_site_writer(env, r, case.target)
+    time.sleep(2.0)
+    target = gs[0]["primary"]["vm"] if case.target == "primary" else case.target
+    log(f"{name}: {case.kind} {target}" + (f" {case.other}" if case.other else ""))
+    fault = faults.fail(env.lab_dir, case.kind, target, other=case.other, seconds=case.seconds,
+                        task=case.task, not_responding_after=args.not_responding_after,
+                        background=True, progress=log)
+    window = args.window
+    if case.kind in ("host-loss", "mgmt-loss"):
+        window = max(window, args.not_responding_after + 45)
+    finished = wait_finish(env, runs, fault.at, window)
+    log(f"{name}: " + (", ".join(f"{r.name} {f.outcome}" for r, f in finished.items() if f)
+                       or f"no failover.finish within {window:.0f} s"))
+    for r, fin in finished.items():
+        if fin is not None and fin.outcome == "ok":  # give the writer its first write there
+            wait(partial(clients.rto_s, fault.at, r.writers[0].acks, r.node("standby")), 15)
+    faults.wait_ha_restarts()  # a stun's end
+    end_of_fault = time.time()
+    if case.kind != "stun":
+        faults.heal(env.lab_dir, progress=log)
+    time.sleep(args.after_heal)
+    for r in runs:
+        for w in r.writers:
+            w.stop(timeout=1)
+        if r.libpq is not None:
+            r.libpq.stop(timeout=0.1)
+        if r.site_proc is not None:
+            from lab import procs
+
+            procs.stop_tree(r.site_proc.pid, timeout=2)
+    per_group = [observe(env, name, case, r, fault, finished.get(r), end_of_fault, window)
+                 for r in runs]
+    out = {name: combine(per_group)}
+    if name == "host_loss":
+        out["host_loss_libpq_defaults"] = libpq_row(env, out[name], runs[0], fault.at)
+    log(f"{name}: {json.dumps(out[name])}")
+    return out
+
+
+def start_site_writer(env: Any, r: GroupRun, site: str) -> None:
+    """A writer inside the cut-off site, straight to the group's node there."""
+    from lab import clients, manager, procs
+
+    topo = manager.topology(env.state)
+    prefix = topo.exec_prefix(site) if topo else []
+    role = "primary" if r.g["primary"]["datacenter"] == site else "standby"
+    r.site_out = env.lab_dir / "clients" / f"site-{r.name}.jsonl"
+    r.site_out.parent.mkdir(exist_ok=True)
+    db = env.state["database"]
+    argv = clients.site_writer_argv(prefix, f"in-{site}-{r.name}", r.node(role), db, r.site_out)
+    r.site_proc = procs.spawn(argv, env.lab_dir / "logs" / f"site-writer-{r.name}.log",
+                              env={"PGPASSWORD": db["password"]}, cwd=REPO)
+    wait(lambda: len(clients.read_records(r.site_out)[0]) >= 3 if r.site_out else False, 15,
+         "the in-site writer's first acknowledged writes")
+
+
+def wait(predicate: Callable[[], Any], timeout: float, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    if what:
+        raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+    return None
+
+
+def _group_records(env: Any, r: GroupRun, since: float, prefix: str) -> list[Any]:
+    targets = {r.name, r.g["primary"]["vm"], r.g["standby"]["vm"]}
+    return [x for x in env.audit_records() if x.action.startswith(prefix)
+            and x.target in targets and _ts(x.time) >= since - 1]
+
+
+def wait_finish(env: Any, runs: list[GroupRun], since: float,
+                window: float) -> dict[GroupRun, Any]:
+    """Each group's failover.finish record, waiting up to `window` s for those still missing."""
+    found: dict[GroupRun, Any] = {}
+    deadline = time.monotonic() + window
+    while True:
+        for r in runs:
+            if found.get(r) is None:
+                fins = [x for x in _group_records(env, r, since, "failover.finish")]
+                found[r] = fins[-1] if fins else None
+        if all(found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def role_of(node: tuple[str, int], db: dict[str, str]) -> str:
+    """primary, standby or unreachable (asked from here, the operator's laptop)."""
+    from lab import clients
+
+    settings = clients.ClientSettings("probe", {**clients.FOLLOW.params,
+                                                "target_session_attrs": "any"})
+    try:
+        with clients.connect(node, db, settings) as c:
+            row = c.execute("select pg_is_in_recovery()").fetchone()
+            return "standby" if row and row[0] else "primary"
+    except Exception:
+        return "unreachable"
+
+
+def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
+            end_of_fault: float, window: float) -> dict[str, Any]:
+    from lab import clients
+
+    db = env.state["database"]
+    acks = [a for w in r.writers for a in w.acks]
+    if r.site_out is not None:
+        acks += clients.read_records(r.site_out)[0]
+    started = _group_records(env, r, fault.at, "failover.")
+    old, new = r.node("primary"), r.node("standby")
+    roles = {old: role_of(old, db), new: role_of(new, db)}
+    promoted = (fin is not None and fin.outcome == "ok") or roles[new] == "primary"
+    row: dict[str, Any] = {
+        "failover": bool(started),
+        "outcome": fin.outcome if fin is not None else ("unfinished" if started else "none"),
+        "reason": fin.reason if fin is not None else why_none(env, r, fault.at, window, started),
+        "rto_s": _round(clients.rto_s(fault.at, acks, new if promoted else None)),
+    }
+    # Lost: against the node that is primary at the end; else the one that would be promoted.
+    check = next((n for n in (new, old) if roles[n] == "primary"), None)
+    if check is None:
+        check = next((n for n in (new, old) if roles[n] == "standby"), None)
+    lost: list[Any] = []
+    if check is not None:
+        lost = clients.acked_lost(acks, clients.present_ids(check, db))
+    row["acked_lost"] = len(lost)
+    row["acked_lost_checked_on"] = (f"{_vm_at(r, check)} ({roles[check]})" if check
+                                    else "no node reachable")
+    row["two_writers"] = clients.two_writers(acks)
+    row["healthy_powered_off"], unknown = healthy_powered_off(env, case, r, fault)
+    if unknown:
+        row["reason"] += f" [power state unknown: {unknown}]"
+    row["acks"] = len(acks)
+    row["acks_by_node"] = {_vm_at(r, n): sum(1 for a in acks if a.node == n)
+                           for n in {a.node for a in acks}}
+    row["longest_write_gap_s"] = _round(clients.longest_gap_s(
+        [a for a in r.writers[0].acks], fault.at, end_of_fault))
+    row["roles_at_end"] = {_vm_at(r, n): v for n, v in roles.items()}
+    if r.site_out is not None:
+        site_acks = clients.read_records(r.site_out)[0]
+        row["in_site_acks_after_fault"] = sum(1 for a in site_acks if a.at > fault.at)
+    return row
+
+
+def _vm_at(r: GroupRun, node: tuple[str, int] | None) -> str:
+    for role in ("primary", "standby"):
+        if node == r.node(role):
+            return str(r.g[role]["vm"])
+    return str(node)
+
+
+def why_none(env: Any, r: GroupRun, since: float, window: float, started: list[Any]) -> str:
+    if started:
+        return (f"failover started ({started[-1].action}: {started[-1].outcome}) but no "
+                f"failover.finish within {window:.0f} s")
+    gw = env.gateway
+    if gw is None or gw.poll() is not None:
+        return "the gateway is down (it ran at the lost site)"
+    inc = _group_records(env, r, since, "incident.")
+    if inc:
+        last = inc[-1]
+        return (f"no failover within {window:.0f} s; last gateway record {last.action}: "
+                f"{last.outcome} {last.reason}".strip())
+    return f"no incident within {window:.0f} s: the gateway was told of no failure"
+
+
+def healthy_powered_off(env: Any, case: Case, r: GroupRun, fault: Any) -> tuple[bool, str]:
+    """(a VM the fault did not kill is poweredOff in its vCenter, what could not be read)."""
+    from lab import vcsim
+
+    killed: set[str] = set()
+    if case.kind in KILLS_TARGET:
+        killed.add(str(fault.target))
+    if case.kind == "site-loss":
+        killed |= {r.g[role]["vm"] for role in ("primary", "standby")
+                   if r.g[role]["datacenter"] == case.target}
+    off, unknown = False, []
+    for role in ("primary", "standby"):
+        vm, site = r.g[role]["vm"], r.g[role]["datacenter"]
+        if vm in killed:
+            continue
+        vc = env.state["vcenters"][site]
+        try:
+            si = vcsim.connect(vc["url"], vc["user"], vc["password"], timeout=5)
+            try:
+                off |= vcsim.vm_power_state(si, vm) == "poweredOff"
+            finally:
+                vcsim.disconnect(si)
+        except Exception as exc:
+            unknown.append(f"{vm}: {site} vCenter unreachable ({type(exc).__name__})")
+    return off, "; ".join(unknown)
+
+
+def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a case; several groups (site loss): any failover, outcomes counted, the
+    slowest RTO (null if a group got none), losses summed, per-group rows kept."""
+    if len(rows) == 1:
+        return rows[0]
+    outcomes: dict[str, int] = {}
+    for x in rows:
+        outcomes[x["outcome"]] = outcomes.get(x["outcome"], 0) + 1
+    rtos = [x["rto_s"] for x in rows]
+    return {
+        "failover": any(x["failover"] for x in rows),
+        "outcome": ", ".join(f"{k} x{v}" for k, v in sorted(outcomes.items())),
+        "reason": rows[0]["reason"],
+        "rto_s": None if any(v is None for v in rtos) else max(rtos),
+        "acked_lost": sum(x["acked_lost"] for x in rows),
+        "two_writers": any(x["two_writers"] for x in rows),
+        "healthy_powered_off": any(x["healthy_powered_off"] for x in rows),
+        "groups": rows,
+    }
+
+
+def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float) -> dict[str, Any]:
+    """The same host loss as seen by the writer with libpq's defaults: `hung_s` is fault → its
+    first error (the call to the dead host gave up), or → now while that call still waits."""
+    from lab import clients
+
+    w, db = r.libpq, env.state["database"]
+    acks = list(w.acks)
+    errors = [e for e in w.errors if e.at > fault_at]
+    still = bool(w.busy_since is not None and not errors)
+    hung_until = errors[0].at if errors else time.time()
+    old, new = r.node("primary"), r.node("standby")
+    check = next((n for n in (new, old) if role_of(n, db) == "primary"), None)
+    lost = len(clients.acked_lost(acks, clients.present_ids(check, db))) if check else 0
+    return {
+        "failover": host_loss["failover"], "outcome": host_loss["outcome"],
+        "reason": "the same host loss, writer with libpq's default settings"
+                  + (f"; its first error: {errors[0].what[:120]}" if errors else ""),
+        "rto_s": _round(clients.rto_s(fault_at, acks, new)),
+        "acked_lost": lost,
+        "two_writers": clients.two_writers(acks),
+        "healthy_powered_off": host_loss["healthy_powered_off"],
+        "hung_s": _round(hung_until - fault_at),
+        "still_hung": still,
+        "acks_after_fault": sum(1 for a in acks if a.at > fault_at),
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    print("| case | failover | outcome | RTO (s) | acked lost | two writers | healthy VM off | "
+          "reason |")
+    print("|---|---|---|---:|---:|---|---|---|")
+    for k, v in results.items():
+        rto = "—" if v.get("rto_s") is None else f"{v['rto_s']:.1f}"
+        reason = str(v.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
+        print(f"| {k} | {'yes' if v['failover'] else 'no'} | {v['outcome']} | {rto} | "
+              f"{v['acked_lost']} | {'yes' if v['two_writers'] else 'no'} | "
+              f"{'yes' if v['healthy_powered_off'] else 'no'} | {reason} |")
+
+
+if __name__ == "__main__":
+    main()
