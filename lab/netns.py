@@ -163,7 +163,13 @@ def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> subpr
 
 def _ip_batch(commands: list[str], ns: str = "", force: bool = False) -> subprocess.CompletedProcess[str]:
     argv = ["ip", *(["-n", ns] if ns else []), *(["-force"] if force else []), "-batch", "-"]
-    return _run(argv, "\n".join(commands) + "\n", check=not force)
+    proc = _run(argv, "\n".join(commands) + "\n", check=False)
+    if proc.returncode != 0 and not force:
+        line = proc.stderr.rsplit("Command failed -:", 1)[-1].strip()
+        cmd = commands[int(line) - 1] if line.isdigit() and 0 < int(line) <= len(commands) else "?"
+        raise NetnsError(f"`ip {'-n ' + ns + ' ' if ns else ''}{cmd}` failed: "
+                         f"{proc.stderr.split('Command failed')[0].strip()[:300]}")
+    return proc
 
 
 def _nft(ns: str, script: str, sysctl_forward: bool = False) -> str:

@@ -298,11 +298,11 @@ def test_sites_route_only_inside_their_lab(net: dict) -> None:
                           "root->other": ("internet", net["o10"], None)}), "ok")
 
 
-def _leftovers(topo: Topology) -> list[str]:
+def _leftovers(topo: Topology, route: bool = True) -> list[str]:
     left = [n for n in os.listdir("/run/netns") if n.startswith(f"drfl-{topo.lab_id}-")]
     left += [n for n in os.listdir("/sys/class/net") if n.startswith(f"dfl{topo.lab_id}")]
     routes = subprocess.run(["ip", "route", "show", topo.block], capture_output=True, text=True).stdout
-    left += [routes] if routes.strip() else []
+    left += [routes] if route and routes.strip() else []
     left += [p.name for p in netns.state_dir().glob(f"{topo.lab_id}.*")]
     return left
 
@@ -318,6 +318,15 @@ def test_destroy_leaves_nothing_and_can_repeat(tmp_path: Path) -> None:
     assert _leftovers(lab.topo) == []
     assert all(p.returncode == -9 for p in lab.servers)
     netns.destroy(lab.topo)
+
+
+@needs_netns
+def test_a_failed_create_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns, "_SITE_RULES", "table inet drflow { chain input { nonsense } }")  # last step
+    with pytest.raises(netns.NetnsError, match="nothing of it is left") as e:
+        netns.create(tmp_path / "broken", progress=lambda _m: None)
+    lab_id = str(e.value).split("could not build lab network ")[1][:4]
+    assert _leftovers(Topology(lab_id, 0, True), route=False) == []
 
 
 @needs_netns
@@ -352,6 +361,19 @@ def test_labs_built_at_once_get_different_slots(tmp_path: Path) -> None:
     finally:
         for t in topos:
             netns.destroy(t)
+
+
+@needs_netns
+def test_a_slot_with_a_route_in_the_root_namespace_is_not_free(tmp_path: Path) -> None:
+    first = netns.create(tmp_path / "first", progress=lambda _m: None)
+    netns.destroy(first)  # its slot is free again, unless a route still claims it
+    subprocess.run(["ip", "route", "add", "unreachable", first.block], check=True)
+    try:
+        second = netns.create(tmp_path / "second", progress=lambda _m: None)
+        netns.destroy(second)
+        assert second.slot != first.slot
+    finally:
+        subprocess.run(["ip", "route", "del", "unreachable", first.block], check=True)
 
 
 @needs_netns
