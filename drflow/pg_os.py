@@ -7,7 +7,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PG_OS_USER = "postgres"  # PostgreSQL refuses to run as root
@@ -39,11 +39,12 @@ def pg_env(**extra: str) -> dict[str, str]:
 
 def run_pg(argv: list[str], what: str, cwd: Path, timeout: float, *,
            error: type[Exception] = PgCommandError, log: Path | None = None,
-           env: Mapping[str, str] | None = None) -> str:
+           env: Mapping[str, str] | None = None, outer: Sequence[str] = ()) -> str:
     """Run a server binary as the servers' owner; its output, or `error` saying what failed
-    (with the last lines of `log`, the server's log, when given)."""
+    (with the last lines of `log`, the server's log, when given). `outer` wraps the whole
+    command (e.g. `ip netns exec NS`, which must run before dropping to the owner)."""
     try:
-        out = subprocess.run(as_pg(argv), cwd=cwd, env=pg_env(**(env or {})), capture_output=True,
+        out = subprocess.run([*outer, *as_pg(argv)], cwd=cwd, env=pg_env(**(env or {})), capture_output=True,
                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise error(f"{what} did not finish within {timeout:.0f} s{log_tail(log)}") from None

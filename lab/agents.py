@@ -40,7 +40,7 @@ def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, An
                     "webhook_secret": {"ref": f"file:{secrets / 'webhook_secret'}"}},
         "heartbeat_interval_s": 1,
         "outbox": str(d / "outbox.sqlite"),
-        "control": {"listen": f"127.0.0.1:{control_port}",
+        "control": {"listen": f"{node['host']}:{control_port}",
                     "secret": {"ref": f"file:{own_secret}"}, "peers": peers},
         "resources": [
             {"name": "loopback", "type": "ip", "address": "127.0.0.1", "interval_s": 5},
@@ -71,7 +71,8 @@ def service_spec(lab_dir: Path, vm: str, config: Path) -> dict[str, Any]:
             "run_as": None, "cwd": str(d), "log": str(lab_dir / "logs" / f"agent-{vm}.log")}
 
 
-def start_agent(spec: dict[str, Any]) -> int:
-    """Start now (the bridge only acts on power changes); returns the pid."""
-    proc = procs.spawn(spec["start"], Path(spec["log"]), cwd=Path(spec["cwd"]))
+def start_agent(spec: dict[str, Any], prefix: list[str] | None = None) -> int:
+    """Start now (the bridge only acts on power changes), in the VM's network (`prefix`, e.g.
+    `ip netns exec NS`); returns the pid."""
+    proc = procs.spawn([*(prefix or []), *spec["start"]], Path(spec["log"]), cwd=Path(spec["cwd"]))
     return proc.pid

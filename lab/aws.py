@@ -1,10 +1,10 @@
 """The lab's AWS: a moto server holding the Route 53 zone, the audit bucket and the lab's secrets.
 
-DNS scheme. Every lab PostgreSQL instance listens on 127.0.0.1 and differs only by port, so an A
-record alone cannot say which instance is the primary. Each group therefore has two records, both
+DNS scheme. Every lab PostgreSQL instance listens on its VM's own address, on a port of its own
+(ports stay unique in the lab, so the loopback layout works alike). Each group has two records, both
 TTL 30, which a failover UPSERTs together in one change batch:
 
-    <group>.db.lab.drflow.internal.                 A    127.0.0.1           (the primary's address)
+    <group>.db.lab.drflow.internal.                 A    198.18.0.20         (the primary's address)
     _postgresql._tcp.<group>.db.lab.drflow.internal. SRV  0 0 <port> <group>.db.lab.drflow.internal.
 
 The SRV record is the standard DNS way to publish a port; its target is the group's A record, so
@@ -56,8 +56,8 @@ def moto_server_path() -> Path:
     return Path(sys.executable).parent / "moto_server"
 
 
-def start_moto(lab_dir: Path, timeout: float = 30.0) -> dict[str, Any]:
-    """Start moto in server mode on a free loopback port, detached; log to logs/moto.log."""
+def start_moto(lab_dir: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> dict[str, Any]:
+    """Start moto in server mode on a free port of `host`, detached; log to logs/moto.log."""
     exe = moto_server_path()
     if not exe.exists():
         raise RuntimeError(
@@ -66,15 +66,15 @@ def start_moto(lab_dir: Path, timeout: float = 30.0) -> dict[str, Any]:
         )
     port = procs.free_port()
     log = lab_dir / "logs" / "moto.log"
-    proc = procs.spawn([str(exe), "-H", "127.0.0.1", "-p", str(port)], log)
+    proc = procs.spawn([str(exe), "-H", host, "-p", str(port)], log)
     try:
-        procs.wait_port(port, timeout, "moto_server", proc, log)
+        procs.wait_port(port, timeout, "moto_server", proc, log, host=host)
     except BaseException:
         procs.stop_tree(proc.pid, timeout=2)
         raise
     return {
         "pid": proc.pid,
-        "endpoint_url": f"http://127.0.0.1:{port}",
+        "endpoint_url": f"http://{host}:{port}",
         "region": REGION,
         "access_key_id": ACCESS_KEY_ID,
         "secret_access_key": SECRET_ACCESS_KEY,

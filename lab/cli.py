@@ -1,9 +1,10 @@
-"""`drflow lab …`: the local DR lab on loopback (plugged into the CLI through an entry point)."""
+"""`drflow lab …`: the local DR lab (plugged into the CLI through an entry point)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -11,9 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(
-    help="The local DR lab on 127.0.0.1: vcsim (prod and dr datacenters), a PostgreSQL "
-    "primary/standby pair per group, moto (Route 53, S3, Secrets Manager), a Slack stand-in, "
-    "and a power bridge tying VM power to the lab processes.",
+    help="The local DR lab: sites prod, dr and witness as network namespaces, a vCenter "
+    "(vcsim) per site, a PostgreSQL primary/standby pair per group, moto (Route 53, S3, Secrets "
+    "Manager) and a Slack stand-in outside the sites, a power bridge per site tying VM power to "
+    "the lab processes, and the faults a datacenter has (`drflow lab fail`).",
     no_args_is_help=True,
 )
 console = Console()
@@ -63,6 +65,65 @@ def down(lab_dir: Path = DirOpt) -> None:
     from lab import manager
 
     manager.down(lab_dir, progress=console.print)
+
+
+@app.command()
+def fail(
+    kind: str = typer.Argument(..., help="power-off, guest-crash, host-loss, mgmt-loss, stun, "
+                               "blackhole (a VM); partition, site-loss (a site); cut (two "
+                               "locations)."),
+    target: str = typer.Argument(..., help="A VM (e.g. orders-prod), a site (prod, dr, witness) "
+                                 "or, for cut, the first location (prod, dr, witness, internet)."),
+    arg: str = typer.Argument(None, help="stun: SECONDS; cut: the second location."),
+    task: str = typer.Option("none", "--task", help="stun: snapshot, vmotion or none (the "
+                             "vCenter task shown running on the VM meanwhile)."),
+    not_responding_after: float = typer.Option(
+        60.0, "--not-responding-after", min=0,
+        help="host-loss/mgmt-loss: seconds until vCenter marks the host notResponding."),
+    ha_restart_after: float = typer.Option(
+        None, "--ha-restart-after", min=0,
+        help="host-loss: vSphere HA powers the VM on again on the spare host after SECONDS "
+             "(the command waits for it)."),
+    lab_dir: Path = DirOpt,
+) -> None:
+    """Inject a fault, as a datacenter has it; prints the instant it took effect."""
+    from lab import faults, manager
+
+    seconds = other = None
+    try:
+        if kind == "stun":
+            seconds = float(arg) if arg is not None else None
+        elif kind == "cut":
+            other = arg
+        f = faults.fail(lab_dir, kind, target, other=other, seconds=seconds, task=task,
+                        not_responding_after=not_responding_after,
+                        ha_restart_after=ha_restart_after, progress=console.print)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] stun takes SECONDS as a number, not {arg!r}")
+        raise typer.Exit(2) from exc
+    except (faults.FaultError, manager.LabError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"{f.kind} {f.target}: in effect at {f.at:.3f} "
+                  f"({time.strftime('%H:%M:%S', time.localtime(f.at))}); "
+                  f"logged in {lab_dir / 'faults.jsonl'}")
+    if ha_restart_after is not None:
+        console.print(f"waiting {ha_restart_after:.0f} s for vSphere HA to restart {target} …")
+    faults.wait_ha_restarts()
+
+
+@app.command()
+def heal(lab_dir: Path = DirOpt) -> None:
+    """Undo blackholes, partitions and cuts; give lost hosts back to vCenter."""
+    from lab import faults, manager
+
+    try:
+        f = faults.heal(lab_dir, progress=console.print)
+    except (faults.FaultError, manager.LabError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    lost = f.detail.get("still_lost_sites")
+    console.print(f"healed at {f.at:.3f}" + (f"; site(s) {', '.join(lost)} stay lost" if lost else ""))
 
 
 def _print_status(lab_dir: Path, as_json: bool = False) -> bool:

@@ -294,10 +294,12 @@ def main() -> int:
         env.start_gateway("up", env={"PREFECT_API_URL": "", "DRFLOW_PREFECT_PORT": str(prefect_port)},
                           timeout=120)
         env.wait_all_heard(60)
-        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+        orchestrator = env.state["orchestrator"]["address"]  # at the DR site, as in production
+        prefect_api = f"http://{orchestrator}:{prefect_port}/api"
         SlackLab(env.state["slack"]["url"].removesuffix("/api/")).set_request_url(
             env.gateway_url + "/slack/actions")
-        story.ok(f"drflow up: gateway {env.gateway_url}, Prefect UI http://127.0.0.1:{prefect_port}")
+        story.ok(f"drflow up at the DR site: gateway {env.gateway_url}, "
+                 f"Prefect UI http://{orchestrator}:{prefect_port}")
         for g in env.state["groups"]:
             writers.append(Writer(env, g["name"]).start())
         story.ok("a steady writer per group, through each group's DNS name")

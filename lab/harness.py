@@ -78,11 +78,11 @@ class Env:
         return psycopg.connect(host=host, port=port, user=db["user"], password=db["password"],
                                dbname=db["name"], connect_timeout=timeout, autocommit=True)
 
-    def si(self) -> Any:
-        """A pyVmomi session to the lab's vCenter."""
+    def si(self, site: str = "prod") -> Any:
+        """A pyVmomi session to a site's vCenter (production's by default)."""
         from lab import vcsim
 
-        vc = self.state["vcenter"]
+        vc = self.state["vcenters"][site]
         return vcsim.connect(vc["url"], vc["user"], vc["password"])
 
     def writable(self, node: dict[str, Any]) -> bool:
@@ -110,13 +110,20 @@ class Env:
 
     def start_gateway(self, command: str = "gateway", env: dict[str, str] | None = None,
                       timeout: float = 60) -> None:
-        """`drflow gateway` (needs PREFECT_API_URL) or `drflow up` (starts its own Prefect)."""
+        """`drflow gateway` (needs PREFECT_API_URL) or `drflow up` (starts its own Prefect), on
+        the orchestrator's host at the DR site."""
         log = self.lab_dir / "logs" / f"{command}.log"
         self.gateway = procs.spawn(
-            [DRFLOW, command, "--config", str(self.config), "--state-dir",
-             str(self.state_dir)], log, env={"PYTHONUNBUFFERED": "1", **(env or {})})
-        port = int(self.gateway_url.rsplit(":", 1)[1])
-        procs.wait_port(port, timeout, f"drflow {command}", self.gateway, log)
+            [*self.orchestrator_prefix, DRFLOW, command, "--config", str(self.config),
+             "--state-dir", str(self.state_dir)], log,
+            env={"PYTHONUNBUFFERED": "1", **(env or {})})
+        host, port = self.gateway_url.removeprefix("http://").rsplit(":", 1)
+        procs.wait_port(int(port), timeout, f"drflow {command}", self.gateway, log, host=host)
+
+    @property
+    def orchestrator_prefix(self) -> list[str]:
+        """argv prefix that runs a command on the orchestrator's host (the DR site's network)."""
+        return list(self.state.get("orchestrator", {}).get("netns_prefix") or [])
 
     def stop_gateway(self) -> None:
         if self.gateway is not None:
@@ -140,14 +147,17 @@ class Env:
 def throwaway_prefect() -> Iterator[str]:
     """A Prefect server (SQLite in a temporary home) for a benchmark or a script; its URL is set
     in this process's environment, so call it before anything imports Prefect."""
+    from lab import netns
+
     home = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-"))
     port = procs.free_port()
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    host = netns.ensure_internet()  # on "the internet": every lab network reaches it
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://{host}:{port}/api",
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
     from orchestrator.prefect_local import start_local_server
 
-    print(f"starting a Prefect server on :{port} …", flush=True)
-    server = start_local_server(home, port)
+    print(f"starting a Prefect server on {host}:{port} …", flush=True)
+    server = start_local_server(home, port, host=host)
     try:
         yield server.api_url
     finally:

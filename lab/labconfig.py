@@ -13,9 +13,10 @@ LAB_APPROVERS = ["U0ONCALL1", "U0ONCALL2"]
 def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     """A drflow config dict for the lab: credentials only by reference (file or Secrets Manager)."""
     secrets_dir = lab_dir / "secrets"
-    vc = state["vcenter"]
+    vcenters = state.get("vcenters") or {"prod": state["vcenter"], "dr": state["vcenter"]}
 
     def site(dc: str) -> dict[str, Any]:
+        vc = vcenters[dc]  # a vCenter per site, as in production
         return {"vcenter": {"url": vc["url"], "datacenter": dc, "username": vc["user"],
                             "password": {"ref": "aws-sm:drflow-lab/vcenter#password"}}}
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from lab import agents as lab_agents
-from lab import aws, postgres, procs, slack_standin, vcsim
+from lab import aws, netns, postgres, procs, slack_standin, vcsim
 from lab.labconfig import write_drflow_yaml
 
 GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
@@ -53,11 +53,12 @@ def _pids(state: dict[str, Any]) -> list[int]:
 
 
 def is_live(lab_dir: Path) -> bool:
+    """A lab that came up completely and still has processes running."""
     try:
         state = load(lab_dir)
     except (LabError, json.JSONDecodeError):
         return False
-    return any(procs.pid_alive(p) for p in _pids(state))
+    return bool(state.get("complete", True)) and any(procs.pid_alive(p) for p in _pids(state))
 
 
 def up(
@@ -67,7 +68,8 @@ def up(
     progress: Progress = print,
     agents: bool = True,
 ) -> dict[str, Any]:
-    """Start vcsim, PostgreSQL pairs, moto, the Slack stand-in and the power bridge; write lab.json."""
+    """Build the sites' networks, then start a vcsim per site, PostgreSQL pairs, moto, the Slack
+    stand-in and a power bridge per site; write lab.json and drflow.yaml."""
     if replication not in ("sync", "async"):
         raise LabError(f"--replication must be sync or async, not {replication!r}")
     if groups < 1:
@@ -79,7 +81,9 @@ def up(
         )
     if lab_dir.exists():
         progress(f"removing the remains of a stopped lab in {lab_dir}")
-        _remove_dir(lab_dir)
+        down(lab_dir, progress=lambda _m: None)
+    for orphan in netns.sweep_orphans(_is_live_or_starting, progress=lambda _m: None):
+        progress(f"removed the networks of a lab that crashed ({orphan})")
     lab_dir.mkdir(parents=True)
     lab_dir.chmod(0o755)  # PostgreSQL runs as `postgres` and must traverse it
     (lab_dir / "logs").mkdir()
@@ -88,21 +92,40 @@ def up(
 
     names = group_names(groups)
     t0 = time.monotonic()
-    state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {}}
+    state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {},
+                             "manager_pid": os.getpid(), "complete": False}
     _write_state(lab_dir, state)  # lets `lab down` clean up even if `up` dies half-way
     try:
-        with ThreadPoolExecutor(max_workers=4 + groups) as pool:
-            f_vc = pool.submit(_timed, progress, "vcsim", vcsim.start_vcsim, lab_dir, names)
-            f_moto = pool.submit(_timed, progress, "moto server", aws.start_moto, lab_dir)
-            f_slack = pool.submit(_timed, progress, "Slack stand-in", slack_standin.start_slack, lab_dir)
+        topo = netns.create(lab_dir, progress)
+        state["network"] = topo.to_dict()
+        _write_state(lab_dir, state)
+        internet = netns.ensure_internet() if topo.enabled else "127.0.0.1"
+        addr = _addresses(topo, names)
+        for site in (*SITES, "witness"):
+            for a in addr[site].values():
+                netns.add_address(topo, site, a)
+        with ThreadPoolExecutor(max_workers=5 + groups) as pool:
+            f_vcs = {
+                site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
+                                  vcsim.start_vcsim, lab_dir, names, 0, 30.0, None, False,
+                                  (site,), addr[site]["vcenter"], topo.exec_prefix(site),
+                                  f"vcsim-{site}")
+                for site in SITES
+            }
+            f_moto = pool.submit(_timed, progress, "moto server", aws.start_moto, lab_dir, 30.0,
+                                 internet)
+            f_slack = pool.submit(_timed, progress, "Slack stand-in", slack_standin.start_slack,
+                                  lab_dir, 10.0, internet)
             f_pairs: dict[str, Future[Any]] = {
                 n: pool.submit(
                     _timed, progress, f"PostgreSQL pair {n} ({replication})",
-                    postgres.create_pair, lab_dir / "pg", n, replication == "sync",
+                    postgres.create_pair, lab_dir / "pg", n, replication == "sync", 60.0,
+                    ((addr["prod"][n], tuple(topo.exec_prefix("prod"))),
+                     (addr["dr"][n], tuple(topo.exec_prefix("dr")))),
                 )
                 for n in names
             }
-            vc = _record(state, "vcsim", f_vc)
+            vcs = {site: _record(state, f"vcsim-{site}", f) for site, f in f_vcs.items()}
             moto = _record(state, "moto", f_moto)
             slack = _record(state, "slack", f_slack)
             pairs = {n: f.result() for n, f in f_pairs.items()}
@@ -115,8 +138,9 @@ def up(
         db_user, db_password = postgres.client_credentials(lab_dir / "pg")
         webhook_secret = os.urandom(24).hex()
         control_secret = os.urandom(24).hex()
+        vc_password = vcs["prod"]["password"]
         secret_values = {
-            "drflow-lab/vcenter": json.dumps({"password": vc["password"]}),
+            "drflow-lab/vcenter": json.dumps({"password": vc_password}),
             "drflow-lab/slack": json.dumps(
                 {"bot_token": slack["bot_token"], "signing_secret": slack["signing_secret"]}
             ),
@@ -137,9 +161,15 @@ def up(
         aws_info = _timed(progress, "Route 53 zone, audit bucket, secrets", aws.setup_aws,
                           moto, dns_groups, secret_values)
 
+        vcenters = {site: {"url": vc["url"], "user": vc["user"], "password": vc["password"],
+                           "address": addr[site]["vcenter"],
+                           "isolated_portgroup": vc.get("isolated_portgroup", "drflow-isolated")}
+                    for site, vc in vcs.items()}
+        vms = {**vcs["prod"]["vms"], **vcs["dr"]["vms"]}
         state.update(
-            vcenter={"url": vc["url"], "user": vc["user"], "password": vc["password"],
-                     "isolated_portgroup": vc.get("isolated_portgroup", "drflow-isolated")},
+            vcenters=vcenters,
+            # The production site's vCenter, where the lab's power-offs of primaries go.
+            vcenter=vcenters["prod"],
             aws={**{k: moto[k] for k in ("endpoint_url", "region", "access_key_id",
                                          "secret_access_key")},
                  "audit_bucket": aws_info["audit_bucket"], "secret_ids": aws_info["secret_ids"]},
@@ -148,19 +178,29 @@ def up(
             database={"user": db_user, "password": db_password, "name": "postgres"},
             secrets={"webhook": webhook_secret, "control": control_secret},
             groups=[
-                _group_entry(n, p, s, vc, aws_info) for n, (p, s) in pairs.items()
+                _group_entry(n, p, s, vms, aws_info) for n, (p, s) in pairs.items()
             ],
-            gateway={"url": f"http://127.0.0.1:{procs.free_port()}"},
+            # The orchestrator (gateway, Prefect, runbooks) runs at the DR site, as in production.
+            orchestrator={"site": "dr", "address": addr["dr"]["orchestrator"],
+                          "netns_prefix": topo.exec_prefix("dr")},
+            witness={"site": "witness", "address": addr["witness"]["witness"]},
+            internet=internet,
+            gateway={"url": f"http://{addr['dr']['orchestrator']}:{procs.free_port()}"},
         )
         services = _services(lab_dir, state, pairs, agents)
-        bridge = _start_bridge(lab_dir, state, services)
-        state["processes"]["power_bridge"] = bridge
+        for site in SITES:
+            site_services = {vm: specs for vm, specs in services.items() if vm.endswith(f"-{site}")}
+            state["processes"][f"power_bridge-{site}"] = _start_bridge(
+                lab_dir, site, vcenters[site], site_services, topo.exec_prefix(site))
         if agents:
-            for specs in services.values():
+            for vm, specs in services.items():
+                site = "prod" if vm.endswith("-prod") else "dr"
                 for spec in specs:
                     if spec["name"].startswith("agent:"):
-                        state["processes"][spec["name"]] = lab_agents.start_agent(spec)
+                        state["processes"][spec["name"]] = lab_agents.start_agent(
+                            spec, topo.exec_prefix(site))
             progress(f"  {len(services)} guest agents started (they report to {state['gateway']['url']})")
+        state["complete"] = True
         _write_state(lab_dir, state)
         write_drflow_yaml(lab_dir, state)
         progress(f"lab up in {time.monotonic() - t0:.1f} s: {lab_dir}/lab.json, {lab_dir}/drflow.yaml")
@@ -169,6 +209,36 @@ def up(
         progress("lab up failed; taking down what was started")
         down(lab_dir, progress=lambda _m: None)
         raise
+
+
+SITES = ("prod", "dr")
+
+
+def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, str]]:
+    """Every address of the lab: a site's vCenter, each VM, the orchestrator, the witness."""
+    out: dict[str, dict[str, str]] = {}
+    for site in SITES:
+        out[site] = {"vcenter": topo.address(site, 10)}
+        out[site].update({n: topo.address(site, 20 + i) for i, n in enumerate(names)})
+    out["dr"]["orchestrator"] = topo.address("dr", 11)
+    out["witness"] = {"witness": topo.address("witness", 10)}
+    return out
+
+
+def _is_live_or_starting(lab_dir: Path) -> bool:
+    """A lab someone is still building counts as live: its networks are not orphans yet."""
+    if is_live(lab_dir):
+        return True
+    try:
+        pid = int(load(lab_dir).get("manager_pid") or 0)
+    except (LabError, json.JSONDecodeError, ValueError):
+        return False
+    return bool(pid) and procs.pid_alive(pid) and pid != os.getpid()
+
+
+def topology(state: dict[str, Any]) -> netns.Topology | None:
+    net = state.get("network")
+    return netns.Topology.from_dict(net) if net else None
 
 
 def _timed(progress: Progress, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -185,10 +255,10 @@ def _record(state: dict[str, Any], name: str, fut: Future[Any]) -> Any:
 
 
 def _group_entry(name: str, primary: postgres.Instance, standby: postgres.Instance,
-                 vc: dict[str, Any], aws_info: dict[str, Any]) -> dict[str, Any]:
+                 vms: dict[str, Any], aws_info: dict[str, Any]) -> dict[str, Any]:
     def side(inst: postgres.Instance, site: str) -> dict[str, Any]:
         vm = f"{name}-{site}"
-        return {"vm": vm, "datacenter": site, "esx_host": vc["vms"].get(vm, {}).get("esx_host"),
+        return {"vm": vm, "datacenter": site, "esx_host": vms.get(vm, {}).get("esx_host"),
                 "host": inst.host, "port": inst.port, "datadir": str(inst.datadir)}
 
     return {
@@ -200,8 +270,8 @@ def _group_entry(name: str, primary: postgres.Instance, standby: postgres.Instan
     }
 
 
-def bridge_state_path(lab_dir: Path) -> Path:
-    return lab_dir / "bridge.json"
+def bridge_state_path(lab_dir: Path, site: str) -> Path:
+    return lab_dir / f"bridge-{site}.json"
 
 
 def _services(lab_dir: Path, state: dict[str, Any],
@@ -219,26 +289,27 @@ def _services(lab_dir: Path, state: dict[str, Any],
                 # first); the bridge still kills PostgreSQL on power-off.
                 services[node["vm"]][0]["start"] = ["true"]
                 port = procs.free_port()
-                node["agent_url"] = f"http://127.0.0.1:{port}"
+                node["agent_url"] = f"http://{node['host']}:{port}"
                 cfg = lab_agents.write_agent_config(lab_dir, state, g, role, port)
                 services[node["vm"]].append(lab_agents.service_spec(lab_dir, node["vm"], cfg))
     return services
 
 
-def _start_bridge(lab_dir: Path, state: dict[str, Any],
-                  services: dict[str, list[dict[str, Any]]]) -> int:
-    write_bridge_services(lab_dir, state["vcenter"], services)
-    log = lab_dir / "logs" / "power_bridge.log"
-    proc = procs.spawn([sys.executable, "-m", "lab.power_bridge", "--state",
-                        str(bridge_state_path(lab_dir))], log)
+def _start_bridge(lab_dir: Path, site: str, vcenter: dict[str, Any],
+                  services: dict[str, list[dict[str, Any]]], prefix: list[str]) -> int:
+    """The site's hypervisors: a power bridge in the site's network, watching its vCenter."""
+    write_bridge_services(lab_dir, site, vcenter, services)
+    log = lab_dir / "logs" / f"power_bridge-{site}.log"
+    proc = procs.spawn([*prefix, sys.executable, "-m", "lab.power_bridge", "--state",
+                        str(bridge_state_path(lab_dir, site))], log)
     _wait_log(log, "watching", 15.0, proc)
     return proc.pid
 
 
-def write_bridge_services(lab_dir: Path, vcenter: dict[str, Any],
+def write_bridge_services(lab_dir: Path, site: str, vcenter: dict[str, Any],
                           services: dict[str, list[dict[str, Any]]]) -> None:
-    """(Re)write what the power bridge binds to each VM; it re-reads the file when it changes."""
-    path = bridge_state_path(lab_dir)
+    """(Re)write what a site's power bridge binds to each VM; it re-reads the file on change."""
+    path = bridge_state_path(lab_dir, site)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"vcenter": {k: vcenter[k] for k in ("url", "user", "password")},
                                "services": services}, indent=2))
@@ -275,22 +346,35 @@ def status(lab_dir: Path = DEFAULT_DIR) -> list[tuple[str, bool, str]]:
     state = load(lab_dir)
     rows: list[tuple[str, bool, str]] = []
     pids = state.get("processes", {})
-    vc = state.get("vcenter")
-    rows.append(("vcsim", *vcsim.health({**(vc or {}), "pid": pids.get("vcsim")}))
-                if vc else ("vcsim", False, "not started"))
+    topo = topology(state)
+    if topo is not None:
+        rows.append(("networks", True, _network_detail(topo)))
+    for site, vc in (state.get("vcenters") or {}).items():
+        rows.append((f"vCenter {site} (vcsim)", *vcsim.health({**vc, "pid": pids.get(f"vcsim-{site}")})))
+    if not state.get("vcenters"):
+        rows.append(("vcsim", False, "not started"))
     rows.append(("moto (Route 53, S3, Secrets Manager)",
                  *aws.health({**state.get("aws", {}), "pid": pids.get("moto")})))
     rows.append(("Slack stand-in", *slack_standin.health({**state.get("slack", {}),
                                                           "pid": pids.get("slack")})))
-    bridge = pids.get("power_bridge")
-    rows.append(("power bridge", bool(bridge and procs.pid_alive(bridge)),
-                 f"pid {bridge}" if bridge and procs.pid_alive(bridge) else "not running"))
+    for name, bridge in pids.items():
+        if name.startswith("power_bridge"):
+            alive = bool(bridge and procs.pid_alive(bridge))
+            rows.append((name.replace("_", " "), alive, f"pid {bridge}" if alive else "not running"))
     for name, pair in state.get("postgres", {}).items():
         for role in ("primary", "standby"):
             inst = postgres.Instance.from_dict(pair[role])
             ok, detail = postgres.health(inst)
-            rows.append((f"{name} {role} :{inst.port}", ok, detail))
+            rows.append((f"{name} {role} {inst.host}:{inst.port}", ok, detail))
     return rows
+
+
+def _network_detail(topo: netns.Topology) -> str:
+    if not topo.enabled:
+        return "loopback layout (no namespaces): host-loss, blackhole, partition, cut, site-loss unavailable"
+    faults = netns.faults(topo)
+    active = ", ".join(" ".join(str(v) for v in f.values()) for f in faults) or "no network fault"
+    return f"lab {topo.lab_id}: sites {', '.join(topo.netns(s) for s in ('prod', 'dr', 'witness'))}; {active}"
 
 
 def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
@@ -303,8 +387,10 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
     except (LabError, json.JSONDecodeError):
         state = {}
     pids = state.get("processes", {})
-    # The bridge first, or it would restart what we stop.
-    for name in ("power_bridge", *[k for k in pids if k != "power_bridge"]):
+    # The bridges first, or they would restart what we stop; stopped, not killed: a frozen
+    # (stunned) process only dies once it runs again.
+    bridges = [k for k in pids if k.startswith("power_bridge")]
+    for name in (*bridges, *[k for k in pids if k not in bridges]):
         pid = pids.get(name)
         if pid:
             procs.stop_tree(int(pid), timeout=3)
@@ -312,6 +398,11 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
         for role in ("primary", "standby"):
             postgres.kill_hard(postgres.Instance.from_dict(pair[role]))
     _kill_strays(lab_dir)
+    topo = topology(state)
+    if topo is not None:
+        netns.destroy(topo)
+    # Networks whose lab never recorded them (a manager killed while building them).
+    netns.sweep_orphans(_is_live_or_starting, progress=lambda _m: None)
     _remove_dir(lab_dir)
     progress(f"lab in {lab_dir} is down")
 

@@ -97,6 +97,8 @@ class Instance:
     log: Path
     role: str = "primary"
     host: str = HOST
+    # argv prefix that runs a command in the instance's VM network (its site's namespace)
+    netns_prefix: tuple[str, ...] = ()
 
     @property
     def socket_dir(self) -> Path:
@@ -109,13 +111,15 @@ class Instance:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Instance:
         return cls(name=d["name"], datadir=Path(d["datadir"]), port=int(d["port"]),
-                   log=Path(d["log"]), role=d.get("role", "primary"), host=d.get("host", HOST))
+                   log=Path(d["log"]), role=d.get("role", "primary"), host=d.get("host", HOST),
+                   netns_prefix=tuple(d.get("netns_prefix", ())))
 
 
 def describe(inst: Instance) -> dict[str, Any]:
     """JSON-ready description (what lab.json stores); `Instance.from_dict` reads it back."""
     d = asdict(inst)
-    d.update(datadir=str(inst.datadir), log=str(inst.log), socket_dir=str(inst.socket_dir))
+    d.update(datadir=str(inst.datadir), log=str(inst.log), socket_dir=str(inst.socket_dir),
+             netns_prefix=list(inst.netns_prefix))
     return d
 
 
@@ -147,8 +151,8 @@ def _version_key(v: str) -> tuple[int, ...]:
 
 
 def _run(argv: list[str], what: str, cwd: Path, timeout: float = 60.0,
-         log: Path | None = None) -> None:
-    run_pg(argv, what, cwd, timeout, error=PostgresLabError, log=log)
+         log: Path | None = None, outer: tuple[str, ...] = ()) -> None:
+    run_pg(argv, what, cwd, timeout, error=PostgresLabError, log=log, outer=outer)
 
 
 def _ensure_traversable(base_dir: Path) -> None:
@@ -170,8 +174,7 @@ _template_lock = threading.Lock()
 _template: Path | None = None
 
 _LAB_CONF = f"""
-# --- drflow lab (loopback only, throwaway) ---
-listen_addresses = '{HOST}'
+# --- drflow lab (throwaway; listen_addresses: the VM's own address, in instance.conf) ---
 max_connections = 50
 shared_buffers = '32MB'
 wal_level = replica
@@ -193,12 +196,14 @@ log_line_prefix = '%m [%p] %q%a '
 include = '../instance.conf'   # per instance, outside the data directory (see lab/postgres.py)
 """
 
-_HBA = f"""# drflow lab, loopback only: lab tooling on the Unix socket, clients as {CLIENT_USER!r}.
-local   all          all                          trust
-host    all          {CLIENT_USER:<12} {HOST}/32  scram-sha-256
-host    replication  {CLIENT_USER:<12} {HOST}/32  scram-sha-256
-host    replication  {PG_OS_USER:<12} {HOST}/32  trust
-"""
+# Lab addresses: loopback, and the lab networks (198.18.0.0/15, reserved for network tests).
+_LAB_NETS = ("127.0.0.0/8", "198.18.0.0/15")
+_HBA = (f"# drflow lab: lab tooling on the Unix socket, clients as {CLIENT_USER!r}.\n"
+        "local   all          all                          trust\n"
+        + "".join(f"host    all          {CLIENT_USER:<12} {net:<16} scram-sha-256\n"
+                  f"host    replication  {CLIENT_USER:<12} {net:<16} scram-sha-256\n"
+                  f"host    replication  {PG_OS_USER:<12} {net:<16} trust\n"
+                  for net in _LAB_NETS))
 
 
 def template_dir() -> Path:
@@ -304,6 +309,7 @@ def write_instance_conf(inst: Instance) -> None:
     path.write_text(
         f"# {inst.name}: written by lab/postgres.py\n"
         f"port = {inst.port}\n"
+        f"listen_addresses = '{inst.host}'\n"
         f"unix_socket_directories = '{inst.socket_dir}'\n"
         f"cluster_name = '{inst.name}'   # also the application_name of its walreceiver\n"
     )
@@ -317,14 +323,16 @@ def _touch_log(log: Path) -> None:
     give_to_pg(log)
 
 
-def create_pair(base_dir: Path, group: str, sync: bool,
-                timeout: float = 60.0) -> tuple[Instance, Instance]:
+def create_pair(base_dir: Path, group: str, sync: bool, timeout: float = 60.0,
+                nodes: tuple[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]]
+                | None = None) -> tuple[Instance, Instance]:
     """Create and start `<group>-prod` (primary) and `<group>-dr` (its streaming standby).
 
     The standby is a pg_basebackup -R of the primary, so it also carries the primary's
     postgresql.conf, `synchronous_standby_names` included: as in a real deployment, a promoted
     standby with no standby of its own makes writes wait until that setting is relaxed.
     Returns once the standby streams (as the synchronous standby when `sync`).
+    `nodes`: (address, netns argv prefix) of the prod and the dr VM; default loopback.
     """
     if not _NAME.match(group):
         raise PostgresLabError(f"group name {group!r}: use letters, digits, '-' and '_' (max 41)")
@@ -340,8 +348,9 @@ def create_pair(base_dir: Path, group: str, sync: bool,
             f"{gdir} already exists: destroy that pair first or use another base_dir") from None
     give_to_pg(gdir)
     client_credentials(base_dir)
-    primary = _new_instance(gdir / "prod", f"{group}-prod", "primary")
-    standby = _new_instance(gdir / "dr", f"{group}-dr", "standby")
+    (p_host, p_ns), (s_host, s_ns) = nodes or ((HOST, ()), (HOST, ()))
+    primary = _new_instance(gdir / "prod", f"{group}-prod", "primary", p_host, p_ns)
+    standby = _new_instance(gdir / "dr", f"{group}-dr", "standby", s_host, s_ns)
     try:
         _build_pair(base_dir, primary, standby, _standby_names(group, sync), timeout)
     except BaseException:
@@ -352,11 +361,12 @@ def create_pair(base_dir: Path, group: str, sync: bool,
     return primary, standby
 
 
-def _new_instance(home: Path, name: str, role: str) -> Instance:
+def _new_instance(home: Path, name: str, role: str, host: str = HOST,
+                  netns_prefix: tuple[str, ...] = ()) -> Instance:
     home.mkdir(mode=0o700)
     give_to_pg(home)
     inst = Instance(name=name, datadir=home / "data", port=_claim_port(),
-                    log=home / "server.log", role=role)
+                    log=home / "server.log", role=role, host=host, netns_prefix=netns_prefix)
     write_instance_conf(inst)
     _touch_log(inst.log)
     return inst
@@ -371,7 +381,7 @@ def _build_pair(base_dir: Path, primary: Instance, standby: Instance, standby_na
         f.write(f"synchronous_standby_names = '{standby_names}'\n")
     start(primary, timeout=max(1.0, deadline - time.monotonic()))
     _set_client_role(primary, *client_credentials(base_dir))
-    source = make_conninfo(host=HOST, port=primary.port, user=PG_OS_USER,
+    source = make_conninfo(host=primary.host, port=primary.port, user=PG_OS_USER,
                            application_name=standby.name)
     backup = [pg_bin("pg_basebackup"), "-D", str(standby.datadir), "-d", source, "-R",
               "--checkpoint=fast", "--wal-method=stream", "--no-sync", "--no-manifest"]
@@ -466,7 +476,7 @@ def start(inst: Instance, wait: bool = True, timeout: float = 30.0) -> None:
         argv = [pg_bin("pg_ctl"), "start", "-D", str(inst.datadir), "-l", str(inst.log), "-s"]
         argv += ["-w", "-t", str(max(1, round(timeout)))] if wait else ["-W"]
         _run(argv, f"starting {inst.name}", cwd=inst.socket_dir, timeout=timeout + 5,
-             log=inst.log)
+             log=inst.log, outer=inst.netns_prefix)
     if wait:
         wait_ready(inst, timeout)
 

@@ -30,16 +30,16 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
 
 
 def wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-              log: Path | None = None) -> None:
-    """Wait until `port` accepts connections; fail with the log's tail if the process died."""
+              log: Path | None = None, host: str = "127.0.0.1") -> None:
+    """Wait until `host:port` accepts connections; fail with the log's tail if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if port_open(port):
+        if port_open(port, host):
             return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}{_tail(log)}")
         time.sleep(0.05)
-    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s{_tail(log)}")
+    raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s{_tail(log)}")
 
 
 def _tail(log: Path | None, lines: int = 15) -> str:
@@ -82,6 +82,7 @@ def stop_tree(pid: int, timeout: float = 5.0) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
+            p.resume()  # a frozen (SIGSTOPped) process acts on SIGTERM only once it runs
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):

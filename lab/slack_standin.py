@@ -533,29 +533,30 @@ class Handler(BaseHTTPRequestHandler):
         raise LabError(404, f"no lab endpoint {self.command} /_lab/{what}")
 
 
-def serve(port: int, secrets_file: Path, state_dir: Path) -> None:
+def serve(port: int, secrets_file: Path, state_dir: Path, host: str = "127.0.0.1") -> None:
     """Run the stand-in until killed."""
     conf = json.loads(secrets_file.read_text())
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(state_dir, f"http://127.0.0.1:{port}")
+    store = Store(state_dir, f"http://{host}:{port}")
     api = Api(store)
     Handler.api = api
     Handler.clicker = Clicker(store, api, conf["signing_secret"], conf["verification_token"])
     Handler.bot_token = conf["bot_token"]
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    print(f"Slack stand-in listening on http://127.0.0.1:{port}/api/", flush=True)
+    print(f"Slack stand-in listening on http://{host}:{port}/api/", flush=True)
     server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--secrets-file", type=Path, required=True,
                     help="JSON with bot_token, signing_secret, verification_token (mode 0600)")
     ap.add_argument("--state-dir", type=Path, required=True)
     args = ap.parse_args(argv)
-    serve(args.port, args.secrets_file, args.state_dir)
+    serve(args.port, args.secrets_file, args.state_dir, args.host)
 
 
 # ---- client side: used by the lab, tests and the demo ----
@@ -627,7 +628,7 @@ class SlackLab:
             time.sleep(0.1)
 
 
-def start_slack(lab_dir: Path, timeout: float = 10.0) -> dict[str, Any]:
+def start_slack(lab_dir: Path, timeout: float = 10.0, host: str = "127.0.0.1") -> dict[str, Any]:
     """Start the stand-in detached on a free port with fresh secrets; state in lab_dir/slack."""
     # Imported here so the server process stays stdlib-only and quick to start.
     from lab import procs
@@ -647,15 +648,15 @@ def start_slack(lab_dir: Path, timeout: float = 10.0) -> dict[str, Any]:
     secrets_file.write_text(json.dumps(conf))
     port = procs.free_port()
     log = lab_dir / "logs" / "slack.log"
-    proc = procs.spawn([sys.executable, "-m", "lab.slack_standin", "--port", str(port),
+    proc = procs.spawn([sys.executable, "-m", "lab.slack_standin", "--port", str(port), "--host", host,
                         "--secrets-file", str(secrets_file), "--state-dir", str(state_dir)], log,
                        cwd=Path(__file__).resolve().parent.parent)
     try:
-        procs.wait_port(port, timeout, "Slack stand-in", proc, log)
+        procs.wait_port(port, timeout, "Slack stand-in", proc, log, host=host)
     except BaseException:
         procs.stop_tree(proc.pid, timeout=2)
         raise
-    return {"pid": proc.pid, "url": f"http://127.0.0.1:{port}/api/",
+    return {"pid": proc.pid, "url": f"http://{host}:{port}/api/",
             "bot_token": conf["bot_token"], "signing_secret": conf["signing_secret"],
             "channel": CHANNEL_ID}
 

@@ -38,8 +38,9 @@ def server_env(home: Path) -> dict[str, str]:
     }
 
 
-def start_local_server(home: Path, port: int, timeout: float = 90.0) -> LocalPrefect:
-    """Start `prefect server start` on 127.0.0.1:port with its SQLite database under `home`.
+def start_local_server(home: Path, port: int, timeout: float = 90.0,
+                       host: str = "127.0.0.1") -> LocalPrefect:
+    """Start `prefect server start` on host:port with its SQLite database under `home`.
 
     A fresh database runs its migrations first (10-15 s); an existing one starts in a few seconds.
     """
@@ -48,11 +49,11 @@ def start_local_server(home: Path, port: int, timeout: float = 90.0) -> LocalPre
     prefect_bin = str(Path(sys.executable).parent / "prefect")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [prefect_bin, "server", "start", "--host", host, "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **server_env(home)}, start_new_session=True,
         )
-    api = f"http://127.0.0.1:{port}/api"
+    api = f"http://{host}:{port}/api"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -60,7 +61,7 @@ def start_local_server(home: Path, port: int, timeout: float = 90.0) -> LocalPre
             raise RuntimeError(f"Prefect server exited with {proc.returncode}; see {log}:\n{tail}")
         try:
             if httpx.get(f"{api}/health", timeout=1).status_code == 200:
-                return LocalPrefect(api, f"http://127.0.0.1:{port}", proc, log)
+                return LocalPrefect(api, f"http://{host}:{port}", proc, log)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

@@ -94,8 +94,9 @@ def up(
         from orchestrator.prefect_local import start_local_server
 
         home = (state_dir / "prefect").resolve()
-        console.print(f"starting a local Prefect server (SQLite in {home}) …")
-        local = start_local_server(home, prefect_port)
+        host = _prefect_host(config)
+        console.print(f"starting a local Prefect server on {host} (SQLite in {home}) …")
+        local = start_local_server(home, prefect_port, host=host)
         os.environ["PREFECT_API_URL"] = local.api_url
         console.print(f"Prefect UI: {local.ui_url}")
     else:
@@ -110,6 +111,17 @@ def up(
             console.print("stopping the local Prefect server …")
             local.stop()
         console.print("drflow stopped")
+
+
+def _prefect_host(config: Path) -> str:
+    """The local Prefect listens where the gateway does: runbooks and commands on other hosts of
+    the DR site reach both at the orchestrator's address."""
+    from drflow.config.fields import is_wildcard
+    from drflow.config.loader import load_config
+    from orchestrator.gateway.from_config import listen_address
+
+    host = listen_address(load_config(config))[0]
+    return "127.0.0.1" if is_wildcard(host) else host
 
 
 def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded) -> None:

@@ -20,13 +20,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _internet_address() -> str:
+    from lab import netns
+
+    return netns.ensure_internet()
+
+
 # Prefect reads its settings when first imported, so the API URL is fixed here, before any test
 # module imports it; the server behind it starts only if a test asks for `prefect_api`.
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="drflow-test-prefect-"))
 atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)  # also when no test used it
 PREFECT_PORT = _free_port()
+# On the lab's "internet" address, which every lab network reaches (the gateway runs at the
+# DR site, in its own network namespace).
+PREFECT_HOST = _internet_address()
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
-os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
+os.environ["PREFECT_API_URL"] = f"http://{PREFECT_HOST}:{PREFECT_PORT}/api"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -43,7 +52,7 @@ def prefect_api() -> Iterator[str]:
     """A real Prefect server (SQLite) for the whole session; its URL is already in the env."""
     from orchestrator.prefect_local import start_local_server
 
-    server = start_local_server(PREFECT_HOME, PREFECT_PORT)
+    server = start_local_server(PREFECT_HOME, PREFECT_PORT, host=PREFECT_HOST)
     try:
         yield server.api_url
     finally:

@@ -266,15 +266,16 @@ def production(env: dict[str, Any], group: str = GROUP) -> dict[str, Any]:
     rt = runtime(env["config"])
     g = rt.cfg.group(group)
     state["dns"] = resolve_endpoint(rt.route53, g.dns.zone_id, g.dns.record)
-    vc = lab["vcenter"]
-    si = vcsim.connect(vc["url"], vc["user"], vc["password"])
-    try:
-        # Other groups' drill clones come and go (the scheduled drill): not this group's business.
-        state["vms"] = {name: str(vms[0].runtime.powerState)
-                        for name, vms in vcsim.vms_by_name(si).items()
-                        if "-drill-" not in name or name.startswith(f"{group}-")}
-    finally:
-        vcsim.disconnect(si)
+    state["vms"] = {}
+    for vc in lab["vcenters"].values():
+        si = vcsim.connect(vc["url"], vc["user"], vc["password"])
+        try:
+            # Other groups' drill clones come and go (the scheduled drill): not this group's.
+            state["vms"].update({name: str(vms[0].runtime.powerState)
+                                 for name, vms in vcsim.vms_by_name(si).items()
+                                 if "-drill-" not in name or name.startswith(f"{group}-")})
+        finally:
+            vcsim.disconnect(si)
     return state
 
 

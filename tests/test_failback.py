@@ -328,7 +328,8 @@ def test_audit_verifies_and_holds_no_secret(env: Env) -> None:
 
 
 def _bridge_starts_postgres(env: Env, vm: str) -> bool:
-    bridge = json.loads((env.lab_dir / "bridge.json").read_text())
+    site = "prod" if vm.endswith("-prod") else "dr"
+    bridge = json.loads((env.lab_dir / f"bridge-{site}.json").read_text())
     return any("pg_ctl" in " ".join(s["start"]) for s in bridge["services"].get(vm, []))
 
 

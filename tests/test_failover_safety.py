@@ -50,7 +50,7 @@ def sync_env(prefect_api: str) -> Iterator[Env]:
 
 def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
     env, g = sync_env, sync_env.state["groups"][0]
-    vcsim_pid = env.state["processes"]["vcsim"]
+    vcsim_pid = env.state["processes"]["vcsim-prod"]
     os.kill(vcsim_pid, signal.SIGSTOP)  # vCenter hangs: power state and fence cannot be known
     try:
         _break_primary(env, g)
@@ -188,7 +188,7 @@ def test_a_failover_interrupted_by_ctrl_c_resumes_at_the_next_start(prefect_api:
         g = env.state["groups"][0]
         vcsim.power_off(env.si(), g["primary"]["vm"])
         time.sleep(1.0)  # the power bridge has killed the host's processes
-        vcsim_pid = env.state["processes"]["vcsim"]
+        vcsim_pid = env.state["processes"]["vcsim-prod"]
         os.kill(vcsim_pid, signal.SIGSTOP)  # holds the run inside its first step
         try:
             wait_for(lambda: env.audit_records("failover.confirm failure"), 30, "the run to start")

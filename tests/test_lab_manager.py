@@ -32,7 +32,8 @@ def test_status_reports_every_part_healthy(lab: dict[str, Any]) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     rows = json.loads(out.stdout)
     parts = {r["part"] for r in rows}
-    assert {"vcsim", "power bridge", "Slack stand-in"} <= parts
+    assert {"vCenter prod (vcsim)", "vCenter dr (vcsim)", "power bridge-prod",
+            "power bridge-dr", "Slack stand-in", "networks"} <= parts
     assert all(r["healthy"] for r in rows), rows
     assert len([p for p in parts if " primary " in p + " "]) == 2
 
