@@ -1,8 +1,19 @@
-"""The lab's networks: a namespace per site behind a core router, and the faults that drop packets.
+"""The lab's networks: a namespace per site behind a core router, a namespace per host inside its
+site, and the faults that drop packets.
 
 One lab = one topology (id, slot) that owns 198.18.0.0/15 + slot*1024 (a /22); see the plan in the
-lab docs. Faults are nftables set elements matched on the input hook of a site namespace and on the
-forward hook of core, so packets vanish (connects time out) instead of being refused.
+lab docs. Each host (a VM, a vCenter, the orchestrator) gets its own namespace `drfl-<id>-h-<name>`
+joined to its site's namespace by a veth pair (`dfl<id>h<i><nnn>` on the site side, `dfl<id>v<i><nnn>`
+on the host side, i = site index, nnn = the address's last octet). The host has its address as a
+/32 and routes to the lab's /22 and the internet address via the site's core-link address (onlink:
+the site answers ARP for any of its own addresses); the site routes the /32 onto the veth and
+forwards (ip_forward=1 in the site only). So every packet of a host crosses its site's router,
+whatever the program binds: an unbound client gets the host's address as source, as on a VM.
+
+Faults are nftables set elements matched on the forward and input hooks of a site namespace and on
+the forward hook of core, plus, for a blackholed host, an input drop inside the host's own namespace
+(what the site router itself sends never crosses its forward hook), so packets vanish (connects time
+out) instead of being refused. Nothing is dropped on an output hook: that fails the sender at once.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -103,6 +115,18 @@ class Topology:
         offset = (2 if core_side else 1) if location == "internet" else (1 if core_side else 2)
         return str(ipaddress.IPv4Address(_BASE + self.slot * 1024 + 3 * 256 + 4 * k + offset))
 
+    def host_netns(self, name: str) -> str:
+        """`drfl-<id>-h-<name>` for a host (name sanitised); "" when the lab runs on loopback."""
+        return f"drfl-{self.lab_id}-h-{host_name(name)}" if self.enabled else ""
+
+    def host_link(self, address: str, host_side: bool) -> str:
+        """Name of a host's veth end: `dfl<id>h<i><nnn>` in the site, `dfl<id>v<i><nnn>` in the host."""
+        loc = self.location_of(address)
+        if loc is None:
+            raise ValueError(f"{address} is in none of lab {self.lab_id}'s sites")
+        n = int(ipaddress.IPv4Address(address)) - int(ipaddress.IPv4Network(self.subnet(loc)).network_address)
+        return f"dfl{self.lab_id}{'v' if host_side else 'h'}{LOCATIONS.index(loc)}{n:03d}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"lab_id": self.lab_id, "slot": self.slot, "enabled": self.enabled}
 
@@ -117,6 +141,14 @@ class Topology:
         if not self.enabled:  # all of 127/8 is local on Linux
             return f"127.{100 + i}.{self.slot}.{n}"
         return str(ipaddress.IPv4Address(_BASE + self.slot * 1024 + i * 256 + n))
+
+
+def host_name(name: str) -> str:
+    """A host name fit for a namespace name: lower case letters, digits and dashes, 40 at most."""
+    clean = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-")
+    if not clean:
+        raise ValueError(f"host name {name!r} has no letter or digit")
+    return clean
 
 
 # --- what the process may do ---------------------------------------------------------------------
@@ -321,8 +353,8 @@ def _build(topo: Topology) -> None:
                    f"route add {INTERNET_ADDRESS}/32 via {gw}"], ns=topo.netns(loc))
 
     _nft(core, _CORE_RULES, sysctl_forward=True)
-    for loc in LOCATIONS:
-        _nft(topo.netns(loc), _SITE_RULES)
+    for loc in LOCATIONS:  # each site routes for its hosts (add_host)
+        _nft(topo.netns(loc), _SITE_RULES, sysctl_forward=True)
 
 
 # Blackholed addresses in `bh`; partitioned links in `part`; cut link pairs in `cut` (both orders).
@@ -340,7 +372,10 @@ _CORE_RULES = """table inet drflow {
   }
 }
 """
-# A blackholed VM still talks to itself (`self` holds A . A), nothing else in its site reaches it.
+# Input: an address on the site's lo (add_address) still talks to itself (`self` holds A . A),
+# nothing else in its site reaches it, and a blackholed host reaches none of the site's own
+# addresses. Forward: the site router passes nothing to or from a blackholed host (hosts of the
+# same site included).
 _SITE_RULES = """table inet drflow {
   set bh { type ipv4_addr; }
   set self { type ipv4_addr . ipv4_addr; }
@@ -350,8 +385,26 @@ _SITE_RULES = """table inet drflow {
     ip daddr @bh drop
     ip saddr @bh drop
   }
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    ip saddr @bh drop
+    ip daddr @bh drop
+  }
 }
 """
+# Inside a blackholed host: what the site router itself sends (it crosses no forward hook) is
+# dropped on arrival; the host still talks to itself over its lo.
+_HOST_BLACKHOLE = f"""add table {_TABLE}
+delete table {_TABLE}
+table {_TABLE} {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "lo" accept
+    drop
+  }}
+}}
+"""
+_HOST_CLEAR = f"add table {_TABLE}\ndelete table {_TABLE}\n"
 
 
 def add_address(topo: Topology, location: str, address: str) -> None:
@@ -361,6 +414,64 @@ def add_address(topo: Topology, location: str, address: str) -> None:
     if topo.location_of(address) != location:
         raise NetnsError(f"{address} is not in {location}'s subnet {topo.subnet(location)}")
     _add_to_lo(address, topo.netns(location))
+
+
+def add_host(topo: Topology, location: str, name: str, address: str) -> list[str]:
+    """Give a host (a VM, a vCenter, the orchestrator) its own namespace behind its site's router,
+    with the address as its only one; returns the argv prefix that runs a program in it ([] on
+    loopback, where the 127/8 address is usable as is). Adding the same host again is fine."""
+    if not topo.enabled:
+        host_name(name)  # a bad name fails on loopback too
+        return []
+    if topo.location_of(address) != location:
+        raise NetnsError(f"{address} is not in {location}'s subnet {topo.subnet(location)}")
+    ns, site = topo.host_netns(name), topo.netns(location)
+    site_end, host_end = topo.host_link(address, False), topo.host_link(address, True)
+    prefix = ["ip", "netns", "exec", ns]
+    if (_NETNS_DIR / ns).exists():
+        if _hosts_of(topo, location).get(address) == ns:
+            return prefix
+        raise NetnsError(f"host {name!r} of lab {topo.lab_id} already exists with another address or "
+                         f"site than {address} in {location}: give each host its own name")
+    gw = topo.link_address(location, False)  # the site's address on its core link
+    try:
+        _ip_batch([f"netns add {ns}",
+                   f"link add {site_end} netns {site} type veth peer name {host_end} netns {ns}"])
+        _ip_batch(["link set lo up", f"addr add {address}/32 dev {host_end}", f"link set {host_end} up",
+                   f"route add {topo.block} via {gw} dev {host_end} onlink",
+                   f"route add {INTERNET_ADDRESS}/32 via {gw} dev {host_end} onlink"], ns=ns)
+        # The alias names the host's namespace: faults and processes_in find it from the site.
+        _ip_batch([f"link set {site_end} alias {ns}", f"link set {site_end} up",
+                   f"route add {address}/32 dev {site_end} src {gw}"], ns=site)
+    except NetnsError as e:
+        _ip_batch([f"netns del {ns}"], force=True)  # its veth goes with it
+        raise NetnsError(f"could not add host {name!r} ({address}) to lab {topo.lab_id}: {e}") from e
+    return prefix
+
+
+def host_prefix(topo: Topology, name: str) -> list[str]:
+    """argv prefix that runs a program inside a host added before ([] on loopback)."""
+    if not topo.enabled:
+        return []
+    ns = topo.host_netns(name)
+    if not (_NETNS_DIR / ns).exists():
+        raise NetnsError(f"lab {topo.lab_id} has no host {name!r} ({ns}): add it with add_host first")
+    return ["ip", "netns", "exec", ns]
+
+
+def _hosts_of(topo: Topology, location: str) -> dict[str, str]:
+    """A site's hosts, address -> namespace, read from its veths' aliases."""
+    proc = _run(["ip", "-n", topo.netns(location), "-j", "link", "show"], check=False)
+    if proc.returncode != 0:
+        return {}
+    out = {}
+    subnet = ipaddress.IPv4Network(topo.subnet(location))
+    tag = f"dfl{topo.lab_id}h{LOCATIONS.index(location)}"
+    for link in json.loads(proc.stdout or "[]"):
+        ifname, alias = str(link.get("ifname", "")), str(link.get("ifalias", ""))
+        if ifname.startswith(tag) and ifname[len(tag):].isdigit() and alias:
+            out[str(subnet.network_address + int(ifname[len(tag):]))] = alias
+    return out
 
 
 def _add_to_lo(address: str, ns: str = "") -> None:
@@ -399,12 +510,22 @@ def _pids_in(names: list[str]) -> list[int]:
 
 
 def processes_in(topo: Topology, location: str) -> list[int]:
-    """PIDs whose network namespace is that location's (core too)."""
-    return _pids_in([topo.netns(location)]) if topo.enabled else []
+    """PIDs whose network namespace is that location's (core too) or one of its hosts'."""
+    if not topo.enabled:
+        return []
+    hosts = list(_hosts_of(topo, location).values()) if location in LOCATIONS else []
+    return _pids_in([topo.netns(location), *hosts])
+
+
+def _lab_netns(lab_id: str) -> list[str]:
+    """Every namespace of a lab, hosts included, by name: found even when nothing recorded them."""
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(n for n in os.listdir(_NETNS_DIR) if n.startswith(f"drfl-{lab_id}-"))
+    return []
 
 
 def _remove_network(lab_id: str, block: str | None) -> None:
-    names = [f"drfl-{lab_id}-{loc}" for loc in ("core", *LOCATIONS)]
+    names = _lab_netns(lab_id)
     for _ in range(50):  # a process forked meanwhile is caught by the next round
         pids = _pids_in(names)
         if not pids:
@@ -541,6 +662,9 @@ def blackhole(topo: Topology, address: str) -> float:
     """Nothing reaches the address and nothing from it reaches anyone; returns when it took effect."""
     _require(topo, "blackhole")
     site = _site(topo, address)
+    host = _hosts_of(topo, site).get(address)
+    if host:
+        _nft(host, _HOST_BLACKHOLE)
     _nft(topo.netns(site), f"add element {_TABLE} self {{ {address} . {address} }}\n"
                            f"add element {_TABLE} bh {{ {address} }}\n")
     _nft(topo.netns("core"), f"add element {_TABLE} bh {{ {address} }}\n")
@@ -553,6 +677,9 @@ def unblackhole(topo: Topology, address: str) -> float:
     # add-then-delete in one transaction: no error when the element was not there
     _nft(topo.netns("core"), _add_del("bh", address))
     _nft(topo.netns(site), _add_del("bh", address) + _add_del("self", f"{address} . {address}"))
+    host = _hosts_of(topo, site).get(address)
+    if host:
+        _nft(host, _HOST_CLEAR)
     return time.time()
 
 
@@ -585,6 +712,9 @@ def heal(topo: Topology) -> float:
     _nft(topo.netns("core"), "".join(f"flush set {_TABLE} {s}\n" for s in ("bh", "part", "cut")))
     for loc in LOCATIONS:
         _nft(topo.netns(loc), f"flush set {_TABLE} bh\nflush set {_TABLE} self\n")
+    for name in _lab_netns(topo.lab_id):
+        if name.startswith(f"drfl-{topo.lab_id}-h-"):
+            _nft(name, _HOST_CLEAR)
     return time.time()
 
 
@@ -611,7 +741,19 @@ def call_in(topo: Topology, location: str, fn: Callable[..., T], *args: Any) -> 
     ("internet", or a loopback lab: runs here)."""
     if not topo.enabled or location == "internet":
         return fn(*args)
-    path = _NETNS_DIR / topo.netns(location)
+    return _call_in_netns(topo.netns(location), fn, *args)
+
+
+def call_in_host(topo: Topology, name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run fn in a fresh thread that sits in a host's namespace (a loopback lab: runs here)."""
+    if not topo.enabled:
+        return fn(*args)
+    host_prefix(topo, name)  # a clear error for a host never added
+    return _call_in_netns(topo.host_netns(name), fn, *args)
+
+
+def _call_in_netns(ns: str, fn: Callable[..., T], *args: Any) -> T:
+    path = _NETNS_DIR / ns
     result: list[Any] = []
 
     def target() -> None:
@@ -626,7 +768,7 @@ def call_in(topo: Topology, location: str, fn: Callable[..., T], *args: Any) -> 
         except BaseException as e:  # handed to the caller
             result.append((False, e))
 
-    t = threading.Thread(target=target, name=f"netns-{location}", daemon=True)
+    t = threading.Thread(target=target, name=f"netns-{ns}", daemon=True)
     t.start()
     t.join()
     ok, value = result[0]

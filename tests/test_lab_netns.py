@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -20,6 +21,7 @@ from lab import netns
 from lab.netns import Topology
 
 PORT = 7000
+T = TypeVar("T")
 needs_netns = pytest.mark.skipif(not netns.available()[0], reason=f"no namespaces: {netns.available()[1]}")
 
 SERVER = """
@@ -50,6 +52,17 @@ class Lab:
         self.servers.append(proc)
         return addr
 
+    def serve_host(self, location: str, n: int, name: str) -> str:
+        """A host of the location with its own namespace and a TCP server on its address."""
+        addr = self.topo.address(location, n)
+        prefix = netns.add_host(self.topo, location, name, addr)
+        assert prefix == netns.host_prefix(self.topo, name)
+        proc = subprocess.Popen([*prefix, sys.executable, "-c", SERVER, addr, str(PORT)],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        self.servers.append(proc)
+        return addr
+
     def destroy(self) -> None:
         netns.destroy(self.topo)
         for p in self.servers:
@@ -76,10 +89,18 @@ def connect(address: str, port: int = PORT, src: str | None = None) -> str:
 Check = tuple[str, str, str | None] | tuple[str, str, str | None, int]
 
 
+def call(topo: Topology, where: str, fn: Callable[..., T], *args: object) -> T:
+    """Run fn in a location, or in a host when `where` is "host:NAME"."""
+    if where.startswith("host:"):
+        return netns.call_in_host(topo, where[5:], fn, *args)
+    return netns.call_in(topo, where, fn, *args)
+
+
 def probe(topo: Topology, checks: Mapping[str, Check], port: int = PORT) -> dict[str, str]:
-    """Run connects at once, each (from location, to address, source address or None[, port])."""
+    """Run connects at once, each (from location or host:NAME, to address, source address or
+    None[, port])."""
     with ThreadPoolExecutor(len(checks)) as pool:
-        futs = {k: pool.submit(netns.call_in, topo, c[0], connect, c[1], c[3] if len(c) > 3 else port, c[2])
+        futs = {k: pool.submit(call, topo, c[0], connect, c[1], c[3] if len(c) > 3 else port, c[2])
                 for k, c in checks.items()}
         return {k: f.result() for k, f in futs.items()}
 
@@ -103,19 +124,24 @@ def _udp_send(src: str | None, dst: str, port: int) -> None:
 
 def one_way(topo: Topology, legs: Mapping[str, Leg]) -> dict[str, bool]:
     """Does a datagram get through? One direction at a time, which a TCP connect cannot tell."""
-    rxs = {k: netns.call_in(topo, to, _udp_socket, dst, UDP_PORT + i)
+    return {k: v is not None for k, v in one_way_from(topo, legs).items()}
+
+
+def one_way_from(topo: Topology, legs: Mapping[str, Leg]) -> dict[str, str | None]:
+    """The source address each datagram arrived with, None when it did not get through."""
+    rxs = {k: call(topo, to, _udp_socket, dst, UDP_PORT + i)
            for i, (k, (_f, _s, to, dst)) in enumerate(legs.items())}
     try:
         for i, (frm, src, _t, dst) in enumerate(legs.values()):
-            netns.call_in(topo, frm, _udp_send, src, dst, UDP_PORT + i)
+            call(topo, frm, _udp_send, src, dst, UDP_PORT + i)
         deadline = time.monotonic() + 0.5
-        out = {}
+        out: dict[str, str | None] = {}
         for k, rx in rxs.items():
             rx.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                out[k] = bool(rx.recv(16))
+                out[k] = str(rx.recvfrom(16)[1][0])
             except TimeoutError:
-                out[k] = False
+                out[k] = None
         return out
     finally:
         for rx in rxs.values():
@@ -296,6 +322,119 @@ def test_sites_route_only_inside_their_lab(net: dict) -> None:
     assert probe(other.topo, {"other->lab": ("prod", net["p10"], net["o10"])})["other->lab"] != "ok"
     _all(probe(lab.topo, {"root->lab": ("internet", net["p10"], None),
                           "root->other": ("internet", net["o10"], None)}), "ok")
+
+
+@pytest.fixture(scope="module")
+def hosts(net: dict) -> dict[str, str]:
+    """Hosts with their own namespaces in the module's lab: A and B in prod, C in dr, each serving."""
+    lab: Lab = net["lab"]
+    return {"A": lab.serve_host("prod", 20, "orders-prod"), "B": lab.serve_host("prod", 21, "billing-prod"),
+            "C": lab.serve_host("dr", 20, "orders-dr")}
+
+
+A, B, C = "host:orders-prod", "host:billing-prod", "host:orders-dr"
+
+
+@needs_netns
+def test_hosts_reach_each_other_and_unbound_clients_speak_with_their_own_address(net: dict,
+                                                                                  hosts: dict) -> None:
+    lab: Lab = net["lab"]
+    a, b, c, inet = hosts["A"], hosts["B"], hosts["C"], netns.INTERNET_ADDRESS
+    _all(probe(lab.topo, {"B->A": (B, a, None), "C->A": (C, a, None), "root->A": ("internet", a, None),
+                          "site->A": ("prod", a, None), "A->B": (A, b, None), "A->C": (A, c, None),
+                          "A->site VM": (A, net["p10"], None), "A->A": (A, a, None)}), "ok")
+    assert probe(lab.topo, {"A->internet": (A, inet, None, net["inet_port"])}) == {"A->internet": "ok"}
+    seen = one_way_from(lab.topo, {"A->B": (A, None, B, b), "A->C": (A, None, C, c),
+                                   "A->root": (A, None, "internet", inet), "C->A": (C, None, A, a)})
+    assert seen == {"A->B": a, "A->C": a, "A->root": a, "C->A": c}, seen
+
+
+@needs_netns
+def test_blackholed_host_is_silent_whatever_its_clients_bind(net: dict, hosts: dict) -> None:
+    lab: Lab = net["lab"]
+    a, b, c, inet = hosts["A"], hosts["B"], hosts["C"], netns.INTERNET_ADDRESS
+    netns.blackhole(lab.topo, a)
+    try:
+        assert netns.faults(lab.topo) == [{"kind": "blackhole", "target": a}]
+        res = probe(lab.topo, {"B->A": (B, a, None), "C->A": (C, a, None), "root->A": ("internet", a, None),
+                               "site->A": ("prod", a, None), "site VM->A": ("prod", a, net["p10"]),
+                               "A->B": (A, b, None), "A->C": (A, c, None),
+                               "A->internet": (A, inet, None, net["inet_port"]),
+                               "A->site VM": (A, net["p10"], None), "A bound->B": (A, b, a),
+                               "A->A": (A, a, None), "B->C": (B, c, None), "C->B": (C, b, None),
+                               "root->B": ("internet", b, None), "B->site VM": (B, net["p10"], None)})
+        untouched = ("A->A", "B->C", "C->B", "root->B", "B->site VM")
+        want = dict.fromkeys(res, "timeout") | dict.fromkeys(untouched, "ok")
+        assert res == want, res
+        legs = one_way(lab.topo, {"A->B": (A, None, B, b), "B->A": (B, None, A, a),
+                                  "A->root": (A, None, "internet", inet), "root->A": ("internet", None, A, a),
+                                  "site->A": ("prod", None, A, a),
+                                  "A->site VM": (A, None, "prod", net["p10"]),
+                                  "B->C": (B, None, C, c)})
+        assert legs == {"A->B": False, "B->A": False, "A->root": False, "root->A": False, "site->A": False,
+                        "A->site VM": False, "B->C": True}, legs
+    finally:
+        netns.unblackhole(lab.topo, a)
+    _all(probe(lab.topo, {"B->A": (B, a, None), "C->A": (C, a, None), "root->A": ("internet", a, None),
+                          "A->B": (A, b, None), "A->C": (A, c, None), "site->A": ("prod", a, None)}), "ok")
+    assert probe(lab.topo, {"A->internet": (A, inet, None, net["inet_port"])}) == {"A->internet": "ok"}
+    netns.blackhole(lab.topo, a)
+    netns.heal(lab.topo)  # heal undoes it too
+    assert probe(lab.topo, {"B->A": (B, a, None), "A->C": (A, c, None)}) == {"B->A": "ok", "A->C": "ok"}
+    assert netns.faults(lab.topo) == []
+
+
+@needs_netns
+def test_partition_and_cut_hold_for_hosts(net: dict, hosts: dict) -> None:
+    lab: Lab = net["lab"]
+    a, b, c, inet, port = hosts["A"], hosts["B"], hosts["C"], netns.INTERNET_ADDRESS, net["inet_port"]
+    netns.partition(lab.topo, "prod")
+    try:
+        res = probe(lab.topo, {"A->C": (A, c, None), "C->A": (C, a, None), "root->A": ("internet", a, None),
+                               "A->internet": (A, inet, None, port), "A->B": (A, b, None),
+                               "B->A": (B, a, None), "A->site VM": (A, net["p10"], None),
+                               "C->witness": (C, net["w10"], None)})
+        assert res == {"A->C": "timeout", "C->A": "timeout", "root->A": "timeout", "A->internet": "timeout",
+                       "A->B": "ok", "B->A": "ok", "A->site VM": "ok", "C->witness": "ok"}, res
+    finally:
+        netns.heal(lab.topo)
+    netns.cut(lab.topo, "prod", "dr")
+    try:
+        res = probe(lab.topo, {"A->C": (A, c, None), "C->A": (C, a, None), "root->A": ("internet", a, None),
+                               "A->internet": (A, inet, None, port), "C->internet": (C, inet, None, port),
+                               "A->B": (A, b, None), "C->witness": (C, net["w10"], None)})
+        assert res == {"A->C": "timeout", "C->A": "timeout", "root->A": "ok", "A->internet": "ok",
+                       "C->internet": "ok", "A->B": "ok", "C->witness": "ok"}, res
+    finally:
+        netns.heal(lab.topo)
+    _all(probe(lab.topo, {"A->C": (A, c, None), "root->A": ("internet", a, None)}), "ok")
+
+
+@needs_netns
+def test_hosts_route_only_into_their_lab_through_their_site(net: dict, hosts: dict) -> None:
+    lab: Lab = net["lab"]
+    block = ipaddress.IPv4Network(lab.topo.block)
+    for name, addr in (("orders-prod", hosts["A"]), ("orders-dr", hosts["C"])):
+        ns = lab.topo.host_netns(name)
+        routes = subprocess.run(["ip", "-n", ns, "-4", "route"], capture_output=True, text=True,
+                                check=True).stdout.splitlines()
+        assert sorted(r.split()[0] for r in routes) == sorted([str(block), netns.INTERNET_ADDRESS]), routes
+        addrs = subprocess.run(["ip", "-n", ns, "-4", "-o", "addr"], capture_output=True, text=True,
+                               check=True).stdout
+        assert sorted(ln.split()[3] for ln in addrs.splitlines()) == ["127.0.0.1/8", f"{addr}/32"], addrs
+    res = probe(lab.topo, {"A->other lab": (A, net["o10"], None), "A->outside": (A, "192.0.2.1", None)})
+    assert all(v != "ok" for v in res.values()), res
+    pids = netns.processes_in(lab.topo, "prod")
+    host_pids = [p.pid for p in lab.servers[-3:-1]]  # A and B, of prod
+    assert set(host_pids) <= set(pids) and lab.servers[-1].pid not in pids
+    with pytest.raises(netns.NetnsError, match="add_host first"):
+        netns.host_prefix(lab.topo, "nobody")
+    again = netns.add_host(lab.topo, "prod", "orders-prod", hosts["A"])  # the same host: fine
+    assert again == netns.host_prefix(lab.topo, "orders-prod")
+    with pytest.raises(netns.NetnsError, match="its own name"):
+        netns.add_host(lab.topo, "prod", "orders-prod", lab.topo.address("prod", 30))
+    with pytest.raises(netns.NetnsError, match="not in dr"):
+        netns.add_host(lab.topo, "dr", "x", lab.topo.address("prod", 30))
 
 
 def _leftovers(topo: Topology, route: bool = True) -> list[str]:
