@@ -197,6 +197,14 @@ def test_addresses_are_the_plans() -> None:
     assert off.netns("prod") == "" and off.exec_prefix("prod") == []
     with pytest.raises(ValueError):
         t.address("prod", 9)
+    assert t.host_netns("Orders_PROD.db 1") == "drfl-a3f9-h-orders-prod-db-1"
+    assert t.host_netns("x" * 60) == "drfl-a3f9-h-" + "x" * 40 and off.host_netns("orders-prod") == ""
+    with pytest.raises(ValueError):
+        t.host_netns("..")
+    assert (t.host_link("198.18.4.255", False), t.host_link("198.18.6.10", True)) == \
+        ("dfla3f9h0255", "dfla3f9v2010")
+    assert max(len(t.host_link(t.address(loc, 254), side)) for loc in netns.LOCATIONS
+               for side in (True, False)) <= 15
 
 
 @needs_netns
@@ -460,6 +468,74 @@ def test_destroy_leaves_nothing_and_can_repeat(tmp_path: Path) -> None:
 
 
 @needs_netns
+def test_destroy_with_hosts_leaves_nothing_and_kills_their_processes(tmp_path: Path) -> None:
+    lab = new_lab(tmp_path, "hosted")
+    lab.serve_host("prod", 10, "orders-prod")
+    lab.serve_host("prod", 11, "vcenter-prod")
+    lab.serve_host("dr", 10, "orchestrator")
+    prod = netns.processes_in(lab.topo, "prod")
+    assert sorted(prod) == sorted(p.pid for p in lab.servers[:2])
+    assert netns.processes_in(lab.topo, "dr") == [lab.servers[2].pid]
+    lab.destroy()
+    assert _leftovers(lab.topo) == []
+    assert all(p.returncode == -9 for p in lab.servers)
+    netns.destroy(lab.topo)
+
+
+CRASHING_LAB = """
+import sys, subprocess, time
+from pathlib import Path
+from lab import netns
+topo = netns.create(Path(sys.argv[1]), progress=lambda _m: None)
+for i in range(3):
+    loc = netns.LOCATIONS[i % 2]
+    prefix = netns.add_host(topo, loc, f"vm-{i}", topo.address(loc, 10 + i))
+    subprocess.Popen([*prefix, "sleep", "300"])
+print(topo.lab_id, topo.slot, flush=True)
+time.sleep(300)
+"""
+
+
+@needs_netns
+def test_sweep_removes_the_hosts_of_a_lab_whose_manager_was_killed(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_LAB, str(tmp_path / "crashed")],
+                            stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    assert proc.stdout is not None
+    lab_id, slot = proc.stdout.readline().split()
+    topo = Topology(lab_id.decode(), int(slot), True)
+    try:
+        hosts = [n for n in os.listdir("/run/netns") if n.startswith(f"drfl-{topo.lab_id}-h-")]
+        assert len(hosts) == 3 and len(netns.processes_in(topo, "prod")) == 2
+        proc.kill()
+        proc.wait()
+        # Its sleeps live on in the hosts (their parent is gone); the sweep kills and removes them.
+        assert len(netns.processes_in(topo, "prod") + netns.processes_in(topo, "dr")) == 3
+        removed = netns.sweep_orphans(lambda p: p != tmp_path / "crashed", progress=lambda _m: None)
+        assert topo.lab_id in removed and _leftovers(topo) == []
+    finally:
+        proc.kill()
+        netns.destroy(topo)
+
+
+@needs_netns
+def test_create_and_twelve_hosts_take_well_under_two_seconds(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    topo = netns.create(tmp_path / "timed", progress=lambda _m: None)
+    t1 = time.monotonic()
+    try:
+        for i in range(12):
+            loc = netns.LOCATIONS[i % 3]
+            netns.add_host(topo, loc, f"vm-{i}-{loc}", topo.address(loc, 10 + i))
+        t2 = time.monotonic()
+    finally:
+        netns.destroy(topo)
+    t3 = time.monotonic()
+    print(f"create {t1 - t0:.3f} s, 12 hosts {t2 - t1:.3f} s, destroy {t3 - t2:.3f} s")
+    assert t2 - t0 < 2.0, (t1 - t0, t2 - t1)
+    assert _leftovers(topo) == []
+
+
+@needs_netns
 def test_a_failed_create_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(netns, "_SITE_RULES", "table inet drflow { chain input { nonsense } }")  # last step
     with pytest.raises(netns.NetnsError, match="nothing of it is left") as e:
@@ -536,6 +612,10 @@ def test_loopback_lab_when_namespaces_are_off(tmp_path: Path, monkeypatch: pytes
             s.bind((topo.address("dr", 10), 0))
             s.listen()
             assert connect(topo.address("dr", 10), s.getsockname()[1]) == "ok"
+            assert netns.add_host(topo, "prod", "orders-prod", topo.address("prod", 10)) == []
+            assert netns.host_prefix(topo, "orders-prod") == []
+            assert netns.call_in_host(topo, "orders-prod", connect, topo.address("dr", 10),
+                                      s.getsockname()[1]) == "ok"
         for fault, args in ((netns.blackhole, ("127.100.0.10",)), (netns.partition, ("prod",)),
                             (netns.cut, ("prod", "dr")), (netns.heal, ())):
             with pytest.raises(netns.NetnsError, match="loopback"):
