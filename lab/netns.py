@@ -354,7 +354,8 @@ def _build(topo: Topology) -> None:
 
     _nft(core, _CORE_RULES, sysctl_forward=True)
     for loc in LOCATIONS:  # each site routes for its hosts (add_host)
-        _nft(topo.netns(loc), _SITE_RULES, sysctl_forward=True)
+        rules = _SITE_RULES.replace("@CORE_LINK@", topo.link(loc, "core"))
+        _nft(topo.netns(loc), rules, sysctl_forward=True)
 
 
 # Blackholed addresses in `bh`; partitioned links in `part`; cut link pairs in `cut` (both orders).
@@ -375,7 +376,8 @@ _CORE_RULES = """table inet drflow {
 # Input: an address on the site's lo (add_address) still talks to itself (`self` holds A . A),
 # nothing else in its site reaches it, and a blackholed host reaches none of the site's own
 # addresses. Forward: the site router passes nothing to or from a blackholed host (hosts of the
-# same site included).
+# same site included), and sends nothing back to core that came from it (an address of the site
+# that nobody holds is silent, not a routing loop ended by ICMP time exceeded).
 _SITE_RULES = """table inet drflow {
   set bh { type ipv4_addr; }
   set self { type ipv4_addr . ipv4_addr; }
@@ -389,6 +391,7 @@ _SITE_RULES = """table inet drflow {
     type filter hook forward priority 0; policy accept;
     ip saddr @bh drop
     ip daddr @bh drop
+    iifname "@CORE_LINK@" oifname "@CORE_LINK@" drop
   }
 }
 """

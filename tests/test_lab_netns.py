@@ -392,6 +392,36 @@ def test_blackholed_host_is_silent_whatever_its_clients_bind(net: dict, hosts: d
     assert netns.faults(lab.topo) == []
 
 
+def _udp_answer(dst: str) -> str:
+    """Send a datagram to a closed port: 'refused' (the host is there), 'timeout' (silence) or the
+    ICMP error that came back instead (a routing loop's time exceeded, an unreachable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR: soft ICMP errors (time exceeded) too
+        s.connect((dst, UDP_PORT - 1))
+        s.settimeout(0.5)
+        s.send(b"x")
+        try:
+            s.recv(16)
+            return "answered"
+        except TimeoutError:
+            return "timeout"
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError as e:
+            return os.strerror(e.errno or 0)
+
+
+@needs_netns
+def test_an_address_nobody_holds_is_silent_not_a_routing_loop(net: dict, hosts: dict) -> None:
+    lab: Lab = net["lab"]
+    nobody = lab.topo.address("prod", 99)
+    res = {"root": netns.call_in(lab.topo, "internet", _udp_answer, nobody),
+           "dr host": netns.call_in_host(lab.topo, "orders-dr", _udp_answer, nobody),
+           "prod host": netns.call_in_host(lab.topo, "orders-prod", _udp_answer, nobody),
+           "a host": netns.call_in(lab.topo, "internet", _udp_answer, hosts["B"])}
+    assert res == {"root": "timeout", "dr host": "timeout", "prod host": "timeout", "a host": "refused"}, res
+
+
 @needs_netns
 def test_partition_and_cut_hold_for_hosts(net: dict, hosts: dict) -> None:
     lab: Lab = net["lab"]
