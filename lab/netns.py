@@ -712,12 +712,15 @@ def cut(topo: Topology, a: str, b: str) -> float:
 def heal(topo: Topology) -> float:
     """Remove every network fault of the lab."""
     _require(topo, "heal")
+    holes = [f["target"] for f in faults(topo) if f["kind"] == "blackhole"]
     _nft(topo.netns("core"), "".join(f"flush set {_TABLE} {s}\n" for s in ("bh", "part", "cut")))
     for loc in LOCATIONS:
         _nft(topo.netns(loc), f"flush set {_TABLE} bh\nflush set {_TABLE} self\n")
-    for name in _lab_netns(topo.lab_id):
-        if name.startswith(f"drfl-{topo.lab_id}-h-"):
-            _nft(name, _HOST_CLEAR)
+    # Only the blackholed hosts (core's set names them): removing a table costs ~20 ms a host.
+    hosts = {a: ns for loc in {_site(topo, a) for a in holes} for a, ns in _hosts_of(topo, loc).items()}
+    for address in holes:
+        if address in hosts:
+            _nft(hosts[address], _HOST_CLEAR)
     return time.time()
 
 
