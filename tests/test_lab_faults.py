@@ -1,0 +1,309 @@
+"""The lab's faults look to drflow as a datacenter's do: silent hosts, vCenter's own timeline, stuns,
+partitions, a lost site; `heal` undoes them; `lab down` leaves nothing, even after a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+from pyVmomi import vim
+
+from lab import faults, manager, netns, postgres, procs, vcsim
+from lab.harness import DRFLOW, wait_for
+from tests.conftest import new_lab_dir
+
+pytestmark = pytest.mark.skipif(not netns.available()[0],
+                                reason=f"the lab runs on loopback here: {netns.available()[1]}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[dict[str, Any]]:
+    d = new_lab_dir("drflow-faults-")
+    state = manager.up(d, groups=3, replication="sync", progress=lambda _m: None, agents=False)
+    try:
+        yield state
+    finally:
+        manager.down(d, progress=lambda _m: None)
+
+
+def _dir(lab: dict[str, Any]) -> Path:
+    return Path(lab["dir"])
+
+
+def _topo(lab: dict[str, Any]) -> netns.Topology:
+    topo = manager.topology(lab)
+    assert topo is not None
+    return topo
+
+
+def _connect_outcome(host: str, port: int, timeout: float = 1.5) -> str:
+    """'ok', 'refused' or 'timeout' for one TCP connect."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "ok"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+
+
+def _from(lab: dict[str, Any], site: str, host: str, port: int) -> str:
+    return netns.call_in(_topo(lab), site, _connect_outcome, host, port)
+
+
+def _si(lab: dict[str, Any], site: str) -> Any:
+    vc = lab["vcenters"][site]
+    return vcsim.connect(vc["url"], vc["user"], vc["password"], timeout=5)
+
+
+def _write_locally(lab: dict[str, Any], node: dict[str, Any], site: str) -> bool:
+    db = lab["database"]
+
+    def write() -> bool:
+        with psycopg.connect(host=node["host"], port=node["port"], user=db["user"],
+                             password=db["password"], dbname=db["name"], connect_timeout=2,
+                             autocommit=True,
+                             # its synchronous standby is out of reach: commit locally
+                             options="-c synchronous_commit=local") as c:
+            c.execute("create table if not exists local_writes (at timestamptz default now())")
+            c.execute("insert into local_writes default values")
+            return True
+    return bool(netns.call_in(_topo(lab), site, write))
+
+
+def test_host_loss_is_silent_and_vcenter_follows_its_timeline(lab: dict[str, Any]) -> None:
+    g = lab["groups"][0]
+    prod = g["primary"]
+    assert _from(lab, "dr", prod["host"], prod["port"]) == "ok"
+    f = faults.fail(_dir(lab), "host-loss", prod["vm"], not_responding_after=4)
+    si = _si(lab, "prod")
+    try:
+        # A dead host answers nothing: the connect times out, it is never refused.
+        assert _from(lab, "dr", prod["host"], prod["port"]) == "timeout"
+        assert _connect_outcome(prod["host"], prod["port"]) == "timeout"
+        # Until the heartbeat timeout, vCenter still shows the VM on and connected.
+        if time.time() - f.at < 3:
+            assert vcsim.vm_power_state(si, prod["vm"]) == "poweredOn"
+            assert vcsim.vm_connection_state(si, prod["vm"]) == "connected"
+        # A power-off through vCenter does not succeed.
+        vm = vcsim.find_vm(si, prod["vm"])
+        task = vm.PowerOffVM_Task()
+        done = wait_for(lambda: task.info.state in ("success", "error") and task.info.state,
+                        15, "the power-off task to end")
+        assert done == "error"
+        wait_for(lambda: vcsim.vm_connection_state(si, prod["vm"]) == "disconnected", 10,
+                 "VM disconnected")
+        assert time.time() - f.at >= 3.5
+        assert vcsim.host_connection_state(si, prod["esx_host"]) == "notResponding"
+        assert vcsim.vm_power_state(si, prod["vm"]) == "poweredOn"  # its last known state
+        with pytest.raises(vim.fault.VimFault):
+            vcsim.power_off(si, prod["vm"])
+        # The other groups' hosts are fine.
+        other = lab["groups"][1]["primary"]
+        assert vcsim.vm_connection_state(si, other["vm"]) == "connected"
+        assert _from(lab, "dr", other["host"], other["port"]) == "ok"
+    finally:
+        faults.heal(_dir(lab))
+        vcsim.disconnect(si)
+    # Healed: the host is back, the VM shows the power it lost; power it on and it serves again.
+    si = _si(lab, "prod")
+    try:
+        assert vcsim.host_connection_state(si, prod["esx_host"]) == "connected"
+        assert vcsim.vm_power_state(si, prod["vm"]) == "poweredOff"
+        vcsim.power_on(si, prod["vm"])
+    finally:
+        vcsim.disconnect(si)
+    wait_for(lambda: _from(lab, "dr", prod["host"], prod["port"]) == "ok", 30, "primary back")
+    postgres.wait_ready(postgres.Instance.from_dict(lab["postgres"][g["name"]]["primary"]), 30)
+
+
+def test_a_guest_crash_refuses_and_vcenter_sees_nothing(lab: dict[str, Any]) -> None:
+    g = lab["groups"][2]
+    dr = g["standby"]
+    faults.fail(_dir(lab), "guest-crash", dr["vm"])
+    si = _si(lab, "dr")
+    try:
+        assert _from(lab, "prod", dr["host"], dr["port"]) == "refused"
+        assert vcsim.vm_power_state(si, dr["vm"]) == "poweredOn"
+        assert vcsim.vm_connection_state(si, dr["vm"]) == "connected"
+        vcsim.power_off(si, dr["vm"])  # the host is fine: a power cycle brings it back
+        vcsim.power_on(si, dr["vm"])
+    finally:
+        vcsim.disconnect(si)
+    wait_for(lambda: _from(lab, "prod", dr["host"], dr["port"]) == "ok", 30, "standby back")
+
+
+def test_stun_freezes_for_the_asked_time_with_the_task_visible(lab: dict[str, Any]) -> None:
+    g = lab["groups"][1]
+    prod = g["primary"]
+    db = lab["database"]
+    with psycopg.connect(host=prod["host"], port=prod["port"], user=db["user"],
+                         password=db["password"], dbname=db["name"], autocommit=True) as c:
+        c.execute("select 1")
+        f = faults.fail(_dir(lab), "stun", prod["vm"], seconds=2.0, task="snapshot",
+                        background=True)
+        si = _si(lab, "prod")
+        try:
+            vm = vcsim.find_vm(si, prod["vm"])
+            running = [t for t in vm.recentTask if t.info.state == "running"]
+            assert running and running[0].info.descriptionId.startswith("VirtualMachine.createSnapshot")
+        finally:
+            vcsim.disconnect(si)
+        # A query sent during the stun is answered only once the VM runs again.
+        c.execute("select 1")
+        frozen = time.time() - f.at
+    faults.wait_ha_restarts()
+    assert 1.8 <= frozen <= 2.3, frozen
+    ends = [json.loads(line) for line in (_dir(lab) / "faults.jsonl").read_text().splitlines()]
+    end = [e for e in ends if e["kind"] == "stun-end"][-1]
+    assert abs(end["detail"]["frozen_for"] - 2.0) <= 0.2
+
+
+def test_blackhole_silences_an_address_and_heal_restores_it(lab: dict[str, Any]) -> None:
+    dr = lab["groups"][1]["standby"]
+    faults.fail(_dir(lab), "blackhole", dr["vm"])
+    try:
+        assert _from(lab, "prod", dr["host"], dr["port"]) == "timeout"
+        assert _connect_outcome(dr["host"], dr["port"]) == "timeout"
+        assert postgres.is_running(postgres.Instance.from_dict(
+            lab["postgres"][lab["groups"][1]["name"]]["standby"]))  # it still runs
+    finally:
+        faults.heal(_dir(lab))
+    assert _from(lab, "prod", dr["host"], dr["port"]) == "ok"
+
+
+def test_partition_drops_both_ways_while_the_site_keeps_serving(lab: dict[str, Any]) -> None:
+    g = lab["groups"][1]
+    prod, dr = g["primary"], g["standby"]
+    vc_prod = lab["vcenters"]["prod"]
+    faults.fail(_dir(lab), "partition", "prod")
+    try:
+        assert _from(lab, "dr", prod["host"], prod["port"]) == "timeout"
+        assert _from(lab, "prod", dr["host"], dr["port"]) == "timeout"
+        assert _connect_outcome(prod["host"], prod["port"]) == "timeout"  # the laptop too
+        # Inside the site all runs: the cut-off primary takes a local write.
+        assert _from(lab, "prod", prod["host"], prod["port"]) == "ok"
+        assert _write_locally(lab, prod, "prod")
+        port = int(vc_prod["url"].rsplit(":", 1)[1].split("/")[0])
+        assert _from(lab, "prod", vc_prod["address"], port) == "ok"
+    finally:
+        faults.heal(_dir(lab))
+    assert _from(lab, "dr", prod["host"], prod["port"]) == "ok"
+
+
+def test_cut_drops_only_the_link_between_two_sites(lab: dict[str, Any]) -> None:
+    g = lab["groups"][1]
+    prod, dr = g["primary"], g["standby"]
+    faults.fail(_dir(lab), "cut", "prod", other="dr")
+    try:
+        assert _from(lab, "dr", prod["host"], prod["port"]) == "timeout"
+        assert _from(lab, "prod", dr["host"], dr["port"]) == "timeout"
+        assert _connect_outcome(prod["host"], prod["port"]) == "ok"
+        assert _connect_outcome(dr["host"], dr["port"]) == "ok"
+    finally:
+        faults.heal(_dir(lab))
+    assert _from(lab, "dr", prod["host"], prod["port"]) == "ok"
+
+
+def test_faults_refuse_bad_targets(lab: dict[str, Any]) -> None:
+    for kind, target in (("host-loss", "nosuch-vm"), ("partition", "orders-prod"),
+                         ("explode", "prod")):
+        with pytest.raises(faults.FaultError):
+            faults.fail(_dir(lab), kind, target)
+    out = subprocess.run([DRFLOW, "lab", "fail", "stun", lab["groups"][0]["primary"]["vm"],
+                          "soon", "--dir", lab["dir"]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "SECONDS" in out.stdout + out.stderr
+
+
+def test_site_loss_takes_the_site_and_its_vcenter(lab: dict[str, Any]) -> None:
+    """Last in this module: a lost site stays lost."""
+    vc_prod, vc_dr = lab["vcenters"]["prod"], lab["vcenters"]["dr"]
+    prod = lab["groups"][0]["primary"]
+    faults.fail(_dir(lab), "site-loss", "prod")
+    faults.heal(_dir(lab))  # a lost site stays lost
+    port = int(vc_prod["url"].rsplit(":", 1)[1].split("/")[0])
+    assert _connect_outcome(vc_prod["address"], port) == "timeout"
+    assert _from(lab, "dr", vc_prod["address"], port) == "timeout"
+    assert _connect_outcome(prod["host"], prod["port"]) == "timeout"
+    si = vcsim.connect(vc_dr["url"], vc_dr["user"], vc_dr["password"], timeout=5)
+    vcsim.disconnect(si)
+    assert not procs.pid_alive(lab["processes"]["vcsim-prod"])
+
+
+def _leftovers(lab_dir: Path, lab_id: str) -> list[str]:
+    left = []
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    left += [n for n in out.split() if n.startswith(f"drfl-{lab_id}")]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    left += [ln.split(":")[1].strip() for ln in links.splitlines() if f"dfl{lab_id}" in ln]
+    for p in psutil.process_iter(["cmdline"]):
+        if str(lab_dir) in " ".join(p.info["cmdline"] or []):
+            left.append(f"pid {p.pid}")
+    if lab_dir.exists():
+        left.append(str(lab_dir))
+    return left
+
+
+def test_lab_down_leaves_nothing_after_the_manager_is_killed() -> None:
+    d = new_lab_dir("drflow-crash-")
+    proc = subprocess.Popen([DRFLOW, "lab", "up", "--groups", "1", "--dir", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill it half-way: its networks and some processes exist, the lab is not complete.
+        wait_for(lambda: (d / "lab.json").exists() and
+                 "network" in json.loads((d / "lab.json").read_text() or "{}") and
+                 any(d.glob("pg/*/prod/server.log")), 60, "the lab half-way up")
+        lab_id = json.loads((d / "lab.json").read_text())["network"]["lab_id"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        time.sleep(1)
+        assert _leftovers(d, lab_id), "nothing was started before the kill: the test proves nothing"
+        out = subprocess.run([DRFLOW, "lab", "down", "--dir", str(d)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert _leftovers(d, lab_id) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        manager.down(d, progress=lambda _m: None)
+
+
+def test_lab_up_removes_what_a_crashed_lab_left() -> None:
+    d = new_lab_dir("drflow-crash-")
+    proc = subprocess.Popen([DRFLOW, "lab", "up", "--groups", "1", "--dir", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (d / "lab.json").exists() and
+                 "network" in json.loads((d / "lab.json").read_text() or "{}"), 60,
+                 "the lab's networks")
+        lab_id = json.loads((d / "lab.json").read_text())["network"]["lab_id"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        state = manager.up(d, groups=1, progress=lambda _m: None, agents=False)
+        assert state["network"]["lab_id"] != lab_id
+        assert [x for x in _leftovers(d, lab_id) if not x.startswith(("pid", "/"))] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        manager.down(d, progress=lambda _m: None)
+
+
+def test_a_lab_with_agents_goes_down_without_leftovers() -> None:
+    d = new_lab_dir("drflow-down-")
+    try:
+        state = manager.up(d, groups=1, replication="sync", progress=lambda _m: None)
+        lab_id = state["network"]["lab_id"]
+    finally:
+        manager.down(d, progress=lambda _m: None)
+    assert _leftovers(d, lab_id) == []
+
