@@ -71,8 +71,9 @@ def service_spec(lab_dir: Path, vm: str, config: Path) -> dict[str, Any]:
             "run_as": None, "cwd": str(d), "log": str(lab_dir / "logs" / f"agent-{vm}.log")}
 
 
-def start_agent(spec: dict[str, Any], prefix: list[str] | None = None) -> int:
-    """Start now (the bridge only acts on power changes), in the VM's network (`prefix`, e.g.
+def start_agent(spec: dict[str, Any]) -> int:
+    """Start now (the bridge only acts on power changes), in the VM's network (`netns`: e.g.
     `ip netns exec NS`); returns the pid."""
-    proc = procs.spawn([*(prefix or []), *spec["start"]], Path(spec["log"]), cwd=Path(spec["cwd"]))
+    proc = procs.spawn([*spec.get("netns", []), *spec["start"]], Path(spec["log"]),
+                       cwd=Path(spec["cwd"]))
     return proc.pid

@@ -101,14 +101,16 @@ def up(
         _write_state(lab_dir, state)
         internet = netns.ensure_internet() if topo.enabled else "127.0.0.1"
         addr = _addresses(topo, names)
-        for site in (*SITES, "witness"):
-            for a in addr[site].values():
-                netns.add_address(topo, site, a)
+        # Every host (VM, vCenter, orchestrator, witness) its own network stack behind its
+        # site's router: whatever a program binds, its packets carry its host's address.
+        hosts = {(f"{name}-{site}" if name in (*names, "vcenter") else name): (site, a)
+                 for site in (*SITES, "witness") for name, a in addr[site].items()}
+        prefix = {h: netns.add_host(topo, site, h, a) for h, (site, a) in hosts.items()}
         with ThreadPoolExecutor(max_workers=5 + groups) as pool:
             f_vcs = {
                 site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
                                   vcsim.start_vcsim, lab_dir, names, 0, 30.0, None, False,
-                                  (site,), addr[site]["vcenter"], topo.exec_prefix(site),
+                                  (site,), addr[site]["vcenter"], prefix[f"vcenter-{site}"],
                                   f"vcsim-{site}")
                 for site in SITES
             }
@@ -120,8 +122,8 @@ def up(
                 n: pool.submit(
                     _timed, progress, f"PostgreSQL pair {n} ({replication})",
                     postgres.create_pair, lab_dir / "pg", n, replication == "sync", 60.0,
-                    ((addr["prod"][n], tuple(topo.exec_prefix("prod"))),
-                     (addr["dr"][n], tuple(topo.exec_prefix("dr")))),
+                    ((addr["prod"][n], tuple(prefix[f"{n}-prod"])),
+                     (addr["dr"][n], tuple(prefix[f"{n}-dr"]))),
                 )
                 for n in names
             }
@@ -182,23 +184,21 @@ def up(
             ],
             # The orchestrator (gateway, Prefect, runbooks) runs at the DR site, as in production.
             orchestrator={"site": "dr", "address": addr["dr"]["orchestrator"],
-                          "netns_prefix": topo.exec_prefix("dr")},
+                          "netns_prefix": prefix["orchestrator"]},
             witness={"site": "witness", "address": addr["witness"]["witness"]},
             internet=internet,
             gateway={"url": f"http://{addr['dr']['orchestrator']}:{procs.free_port()}"},
         )
-        services = _services(lab_dir, state, pairs, agents)
+        services = _services(lab_dir, state, pairs, agents, prefix)
         for site in SITES:
             site_services = {vm: specs for vm, specs in services.items() if vm.endswith(f"-{site}")}
             state["processes"][f"power_bridge-{site}"] = _start_bridge(
                 lab_dir, site, vcenters[site], site_services, topo.exec_prefix(site))
         if agents:
-            for vm, specs in services.items():
-                site = "prod" if vm.endswith("-prod") else "dr"
+            for specs in services.values():
                 for spec in specs:
                     if spec["name"].startswith("agent:"):
-                        state["processes"][spec["name"]] = lab_agents.start_agent(
-                            spec, topo.exec_prefix(site))
+                        state["processes"][spec["name"]] = lab_agents.start_agent(spec)
             progress(f"  {len(services)} guest agents started (they report to {state['gateway']['url']})")
         state["complete"] = True
         _write_state(lab_dir, state)
@@ -276,8 +276,9 @@ def bridge_state_path(lab_dir: Path, site: str) -> Path:
 
 def _services(lab_dir: Path, state: dict[str, Any],
               pairs: dict[str, tuple[postgres.Instance, postgres.Instance]],
-              agents: bool) -> dict[str, list[dict[str, Any]]]:
-    """What runs on each lab VM: its PostgreSQL instance and, with agents, its guest agent."""
+              agents: bool, prefix: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """What runs on each lab VM: its PostgreSQL instance and, with agents, its guest agent; each
+    in the VM's own network (`netns`: the argv prefix that enters it)."""
     services: dict[str, list[dict[str, Any]]] = {}
     for g in state["groups"]:
         p, s = pairs[g["name"]]
@@ -292,6 +293,8 @@ def _services(lab_dir: Path, state: dict[str, Any],
                 node["agent_url"] = f"http://{node['host']}:{port}"
                 cfg = lab_agents.write_agent_config(lab_dir, state, g, role, port)
                 services[node["vm"]].append(lab_agents.service_spec(lab_dir, node["vm"], cfg))
+            for spec in services[node["vm"]]:
+                spec["netns"] = prefix[node["vm"]]
     return services
 
 

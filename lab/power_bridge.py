@@ -3,7 +3,7 @@
 Run as `python -m lab.power_bridge --state FILE`. FILE (JSON, re-read whenever it changes):
     {"vcenter": {"url", "user", "password"},
      "services": {"<vm name>": [{"name", "pidfile", "start": [argv], "run_as", "cwd", "log",
-                                 "env" (optional)}]}}
+                                 "env" (optional), "netns" (optional argv prefix)}]}}
 The bridge acts on power *transitions* only: a service that dies while its VM stays on is left
 alone (that is the guest agent's business). A VM first seen off, or gone from the inventory, has
 its services killed: nothing may run on a host that has no power.
@@ -57,6 +57,8 @@ class Service(BaseModel):
     cwd: Path | None = None
     log: Path
     env: dict[str, str] | None = None
+    # argv prefix entering the VM's network namespace; runs before dropping to `run_as`
+    netns: list[str] = []
 
 
 class BridgeState(BaseModel):
@@ -116,6 +118,7 @@ def start_service(vm: str, svc: Service) -> None:
         argv = ["runuser", "-u", svc.run_as, "--", *argv]
         # Our own cwd may be unreadable for that user, and postgres refuses to start then.
         cwd = cwd or Path("/")
+    argv = [*svc.netns, *argv]
     # setsid --fork: the service is nobody's child, so stopping the bridge leaves it alone.
     try:
         proc = procs.spawn(["setsid", "--fork", *argv], log=svc.log, env=svc.env, cwd=cwd)

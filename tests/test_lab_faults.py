@@ -57,8 +57,12 @@ def _connect_outcome(host: str, port: int, timeout: float = 1.5) -> str:
         return "timeout"
 
 
+# A machine of each site to try connections from: the orchestrator at dr, the vCenter at prod.
+_ONLOOKER = {"dr": "orchestrator", "prod": "vcenter-prod"}
+
+
 def _from(lab: dict[str, Any], site: str, host: str, port: int) -> str:
-    return netns.call_in(_topo(lab), site, _connect_outcome, host, port)
+    return netns.call_in_host(_topo(lab), _ONLOOKER[site], _connect_outcome, host, port)
 
 
 def _si(lab: dict[str, Any], site: str) -> Any:
@@ -78,7 +82,7 @@ def _write_locally(lab: dict[str, Any], node: dict[str, Any], site: str) -> bool
             c.execute("create table if not exists local_writes (at timestamptz default now())")
             c.execute("insert into local_writes default values")
             return True
-    return bool(netns.call_in(_topo(lab), site, write))
+    return bool(netns.call_in_host(_topo(lab), _ONLOOKER[site], write))
 
 
 def test_host_loss_is_silent_and_vcenter_follows_its_timeline(lab: dict[str, Any]) -> None:
