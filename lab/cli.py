@@ -112,6 +112,30 @@ def fail(
     faults.wait_ha_restarts()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    host: str = typer.Argument(..., help="A lab host: orchestrator, vcenter-prod, vcenter-dr, "
+                               "witness, or a VM such as orders-prod."),
+    lab_dir: Path = DirOpt,
+) -> None:
+    """Run a command on a lab host, in its network: `drflow lab run orchestrator -- drflow up …`."""
+    from lab import manager, netns
+
+    if not ctx.args:
+        console.print("[red]error:[/] give the command after `--`, e.g. "
+                      "`drflow lab run orchestrator -- drflow up --config DIR/drflow.yaml`")
+        raise typer.Exit(2)
+    try:
+        topo = manager.topology(manager.load(lab_dir))
+        prefix = netns.host_prefix(topo, host) if topo is not None else []
+    except (manager.LabError, netns.NetnsError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    argv = [*prefix, *ctx.args]
+    os.execvp(argv[0], argv)
+
+
 @app.command()
 def heal(lab_dir: Path = DirOpt) -> None:
     """Undo blackholes, partitions and cuts; give lost hosts back to vCenter."""

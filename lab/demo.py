@@ -94,9 +94,9 @@ def crash_repaired(story: Story, env: Env) -> None:
                 f"a failover was started for a crash the agent repaired: {runs}")
 
 
-def host_loss(story: Story, env: Env, writer: Writer) -> None:
+def power_off(story: Story, env: Env, writer: Writer) -> None:
     g = env.group("payments")
-    story.chapter("2. A host lost, and failed over",
+    story.chapter("2. A primary VM powered off, and failed over",
                   f"{g['primary']['vm']} is powered off in vSphere while an application writes to "
                   f"{g['dns']['record']} about 100 times a second. drflow should notice the silence, "
                   "confirm it through vSphere and PostgreSQL, fence, promote the DR standby, re-point "
@@ -137,10 +137,10 @@ def host_loss(story: Story, env: Env, writer: Writer) -> None:
     story.ok(f"application writes resumed {rto:.1f} s after the power-off "
              f"(RTO measured by drflow from the last heartbeat: {fin.parameters['rto_s']:.1f} s, "
              f"RPO {fin.parameters['rpo_s']} s)")
-    story.figure("host loss → failover", "RTO (power-off → acknowledged write via DNS)", f"{rto:.1f} s")
-    story.figure("host loss → failover", "RPO (standby lag at promotion)",
+    story.figure("power-off → failover", "RTO (power-off → acknowledged write via DNS)", f"{rto:.1f} s")
+    story.figure("power-off → failover", "RPO (standby lag at promotion)",
                  f"{fin.parameters['rpo_s']} s / {fin.parameters['rpo_bytes']} bytes")
-    story.figure("host loss → failover", "acknowledged writes lost", str(len(lost)))
+    story.figure("power-off → failover", "acknowledged writes lost", str(len(lost)))
 
 
 def reprotect(story: Story, env: Env) -> None:
@@ -305,7 +305,7 @@ def main() -> int:
         story.ok("a steady writer per group, through each group's DNS name")
         steps: list[Callable[[], None]] = [
             lambda: crash_repaired(story, env),
-            lambda: host_loss(story, env, writers[1]),
+            lambda: power_off(story, env, writers[1]),
             lambda: reprotect(story, env),
             lambda: failback(story, env, writers[1], prefect_api),
             lambda: drill(story, env),
