@@ -131,6 +131,47 @@ def test_host_loss_is_silent_and_vcenter_follows_its_timeline(lab: dict[str, Any
     postgres.wait_ready(postgres.Instance.from_dict(lab["postgres"][g["name"]]["primary"]), 30)
 
 
+def test_a_lost_management_network_leaves_the_vm_serving(lab: dict[str, Any]) -> None:
+    prod = lab["groups"][2]["primary"]
+    faults.fail(_dir(lab), "mgmt-loss", prod["vm"], not_responding_after=1)
+    si = _si(lab, "prod")
+    try:
+        wait_for(lambda: vcsim.host_connection_state(si, prod["esx_host"]) == "notResponding", 10,
+                 "host notResponding")
+        assert vcsim.vm_connection_state(si, prod["vm"]) == "disconnected"
+        assert _from(lab, "dr", prod["host"], prod["port"]) == "ok"  # it still serves
+        with pytest.raises(vim.fault.VimFault):
+            vcsim.power_off(si, prod["vm"])
+    finally:
+        vcsim.disconnect(si)
+        faults.heal(_dir(lab))
+    si = _si(lab, "prod")
+    try:
+        assert vcsim.host_connection_state(si, prod["esx_host"]) == "connected"
+        assert vcsim.vm_power_state(si, prod["vm"]) == "poweredOn"  # nothing lost its power
+    finally:
+        vcsim.disconnect(si)
+
+
+def test_vsphere_ha_restarts_a_lost_host_s_vm_on_the_spare(lab: dict[str, Any]) -> None:
+    g = lab["groups"][2]
+    dr = g["standby"]
+    f = faults.fail(_dir(lab), "host-loss", dr["vm"], not_responding_after=1,
+                    ha_restart_after=2)
+    assert _from(lab, "prod", dr["host"], dr["port"]) == "timeout"
+    faults.wait_ha_restarts()
+    si = _si(lab, "dr")
+    try:
+        assert vcsim.vm_host(si, dr["vm"]).endswith("-spare")
+        assert vcsim.vm_connection_state(si, dr["vm"]) == "connected"
+    finally:
+        vcsim.disconnect(si)
+    # The power bridge saw the power-on and started the VM's PostgreSQL again.
+    wait_for(lambda: _from(lab, "prod", dr["host"], dr["port"]) == "ok", 30, "standby back")
+    assert time.time() - f.at >= 2
+    postgres.wait_ready(postgres.Instance.from_dict(lab["postgres"][g["name"]]["standby"]), 30)
+
+
 def test_a_guest_crash_refuses_and_vcenter_sees_nothing(lab: dict[str, Any]) -> None:
     g = lab["groups"][2]
     dr = g["standby"]
