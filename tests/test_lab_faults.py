@@ -352,3 +352,21 @@ def test_a_lab_with_agents_goes_down_without_leftovers() -> None:
         manager.down(d, progress=lambda _m: None)
     assert _leftovers(d, lab_id) == []
 
+
+
+def test_without_namespaces_the_lab_runs_on_loopback_and_says_what_it_cannot_do(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRFLOW_LAB_NETNS", "off")
+    d = new_lab_dir("drflow-loopback-")
+    said: list[str] = []
+    try:
+        state = manager.up(d, groups=1, replication="sync", progress=said.append, agents=False)
+        prod = state["groups"][0]["primary"]
+        assert prod["host"].startswith("127.") and prod["host"] != state["groups"][0]["standby"]["host"]
+        assert any("host-loss" in m and "cannot" in m for m in said), said
+        with pytest.raises(faults.FaultError, match="loopback"):
+            faults.fail(d, "host-loss", prod["vm"])
+        faults.fail(d, "guest-crash", prod["vm"])
+        assert _connect_outcome(prod["host"], prod["port"]) == "refused"
+    finally:
+        manager.down(d, progress=lambda _m: None)
