@@ -26,6 +26,7 @@ Last line: one JSON object, a key per case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -77,7 +78,7 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-@dataclass
+@dataclass(eq=False)
 class GroupRun:
     """One group under one fault: its writers and what was observed."""
 
@@ -133,6 +134,7 @@ def main() -> None:
 
 def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
             results: dict[str, dict[str, Any]]) -> None:
+    from lab import faults
     from lab.harness import start_env, stop_env
 
     log(f"starting a lab with {groups} sync group(s), agents and the gateway for "
@@ -144,24 +146,40 @@ def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
         for i, name in enumerate(cases):
             case = CASES[name]
             gs = env.state["groups"] if case.groups > 1 else [env.state["groups"][i]]
+            runs = [GroupRun(g) for g in gs]
             try:
-                results.update(run_case(env, name, case, gs, args))
+                results.update(run_case(env, name, case, runs, args))
             except Exception as exc:  # one case's trouble must not hide the others' results
                 log(f"{name}: the benchmark itself failed: {type(exc).__name__}: {exc}")
                 results[name] = {"failover": False, "outcome": "benchmark_error",
                                  "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
                                  "rto_s": None, "acked_lost": 0, "two_writers": False,
                                  "healthy_powered_off": False}
+                stop_writers(runs)
+                with contextlib.suppress(Exception):
+                    faults.heal(env.lab_dir, progress=log)
     finally:
         stop_env(env)
 
 
-def run_case(env: Any, name: str, case: Case, gs: list[dict[str, Any]],
+def stop_writers(runs: list[GroupRun]) -> None:
+    from lab import procs
+
+    for r in runs:
+        for w in r.writers:
+            w.stop(timeout=1)
+        if r.libpq is not None:
+            r.libpq.stop(timeout=0.1)
+        if r.site_proc is not None:
+            procs.stop_tree(r.site_proc.pid, timeout=2)
+
+
+def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
              args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from lab import clients, faults
 
     db = env.state["database"]
-    runs = [GroupRun(g) for g in gs]
+    gs = [r.g for r in runs]
     for r in runs:
         resolve = clients.dns_resolver(env.route53(), r.g["dns"]["zone_id"], r.g["dns"]["record"])
         clients.ensure_table(resolve(), db)
@@ -188,19 +206,12 @@ def run_case(env: Any, name: str, case: Case, gs: list[dict[str, Any]],
             wait(partial(clients.rto_s, fault.at, r.writers[0].acks, r.node("standby")), 15)
     faults.wait_ha_restarts()  # a stun's end
     end_of_fault = time.time()
+    healed = None
     if case.kind != "stun":
-        faults.heal(env.lab_dir, progress=log)
+        healed = faults.heal(env.lab_dir, progress=log).at
     time.sleep(args.after_heal)
-    for r in runs:
-        for w in r.writers:
-            w.stop(timeout=1)
-        if r.libpq is not None:
-            r.libpq.stop(timeout=0.1)
-        if r.site_proc is not None:
-            from lab import procs
-
-            procs.stop_tree(r.site_proc.pid, timeout=2)
-    per_group = [observe(env, name, case, r, fault, finished.get(r), end_of_fault, window)
+    stop_writers(runs)
+    per_group = [observe(env, name, case, r, fault, finished.get(r), end_of_fault, healed, window)
                  for r in runs]
     out = {name: combine(per_group)}
     if name == "host_loss":
@@ -246,15 +257,15 @@ def _group_records(env: Any, r: GroupRun, since: float, prefix: str) -> list[Any
 
 def wait_finish(env: Any, runs: list[GroupRun], since: float,
                 window: float) -> dict[GroupRun, Any]:
-    """Each group's failover.finish record, waiting up to `window` s for those still missing."""
-    found: dict[GroupRun, Any] = {}
+    """Each group's last failover.finish record once every group has one with outcome ok, or
+    when the window ends (a stopped failover may be tried again while the fault lasts)."""
     deadline = time.monotonic() + window
     while True:
-        for r in runs:
-            if found.get(r) is None:
-                fins = [x for x in _group_records(env, r, since, "failover.finish")]
-                found[r] = fins[-1] if fins else None
-        if all(found.values()) or time.monotonic() > deadline:
+        found = {r: (fins[-1] if (fins := _group_records(env, r, since, "failover.finish"))
+                     else None) for r in runs}
+        if all(f is not None and f.outcome == "ok" for f in found.values()):
+            return found
+        if time.monotonic() > deadline:
             return found
         time.sleep(0.5)
 
@@ -274,7 +285,7 @@ def role_of(node: tuple[str, int], db: dict[str, str]) -> str:
 
 
 def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
-            end_of_fault: float, window: float) -> dict[str, Any]:
+            end_of_fault: float, healed: float | None, window: float) -> dict[str, Any]:
     from lab import clients
 
     db = env.state["database"]
@@ -311,6 +322,16 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
     row["longest_write_gap_s"] = _round(clients.longest_gap_s(
         [a for a in r.writers[0].acks], fault.at, end_of_fault))
     row["roles_at_end"] = {_vm_at(r, n): v for n, v in roles.items()}
+    # Every failover.finish, seconds after the fault; those after the heal are not what drflow
+    # did while the fault lasted.
+    row["finishes"] = [{"outcome": x.outcome, "at_s": _round(_ts(x.time) - fault.at),
+                        "after_heal": healed is not None and _ts(x.time) > healed}
+                       for x in _group_records(env, r, fault.at, "failover.finish")]
+    first_new = clients.rto_s(fault.at, acks, new)
+    row["promoted_after_heal"] = bool(healed is not None and first_new is not None
+                                      and fault.at + first_new > healed)
+    if healed is not None:
+        row["healed_at_s"] = _round(healed - fault.at)
     if r.site_out is not None:
         site_acks = clients.read_records(r.site_out)[0]
         row["in_site_acks_after_fault"] = sum(1 for a in site_acks if a.at > fault.at)
@@ -383,6 +404,9 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "acked_lost": sum(x["acked_lost"] for x in rows),
         "two_writers": any(x["two_writers"] for x in rows),
         "healthy_powered_off": any(x["healthy_powered_off"] for x in rows),
+        "longest_write_gap_s": max(x["longest_write_gap_s"] for x in rows),
+        "promoted_after_heal": any(x["promoted_after_heal"] for x in rows),
+        "finishes": [f for x in rows for f in x["finishes"]],
         "groups": rows,
     }
 
@@ -402,8 +426,10 @@ def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float)
     lost = len(clients.acked_lost(acks, clients.present_ids(check, db))) if check else 0
     return {
         "failover": host_loss["failover"], "outcome": host_loss["outcome"],
-        "reason": "the same host loss, writer with libpq's default settings"
-                  + (f"; its first error: {errors[0].what[:120]}" if errors else ""),
+        "reason": "the same host loss, writer with libpq's default settings: "
+                  + (f"still waiting on the dead host {hung_until - fault_at:.0f} s after the fault"
+                     if still else f"first error {hung_until - fault_at:.1f} s after the fault: "
+                     f"{errors[0].what[:100]}" if errors else "no error"),
         "rto_s": _round(clients.rto_s(fault_at, acks, new)),
         "acked_lost": lost,
         "two_writers": clients.two_writers(acks),
@@ -419,13 +445,17 @@ def _round(v: float | None) -> float | None:
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    print("| case | failover | outcome | RTO (s) | acked lost | two writers | healthy VM off | "
-          "reason |")
-    print("|---|---|---|---:|---:|---|---|---|")
+    print("| case | failover | outcome | RTO (s) | longest write gap (s) | acked lost | "
+          "two writers | healthy VM off | reason |")
+    print("|---|---|---|---:|---:|---:|---|---|---|")
     for k, v in results.items():
         rto = "—" if v.get("rto_s") is None else f"{v['rto_s']:.1f}"
         reason = str(v.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
-        print(f"| {k} | {'yes' if v['failover'] else 'no'} | {v['outcome']} | {rto} | "
+        later = [f["outcome"] for f in v.get("finishes", []) if f["after_heal"]]
+        outcome = v["outcome"] + (f" (after heal: {', '.join(later)})" if later else "")
+        gap = v.get("longest_write_gap_s", v.get("hung_s"))
+        gap_s = "—" if gap is None else f"{gap:.1f}"
+        print(f"| {k} | {'yes' if v['failover'] else 'no'} | {outcome} | {rto} | {gap_s} | "
               f"{v['acked_lost']} | {'yes' if v['two_writers'] else 'no'} | "
               f"{'yes' if v['healthy_powered_off'] else 'no'} | {reason} |")
 
