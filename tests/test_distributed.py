@@ -30,7 +30,7 @@ from prefect.states import Completed, Crashed, Running
 
 from drflow.events import EventKind, HealthEvent
 from drflow.signing import sign_headers
-from lab import postgres, procs, vcsim
+from lab import netns, postgres, procs, vcsim
 from orchestrator.deployed import DeploymentStarter, is_stale, outcome_of
 from orchestrator.gateway.contracts import Incident, IncidentKind
 from orchestrator.gateway.status import PROTECTED, UNPROTECTED
@@ -114,10 +114,10 @@ def _prefect_database(base: Path) -> tuple[tuple[postgres.Instance, postgres.Ins
 
 
 def _start_server(d: Dist, db_url: str) -> None:
-    port = int(d.api.split(":")[2].split("/")[0])
+    host, port = d.api.removeprefix("http://").split("/")[0].rsplit(":", 1)
     log = d.base / "prefect-server.log"
     d.server = procs.spawn(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
+        [str(BIN / "prefect"), "server", "start", "--host", host, "--port", port], log,
         env={"PREFECT_HOME": str(d.base / "server-home"), "PREFECT_API_DATABASE_CONNECTION_URL":
              db_url, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
              "PREFECT_LOGGING_LEVEL": "WARNING"})
@@ -166,7 +166,9 @@ def _auto_failback(config: Path, group: str) -> None:
 def dist() -> Iterator[Dist]:
     base = Path(tempfile.mkdtemp(prefix="drflow-dist-", dir="/tmp"))
     base.chmod(0o755)  # PostgreSQL (user postgres) must traverse it
-    api = f"http://127.0.0.1:{procs.free_port()}/api"
+    # Prefect's server where the DR site's workers and gateway reach it (its database stays on
+    # this machine's loopback).
+    api = f"http://{netns.ensure_internet()}:{procs.free_port()}/api"
     child_env = {
         "PREFECT_API_URL": api, "PREFECT_HOME": str(base / "client-home"),
         "PREFECT_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
@@ -196,14 +198,17 @@ def dist() -> Iterator[Dist]:
         d.deploy_out = out.stdout + out.stderr
         assert out.returncode == 0, d.deploy_out
         d.worker = procs.spawn(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "drflow-dr", "--type", "process"],
+            [*env.orchestrator_prefix, str(BIN / "prefect"), "worker", "start", "--pool",
+             "drflow-dr", "--type", "process"],
             base / "worker.log", env={**child_env, "DRFLOW_CONFIG": str(env.config),
                                       "PREFECT_WORKER_QUERY_SECONDS": "0.5"})
         glog = env.lab_dir / "logs" / "gateway.log"
         env.gateway = procs.spawn(
-            [DRFLOW, "gateway", "--config", str(env.config), "--state-dir",
-             str(env.lab_dir / "gateway"), "--mode", "deployment"], glog, env=child_env)
-        procs.wait_port(int(env.gateway_url.rsplit(":", 1)[1]), 60, "gateway", env.gateway, glog)
+            [*env.orchestrator_prefix, DRFLOW, "gateway", "--config", str(env.config),
+             "--state-dir", str(env.lab_dir / "gateway"), "--mode", "deployment"], glog,
+            env=child_env)
+        host, port = env.gateway_url.removeprefix("http://").rsplit(":", 1)
+        procs.wait_port(int(port), 60, "gateway", env.gateway, glog, host=host)
         env.wait_all_heard()
         wait_for(lambda: d.get("/work_pools/drflow-dr").get("status") == "READY", 30,
                  "a worker polling the DR pool", 0.2)
