@@ -4,9 +4,12 @@ Each case injects one fault (lab/faults.py) on its own group while an applicatio
 writes through the group's DNS name with the FOLLOW client settings (lab/clients.py); for a
 partition or a cut link, a second writer inside the cut-off site writes straight to its primary.
 The gateway runs at the DR site, as in production. A case ends when a `failover.finish` record
-appears, or after an observation window; then the fault is healed and writes are watched for a
-few more seconds. The VM-level cases share one lab (a group each, one after another); partition,
-cut and site loss get a lab of their own.
+with outcome ok appears, or when its observation window ends (90 s; host and management loss:
+`--not-responding-after` + 45 s), since a stopped failover may be tried again while the fault
+lasts; then the fault is healed (not a stun: it ends by itself) and writes are watched for a few
+more seconds. Every `failover.finish` is listed, those after the heal marked. The VM-level
+cases share one lab (a group each, one after another); partition, cut and site loss get a lab of
+their own.
 
 Per case:
   failover            a `failover.*` audit record for the group after the fault
@@ -215,7 +218,7 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
                  for r in runs]
     out = {name: combine(per_group)}
     if name == "host_loss":
-        out["host_loss_libpq_defaults"] = libpq_row(env, out[name], runs[0], fault.at)
+        out["host_loss_libpq_defaults"] = libpq_row(env, out[name], runs[0], fault.at, healed)
     log(f"{name}: {json.dumps(out[name])}")
     return out
 
@@ -333,8 +336,12 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
     if healed is not None:
         row["healed_at_s"] = _round(healed - fault.at)
     if r.site_out is not None:
-        site_acks = clients.read_records(r.site_out)[0]
+        site_acks, site_errors = clients.read_records(r.site_out)
         row["in_site_acks_after_fault"] = sum(1 for a in site_acks if a.at > fault.at)
+        later = [e for e in site_errors if e.at > fault.at]
+        row["in_site_errors_after_fault"] = len(later)
+        if later:
+            row["in_site_last_error"] = f"{later[-1].what[:160]} at +{later[-1].at - fault.at:.1f} s"
     return row
 
 
@@ -411,7 +418,8 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float) -> dict[str, Any]:
+def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float,
+              healed: float | None) -> dict[str, Any]:
     """The same host loss as seen by the writer with libpq's defaults: `hung_s` is fault → its
     first error (the call to the dead host gave up), or → now while that call still waits."""
     from lab import clients
@@ -426,10 +434,13 @@ def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float)
     lost = len(clients.acked_lost(acks, clients.present_ids(check, db))) if check else 0
     return {
         "failover": host_loss["failover"], "outcome": host_loss["outcome"],
-        "reason": "the same host loss, writer with libpq's default settings: "
-                  + (f"still waiting on the dead host {hung_until - fault_at:.0f} s after the fault"
-                     if still else f"first error {hung_until - fault_at:.1f} s after the fault: "
-                     f"{errors[0].what[:100]}" if errors else "no error"),
+        "reason": "the same host loss, writer with libpq's default settings: " + (
+            f"still waiting on the dead host {hung_until - fault_at:.0f} s after the fault" if still
+            else "no error" if not errors
+            else f"waited until the heal made the address refuse, {hung_until - fault_at:.1f} s "
+                 f"after the fault" if healed is not None and hung_until >= healed
+            else f"first error {hung_until - fault_at:.1f} s after the fault: "
+                 f"{errors[0].what[:100]}"),
         "rto_s": _round(clients.rto_s(fault_at, acks, new)),
         "acked_lost": lost,
         "two_writers": clients.two_writers(acks),
