@@ -734,8 +734,10 @@ def test_drflow_up_fires_a_drill_at_its_cron_time(drill_env: dict[str, Any],
 
     earlier = len(finished())
     log = root / "drflow-up.log"
-    up = procs.spawn([str(Path(sys.executable).parent / "drflow"), "up", "--config", str(path),
-                      "--state-dir", str(root / "up-state")], log,
+    # At the DR site: drflow up listens on the orchestrator's address.
+    at_dr = drill_env["lab"]["orchestrator"]["netns_prefix"]
+    up = procs.spawn([*at_dr, str(Path(sys.executable).parent / "drflow"), "up", "--config",
+                      str(path), "--state-dir", str(root / "up-state")], log,
                      env={"PREFECT_API_URL": prefect_api}, cwd=REPO)
     try:
         deadline = time.monotonic() + 150  # the next minute, then the drill itself

@@ -38,11 +38,12 @@ def test_two_replicas_with_their_own_keys_fail_over_one_after_the_other(prefect_
         g = env.state["groups"][0]
         port = procs.free_port()
         log = env.lab_dir / "logs" / "gateway-b.log"
-        second = procs.spawn([DRFLOW, "gateway", "--config", str(env.config), "--state-dir",
-                              str(env.lab_dir / "gateway-b"), "--listen", f"127.0.0.1:{port}"],
-                             log, env={"PYTHONUNBUFFERED": "1"})
-        procs.wait_port(port, 90, "the second gateway replica", second, log)
-        urls = [env.gateway_url, f"http://127.0.0.1:{port}"]
+        host = env.state["orchestrator"]["address"]
+        second = procs.spawn([*env.orchestrator_prefix, DRFLOW, "gateway", "--config",
+                              str(env.config), "--state-dir", str(env.lab_dir / "gateway-b"),
+                              "--listen", f"{host}:{port}"], log, env={"PYTHONUNBUFFERED": "1"})
+        procs.wait_port(port, 90, "the second gateway replica", second, log, host=host)
+        urls = [env.gateway_url, f"http://{host}:{port}"]
 
         vcsim.power_off(env.si(), g["primary"]["vm"])
         answers: list[httpx.Response] = []
