@@ -19,9 +19,9 @@ Per case:
   two_writers         two nodes acknowledged writes in overlapping periods (lab.clients.two_writers)
   healthy_powered_off a VM the fault did not kill is poweredOff at the end (its site's vCenter;
                       an unreachable vCenter counts as unknown → false, said in the reason)
-host_loss_libpq_defaults: the same host loss seen by a second writer with libpq's default
-settings; `hung_s` is how long its call to the dead host had been waiting when it gave up or the
-case ended (`still_hung`).
+host_loss_libpq_defaults, blackhole_libpq_defaults: the same fault seen by a second writer with
+libpq's default settings (for these two cases the fault lasts the whole window); `hung_s` is how
+long its call to the silent host waited: until its first error, or the end (`still_hung`).
 
 Last line: one JSON object, a key per case.
 """
@@ -55,16 +55,17 @@ class Case:
     seconds: float | None = None
     task: str = "none"
     site_writer: bool = False
+    libpq_writer: bool = False  # also a writer with libpq's defaults; the fault lasts the window
 
 
 CASES: dict[str, Case] = {
     "power_off": Case("power-off", "primary", "vm"),
     "guest_crash": Case("guest-crash", "primary", "vm"),
-    "host_loss": Case("host-loss", "primary", "vm"),
+    "host_loss": Case("host-loss", "primary", "vm", libpq_writer=True),
     "mgmt_loss": Case("mgmt-loss", "primary", "vm"),
     "stun_5s_snapshot": Case("stun", "primary", "vm", seconds=5, task="snapshot"),
     "stun_8s": Case("stun", "primary", "vm", seconds=8),
-    "blackhole": Case("blackhole", "primary", "vm"),
+    "blackhole": Case("blackhole", "primary", "vm", libpq_writer=True),
     "partition_prod": Case("partition", "prod", "own", site_writer=True),
     "cut_prod_dr": Case("cut", "prod", "own", other="dr", site_writer=True),
     "site_loss_prod": Case("site-loss", "prod", "own", groups=5),
@@ -187,7 +188,7 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
         resolve = clients.dns_resolver(env.route53(), r.g["dns"]["zone_id"], r.g["dns"]["record"])
         clients.ensure_table(resolve(), db)
         r.writers.append(clients.ClientWriter(f"dns-{r.name}", resolve, db, clients.FOLLOW).start())
-        if name == "host_loss":
+        if case.libpq_writer:
             r.libpq = clients.ClientWriter(f"libpq-{r.name}", resolve, db,
                                            clients.LIBPQ_DEFAULTS).start()
         if case.site_writer:
@@ -207,6 +208,8 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
     for r, fin in finished.items():
         if fin is not None and fin.outcome == "ok":  # give the writer its first write there
             wait(partial(clients.rto_s, fault.at, r.writers[0].acks, r.node("standby")), 15)
+    if case.libpq_writer:  # a heal would end its wait: let the fault last the whole window
+        time.sleep(max(0.0, fault.at + window - time.time()))
     faults.wait_ha_restarts()  # a stun's end
     end_of_fault = time.time()
     healed = None
@@ -217,8 +220,8 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
     per_group = [observe(env, name, case, r, fault, finished.get(r), end_of_fault, healed, window)
                  for r in runs]
     out = {name: combine(per_group)}
-    if name == "host_loss":
-        out["host_loss_libpq_defaults"] = libpq_row(env, out[name], runs[0], fault.at, healed)
+    if case.libpq_writer:
+        out[f"{name}_libpq_defaults"] = libpq_row(env, name, out[name], runs[0], fault.at, healed)
     log(f"{name}: {json.dumps(out[name])}")
     return out
 
@@ -320,6 +323,9 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
     if unknown:
         row["reason"] += f" [power state unknown: {unknown}]"
     row["acks"] = len(acks)
+    errs = [e for e in r.writers[0].errors if e.at > fault.at]
+    # How soon the application noticed: its first error after the fault.
+    row["first_error_s"] = _round(errs[0].at - fault.at) if errs else None
     row["acks_by_node"] = {_vm_at(r, n): sum(1 for a in acks if a.node == n)
                            for n in {a.node for a in acks}}
     row["longest_write_gap_s"] = _round(clients.longest_gap_s(
@@ -418,9 +424,9 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float,
+def libpq_row(env: Any, name: str, host_loss: dict[str, Any], r: GroupRun, fault_at: float,
               healed: float | None) -> dict[str, Any]:
-    """The same host loss as seen by the writer with libpq's defaults: `hung_s` is fault → its
+    """The same fault as seen by the writer with libpq's defaults: `hung_s` is fault → its
     first error (the call to the dead host gave up), or → now while that call still waits."""
     from lab import clients
 
@@ -434,7 +440,7 @@ def libpq_row(env: Any, host_loss: dict[str, Any], r: GroupRun, fault_at: float,
     lost = len(clients.acked_lost(acks, clients.present_ids(check, db))) if check else 0
     return {
         "failover": host_loss["failover"], "outcome": host_loss["outcome"],
-        "reason": "the same host loss, writer with libpq's default settings: " + (
+        "reason": f"the {name} case, writer with libpq's default settings: " + (
             f"still waiting on the dead host {hung_until - fault_at:.0f} s after the fault" if still
             else "no error" if not errors
             else f"waited until the heal made the address refuse, {hung_until - fault_at:.1f} s "
