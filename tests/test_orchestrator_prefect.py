@@ -87,7 +87,8 @@ def up_env() -> Iterator[tuple[Env, str]]:
         port = procs.free_port()
         env.start_gateway("up", env={"PREFECT_API_URL": "", "PREFECT_HOME": "",
                                      "DRFLOW_PREFECT_PORT": str(port)}, timeout=180)
-        yield env, f"http://127.0.0.1:{port}/api"
+        # drflow up starts its Prefect where its gateway listens: the orchestrator's address.
+        yield env, f"http://{env.state['orchestrator']['address']}:{port}/api"
     finally:
         stop_env(env)
 

@@ -5,6 +5,7 @@ backup, and the agent's boot check talking to a real gateway that starts re-prot
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -38,8 +39,8 @@ from drflow.events import HealthEvent
 from drflow.signing import sign_headers
 from flows.decisions import AppCheck
 from flows.reprotect import plan_target, restore_sync, rewind_reason, serving_side
+from lab import manager, netns, vcsim
 from lab import postgres as lp
-from lab import vcsim
 from orchestrator.gateway.roles_decide import (
     BOOT_HELD,
     BOOT_SECOND_PRIMARY,
@@ -409,8 +410,20 @@ def gateway(lab: Lab) -> Iterator[str]:
     starter.close = app.state.gateway.close_incident_threadsafe
     app.state.roles.starter = ReprotectStarter(lab.config)
     host, port = listen_address(rt.cfg)
+
+    def listening() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
+
+    # The socket is made on the orchestrator's host at the DR site (whose address the lab's
+    # agents report to); this process serves it from here.
+    topo = manager.topology(lab.state)
+    sock = netns.call_in_host(topo, "orchestrator", listening) if topo else listening()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 15, "gateway started")
     url = f"http://{host}:{port}"
