@@ -192,12 +192,7 @@ def heal(lab_dir: Path, progress: Progress = lambda _m: None) -> Fault:
 
 def _power_off_quietly(lab: Lab, vm: str) -> None:
     with contextlib.suppress(Exception):
-        vc = lab.vcenter(lab.site_of(vm))
-        si = vcsim.connect(vc["url"], vc["user"], vc["password"])
-        try:
-            vcsim.power_off(si, vm)
-        finally:
-            vcsim.disconnect(si)
+        _power_off(lab, vm)
 
 
 def _remember(lab: Lab, kind: str, target: str) -> None:
