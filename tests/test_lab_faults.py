@@ -343,11 +343,27 @@ def test_lab_up_removes_what_a_crashed_lab_left() -> None:
         manager.down(d, progress=lambda _m: None)
 
 
+def _listening(prefix: list[str]) -> set[str]:
+    out = subprocess.run([*prefix, "ss", "-ltnH"], capture_output=True, text=True, check=True)
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.stdout.splitlines()}
+
+
 def test_a_lab_with_agents_goes_down_without_leftovers() -> None:
     d = new_lab_dir("drflow-down-")
     try:
         state = manager.up(d, groups=1, replication="sync", progress=lambda _m: None)
         lab_id = state["network"]["lab_id"]
+        topo = manager.topology(state)
+        assert topo is not None
+        # Each VM's PostgreSQL and agent listen on the VM's own address, and on nothing else.
+        for role in ("primary", "standby"):
+            node = state["groups"][0][role]
+            wait_for(lambda n=node: procs.port_open(int(n["agent_url"].rsplit(":", 1)[1]),
+                                                   n["host"]), 30, "the agent's control API")
+            assert _listening(netns.host_prefix(topo, node["vm"])) == {node["host"]}
+        # The orchestrator's address is at the DR site, moto and Slack on the internet address.
+        assert topo.location_of(state["orchestrator"]["address"]) == "dr"
+        assert state["aws"]["endpoint_url"].startswith(f"http://{netns.INTERNET_ADDRESS}:")
     finally:
         manager.down(d, progress=lambda _m: None)
     assert _leftovers(d, lab_id) == []
