@@ -1,0 +1,314 @@
+"""The lab's etcd: one member per host (prod, DR, witness in the lab; one member on one machine),
+and a tiny stdlib-only client over etcd's v3 HTTP/JSON gateway for tests.
+
+etcd 3.4.23 (Debian `etcd-server`) facts this module relies on, checked here:
+- The gateway answers under `/v3/…` and also `/v3beta/…` (3.4 keeps the 3.3 path; 3.5 drops it),
+  not `/v3alpha/…`. Keys and values are base64; int64 fields (IDs, TTLs, revisions) come back as
+  JSON strings and are accepted as strings or numbers; false and zero fields are left out
+  (a failed txn has no "succeeded").
+- `/v3/lease/keepalive` is a stream: one JSON request body gives one `{"result": …}` line. A lease
+  that no longer exists is not an error there: the answer simply has no TTL.
+- A lease's TTL is raised to at least 1.5 x election timeout, rounded up to whole seconds: with
+  the 1000 ms used here a grant of 1 s gives 2 s; 2 s and more are kept as asked.
+- A member that becomes leader extends every lease by the election timeout past its full TTL
+  (the lessor's Promote): a lease whose holder is cut off together with the old leader outlives
+  its TTL by the election plus one election timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lab import procs
+
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+# A LAN lab: round trips well under 1 ms. etcd's guidance is a heartbeat near the round trip and an
+# election timeout of about 10 heartbeats; these are also 3.4's defaults, written out because the
+# next issue's lease timing (lease_s 3 s) is argued from them: a lost leader is replaced within
+# 1-2 s (randomised timeout in [1 s, 2 s)) and the minimum lease TTL is 2 s.
+HEARTBEAT_MS = 100
+ELECTION_MS = 1000
+API = "/v3"
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # lab addresses: never a proxy
+
+
+class EtcdError(Exception):
+    """etcd could not be started, reached, or refused a request; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One etcd member: its name, its host's address, and the argv prefix that runs a program in
+    the host's network namespace ([] on loopback)."""
+
+    name: str
+    address: str
+    prefix: list[str] = field(default_factory=list)
+    client_port: int = CLIENT_PORT
+    peer_port: int = PEER_PORT
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.address}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.address}:{self.peer_port}"
+
+
+def etcd_path() -> str:
+    path = shutil.which("etcd", path=f"{os.environ.get('PATH', '')}:/usr/bin:/usr/local/bin")
+    if path is None:
+        raise EtcdError("`etcd` is not installed: run scripts/bootstrap.sh as root "
+                        "(or apt-get install etcd-server)")
+    return path
+
+
+def start_cluster(lab_dir: Path, members: list[Member], timeout: float = 30.0) -> dict[str, Any]:
+    """Start one etcd per member in its host and wait until every member answers /health with a
+    leader. Data in lab_dir/etcd/<name>, logs in lab_dir/logs/etcd-<name>.log. One member is the
+    one-machine variant. Returns {"members": [...], "endpoints": [...]} for lab.json."""
+    if not members:
+        raise EtcdError("start_cluster needs at least one member")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise EtcdError(f"etcd member names must differ: {names}")
+    binary = etcd_path()
+    token = f"drflow-{secrets.token_hex(8)}"  # a fresh cluster: members of another lab never join it
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+    started: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    try:
+        for m in members:
+            data_dir = lab_dir / "etcd" / m.name
+            if data_dir.exists() and any(data_dir.iterdir()):
+                raise EtcdError(f"{data_dir} already holds etcd data; a new cluster needs it empty: "
+                                "remove it or use a new lab directory")
+            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.chmod(0o700)  # etcd warns (3.4) or refuses (3.5) otherwise
+            log = lab_dir / "logs" / f"etcd-{m.name}.log"
+            argv = [
+                *m.prefix, binary, "--name", m.name, "--data-dir", str(data_dir),
+                "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
+                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", token,
+                "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
+                # A member cut off for a while comes back with a higher term; without pre-vote its
+                # first message would depose a healthy leader and cost the cluster an election.
+                "--pre-vote",
+                "--logger", "zap", "--log-outputs", "stderr",
+            ]
+            proc = procs.spawn(argv, log)
+            started.append({"name": m.name, "client_url": m.client_url, "peer_url": m.peer_url,
+                            "pid": proc.pid, "log": str(log), "data_dir": str(data_dir),
+                            "proc": proc})
+        _wait_healthy(started, t0 + timeout, timeout)
+    except BaseException:
+        stop_cluster({"members": started})
+        raise
+    out = [{k: v for k, v in s.items() if k != "proc"} for s in started]
+    return {"members": out, "endpoints": [m.client_url for m in members], "token": token,
+            "started_in_s": round(time.monotonic() - t0, 2)}
+
+
+def _wait_healthy(started: list[dict[str, Any]], deadline: float, timeout: float) -> None:
+    waiting = {s["name"]: s for s in started}
+    last: dict[str, str] = {}
+    while waiting:
+        for name, s in list(waiting.items()):
+            if s["proc"].poll() is not None:
+                raise EtcdError(f"etcd member {name} exited with code {s['proc'].returncode}"
+                                f"{_tail(Path(s['log']))}")
+            ok, why = member_health(s["client_url"], 0.5)
+            if ok:
+                del waiting[name]
+            last[name] = why
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            detail = "; ".join(f"{n}: {last.get(n, 'no answer')}" for n in waiting)
+            first = next(iter(waiting.values()))
+            raise EtcdError(f"etcd did not elect a leader within {timeout:.0f} s ({detail})"
+                            f"{_tail(Path(first['log']))}")
+        time.sleep(0.05)
+
+
+def _tail(log: Path, lines: int = 10) -> str:
+    if not log.exists():
+        return ""
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    return f"; last lines of {log}:\n" + "\n".join(text)
+
+
+def member_health(client_url: str, timeout: float = 1.0) -> tuple[bool, str]:
+    """Does this member answer /health as healthy (it knows a leader, no alarm)?"""
+    try:
+        with _OPENER.open(f"{client_url}/health", timeout=timeout) as resp:
+            body = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:  # 503 with a body when unhealthy
+        with contextlib.suppress(ValueError, OSError):
+            body = json.loads(e.read() or b"{}")
+            return False, f"unhealthy ({body.get('reason') or body})"
+        return False, f"answered {e.code}"
+    except (OSError, ValueError) as e:
+        return False, f"no answer ({_reason(e)})"
+    if str(body.get("health")) == "true":
+        return True, "healthy"
+    return False, f"unhealthy ({body.get('reason') or body})"
+
+
+def health(info: dict[str, Any], timeout: float = 1.0) -> tuple[bool, str]:
+    """(healthy, detail) for `lab status`: every member answers /health and they agree on a leader."""
+    members = info.get("members") or []
+    if not members:
+        return False, "not started"
+
+    def probe(m: dict[str, Any]) -> tuple[str, bool, str, dict[str, Any] | None]:
+        pid = m.get("pid")
+        if pid and not procs.pid_alive(int(pid)):
+            return m["name"], False, f"pid {pid} is not running", None
+        ok, why = member_health(m["client_url"], timeout)
+        try:
+            st: dict[str, Any] | None = Client(m["client_url"], timeout).status()
+        except EtcdError:
+            st = None
+        return m["name"], ok, why, st
+
+    with ThreadPoolExecutor(max_workers=len(members)) as pool:
+        results = list(pool.map(probe, members))
+    ids = {str(st["header"]["member_id"]): name for name, _, _, st in results if st}
+    leaders = {str(st.get("leader", "0")) for _, _, _, st in results if st}
+    up = [name for name, ok, _, _ in results if ok]
+    down = [f"{name}: {why}" for name, ok, why, _ in results if not ok]
+    leader = ", ".join(sorted(ids.get(lid, f"member {int(lid):x}") for lid in leaders if lid != "0"))
+    detail = f"leader {leader or 'none'}, {len(up)}/{len(members)} members up"
+    if down:
+        detail += f" ({'; '.join(down)})"
+    return len(up) == len(members) and len(leaders) == 1 and bool(leader), detail
+
+
+def stop_cluster(info: dict[str, Any]) -> None:
+    """Stop every member (SIGTERM, then SIGKILL); a pid that is no longer an etcd is left alone."""
+    for m in info.get("members") or []:
+        pid = int(m.get("pid") or 0)
+        if not pid:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).name() != "etcd":
+                continue
+            procs.stop_tree(pid, timeout=5)
+        proc = m.get("proc")
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+
+
+# --- a tiny client over the v3 HTTP/JSON gateway -------------------------------------------------
+
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        return str(e.reason)
+    return str(e) or type(e).__name__
+
+
+class Client:
+    """Requests to one member; every call fails with EtcdError within `timeout` seconds."""
+
+    def __init__(self, endpoint: str, timeout: float = 2.0) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout = timeout
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.endpoint}{API}{path}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read() or b"{}").get("message") or f"HTTP {e.code}"
+            except (ValueError, OSError):
+                msg = f"HTTP {e.code}"
+            raise EtcdError(f"etcd at {self.endpoint} refused {path}: {msg}") from e
+        except (OSError, ValueError) as e:  # timeouts, refused connects, reset streams
+            raise EtcdError(f"etcd at {self.endpoint} did not answer {path} within "
+                            f"{self.timeout:g} s: {_reason(e)}") from e
+        # Streaming calls (keepalive) answer one {"result": …} or {"error": …} object per line.
+        first = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
+        if "error" in first:
+            err = first["error"]
+            raise EtcdError(f"etcd at {self.endpoint} refused {path}: {err.get('message', err)}")
+        return dict(first.get("result", first))
+
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        """Write key=value (bound to a lease when given); returns the new revision."""
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self.call("/kv/put", body)["header"]["revision"])
+
+    def get(self, key: str, serializable: bool = False) -> str | None:
+        """The key's value, or None. Linearizable unless `serializable` (then this member's copy,
+        which answers even without a leader)."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if serializable:
+            body["serializable"] = True
+        kvs = self.call("/kv/range", body).get("kvs") or []
+        return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, TTL etcd granted, which may be more than asked)."""
+        r = self.call("/lease/grant", {"TTL": str(ttl)})
+        if r.get("error"):
+            raise EtcdError(f"etcd at {self.endpoint} refused a lease of {ttl} s: {r['error']}")
+        return int(r["ID"]), int(r["TTL"])
+
+    def keepalive(self, lease: int) -> int:
+        """Renew a lease; returns its TTL again, 0 when the lease no longer exists."""
+        return int(self.call("/lease/keepalive", {"ID": str(lease)}).get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        """End a lease now: the keys bound to it are deleted."""
+        self.call("/lease/revoke", {"ID": str(lease)})
+
+    def txn_create_if_absent(self, key: str, value: str, lease: int = 0) -> bool:
+        """Create the key only if it does not exist (create_revision 0); True when created."""
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        r = self.call("/kv/txn", {
+            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+                         "create_revision": "0"}],
+            "success": [{"request_put": put}],
+        })
+        return bool(r.get("succeeded", False))
+
+    def status(self) -> dict[str, Any]:
+        """This member's view: header.member_id, leader, raftTerm…"""
+        return self.call("/maintenance/status", {})
+
+    def move_leader(self, target_member_id: int) -> None:
+        """Hand leadership to another member (must be sent to the current leader)."""
+        self.call("/maintenance/transfer-leadership", {"targetID": str(target_member_id)})
