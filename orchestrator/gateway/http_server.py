@@ -10,6 +10,7 @@ middleware below); past either the client gets 408 and the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -27,6 +28,19 @@ _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-
         b"connection: close\r\ncontent-length: 36\r\n\r\nrequest headers not received in time")
 # Request line and headers together (h11's own default is 16 KiB).
 MAX_HEADER_BYTES = 16 * 1024
+# How long a refused connection's remaining input is read and dropped before closing.
+LINGER_S = 2.0
+
+
+def _refusal(status: int, phrase: str, reason: str, detail: str) -> bytes:
+    body = json.dumps({"detail": detail, "reason": reason}).encode()
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+
+
+_431 = _refusal(431, "Request Header Fields Too Large", "oversized",
+                f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
+_400 = _refusal(400, "Bad Request", "malformed", "not a valid HTTP/1.1 request")
 
 
 class HeaderTimeoutH11(H11Protocol):
@@ -36,8 +50,41 @@ class HeaderTimeoutH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a refused request: read and dropped
+        if self.conn.their_state is h11.IDLE:
+            # The limit holds however the head arrives: h11 checks it only while the head is
+            # incomplete, so a head that arrives whole (one loopback segment) would pass.
+            head = self.conn.trailing_data[0] + data
+            end = head.find(b"\r\n\r\n")
+            if (end + 4 if end >= 0 else len(head)) > MAX_HEADER_BYTES:
+                self._refuse(_431)
+                return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 found the request malformed (uvicorn has logged it).
+        self._refuse(_400)
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer, then linger: a socket closed with unread input resets the connection, and a
+        client still sending may lose the answer before reading it (the usual case across a
+        real network, where a large request arrives in many segments)."""
+        self._disarm()
+        self._lingering = True
+        self.transport.write(response)
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except OSError:  # the client is gone already (reset): nobody to linger for
+            self.transport.close()
+            return
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def _arm(self) -> None:
         self._disarm()
@@ -75,8 +122,7 @@ class HeaderTimeoutH11(H11Protocol):
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
         log.warning("closed the connection of %s: request headers not received within %g s",
                     client, self.header_timeout_s)
-        self.transport.write(_408)
-        self.transport.close()
+        self._refuse(_408)
 
 
 class BodyReadTimeout:
