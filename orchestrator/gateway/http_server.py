@@ -63,9 +63,14 @@ class HeaderTimeoutH11(H11Protocol):
             head = self.conn.trailing_data[0] + data
             end = head.find(b"\r\n\r\n")
             if (end + 4 if end >= 0 else len(head)) > MAX_HEADER_BYTES:
+                log.warning("refused the request of %s: request line and headers over %d bytes",
+                            self._who(), MAX_HEADER_BYTES)
                 self._refuse(_431)
                 return
         super().data_received(data)
+
+    def _who(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
 
     def send_400_response(self, msg: str) -> None:
         # h11 found the request malformed (uvicorn has logged it).
@@ -119,9 +124,8 @@ class HeaderTimeoutH11(H11Protocol):
         if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
             self.transport.close()  # idle, not a byte of a request yet: nobody to answer
             return
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
         log.warning("closed the connection of %s: request headers not received within %g s",
-                    client, self.header_timeout_s)
+                    self._who(), self.header_timeout_s)
         self._refuse(_408)
 
 
