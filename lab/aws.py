@@ -66,7 +66,9 @@ def start_moto(lab_dir: Path, timeout: float = 30.0, host: str = "127.0.0.1") ->
         )
     port = procs.free_port()
     log = lab_dir / "logs" / "moto.log"
-    proc = procs.spawn([str(exe), "-H", host, "-p", str(port)], log)
+    # Run from the lab directory: `lab down` finds it there even if `lab up` died before
+    # recording its pid (its command line names nothing of the lab).
+    proc = procs.spawn([str(exe), "-H", host, "-p", str(port)], log, cwd=lab_dir)
     try:
         procs.wait_port(port, timeout, "moto_server", proc, log, host=host)
     except BaseException:

@@ -285,15 +285,31 @@ def test_site_loss_takes_the_site_and_its_vcenter(lab: dict[str, Any]) -> None:
     assert not procs.pid_alive(lab["processes"]["vcsim-prod"])
 
 
+def _holds_file_in(pid: int, lab_dir: Path) -> bool:
+    """Has the process a file of the lab open (its log, say), even one deleted since?"""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(lab_dir) + "/"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _leftovers(lab_dir: Path, lab_id: str) -> list[str]:
     left = []
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     left += [n for n in out.split() if n.startswith(f"drfl-{lab_id}")]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     left += [ln.split(":")[1].strip() for ln in links.splitlines() if f"dfl{lab_id}" in ln]
-    for p in psutil.process_iter(["cmdline"]):
-        if str(lab_dir) in " ".join(p.info["cmdline"] or []):
-            left.append(f"pid {p.pid}")
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if str(lab_dir) in " ".join(p.info["cmdline"] or []) or \
+                (p.info["cwd"] or "").startswith(str(lab_dir)) or _holds_file_in(p.pid, lab_dir):
+            left.append(f"pid {p.pid} {' '.join(p.info['cmdline'] or [])[:80]}")
     if lab_dir.exists():
         left.append(str(lab_dir))
     return left
@@ -305,9 +321,11 @@ def test_lab_down_leaves_nothing_after_the_manager_is_killed() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Kill it half-way: its networks and some processes exist, the lab is not complete.
+        # moto's command line names nothing of the lab: it must be found all the same.
         wait_for(lambda: (d / "lab.json").exists() and
                  "network" in json.loads((d / "lab.json").read_text() or "{}") and
-                 any(d.glob("pg/*/prod/server.log")), 60, "the lab half-way up")
+                 any(d.glob("pg/*/prod/server.log")) and (d / "logs" / "moto.log").exists(),
+                 60, "the lab half-way up")
         lab_id = json.loads((d / "lab.json").read_text())["network"]["lab_id"]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
