@@ -23,6 +23,8 @@ def _free_port() -> int:
 def _internet_address() -> str:
     from lab import netns
 
+    # Removed at exit unless a lab or a listener (another session's) still uses it.
+    atexit.register(netns.release_internet)
     return netns.ensure_internet()
 
 
