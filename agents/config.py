@@ -192,6 +192,31 @@ class ControlConfig(_Model, ListenAddress):
         return v
 
 
+class LeaseConfig(_Model):
+    """The group's leader lease in etcd, held while this node's PostgreSQL is the primary."""
+
+    etcd: list[str] = Field(min_length=1, max_length=9,
+                            description="client URLs of etcd members, e.g. http://10.0.0.5:2379")
+    lease_s: int = Field(3, ge=2, le=60, description="the lease's TTL; the group's policy.lease_s")
+    margin_s: float = Field(0.5, gt=0, le=10, description="fence this long before the lease "
+                                                          "could expire in etcd")
+    replication: Literal["sync", "async"] = Field(
+        "sync", description="the group's replication: only a sync primary may keep serving "
+                            "without etcd while its synchronous standby streams (failsafe)")
+
+    @field_validator("etcd")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        return [http_url(u, "lease.etcd") for u in v]
+
+    @model_validator(mode="after")
+    def _margin(self) -> LeaseConfig:
+        if self.margin_s >= self.lease_s / 2:
+            raise ValueError(f"lease margin_s ({self.margin_s:g} s) must be under half of "
+                             f"lease_s ({self.lease_s} s)")
+        return self
+
+
 class AgentConfig(_Model):
     agent_id: str = Field(min_length=1, max_length=200)
     group: str = Field(min_length=1, max_length=200)
@@ -199,6 +224,8 @@ class AgentConfig(_Model):
     heartbeat_interval_s: float = Field(1.0, gt=0, le=3600)
     outbox: Path = Path("agent-outbox.sqlite")
     control: ControlConfig | None = None
+    # None: no leader lease (the group does not use etcd).
+    lease: LeaseConfig | None = None
     resources: list[Resource] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """The lab's etcd: one member per host (prod, DR, witness in the lab; one member on one machine),
-and a tiny stdlib-only client over etcd's v3 HTTP/JSON gateway for tests.
+started and watched for the lab; the client is drflow.etcd's.
 
 etcd 3.4.23 (Debian `etcd-server`) facts this module relies on, checked here:
 - The gateway answers under `/v3/…` and also `/v3beta/…` (3.4 keeps the 3.3 path; 3.5 drops it),
@@ -17,7 +17,6 @@ etcd 3.4.23 (Debian `etcd-server`) facts this module relies on, checked here:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -33,7 +32,18 @@ from typing import Any
 
 import psutil
 
+from drflow.etcd import Client, EtcdError, _reason
 from lab import procs
+
+__all__ = [
+    "Client",
+    "EtcdError",
+    "Member",
+    "health",
+    "member_health",
+    "start_cluster",
+    "stop_cluster",
+]
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
@@ -43,13 +53,8 @@ PEER_PORT = 2380
 # 1-2 s (randomised timeout in [1 s, 2 s)) and the minimum lease TTL is 2 s.
 HEARTBEAT_MS = 100
 ELECTION_MS = 1000
-API = "/v3"
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # lab addresses: never a proxy
-
-
-class EtcdError(Exception):
-    """etcd could not be started, reached, or refused a request; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -218,97 +223,3 @@ def stop_cluster(info: dict[str, Any]) -> None:
         if proc is not None:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=1)
-
-
-# --- a tiny client over the v3 HTTP/JSON gateway -------------------------------------------------
-
-def _b64(s: str | bytes) -> str:
-    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-        return str(e.reason)
-    return str(e) or type(e).__name__
-
-
-class Client:
-    """Requests to one member; every call fails with EtcdError within `timeout` seconds."""
-
-    def __init__(self, endpoint: str, timeout: float = 2.0) -> None:
-        self.endpoint = endpoint.rstrip("/")
-        self.timeout = timeout
-
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.endpoint}{API}{path}"
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with _OPENER.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                msg = json.loads(e.read() or b"{}").get("message") or f"HTTP {e.code}"
-            except (ValueError, OSError):
-                msg = f"HTTP {e.code}"
-            raise EtcdError(f"etcd at {self.endpoint} refused {path}: {msg}") from e
-        except (OSError, ValueError) as e:  # timeouts, refused connects, reset streams
-            raise EtcdError(f"etcd at {self.endpoint} did not answer {path} within "
-                            f"{self.timeout:g} s: {_reason(e)}") from e
-        # Streaming calls (keepalive) answer one {"result": …} or {"error": …} object per line.
-        first = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
-        if "error" in first:
-            err = first["error"]
-            raise EtcdError(f"etcd at {self.endpoint} refused {path}: {err.get('message', err)}")
-        return dict(first.get("result", first))
-
-    def put(self, key: str, value: str, lease: int = 0) -> int:
-        """Write key=value (bound to a lease when given); returns the new revision."""
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            body["lease"] = str(lease)
-        return int(self.call("/kv/put", body)["header"]["revision"])
-
-    def get(self, key: str, serializable: bool = False) -> str | None:
-        """The key's value, or None. Linearizable unless `serializable` (then this member's copy,
-        which answers even without a leader)."""
-        body: dict[str, Any] = {"key": _b64(key)}
-        if serializable:
-            body["serializable"] = True
-        kvs = self.call("/kv/range", body).get("kvs") or []
-        return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
-
-    def grant(self, ttl: int) -> tuple[int, int]:
-        """A new lease: (id, TTL etcd granted, which may be more than asked)."""
-        r = self.call("/lease/grant", {"TTL": str(ttl)})
-        if r.get("error"):
-            raise EtcdError(f"etcd at {self.endpoint} refused a lease of {ttl} s: {r['error']}")
-        return int(r["ID"]), int(r["TTL"])
-
-    def keepalive(self, lease: int) -> int:
-        """Renew a lease; returns its TTL again, 0 when the lease no longer exists."""
-        return int(self.call("/lease/keepalive", {"ID": str(lease)}).get("TTL", 0))
-
-    def revoke(self, lease: int) -> None:
-        """End a lease now: the keys bound to it are deleted."""
-        self.call("/lease/revoke", {"ID": str(lease)})
-
-    def txn_create_if_absent(self, key: str, value: str, lease: int = 0) -> bool:
-        """Create the key only if it does not exist (create_revision 0); True when created."""
-        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            put["lease"] = str(lease)
-        r = self.call("/kv/txn", {
-            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL",
-                         "create_revision": "0"}],
-            "success": [{"request_put": put}],
-        })
-        return bool(r.get("succeeded", False))
-
-    def status(self) -> dict[str, Any]:
-        """This member's view: header.member_id, leader, raftTerm…"""
-        return self.call("/maintenance/status", {})
-
-    def move_leader(self, target_member_id: int) -> None:
-        """Hand leadership to another member (must be sent to the current leader)."""
-        self.call("/maintenance/transfer-leadership", {"targetID": str(target_member_id)})

@@ -215,6 +215,10 @@ class PolicyConfig(Model):
     approvals_required: Literal[1, 2] = 1
     approval_timeout_s: float = Field(default=3600.0, gt=0)
     drill_schedule: str | None = None
+    # The primary agent's leader lease (docs/fencing.md): it fences itself before this runs out.
+    lease_s: int = Field(default=3, ge=2, le=60)
+    # How long a takeover waits for a VM that vCenter shows stunned (snapshot, migration).
+    stun_grace_s: float = Field(default=10.0, ge=0, le=600)
 
     @field_validator("approvers")
     @classmethod
@@ -288,6 +292,15 @@ class DrillConfig(Model):
         return v
 
 
+class EtcdConfig(Model):
+    """The consensus store holding each group's leader and sync keys (docs/fencing.md).
+
+    Production: three members, at prod, at DR and at a third location (the witness)."""
+
+    endpoints: list[HttpUrl] = Field(min_length=1)
+    timeout_s: float = Field(default=1.0, gt=0, le=30)
+
+
 class DrflowConfig(Model):
     """The whole of `drflow.yaml`."""
 
@@ -298,6 +311,8 @@ class DrflowConfig(Model):
     gateway: GatewayConfig
     groups: list[GroupConfig] = Field(min_length=1)
     drill: DrillConfig | None = None  # None: the defaults of DrillConfig
+    # None: no leader leases; failover then fences through vSphere only.
+    etcd: EtcdConfig | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Self:
