@@ -1,4 +1,4 @@
-"""What drflow does today in each failure a datacenter has, measured on the lab.
+"""What drflow does in each failure a datacenter has, measured on the lab, against what it must do.
 
 Each case injects one fault (lab/faults.py) on its own group while an application-like writer
 writes through the group's DNS name with the FOLLOW client settings (lab/clients.py); for a
@@ -23,7 +23,13 @@ host_loss_libpq_defaults, blackhole_libpq_defaults: the same fault seen by a sec
 libpq's default settings (for these two cases the fault lasts the whole window); `hung_s` is how
 long its call to the silent host waited: until its first error, or the end (`still_hung`).
 
-Last line: one JSON object, a key per case.
+Each case has a required outcome (docs/fencing.md's table): a failover (with an RTO p50 bound
+where one is required) or none; never an acknowledged write lost, never two writers; prod keeps
+acknowledging writes through the faults it must survive (longest write gap ≤ 10 s); with no etcd
+majority, a Slack message names `--declare-fenced`. `--runs N` repeats the VM-level cases in N
+labs and reports their RTO median. A case is `green` when its outcome is the required one.
+
+Last line: one JSON object, a key per case, plus `all_green`, `green` and `cases`.
 """
 
 from __future__ import annotations
@@ -56,21 +62,39 @@ class Case:
     task: str = "none"
     site_writer: bool = False
     libpq_writer: bool = False  # also a writer with libpq's defaults; the fault lasts the window
+    expect: str = "failover"  # or "no_failover": the required outcome
+    rto_max: float | None = None  # the required RTO (p50 over runs)
+    pre: tuple[tuple[str, str], ...] = ()  # faults made first (kind, target), e.g. witness down
 
+
+LEASE_S = 3.0  # the lab's policy.lease_s
 
 CASES: dict[str, Case] = {
-    "power_off": Case("power-off", "primary", "vm"),
-    "guest_crash": Case("guest-crash", "primary", "vm"),
-    "host_loss": Case("host-loss", "primary", "vm", libpq_writer=True),
-    "mgmt_loss": Case("mgmt-loss", "primary", "vm"),
-    "stun_5s_snapshot": Case("stun", "primary", "vm", seconds=5, task="snapshot"),
-    "stun_8s": Case("stun", "primary", "vm", seconds=8),
-    "blackhole": Case("blackhole", "primary", "vm", libpq_writer=True),
-    "partition_prod": Case("partition", "prod", "own", site_writer=True),
-    "cut_prod_dr": Case("cut", "prod", "own", other="dr", site_writer=True),
-    "site_loss_prod": Case("site-loss", "prod", "own", groups=5),
-    "site_loss_dr": Case("site-loss", "dr", "own"),
+    "power_off": Case("power-off", "primary", "vm", expect="failover", rto_max=4.0),
+    "guest_crash": Case("guest-crash", "primary", "vm", expect="failover", rto_max=4.0),
+    "host_loss": Case("host-loss", "primary", "vm", libpq_writer=True, expect="failover",
+                      rto_max=LEASE_S + 1.5),
+    "mgmt_loss": Case("mgmt-loss", "primary", "vm", expect="no_failover"),
+    "stun_5s_snapshot": Case("stun", "primary", "vm", seconds=5, task="snapshot",
+                             expect="no_failover"),
+    "stun_8s": Case("stun", "primary", "vm", seconds=8, expect="failover"),
+    "blackhole": Case("blackhole", "primary", "vm", libpq_writer=True, expect="failover",
+                      rto_max=LEASE_S + 1.5),
+    "agent_cut": Case("agent-cut", "primary", "vm", expect="no_failover"),
+    "gateway_down": Case("gateway-down", "gateway", "vm", expect="no_failover"),
+    "etcd_down": Case("etcd-down", "all", "vm", expect="no_failover"),
+    "partition_prod": Case("partition", "prod", "own", site_writer=True, expect="failover"),
+    "cut_prod_dr": Case("cut", "prod", "own", other="dr", site_writer=True,
+                        expect="no_failover"),
+    "site_loss_prod": Case("site-loss", "prod", "own", groups=5, expect="failover",
+                           rto_max=LEASE_S + 2.0),
+    "site_loss_dr": Case("site-loss", "dr", "own", expect="no_failover"),
+    "site_loss_prod_no_witness": Case("site-loss", "prod", "own", expect="no_failover",
+                                      pre=(("partition", "witness"),)),
 }
+# Cases where prod must keep acknowledging writes through the fault (no outage).
+KEEPS_SERVING = ("mgmt_loss", "stun_5s_snapshot", "agent_cut", "gateway_down", "etcd_down",
+                 "cut_prod_dr", "site_loss_dr")
 KILLS_TARGET = ("power-off", "guest-crash", "host-loss")
 
 
@@ -114,6 +138,9 @@ def main() -> None:
                     help="seconds writes are watched after the heal")
     ap.add_argument("--quick", action="store_true",
                     help="short windows (30 s, not responding after 10 s, 5 s after heal)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="labs to run the VM-level cases in (RTO p50 over them); the "
+                         "site-level cases run once each")
     args = ap.parse_args()
     if args.quick:
         args.window, args.not_responding_after, args.after_heal = 30.0, 10.0, 5.0
@@ -124,16 +151,84 @@ def main() -> None:
 
     from lab.harness import throwaway_prefect
 
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     with throwaway_prefect():
         vm_cases = [n for n in names if CASES[n].lab == "vm"]
-        if vm_cases:
-            run_lab(vm_cases, len(vm_cases), args, results)
+        for i in range(args.runs if vm_cases else 0):
+            log(f"VM-level cases, run {i + 1} of {args.runs}")
+            one: dict[str, dict[str, Any]] = {}
+            run_lab(vm_cases, len(vm_cases), args, one)
+            for k, v in one.items():
+                runs.setdefault(k, []).append(v)
         for n in names:
             if CASES[n].lab != "vm":
-                run_lab([n], CASES[n].groups, args, results)
+                one = {}
+                run_lab([n], CASES[n].groups, args, one)
+                for k, v in one.items():
+                    runs.setdefault(k, []).append(v)
+    results = {k: summarize(k, v) for k, v in runs.items()}
     print_table(results)
-    print(json.dumps(results))
+    green = [k for k, v in results.items() if k in CASES and v["green"]]
+    print(json.dumps({**results, "all_green": len(green) == len([k for k in results if k in CASES]),
+                      "green": len(green), "cases": len([k for k in results if k in CASES])}))
+
+
+def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per case: the first run's details, RTO as the median over runs, the verdict."""
+    out = dict(rows[0])
+    rtos = [r["rto_s"] for r in rows]
+    known = sorted(x for x in rtos if x is not None)
+    out["rto_s"] = (None if not known or len(known) < len(rtos)
+                    else _round(known[len(known) // 2] if len(known) % 2
+                                else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2))
+    out["rto_runs"] = rtos
+    out["acked_lost"] = sum(r["acked_lost"] for r in rows)
+    out["two_writers"] = any(r["two_writers"] for r in rows)
+    out["healthy_powered_off"] = any(r["healthy_powered_off"] for r in rows)
+    if len(rows) > 1:
+        out["runs"] = rows
+    case = CASES.get(name)
+    if case is not None:
+        out["green"], out["verdict"] = verdict(name, case, out, rows)
+    return out
+
+
+def verdict(name: str, case: Case, row: dict[str, Any],
+            rows: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Does the case meet its required outcome? (green, what failed or held)"""
+    problems: list[str] = []
+    failed_over = [r["outcome"] == "ok" and not r.get("promoted_after_heal") for r in rows]
+    if case.expect == "failover":
+        if case.groups > 1:
+            bad = [r for r in rows if "ok x" not in str(r["outcome"])
+                   or any(g["outcome"] != "ok" for g in r.get("groups", []))]
+            if bad:
+                problems.append(f"not every group failed over ({bad[0]['outcome']})")
+        elif not all(failed_over):
+            problems.append(f"no failover in {failed_over.count(False)} of {len(rows)} run(s)")
+        if case.rto_max is not None and (row["rto_s"] is None or row["rto_s"] > case.rto_max):
+            problems.append(f"RTO p50 {row['rto_s']} s > {case.rto_max:g} s")
+    else:
+        promoted = [r for r in rows if r["outcome"] == "ok" or any(
+            f["outcome"] == "ok" and not f["after_heal"] for f in r.get("finishes", []))]
+        if promoted:
+            problems.append("failed over")
+        if row["healthy_powered_off"]:
+            problems.append("a healthy VM was powered off")
+    if name in KEEPS_SERVING:
+        gaps = [r.get("longest_write_gap_s") for r in rows]
+        slow = [g for g in gaps if g is None or g > 10.0]
+        if slow:
+            problems.append(f"prod stopped acknowledging writes (longest gap {slow[0]} s)")
+    if case.pre and not row.get("slack_names_declare_fenced"):
+        problems.append("no Slack message names --declare-fenced")
+    if row["acked_lost"]:
+        problems.append(f"{row['acked_lost']} acknowledged write(s) lost")
+    if row["two_writers"]:
+        problems.append("two nodes acknowledged writes in overlapping time")
+    if problems:
+        return False, "; ".join(problems)
+    return True, "as required"
 
 
 def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
@@ -195,10 +290,18 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
             start_site_writer(env, r, case.target)
     time.sleep(2.0)
     target = gs[0]["primary"]["vm"] if case.target == "primary" else case.target
+    for kind, where in case.pre:
+        log(f"{name}: first {kind} {where}")
+        faults.fail(env.lab_dir, kind, where, background=True, progress=log)
     log(f"{name}: {case.kind} {target}" + (f" {case.other}" if case.other else ""))
-    fault = faults.fail(env.lab_dir, case.kind, target, other=case.other, seconds=case.seconds,
-                        task=case.task, not_responding_after=args.not_responding_after,
-                        background=True, progress=log)
+    if case.kind == "gateway-down":  # the orchestrator alone: its process killed
+        fault: Any = faults.Fault("gateway-down", "gateway", time.time(), {})
+        env.stop_gateway()
+    else:
+        fault = faults.fail(env.lab_dir, case.kind, target, other=case.other,
+                            seconds=case.seconds, task=case.task,
+                            not_responding_after=args.not_responding_after,
+                            background=True, progress=log)
     window = args.window
     if case.kind in ("host-loss", "mgmt-loss"):
         window = max(window, args.not_responding_after + 45)
@@ -213,7 +316,10 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
     faults.wait_ha_restarts()  # a stun's end
     end_of_fault = time.time()
     healed = None
-    if case.kind != "stun":
+    if case.kind == "gateway-down":
+        healed = time.time()
+        env.start_gateway()
+    elif case.kind != "stun":
         healed = faults.heal(env.lab_dir, progress=log).at
     time.sleep(args.after_heal)
     stop_writers(runs)
@@ -341,6 +447,8 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
                                       and fault.at + first_new > healed)
     if healed is not None:
         row["healed_at_s"] = _round(healed - fault.at)
+    if case.pre:  # no proof of the fence: the way out must be named to the people on call
+        row["slack_names_declare_fenced"] = slack_mentions(env, r.name, "--declare-fenced")
     if r.site_out is not None:
         site_acks, site_errors = clients.read_records(r.site_out)
         row["in_site_acks_after_fault"] = sum(1 for a in site_acks if a.at > fault.at)
@@ -349,6 +457,16 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
         if later:
             row["in_site_last_error"] = f"{later[-1].what[:160]} at +{later[-1].at - fault.at:.1f} s"
     return row
+
+
+def slack_mentions(env: Any, group: str, text: str) -> bool:
+    from lab.slack_standin import SlackLab
+
+    try:
+        msgs = SlackLab(env.state["slack"]["url"]).messages()
+    except Exception:
+        return False
+    return any(group in json.dumps(m) and text in json.dumps(m) for m in msgs)
 
 
 def _vm_at(r: GroupRun, node: tuple[str, int] | None) -> str:
@@ -461,19 +579,33 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
 
+def required(case: Case | None) -> str:
+    if case is None:
+        return "—"
+    if case.expect == "no_failover":
+        return "no failover"
+    return "failover" + (f", RTO p50 ≤ {case.rto_max:g} s" if case.rto_max else "")
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    print("| case | failover | outcome | RTO (s) | longest write gap (s) | acked lost | "
-          "two writers | healthy VM off | reason |")
-    print("|---|---|---|---:|---:|---:|---|---|---|")
+    print("| case | required | green | failover | outcome | RTO p50 (s) | runs | longest write "
+          "gap (s) | acked lost | two writers | healthy VM off | reason |")
+    print("|---|---|---|---|---|---:|---|---:|---:|---|---|---|")
     for k, v in results.items():
+        case = CASES.get(k)
         rto = "—" if v.get("rto_s") is None else f"{v['rto_s']:.1f}"
+        runs = ", ".join("—" if x is None else f"{x:.1f}" for x in v.get("rto_runs", []))
         reason = str(v.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
+        if case is not None and not v.get("green"):
+            reason = f"**{v.get('verdict')}**; {reason}"
         later = [f["outcome"] for f in v.get("finishes", []) if f["after_heal"]]
         outcome = v["outcome"] + (f" (after heal: {', '.join(later)})" if later else "")
         gap = v.get("longest_write_gap_s", v.get("hung_s"))
         gap_s = "—" if gap is None else f"{gap:.1f}"
-        print(f"| {k} | {'yes' if v['failover'] else 'no'} | {outcome} | {rto} | {gap_s} | "
-              f"{v['acked_lost']} | {'yes' if v['two_writers'] else 'no'} | "
+        green = "—" if case is None else ("yes" if v.get("green") else "**no**")
+        print(f"| {k} | {required(case)} | {green} | {'yes' if v['failover'] else 'no'} | "
+              f"{outcome} | {rto} | {runs} | {gap_s} | {v['acked_lost']} | "
+              f"{'yes' if v['two_writers'] else 'no'} | "
               f"{'yes' if v['healthy_powered_off'] else 'no'} | {reason} |")
 
 
