@@ -12,6 +12,7 @@ import yaml
 
 from drflow.signing import control_secret
 from lab import procs
+from lab.labconfig import LEASE_S
 
 
 def agent_dir(lab_dir: Path, vm: str) -> Path:
@@ -56,9 +57,21 @@ def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, An
              "depends_on": ["postgres"], "interval_s": 1, "failure_threshold": 2},
         ],
     }
+    if state.get("etcd"):
+        cfg["lease"] = lease_section(state, node["datacenter"])
     path = d / "agent.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def lease_section(state: dict[str, Any], site: str) -> dict[str, Any]:
+    """agent.yaml's `lease`: the etcd member at the agent's own site first (its renewals do not
+    cross sites while the site is whole), then the others."""
+    by_site: dict[str, str] = state["etcd"]["by_site"]
+    own = by_site.get(site)
+    urls = [*([own] if own else []), *state["etcd"]["endpoints"]]
+    return {"etcd": list(dict.fromkeys(urls)), "lease_s": LEASE_S, "margin_s": 0.5,
+            "replication": state["replication"]}
 
 
 def service_spec(lab_dir: Path, vm: str, config: Path) -> dict[str, Any]:

@@ -41,6 +41,8 @@ __all__ = [
     "Member",
     "health",
     "member_health",
+    "move_leader",
+    "restart_member",
     "start_cluster",
     "stop_cluster",
 ]
@@ -123,7 +125,7 @@ def start_cluster(lab_dir: Path, members: list[Member], timeout: float = 30.0) -
             proc = procs.spawn(argv, log)
             started.append({"name": m.name, "client_url": m.client_url, "peer_url": m.peer_url,
                             "pid": proc.pid, "log": str(log), "data_dir": str(data_dir),
-                            "proc": proc})
+                            "argv": argv, "proc": proc})
         _wait_healthy(started, t0 + timeout, timeout)
     except BaseException:
         stop_cluster({"members": started})
@@ -207,6 +209,51 @@ def health(info: dict[str, Any], timeout: float = 1.0) -> tuple[bool, str]:
     if down:
         detail += f" ({'; '.join(down)})"
     return len(up) == len(members) and len(leaders) == 1 and bool(leader), detail
+
+
+def restart_member(member: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Start a stopped member again with its data (the same data dir, `--initial-cluster-state
+    existing`), as a rebooted etcd host does; returns its entry with the new pid once it answers
+    (it may still be looking for a leader when the others are down too: not waited for)."""
+    if procs.pid_alive(int(member.get("pid") or 0)):
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(int(member["pid"])).name() == "etcd":
+                return member
+    argv = list(member["argv"])
+    argv[argv.index("--initial-cluster-state") + 1] = "existing"
+    proc = procs.spawn(argv, Path(member["log"]))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise EtcdError(f"etcd member {member['name']} exited with code {proc.returncode} "
+                            f"on restart{_tail(Path(member['log']))}")
+        ok, why = member_health(member["client_url"], 0.3)
+        if ok or why.startswith("unhealthy"):  # it serves /health: it is up
+            break
+        if time.monotonic() > deadline:
+            raise EtcdError(f"etcd member {member['name']} did not answer within {timeout:.0f} s "
+                            f"of its restart ({why}){_tail(Path(member['log']))}")
+        time.sleep(0.05)
+    return {**member, "pid": proc.pid, "argv": argv}
+
+
+def move_leader(info: dict[str, Any], name: str, timeout: float = 5.0) -> float:
+    """Make member `name` the leader (move_leader sent to the current leader); returns the seconds
+    it took. Already leader: nothing to do."""
+    t0 = time.monotonic()
+    urls = {m["name"]: m["client_url"] for m in info["members"]}
+    ids = {int(Client(u, timeout).status()["header"]["member_id"]): u for u in urls.values()}
+    target = next(i for i, u in ids.items() if u == urls[name])
+    while True:
+        leader = int(Client(urls[name], timeout).status().get("leader", 0))
+        if leader == target:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise EtcdError(f"etcd leadership did not move to {name} within {timeout:.0f} s")
+        if leader in ids:
+            with contextlib.suppress(EtcdError):  # a leader change meanwhile: read it again
+                Client(ids[leader], timeout).move_leader(target)
+        time.sleep(0.05)
 
 
 def stop_cluster(info: dict[str, Any]) -> None:

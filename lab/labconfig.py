@@ -8,6 +8,9 @@ from typing import Any
 import yaml
 
 LAB_APPROVERS = ["U0ONCALL1", "U0ONCALL2"]
+# The leader lease's TTL and how long a takeover waits out a stun (docs/fencing.md).
+LEASE_S = 3
+STUN_GRACE_S = 10
 
 
 def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -38,13 +41,14 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
             "standby": side(g, "standby"),
             "dns": {"zone_id": g["dns"]["zone_id"], "record": g["dns"]["record"], "ttl": 30},
             "policy": {"auto_failover": True, "approvers": LAB_APPROVERS, "approvals_required": 1,
-                       "approval_timeout_s": 3600, "drill_schedule": "0 3 * * 0"},
+                       "approval_timeout_s": 3600, "drill_schedule": "0 3 * * 0",
+                       "lease_s": LEASE_S, "stun_grace_s": STUN_GRACE_S},
         })
     for g in groups:
         for role in ("primary", "standby"):
             if g[role]["agent_url"] is None:
                 del g[role]["agent_url"]
-    return {
+    cfg: dict[str, Any] = {
         "sites": {"prod": site("prod"), "dr": site("dr")},
         "aws": {"region": state["aws"]["region"], "endpoint_url": state["aws"]["endpoint_url"],
                 "access_key_id": {"ref": f"file:{secrets_dir / 'aws_access_key_id'}"},
@@ -62,6 +66,9 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         # Drill copies live inside the lab directory, so `lab down` sweeps them too.
         "drill": {"work_dir": str(lab_dir / "drill")},
     }
+    if state.get("etcd"):  # every member: the client moves on when one does not answer
+        cfg["etcd"] = {"endpoints": list(state["etcd"]["endpoints"])}
+    return cfg
 
 
 def write_drflow_yaml(lab_dir: Path, state: dict[str, Any]) -> Path:

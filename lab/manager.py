@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from lab import agents as lab_agents
-from lab import aws, netns, postgres, procs, slack_standin, vcsim
+from lab import aws, etcd, netns, postgres, procs, slack_standin, vcsim
 from lab.labconfig import write_drflow_yaml
 
 GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
@@ -68,8 +68,9 @@ def up(
     progress: Progress = print,
     agents: bool = True,
 ) -> dict[str, Any]:
-    """Build the sites' networks, then start a vcsim per site, PostgreSQL pairs, moto, the Slack
-    stand-in and a power bridge per site; write lab.json and drflow.yaml."""
+    """Build the sites' networks, then start a vcsim per site, etcd (a member per location),
+    PostgreSQL pairs, moto, the Slack stand-in and a power bridge per site; write lab.json and
+    drflow.yaml."""
     if replication not in ("sync", "async"):
         raise LabError(f"--replication must be sync or async, not {replication!r}")
     if groups < 1:
@@ -103,10 +104,11 @@ def up(
         addr = _addresses(topo, names)
         # Every host (VM, vCenter, orchestrator, witness) its own network stack behind its
         # site's router: whatever a program binds, its packets carry its host's address.
-        hosts = {(f"{name}-{site}" if name in (*names, "vcenter") else name): (site, a)
+        hosts = {(f"{name}-{site}" if name in (*names, "vcenter", "etcd") else name): (site, a)
                  for site in (*SITES, "witness") for name, a in addr[site].items()}
         prefix = {h: netns.add_host(topo, site, h, a) for h, (site, a) in hosts.items()}
-        with ThreadPoolExecutor(max_workers=5 + groups) as pool:
+        with ThreadPoolExecutor(max_workers=6 + groups) as pool:
+            f_etcd = pool.submit(_timed, progress, "etcd", _start_etcd, lab_dir, topo, addr, prefix)
             f_vcs = {
                 site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
                                   vcsim.start_vcsim, lab_dir, names, 0, 30.0, None, False,
@@ -131,6 +133,7 @@ def up(
             moto = _record(state, "moto", f_moto)
             slack = _record(state, "slack", f_slack)
             pairs = {n: f.result() for n, f in f_pairs.items()}
+            state["etcd"] = f_etcd.result()
         state["postgres"] = {
             n: {"primary": postgres.describe(p), "standby": postgres.describe(s)}
             for n, (p, s) in pairs.items()
@@ -212,6 +215,24 @@ def up(
 
 
 SITES = ("prod", "dr")
+ETCD_SITES = ("prod", "dr", "witness")
+
+
+def _start_etcd(lab_dir: Path, topo: netns.Topology, addr: dict[str, dict[str, str]],
+                prefix: dict[str, list[str]]) -> dict[str, Any]:
+    """etcd as production runs it: a member per location, each in its own host (etcd-prod,
+    etcd-dr, etcd-witness); on loopback a single member. Returns lab.json's `etcd`."""
+    sites = ETCD_SITES if topo.enabled else ("dr",)
+    members = [etcd.Member(f"etcd-{s}", addr[s]["etcd"], prefix[f"etcd-{s}"]) for s in sites]
+    info = etcd.start_cluster(lab_dir, members)
+    by_site = {s: members[0].client_url for s in ETCD_SITES}
+    if len(members) > 1:
+        by_site = {s: m.client_url for s, m in zip(sites, members, strict=True)}
+        # A member that becomes leader extends every lease by an election timeout (the lessor's
+        # Promote). With the leader at the witness, losing prod or DR (and its member) costs no
+        # election, so the lease of an agent lost with its site expires on time, not 1-3 s late.
+        info["leader_moved_in_s"] = round(etcd.move_leader(info, "etcd-witness"), 2)
+    return {**info, "by_site": by_site}
 
 
 def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, str]]:
@@ -222,6 +243,8 @@ def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, st
         out[site].update({n: topo.address(site, 20 + i) for i, n in enumerate(names)})
     out["dr"]["orchestrator"] = topo.address("dr", 11)
     out["witness"] = {"witness": topo.address("witness", 10)}
+    for site in ETCD_SITES:  # a member per location: etcd-prod, etcd-dr, etcd-witness
+        out[site]["etcd"] = topo.address(site, 12)
     return out
 
 
@@ -336,6 +359,11 @@ def _write_secret(path: Path, value: str) -> None:
     path.chmod(0o600)
 
 
+def save(lab_dir: Path, state: dict[str, Any]) -> None:
+    """Write lab.json again (faults that restart a part record its new pid)."""
+    _write_state(lab_dir, state)
+
+
 def _write_state(lab_dir: Path, state: dict[str, Any]) -> None:
     path = state_path(lab_dir)
     tmp = path.with_suffix(".tmp")
@@ -356,6 +384,9 @@ def status(lab_dir: Path = DEFAULT_DIR) -> list[tuple[str, bool, str]]:
         rows.append((f"vCenter {site} (vcsim)", *vcsim.health({**vc, "pid": pids.get(f"vcsim-{site}")})))
     if not state.get("vcenters"):
         rows.append(("vcsim", False, "not started"))
+    if state.get("etcd"):
+        n = len(state["etcd"].get("members") or [])
+        rows.append((f"etcd ({n} member{'s' if n != 1 else ''})", *etcd.health(state["etcd"])))
     rows.append(("moto (Route 53, S3, Secrets Manager)",
                  *aws.health({**state.get("aws", {}), "pid": pids.get("moto")})))
     rows.append(("Slack stand-in", *slack_standin.health({**state.get("slack", {}),
@@ -397,6 +428,7 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
         pid = pids.get(name)
         if pid:
             procs.stop_tree(int(pid), timeout=3)
+    etcd.stop_cluster(state.get("etcd") or {})
     for pair in state.get("postgres", {}).values():
         for role in ("primary", "standby"):
             postgres.kill_hard(postgres.Instance.from_dict(pair[role]))

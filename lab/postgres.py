@@ -186,10 +186,14 @@ max_wal_senders = 10
 max_replication_slots = 10
 wal_keep_size = '256MB'         # keeps WAL for a rewound old primary to catch up in tests
 hot_standby = on
+# Fencing timing (/work/fencing-spec.md, docs/fencing.md): a live primary is heard by its standby
+# at least every ~1 s (status interval: the receiver's replies prompt the sender's), and a silent
+# peer ends the stream within 2 s on either side. A takeover needs the standby to have heard
+# nothing for lease_s/2, and a sync primary relaxes sync only once no standby streamed for lease_s.
 wal_receiver_status_interval = '1s'
 wal_retrieve_retry_interval = '500ms'   # a standby reconnects fast after its primary restarts
-wal_sender_timeout = '10s'
-wal_receiver_timeout = '10s'
+wal_sender_timeout = '2s'
+wal_receiver_timeout = '2s'
 password_encryption = 'scram-sha-256'
 log_checkpoints = off
 log_line_prefix = '%m [%p] %q%a '

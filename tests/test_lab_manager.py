@@ -13,7 +13,10 @@ import psutil
 import psycopg
 import pytest
 
-from lab import manager, vcsim
+from agents.config import load_config as load_agent_config
+from drflow.config.loader import load_config
+from lab import agents as lab_agents
+from lab import etcd, manager, netns, vcsim
 from tests.conftest import new_lab_dir
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
@@ -58,6 +61,48 @@ def test_lab_files_describe_the_lab(lab: dict[str, Any]) -> None:
     for secret in (data["vcenter"]["password"], data["slack"]["signing_secret"],
                    data["database"]["password"], data["secrets"]["webhook"]):
         assert secret not in text
+
+
+def test_etcd_runs_a_member_per_location_with_the_leader_at_the_witness(
+        lab: dict[str, Any]) -> None:
+    info = lab["etcd"]
+    ok, detail = etcd.health(info)
+    assert ok, detail
+    topo = manager.topology(lab)
+    assert topo is not None
+    if not topo.enabled:  # loopback: the one-machine variant
+        assert [m["name"] for m in info["members"]] == ["etcd-dr"]
+        assert set(info["by_site"].values()) == set(info["endpoints"])
+        return
+    assert [m["name"] for m in info["members"]] == ["etcd-prod", "etcd-dr", "etcd-witness"]
+    assert "3/3 members up" in detail and "leader etcd-witness" in detail, detail
+    for site, url in info["by_site"].items():
+        host = url.removeprefix("http://").rsplit(":", 1)[0]
+        assert topo.location_of(host) == site
+        # Each member in a host of its own: in its site's namespace, the etcd port of that address.
+        assert netns.host_prefix(topo, f"etcd-{site}")
+    # Every member agrees the witness's member leads.
+    witness_id = int(etcd.Client(info["by_site"]["witness"]).status()["header"]["member_id"])
+    assert {int(etcd.Client(u).status()["leader"]) for u in info["endpoints"]} == {witness_id}
+
+
+def test_lab_configs_carry_etcd_and_the_lease(lab: dict[str, Any]) -> None:
+    lab_dir = Path(lab["dir"])
+    cfg = load_config(lab_dir / "drflow.yaml")
+    assert cfg.etcd is not None
+    assert [str(u).rstrip("/") for u in cfg.etcd.endpoints] == lab["etcd"]["endpoints"]
+    for g in cfg.groups:
+        assert (g.policy.lease_s, g.policy.stun_grace_s) == (3, 10)
+    g = lab["groups"][0]
+    for role in ("primary", "standby"):
+        path = lab_agents.write_agent_config(lab_dir, lab, g, role, 40123)
+        lease = load_agent_config(path).lease
+        assert lease is not None
+        own = lab["etcd"]["by_site"][g[role]["datacenter"]]
+        # The member of its own site first, then every other one.
+        assert lease.etcd[0] == own
+        assert sorted(lease.etcd) == sorted(lab["etcd"]["endpoints"])
+        assert (lease.lease_s, lease.margin_s, lease.replication) == (3, 0.5, "sync")
 
 
 def test_second_lab_up_refuses_and_changes_nothing(lab: dict[str, Any]) -> None:
@@ -107,6 +152,9 @@ def test_up_and_down_leave_nothing_behind() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     state = manager.load(lab_dir)
     pids = [int(p) for p in state["processes"].values()]
+    members = [int(m["pid"]) for m in state["etcd"]["members"]]
+    assert len(members) == (3 if manager.topology(state).enabled else 1)  # type: ignore[union-attr]
+    pids += members
     assert pids and all(psutil.pid_exists(p) for p in pids)
     out = subprocess.run([DRFLOW, "lab", "down", "--dir", str(lab_dir)],
                          capture_output=True, text=True, timeout=60)
