@@ -36,6 +36,7 @@ from orchestrator.gateway import (
     decide_incident,
     run,
 )
+from orchestrator.gateway.contracts import Alerter
 from orchestrator.gateway.settings import GroupNode, GroupRoster
 
 SECRET = "gw-test-secret-7f3a9c"  # a test value; the tests check it never leaks
@@ -118,11 +119,11 @@ def make_settings(state: Path, **kw: Any) -> GatewaySettings:
 
 
 @contextmanager
-def running_gateway(settings: GatewaySettings, starter: RecordingStarter | None = None
-                    ) -> Iterator[Gateway]:
+def running_gateway(settings: GatewaySettings, starter: RecordingStarter | None = None,
+                    alerter: Alerter | None = None) -> Iterator[Gateway]:
     starter = starter or RecordingStarter()
     audit = RecordingAudit()
-    app = create_app(settings, starter, audit)
+    app = create_app(settings, starter, audit, alerter)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                           access_log=False, lifespan="on"))

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class IncidentKind(StrEnum):
     HEARTBEAT_LOST = "heartbeat_lost"
     RECOVERY_EXHAUSTED = "recovery_exhausted"
+    LEASE_EXPIRED = "lease_expired"  # the primary's leader key vanished from etcd (leases.py)
 
 
 class Incident(BaseModel):

@@ -30,6 +30,9 @@ def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) 
         "slack_signing_secret": _slack_secret(cfg),
         "state_path": state_path,
     }
+    if cfg.etcd is not None:
+        fields["etcd_endpoints"] = [str(u) for u in cfg.etcd.endpoints]
+        fields["etcd_timeout_s"] = cfg.etcd.timeout_s
     return GatewaySettings(**{**fields, **overrides})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -67,6 +67,18 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
+        # The leader-key watch (leases.py); without etcd configured, etcd_up stays 0.
+        self.leader_key_present = Gauge(
+            "drflow_gateway_leader_key_present",
+            "1 when the group's leader key exists in etcd at the last successful read, else 0.",
+            ["group"], registry=self.registry)
+        self.etcd_up = Gauge("drflow_gateway_etcd_up",
+                             "1 when the last read of the leader keys succeeded, else 0.",
+                             registry=self.registry)
+        self.etcd_read_failures = Counter(
+            "drflow_gateway_etcd_read_failures_total",
+            "Reads of the leader keys that failed (etcd unreachable or unable to serve).",
+            registry=self.registry)
         self.registry.register(_HeartbeatAges(tracker))
 
     def render(self) -> bytes:

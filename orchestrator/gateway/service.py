@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from drflow.etcd import Client as EtcdClient
 from drflow.events import EventKind, HealthEvent
 from orchestrator.gateway.contracts import (
     Alert,
@@ -28,6 +29,8 @@ from orchestrator.gateway.contracts import (
 from orchestrator.gateway.decide import Action, Decision, Role, decide_incident, reported_role
 from orchestrator.gateway.heartbeats import AgentState, HeartbeatTracker
 from orchestrator.gateway.intake import Rejection, clip
+from orchestrator.gateway.lease_decide import LeaderSeen, agent_lease_alert, decide_lease_expired
+from orchestrator.gateway.leases import LeaseWatcher
 from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.replication import ReplicationEvidence
 from orchestrator.gateway.settings import GatewaySettings
@@ -75,6 +78,9 @@ class GatewayService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        # The leader-key watch, when etcd is configured (leases.py).
+        self.leases: LeaseWatcher | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
@@ -105,9 +111,14 @@ class GatewayService:
                                              "its run was interrupted by a restart")
                 self._spawn(self._drive_start(rec.incident, None))
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if self.settings.etcd_endpoints:
+            client = EtcdClient(self.settings.etcd_endpoints, self.settings.etcd_timeout_s)
+            self.leases = LeaseWatcher(client, list(self.settings.groups), self._on_lease_vanished,
+                                       self.metrics, self.settings.lease_poll_s)
+            self._lease_task = asyncio.get_running_loop().create_task(self.leases.run())
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *([self._watcher] if self._watcher else [])]
+        tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task) if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -147,6 +158,13 @@ class GatewayService:
                 hook(event)
             except Exception:
                 log.exception("event hook failed for %s from %s", event.kind.value, event.agent_id)
+        lease_alert = agent_lease_alert(event.group, event.agent_id, event.details)
+        if lease_alert is not None:
+            kind, why = lease_alert
+            self._raise_alert(Alert(group=event.group, kind=kind, agent_id=event.agent_id,
+                                    reason=why, evidence={"event_id": str(event.event_id),
+                                                          "event_kind": event.kind.value,
+                                                          "resource": event.resource}))
 
         key = (event.group, event.agent_id)
         role = reported_role(event.details)
@@ -394,6 +412,37 @@ class GatewayService:
         }
         self._act(decision, state.group, IncidentKind.HEARTBEAT_LOST, state.agent_id, evidence, last)
 
+    # -- leader keys --------------------------------------------------------------------------
+
+    def _on_lease_vanished(self, group: str, seen: LeaderSeen, absent_at: float,
+                           revision: int) -> None:
+        """A leader key read present, then absent (called on the loop by the watcher)."""
+        open_rec = self.store.open_incident(group)
+        decision = decide_lease_expired(
+            group=group, vanished=seen, absent_at=absent_at,
+            known_primary=self.tracker.primary(group),
+            auto_failover=self.settings.groups[group].auto_failover,
+            open_incident=open_rec.incident.idempotency_key if open_rec else None)
+        holder = seen.leader.agent_id if seen.leader is not None else ""
+        evidence = {
+            "agent_id": holder, "by": seen.leader.by if seen.leader else None,
+            "leader_value": seen.raw[:500], "key_mod_revision": seen.mod_revision,
+            "lease_id": seen.lease, "last_seen_revision": seen.revision,
+            "last_seen_at": datetime.fromtimestamp(seen.seen_at, UTC).isoformat(),
+            "absent_at": datetime.fromtimestamp(absent_at, UTC).isoformat(),
+            "absent_revision": revision,
+        }
+        # RTO counts from the earliest sign: the holder's last heartbeat if it was heard before.
+        first = seen.seen_at
+        state = self.tracker.get(group, holder) if holder else None
+        if state is not None and state.heard:
+            first = min(first, state.last_seen_wall)
+        if not holder:
+            log.warning("%s", decision.reason)
+            return
+        self._act(decision, group, IncidentKind.LEASE_EXPIRED, holder, evidence,
+                  datetime.fromtimestamp(first, UTC))
+
     # -- views and audit ------------------------------------------------------------------------
 
     def groups_view(self) -> dict[str, Any]:
@@ -419,6 +468,8 @@ class GatewayService:
                     "first_failure_at": rec.incident.first_failure_at.isoformat(), "error": rec.error,
                 },
             }
+            if self.leases is not None:
+                out[name]["leases"] = self.leases.view(name)
         return out
 
     def refuse(self, rejection: Rejection, target: str, client: str | None) -> None:

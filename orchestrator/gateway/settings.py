@@ -73,6 +73,12 @@ class GatewaySettings(BaseModel):
         default=10.0, gt=0, description="A client must send its whole body within this long of "
         "the request's start (408 and the connection closed otherwise).")
     keep_alive_s: float = Field(default=5.0, gt=0, description="Idle keep-alive connections.")
+    etcd_endpoints: list[str] = Field(
+        default_factory=list, description="etcd client URLs holding the groups' leader and sync "
+        "keys (leases.py); empty: no leader-key watch, failover on heartbeats only.")
+    etcd_timeout_s: float = Field(default=1.0, gt=0, description="Per etcd request and endpoint.")
+    lease_poll_s: float = Field(default=0.1, gt=0, le=5, description="How often every group's "
+                                "leader and sync keys are read (one range read).")
 
     @model_validator(mode="after")
     def _retention_covers_window(self) -> GatewaySettings:

@@ -12,10 +12,15 @@ import asyncio
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+
+from drflow.etcd import Client as EtcdClient
+from drflow.etcd import EtcdError
+from drflow.leader_keys import PREFIX
+from orchestrator.gateway.leases import Snapshot, keys_view, parse
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -125,6 +130,17 @@ def assess(group: str, replication: str, rpo_budget_s: float, home_site: str,
         return verdict(UNPROTECTED, f"after failover: {p.vm} ({p.site}) serves alone; {why}. "
                        f"Re-protect with `drflow reprotect {group}`")
     return verdict(DEGRADED, why)
+
+
+def with_sync_key(a: Assessment, replication: str, keys: dict[str, Any]) -> Assessment:
+    """A sync group whose sync key names no standby is unprotected, whatever the databases show:
+    no standby may be promoted automatically (docs/fencing.md)."""
+    sync = keys.get("sync") or {}
+    if replication != "sync" or a.primary is None or "standby" not in sync or sync["standby"]:
+        return a
+    why = keys.get("protection_reason") or "the sync key names no standby"
+    detail = "" if a.protection == PROTECTED else f"; {a.reason}"
+    return replace(a, protection=UNPROTECTED, reason=f"{why}{detail}")
 
 
 def _node_word(n: NodeState) -> str:
@@ -245,12 +261,27 @@ class GroupStatusProvider:
                 audit_error = f"audit trail unavailable: {type(exc).__name__}: {exc}"
         jobs = [(g, n) for g in self.cfg.groups for n in (g.primary, g.standby)]
         with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+            keys = pool.submit(self._read_keys)
             states = list(pool.map(lambda job: self._probe(*job), jobs))
+            snap, etcd_error = keys.result()
         out: dict[str, dict[str, Any]] = {}
         for i, g in enumerate(self.cfg.groups):
             nodes = states[2 * i: 2 * i + 2]
-            out[g.name] = self._group(g, nodes, audit_error)
+            leases = None if self.cfg.etcd is None else keys_view(snap, g.name, etcd_error)
+            out[g.name] = self._group(g, nodes, audit_error, leases)
         return out
+
+    def _read_keys(self) -> tuple[Snapshot | None, str | None]:
+        """Every group's leader and sync keys in one read; (None, why) when etcd cannot answer."""
+        if self.cfg.etcd is None:
+            return None, None
+        client = EtcdClient([str(u) for u in self.cfg.etcd.endpoints],
+                            min(self.cfg.etcd.timeout_s, self.timeout_s))
+        try:
+            revision, kvs = client.get_prefix(PREFIX)
+        except EtcdError as exc:
+            return None, str(exc)
+        return parse(revision, kvs, [g.name for g in self.cfg.groups], time.time()), None
 
     async def snapshot(self) -> dict[str, dict[str, Any]]:
         """A recent `collect()`: fresh within ttl_s, else the last one while a new one runs
@@ -283,9 +314,14 @@ class GroupStatusProvider:
         return probe(n.site, n.vm, n.host, n.port, g.database.name, g.database.user, password,
                      self.timeout_s)
 
-    def _group(self, g: GroupConfig, nodes: list[NodeState],
-               audit_error: str | None) -> dict[str, Any]:
+    def _group(self, g: GroupConfig, nodes: list[NodeState], audit_error: str | None,
+               leases: dict[str, Any] | None = None) -> dict[str, Any]:
         a = assess(g.name, g.replication, g.rpo_budget_s, g.primary.site, nodes)
+        notes = [audit_error] if audit_error else []
+        if leases is not None:
+            a = with_sync_key(a, g.replication, leases)
+            if leases.get("etcd_error"):
+                notes.append(f"leader keys unknown: {leases['etcd_error']}")
         last = {kind: summarize(self.digest.latest(action, g.name), kind) if self.digest else None
                 for kind, action in (("incident", "incident.open"), ("failover", "failover.finish"),
                                      ("reprotect", "reprotect.finish"), ("drill", "drill.finish"))}
@@ -305,7 +341,8 @@ class GroupStatusProvider:
             "last_reprotect": last["reprotect"],
             "last_drill": last["drill"],
             "nodes": [_node_dict(n) for n in nodes],
-            "notes": [audit_error] if audit_error else [],
+            "leases": leases,
+            "notes": notes,
             "checked_at": time.time(),
         }
 
