@@ -69,6 +69,12 @@ def _run(cfg: Any) -> None:
             gate = BootGate.from_config(cfg, agent.drivers[cfg.control_resource().name],
                                         outbox.enqueue)
             gate.start()
+        if cfg.lease is not None:
+            from agents.lease import LeaseHolder
+
+            lease = LeaseHolder.from_config(cfg, _lease_driver(cfg, agent), outbox.enqueue)
+            agent.on_recovery_exhausted = lease.on_recovery_exhausted
+            lease.start()
     except (OSError, ValueError, sqlite3.Error, SenderAlreadyRunning) as exc:
         if sender is not None:
             sender.stop(flush_timeout_s=0)
@@ -85,6 +91,8 @@ def _run(cfg: Any) -> None:
     try:
         agent.run()
     finally:
+        if lease is not None:
+            lease.stop()  # no revoke: PostgreSQL keeps serving (docs/fencing.md rule 6)
         if gate is not None:
             gate.stop()
         if control is not None:
@@ -93,6 +101,19 @@ def _run(cfg: Any) -> None:
         pending = outbox.pending_count()
         outbox.close()
         log.info("outbox %s closed, %d event(s) pending for the next run", cfg.outbox, pending)
+
+
+def _lease_driver(cfg: Any, agent: Any) -> Any:
+    """The PostgreSQL driver the leader lease fences: the control API's, else the only one."""
+    from agents.config import PostgresResource
+
+    if cfg.control is not None:
+        return agent.drivers[cfg.control_resource().name]
+    pgs = [r.name for r in cfg.resources if isinstance(r, PostgresResource)]
+    if len(pgs) != 1:
+        raise ValueError(f"lease: the leader lease fences one postgres resource; {len(pgs)} "
+                         "are configured (add a control section naming it)")
+    return agent.drivers[pgs[0]]
 
 
 def _start_control(cfg: Any, agent: Any) -> Any:

@@ -203,6 +203,11 @@ class LeaseConfig(_Model):
     replication: Literal["sync", "async"] = Field(
         "sync", description="the group's replication: only a sync primary may keep serving "
                             "without etcd while its synchronous standby streams (failsafe)")
+    standby_agents: dict[str, str] = Field(
+        default_factory=dict, max_length=16,
+        description="a standby's walreceiver application_name -> its agent id, for the sync "
+                    "key; by default the application_name is the agent id (the lab's "
+                    "cluster_name is the VM's name)")
 
     @field_validator("etcd")
     @classmethod

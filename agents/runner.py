@@ -122,6 +122,8 @@ class Agent:
                 policy=Policy(r.restart.max_restarts, r.restart.window_s,
                               r.restart.backoff_s.initial, r.restart.backoff_s.max),
             )
+        # Called (resource name) before recovery_exhausted is reported: the leader lease lets go.
+        self.on_recovery_exhausted: Callable[[str], None] | None = None
         self._checks = _Workers(len(self.states), "check")
         self._restarts = _Workers(1, "restart")  # one restart at a time, in decision order
 
@@ -340,6 +342,11 @@ class Agent:
             role = self._last_role()
             if role is not None:
                 details["role"] = role  # what this VM was before it failed: the gateway's cue
+            if self.on_recovery_exhausted is not None:
+                try:
+                    self.on_recovery_exhausted(s.r.name)
+                except Exception:
+                    log.exception("%s: the recovery_exhausted hook failed", s.r.name)
             self._emit(EventKind.RECOVERY_EXHAUSTED, s.r.name, details)
         elif action is Action.RESTART:
             s.attempts_this_outage += 1

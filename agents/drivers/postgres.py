@@ -116,6 +116,14 @@ class PostgresDriver(PgRebuild):
             self._pg_ctl_stop(mode)
             return {"action": "stopped", "mode": mode}
 
+    def fence(self) -> dict[str, Any]:
+        """SIGKILL the server now and hold it down (local recovery leaves it alone until
+        `start`). Takes no lock: a fence must not wait for a verb in progress."""
+        from agents.drivers.pg_fence import kill_server
+
+        self._held_down = True
+        return kill_server(self.datadir)
+
     def promote(self, relax_sync: bool = False,
                 fence_proof: FenceProof | None = None) -> dict[str, Any]:
         with self._lock:
