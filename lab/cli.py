@@ -70,10 +70,12 @@ def down(lab_dir: Path = DirOpt) -> None:
 @app.command()
 def fail(
     kind: str = typer.Argument(..., help="power-off, guest-crash, host-loss, mgmt-loss, stun, "
-                               "blackhole (a VM); partition, site-loss (a site); cut (two "
-                               "locations)."),
-    target: str = typer.Argument(..., help="A VM (e.g. orders-prod), a site (prod, dr, witness) "
-                                 "or, for cut, the first location (prod, dr, witness, internet)."),
+                               "blackhole, agent-cut (a VM); partition, site-loss (a site); "
+                               "etcd-down (a site's etcd member, or all); cut (two locations). "
+                               "The witness down: partition witness or site-loss witness."),
+    target: str = typer.Argument(..., help="A VM (e.g. orders-prod), a site (prod, dr, witness; "
+                                 "etcd-down also all) or, for cut, the first location (prod, dr, "
+                                 "witness, internet)."),
     arg: str = typer.Argument(None, help="stun: SECONDS; cut: the second location."),
     task: str = typer.Option("none", "--task", help="stun: snapshot, vmotion or none (the "
                              "vCenter task shown running on the VM meanwhile)."),
@@ -84,6 +86,9 @@ def fail(
         None, "--ha-restart-after", min=0,
         help="host-loss: vSphere HA powers the VM on again on the spare host after SECONDS "
              "(the command waits for it)."),
+    hang: bool = typer.Option(
+        False, "--hang", help="etcd-down: freeze the member(s) (SIGSTOP: connects complete, "
+        "nothing answers) instead of killing them."),
     lab_dir: Path = DirOpt,
 ) -> None:
     """Inject a fault, as a datacenter has it; prints the instant it took effect."""
@@ -97,7 +102,7 @@ def fail(
             other = arg
         f = faults.fail(lab_dir, kind, target, other=other, seconds=seconds, task=task,
                         not_responding_after=not_responding_after,
-                        ha_restart_after=ha_restart_after, progress=console.print)
+                        ha_restart_after=ha_restart_after, hang=hang, progress=console.print)
     except ValueError as exc:
         console.print(f"[red]error:[/] stun takes SECONDS as a number, not {arg!r}")
         raise typer.Exit(2) from exc
@@ -116,7 +121,8 @@ def fail(
 def run(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="A lab host: orchestrator, vcenter-prod, vcenter-dr, "
-                               "witness, or a VM such as orders-prod."),
+                               "witness, etcd-prod, etcd-dr, etcd-witness, or a VM such as "
+                               "orders-prod."),
     lab_dir: Path = DirOpt,
 ) -> None:
     """Run a command on a lab host, in its network: `drflow lab run orchestrator -- drflow up …`."""
@@ -138,7 +144,8 @@ def run(
 
 @app.command()
 def heal(lab_dir: Path = DirOpt) -> None:
-    """Undo blackholes, partitions and cuts; give lost hosts back to vCenter."""
+    """Undo blackholes, partitions, cuts and agent cuts; bring downed etcd members back with
+    their data; give lost hosts back to vCenter."""
     from lab import faults, manager
 
     try:

@@ -14,10 +14,17 @@ effect (`<lab>/faults.jsonl`), so benchmarks measure from that instant.
 - blackhole VM      the VM's address goes silent while its processes run (NIC or switch port).
 - partition SITE    the site is cut from every other location and the outside, both ways.
 - cut SITE SITE     only the link between two locations (prod, dr, witness, internet).
-- site-loss SITE    every process of the site dies (VMs, its vCenter, whatever else runs there)
-                    and its addresses go silent.
-`heal` undoes blackholes, partitions and cuts, and gives lost hosts back to vCenter (their VMs
-then show powered off: they lost power).
+- site-loss SITE    every process of the site dies (VMs, its vCenter, its etcd member, whatever
+                    else runs there) and its addresses go silent.
+- agent-cut VM      the VM's guest agent alone loses the network (its connects time out, its
+                    control port is silent); PostgreSQL and replication carry on.
+- etcd-down SITE|all  that etcd member (or every one) dies (SIGKILL); with --hang it freezes
+                    instead (SIGSTOP): connects still complete, nothing answers.
+The witness location down: `partition witness` (its etcd member cut off, running) or
+`site-loss witness` (dead).
+`heal` undoes blackholes, partitions, cuts and agent cuts, restarts downed etcd members with their
+data (or resumes frozen ones), and gives lost hosts back to vCenter (their VMs then show powered
+off: they lost power).
 """
 
 from __future__ import annotations
@@ -35,12 +42,12 @@ from typing import Any
 
 import psutil
 
-from lab import manager, netns, vcsim
+from lab import etcd, manager, netns, vcsim
 
 KINDS = ("power-off", "guest-crash", "host-loss", "mgmt-loss", "stun", "blackhole", "partition",
-         "cut", "site-loss")
-VM_KINDS = ("power-off", "guest-crash", "host-loss", "mgmt-loss", "stun", "blackhole")
-NEEDS_NETWORK = ("host-loss", "blackhole", "partition", "cut", "site-loss")
+         "cut", "site-loss", "agent-cut", "etcd-down")
+VM_KINDS = ("power-off", "guest-crash", "host-loss", "mgmt-loss", "stun", "blackhole", "agent-cut")
+NEEDS_NETWORK = ("host-loss", "blackhole", "partition", "cut", "site-loss", "agent-cut")
 LOCATIONS = ("prod", "dr", "witness", "internet")
 Progress = Callable[[str], None]
 
@@ -139,7 +146,7 @@ def _signal(ps: list[psutil.Process], sig: int) -> None:
 
 def fail(lab_dir: Path, kind: str, target: str, *, other: str | None = None,
          seconds: float | None = None, task: str = "none", not_responding_after: float = 60.0,
-         ha_restart_after: float | None = None, background: bool = False,
+         ha_restart_after: float | None = None, background: bool = False, hang: bool = False,
          progress: Progress = lambda _m: None) -> Fault:
     """Inject one fault now; returns it with the instant it took effect.
 
@@ -155,6 +162,8 @@ def fail(lab_dir: Path, kind: str, target: str, *, other: str | None = None,
         lab.node(target)
     elif kind in ("partition", "site-loss") and target not in ("prod", "dr", "witness"):
         raise FaultError(f"{kind} takes a site: prod, dr or witness, not {target!r}")
+    if kind == "etcd-down" and target not in ("prod", "dr", "witness", "all"):
+        raise FaultError(f"etcd-down takes a site (prod, dr, witness) or all, not {target!r}")
     if kind == "cut" and (target not in LOCATIONS or other not in LOCATIONS or target == other):
         raise FaultError(f"cut takes two different locations of {', '.join(LOCATIONS)}")
     if kind == "stun" and (seconds is None or seconds <= 0):
@@ -164,7 +173,7 @@ def fail(lab_dir: Path, kind: str, target: str, *, other: str | None = None,
     fault = _ACTIONS[kind](lab, target, other=other, seconds=seconds, task=task,
                            not_responding_after=not_responding_after,
                            ha_restart_after=ha_restart_after, background=background,
-                           progress=progress)
+                           hang=hang, progress=progress)
     return lab.log(fault)
 
 
@@ -176,7 +185,12 @@ def heal(lab_dir: Path, progress: Progress = lambda _m: None) -> Fault:
     if lab.topo.enabled:
         at = netns.heal(lab.topo)
     for f in lab.active():
-        if f["kind"] == "site-loss":
+        if f["kind"] == "agent-cut":
+            netns.agent_uncut(lab.topo, f["target"])
+        elif f["kind"] == "etcd-down":
+            lost = [x["target"] for x in lab.active() if x["kind"] == "site-loss"]
+            _etcd_up(lab, f["target"], bool(f.get("hang")), lost, progress)
+        elif f["kind"] == "site-loss":
             lost_sites.append(f["target"])
             netns.partition(lab.topo, f["target"])
         elif f["kind"] in ("host-loss", "mgmt-loss"):
@@ -195,8 +209,8 @@ def _power_off_quietly(lab: Lab, vm: str) -> None:
         _power_off(lab, vm)
 
 
-def _remember(lab: Lab, kind: str, target: str) -> None:
-    lab.set_active([*lab.active(), {"kind": kind, "target": target}])
+def _remember(lab: Lab, kind: str, target: str, **extra: Any) -> None:
+    lab.set_active([*lab.active(), {"kind": kind, "target": target, **extra}])
 
 
 def _power_off(lab: Lab, vm: str, **_: Any) -> Fault:
@@ -305,10 +319,67 @@ def _site_loss(lab: Lab, site: str, **_: Any) -> Fault:
     return Fault("site-loss", site, at, {"killed": len(ps)})
 
 
+def _agent_cut(lab: Lab, vm: str, **_: Any) -> Fault:
+    url = lab.node(vm).get("agent_url")
+    port = int(url.rsplit(":", 1)[1]) if url else None
+    at = netns.agent_cut(lab.topo, vm, port)
+    _remember(lab, "agent-cut", vm)
+    return Fault("agent-cut", vm, at, {"control_port": port})
+
+
+def _etcd_members(lab: Lab, target: str) -> list[dict[str, Any]]:
+    """The members a site names (on loopback the single member stands for every site)."""
+    info = lab.state.get("etcd") or {}
+    if not info.get("members"):
+        raise FaultError(f"the lab in {lab.dir} runs no etcd; recreate it with `drflow lab up`")
+    urls = set(info["by_site"].values()) if target == "all" else {info["by_site"][target]}
+    return [m for m in info["members"] if m["client_url"] in urls]
+
+
+def _etcd_down(lab: Lab, target: str, *, hang: bool, **_: Any) -> Fault:
+    # SIGKILL by default: a dead member's port refuses (or, with its host, goes silent), clients
+    # move on to the next endpoint at once. --hang (SIGSTOP) is the nastier case: the kernel still
+    # completes connects, nothing answers, and only a client's timeout gets it out.
+    members = _etcd_members(lab, target)
+    ps = []
+    for m in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(int(m["pid"]))
+            if p.name() == "etcd":
+                ps.append(p)
+    if hang:
+        _signal(ps, signal.SIGSTOP)
+    else:
+        _kill(ps)
+    at = time.time()
+    _remember(lab, "etcd-down", target, hang=hang)
+    return Fault("etcd-down", target, at, {"members": [m["name"] for m in members],
+                                           "signal": "SIGSTOP" if hang else "SIGKILL"})
+
+
+def _etcd_up(lab: Lab, target: str, hang: bool, lost_sites: list[str],
+             progress: Progress) -> None:
+    """Resume frozen members, or start killed ones again with their data; a member of a lost
+    site stays down with it."""
+    info = lab.state["etcd"]
+    lost = {info["by_site"][s] for s in lost_sites if s in info["by_site"]}
+    for m in _etcd_members(lab, target):
+        if m["client_url"] in lost and len(info["members"]) > 1:
+            continue
+        if hang:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(m["pid"])).send_signal(signal.SIGCONT)
+            continue
+        new = etcd.restart_member(m)
+        info["members"] = [new if x["name"] == m["name"] else x for x in info["members"]]
+        progress(f"etcd member {m['name']} started again with its data (pid {new['pid']})")
+    manager.save(lab.dir, lab.state)
+
+
 _ACTIONS: dict[str, Callable[..., Fault]] = {
     "power-off": _power_off, "guest-crash": _guest_crash, "host-loss": _host_loss,
     "mgmt-loss": _mgmt_loss, "stun": _stun, "blackhole": _blackhole, "partition": _partition,
-    "cut": _cut, "site-loss": _site_loss,
+    "cut": _cut, "site-loss": _site_loss, "agent-cut": _agent_cut, "etcd-down": _etcd_down,
 }
 
 

@@ -42,7 +42,7 @@ import psutil
 LOCATIONS = ("prod", "dr", "witness")
 INTERNET_ADDRESS = "198.19.255.254"
 # What cannot be produced on loopback: each needs packets dropped between network stacks.
-PACKET_FAULTS = ("host-loss", "blackhole", "partition", "cut", "site-loss")
+PACKET_FAULTS = ("host-loss", "blackhole", "partition", "cut", "site-loss", "agent-cut")
 
 _BASE = int(ipaddress.IPv4Address("198.18.0.0"))
 _SLOTS = 127  # slot 127 (198.19.252.0/22) holds the shared internet address
@@ -721,6 +721,43 @@ def heal(topo: Topology) -> float:
     for address in holes:
         if address in hosts:
             _nft(hosts[address], _HOST_CLEAR)
+    return time.time()
+
+
+# A VM's agent (root) loses the network while PostgreSQL (user postgres) keeps it: in the VM's
+# own namespace, packets of root's sockets are dropped on output except on lo (the agent still
+# watches its own PostgreSQL), and connects to its control port on input. A TCP connect whose SYN
+# is dropped on output is not failed at once (tcp_connect ignores the error; checked here): it
+# retransmits and times out, as across a cut cable. A separate table: a blackhole of the same host
+# replaces `inet drflow` there.
+_AGENT_TABLE = "inet drflow_agent"
+
+
+def agent_cut(topo: Topology, host: str, control_port: int | None) -> float:
+    """Cut the network of root's processes (the agent) in a host; returns when it took effect."""
+    _require(topo, "agent-cut")
+    host_prefix(topo, host)  # a clear error for a host never added
+    port_rule = f"    tcp dport {int(control_port)} drop\n" if control_port else ""
+    _nft(topo.host_netns(host), f"""add table {_AGENT_TABLE}
+delete table {_AGENT_TABLE}
+table {_AGENT_TABLE} {{
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    oifname "lo" accept
+    meta skuid 0 drop
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "lo" accept
+{port_rule}  }}
+}}
+""")
+    return time.time()
+
+
+def agent_uncut(topo: Topology, host: str) -> float:
+    _require(topo, "agent-cut")
+    _nft(topo.host_netns(host), f"add table {_AGENT_TABLE}\ndelete table {_AGENT_TABLE}\n")
     return time.time()
 
 

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from pyVmomi import vim
 
-from lab import faults, manager, netns, postgres, procs, vcsim
+from lab import etcd, faults, manager, netns, postgres, procs, vcsim
 from lab.harness import DRFLOW, wait_for
 from tests.conftest import new_lab_dir
 
@@ -236,6 +236,10 @@ def test_partition_drops_both_ways_while_the_site_keeps_serving(lab: dict[str, A
         assert _from(lab, "dr", prod["host"], prod["port"]) == "timeout"
         assert _from(lab, "prod", dr["host"], dr["port"]) == "timeout"
         assert _connect_outcome(prod["host"], prod["port"]) == "timeout"  # the laptop too
+        # Prod's etcd member is cut off with it; DR and the witness keep a majority.
+        assert _from(lab, "dr", _etcd_host(lab, "prod"), 2379) == "timeout"
+        assert _from(lab, "prod", _etcd_host(lab, "prod"), 2379) == "ok"
+        etcd.Client(lab["etcd"]["by_site"]["dr"], timeout=3).put("while-prod-was-away", "yes")
         # Inside the site all runs: the cut-off primary takes a local write.
         assert _from(lab, "prod", prod["host"], prod["port"]) == "ok"
         assert _write_locally(lab, prod, "prod")
@@ -260,9 +264,121 @@ def test_cut_drops_only_the_link_between_two_sites(lab: dict[str, Any]) -> None:
     assert _from(lab, "dr", prod["host"], prod["port"]) == "ok"
 
 
+def _etcd_host(lab: dict[str, Any], site: str) -> str:
+    return str(lab["etcd"]["by_site"][site]).removeprefix("http://").rsplit(":", 1)[0]
+
+
+def _as_postgres_in(lab: dict[str, Any], vm: str, host: str, port: int) -> str:
+    """One connect from a VM's network as the `postgres` user (not root, as its agent is)."""
+    code = (f"import socket\ntry:\n socket.create_connection(({host!r}, {port}), timeout=1.5)\n"
+            " print('ok')\nexcept TimeoutError:\n print('timeout')\n"
+            "except ConnectionRefusedError:\n print('refused')\n")
+    out = subprocess.run([*netns.host_prefix(_topo(lab), vm), "runuser", "-u", "postgres", "--",
+                          "python3", "-c", code], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or out.stderr
+
+
+def test_agent_cut_silences_the_agent_but_not_replication(lab: dict[str, Any]) -> None:
+    g = lab["groups"][2]
+    prod, dr = g["primary"], g["standby"]
+    db = lab["database"]
+    primary = postgres.Instance.from_dict(lab["postgres"][g["name"]]["primary"])
+    etcd_dr = _etcd_host(lab, "dr")
+
+    def root_connect(host: str, port: int) -> str:  # root, like the agent
+        return netns.call_in_host(_topo(lab), prod["vm"], _connect_outcome, host, port)
+
+    assert root_connect(etcd_dr, 2379) == "ok"
+    f = faults.fail(_dir(lab), "agent-cut", prod["vm"])
+    try:
+        assert f.kind == "agent-cut"
+        # The agent's connects vanish (a timeout, not an error at once), to etcd and everything else.
+        assert root_connect(etcd_dr, 2379) == "timeout"
+        assert root_connect(_etcd_host(lab, "witness"), 2379) == "timeout"
+        assert root_connect(dr["host"], dr["port"]) == "timeout"
+        # Its own PostgreSQL over the VM's address (lo) is still watched.
+        assert root_connect(prod["host"], prod["port"]) == "ok"
+        # Another user of the VM still reaches etcd; other VMs' agents are not cut.
+        assert _as_postgres_in(lab, prod["vm"], etcd_dr, 2379) == "ok"
+        assert netns.call_in_host(_topo(lab), dr["vm"], _connect_outcome, etcd_dr, 2379) == "ok"
+        # Replication carries on past wal_sender_timeout/wal_receiver_timeout (2 s): a
+        # synchronous commit is acknowledged by the standby.
+        time.sleep(2.5)
+        with psycopg.connect(host=prod["host"], port=prod["port"], user=db["user"],
+                             password=db["password"], dbname=db["name"], connect_timeout=2,
+                             autocommit=True, options="-c statement_timeout=5000") as c:
+            c.execute("create table if not exists agent_cut (at timestamptz default now())")
+            c.execute("insert into agent_cut default values")
+            row = c.execute("select state, sync_state, now() - reply_time < interval '2 s' "
+                            "from pg_stat_replication").fetchone()
+        assert row == ("streaming", "sync", True), row
+        assert postgres.health(primary)[0]
+    finally:
+        faults.heal(_dir(lab))
+    assert root_connect(etcd_dr, 2379) == "ok"
+
+
+def test_etcd_down_and_heal_brings_members_back_with_their_data(lab: dict[str, Any]) -> None:
+    info = lab["etcd"]
+    everyone = etcd.Client(info["endpoints"], timeout=1.0)
+    faults.fail(_dir(lab), "etcd-down", "dr")
+    ok, detail = etcd.health(info)
+    assert not ok and "2/3 members up" in detail and "etcd-dr" in detail, detail
+    assert "leader etcd-witness" in detail  # a follower lost: no election
+    assert _connect_outcome(_etcd_host(lab, "dr"), 2379) == "refused"
+    everyone.put("written-while-dr-was-down", "yes")
+    out = subprocess.run([DRFLOW, "lab", "heal", "--dir", lab["dir"]], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    state = manager.load(_dir(lab))
+    wait_for(lambda: etcd.health(state["etcd"])[0], 10, "etcd healthy after the heal")
+    # Same data dir, same member: it caught up on what the majority wrote meanwhile.
+    assert etcd.Client(info["by_site"]["dr"]).get("written-while-dr-was-down") == "yes"
+    new_pid = next(m["pid"] for m in state["etcd"]["members"] if m["name"] == "etcd-dr")
+    assert procs.pid_alive(new_pid) and new_pid != next(
+        m["pid"] for m in info["members"] if m["name"] == "etcd-dr")
+    lab["etcd"] = state["etcd"]  # later tests see the new pid
+
+    # All of it hung: connects still complete, nothing answers.
+    out = subprocess.run([DRFLOW, "lab", "fail", "etcd-down", "all", "--hang", "--dir", lab["dir"]],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        assert _connect_outcome(_etcd_host(lab, "witness"), 2379) == "ok"
+        with pytest.raises(etcd.EtcdError):
+            etcd.Client(info["endpoints"], timeout=0.5).get("written-while-dr-was-down")
+    finally:
+        faults.heal(_dir(lab))
+    wait_for(lambda: etcd.health(lab["etcd"])[0], 10, "etcd healthy after the heal")
+    assert everyone.get("written-while-dr-was-down") == "yes"
+
+
+def test_partition_witness_is_the_witness_down(lab: dict[str, Any]) -> None:
+    info = lab["etcd"]
+    faults.fail(_dir(lab), "partition", "witness")
+    try:
+        assert _connect_outcome(_etcd_host(lab, "witness"), 2379) == "timeout"
+        # Its member led: prod and DR elect one of theirs and keep serving.
+        dr = etcd.Client(info["by_site"]["dr"], timeout=0.5)
+
+        def put() -> bool:
+            try:
+                dr.put("while-the-witness-was-away", "yes")
+                return True
+            except etcd.EtcdError:
+                return False
+        wait_for(put, 10, "a put through the prod+DR majority")
+        ok, detail = etcd.health(info)
+        assert not ok and "2/3 members up" in detail and "etcd-witness" in detail, detail
+    finally:
+        faults.heal(_dir(lab))
+    wait_for(lambda: etcd.health(info)[0], 10, "etcd healthy after the heal")
+    etcd.move_leader(info, "etcd-witness")  # as lab up leaves it
+
+
 def test_faults_refuse_bad_targets(lab: dict[str, Any]) -> None:
     for kind, target in (("host-loss", "nosuch-vm"), ("partition", "orders-prod"),
-                         ("explode", "prod")):
+                         ("explode", "prod"), ("agent-cut", "prod"), ("etcd-down", "mars")):
         with pytest.raises(faults.FaultError):
             faults.fail(_dir(lab), kind, target)
     out = subprocess.run([DRFLOW, "lab", "fail", "stun", lab["groups"][0]["primary"]["vm"],
@@ -283,6 +399,14 @@ def test_site_loss_takes_the_site_and_its_vcenter(lab: dict[str, Any]) -> None:
     si = vcsim.connect(vc_dr["url"], vc_dr["user"], vc_dr["password"], timeout=5)
     vcsim.disconnect(si)
     assert not procs.pid_alive(lab["processes"]["vcsim-prod"])
+    # Its etcd member died with it; DR and the witness keep a majority with a leader.
+    state = manager.load(_dir(lab))
+    prod_member = next(m for m in state["etcd"]["members"] if m["name"] == "etcd-prod")
+    assert not procs.pid_alive(prod_member["pid"])
+    ok, detail = etcd.health(state["etcd"])
+    assert not ok and "2/3 members up" in detail and "leader etcd-" in detail, detail
+    assert "leader none" not in detail and "leader etcd-prod" not in detail
+    etcd.Client(state["etcd"]["endpoints"], timeout=2).put("after-prod-was-lost", "yes")
 
 
 def _holds_file_in(pid: int, lab_dir: Path) -> bool:
@@ -402,5 +526,12 @@ def test_without_namespaces_the_lab_runs_on_loopback_and_says_what_it_cannot_do(
             faults.fail(d, "host-loss", prod["vm"])
         faults.fail(d, "guest-crash", prod["vm"])
         assert _connect_outcome(prod["host"], prod["port"]) == "refused"
+        # One etcd member on a loopback address stands for every location.
+        assert [m["name"] for m in state["etcd"]["members"]] == ["etcd-dr"]
+        assert etcd.health(state["etcd"])[0]
+        faults.fail(d, "etcd-down", "witness")
+        assert not etcd.health(state["etcd"])[0]
+        faults.heal(d)
+        assert etcd.health(manager.load(d)["etcd"])[0]
     finally:
         manager.down(d, progress=lambda _m: None)
