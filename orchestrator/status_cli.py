@@ -129,6 +129,19 @@ def render(data: dict[str, Any]) -> None:
         if st["protection"] != "protected":
             console.print(f"[{STYLE.get(st['protection'], 'white')}]{name}: {st['protection']}[/]"
                           f" — {st['protection_reason']}")
+    etcd_errors = set()
+    for name, st in data["groups"].items():
+        lz = st.get("leases")  # the leader and sync keys in etcd, when configured
+        if lz:
+            by = (lz.get("leader") or {}).get("by")
+            sync = lz.get("sync")
+            standby = "no key" if not sync else sync.get("standby") or "none"
+            console.print(f"{name}: leader key {lz['leader_holder']}" + (f" (by {by})" if by else "")
+                          + f", sync key standby {standby}")
+            if lz.get("etcd_error"):
+                etcd_errors.add(lz["etcd_error"])
+    for err in sorted(etcd_errors):
+        console.print(f"[yellow]{err}[/]")
     gw = data["gateway"]
     if gw.get("url"):
         console.print(f"gateway {gw['url']}: " + ("reachable" if gw.get("reachable")

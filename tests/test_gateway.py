@@ -608,6 +608,11 @@ def test_settings_from_the_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert settings.groups == {g.name: GroupPolicy(auto_failover=g.policy.auto_failover)
                                for g in cfg.groups}
     assert settings.max_body_bytes == 1024
+    assert cfg.etcd is not None  # the example names three members: the gateway watches them
+    assert settings.etcd_endpoints == [str(u) for u in cfg.etcd.endpoints]
+    assert settings.etcd_timeout_s == cfg.etcd.timeout_s
+    no_etcd = settings_from_config(cfg.model_copy(update={"etcd": None}), tmp_path / "gw.sqlite")
+    assert no_etcd.etcd_endpoints == []
     assert listen_address(cfg) == ("127.0.0.1", 8088)
     secrets.clear_cache()
 

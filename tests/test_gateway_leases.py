@@ -376,3 +376,46 @@ def test_lease_reports_of_agents_are_alerts(tmp_path: Path) -> None:
         assert "drflow_gateway_alerts_suppressed_total" in httpx.get(gw.url + "/metrics").text
         assert "leases" not in gw.groups()[g]  # no etcd configured: no watch
         assert gw.starter.calls == []
+
+
+@needs_etcd
+def test_drflow_status_reads_the_keys_itself(shared_etcd: Etcd,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`drflow status` (GroupStatusProvider) asks etcd directly: holder, standby, or unreachable."""
+    from drflow.config import load_config
+    from drflow.config.models import EtcdConfig
+    from orchestrator.gateway.status import GroupStatusProvider
+    from orchestrator.status_cli import render
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "drflow.yaml")
+    g = cfg.groups[0].name
+    client = shared_etcd.client()
+    client.put(leader_key(g), Leader(agent_id=cfg.groups[0].primary.vm).encode())
+    client.put(sync_key(g), SyncState(cfg.groups[0].primary.vm, None, time.time()).encode())
+    try:
+        here = cfg.model_copy(update={"etcd": EtcdConfig.model_validate(
+            {"endpoints": [shared_etcd.url]})})
+        st = GroupStatusProvider(here, timeout_s=0.5).collect()[g]
+        assert st["leases"]["etcd"] == "reachable"
+        assert st["leases"]["leader_holder"] == cfg.groups[0].primary.vm
+        assert st["leases"]["sync"]["standby"] is None
+        assert st["leases"]["protection_reason"].startswith(
+            f"sync relaxed by {cfg.groups[0].primary.vm} at ")
+        render({"groups": {g: st}, "gateway": {}})
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"{g}: leader key {cfg.groups[0].primary.vm} (by agent), sync key standby none" in shown
+        gone = cfg.model_copy(update={"etcd": EtcdConfig.model_validate(
+            {"endpoints": [f"http://127.0.0.1:{free_port()}"]})})
+        st = GroupStatusProvider(gone, timeout_s=0.5).collect()[g]
+        assert st["leases"]["etcd"] == "unreachable"
+        assert st["leases"]["leader_holder"] == "unknown (etcd not read)"
+        assert any(n.startswith("leader keys unknown: etcd unreachable") for n in st["notes"])
+        render({"groups": {g: st}, "gateway": {}})
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"{g}: leader key unknown (etcd not read)" in shown
+        assert "etcd unreachable: etcd at http://127.0.0.1:" in shown
+        without = cfg.model_copy(update={"etcd": None})
+        assert GroupStatusProvider(without, timeout_s=0.5).collect()[g]["leases"] is None
+    finally:
+        client.delete(leader_key(g))
+        client.delete(sync_key(g))

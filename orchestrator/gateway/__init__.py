@@ -11,7 +11,7 @@ HTTP API (loopback; POST bodies signed like agent events, `drflow.signing`):
   the open incident. In-process: `app.state.gateway.close_incident(...)` (on the gateway's
   loop) or `close_incident_threadsafe(...)` (from any thread).
 - `GET /healthz`, `GET /metrics` (Prometheus), `GET /v1/groups` (primary agent, heartbeat ages,
-  open incident per group).
+  open incident per group; `leases`: leader holder and sync standby, with etcd configured).
 - `GET /v1/groups/{group}/roles?nonce=…` — which side serves, protected or not, both sides; an
   open read whose answer is signed and echoes the nonce (agents check it on boot).
   `POST /v1/groups/{group}/roles` — signed like events: a flow reports roles it changed. A
@@ -20,9 +20,10 @@ HTTP API (loopback; POST bodies signed like agent events, `drflow.signing`):
 - `POST /slack/actions` — Slack's signed interactions (v0, 300 s): Approve / Reject of a failback
   resumes its paused run once, whatever the clicks (slack_actions.py).
 
-Incidents: the group's current primary silent for `heartbeat_timeout_s`, or its
-`recovery_exhausted`. Each gets the key `failover:{group}:{epoch}`; the epoch advances only after
-the previous incident is closed, so a group has at most one incident (one failover run) open.
+Incidents: the group's current primary silent for `heartbeat_timeout_s`, its
+`recovery_exhausted`, or its leader key gone from etcd (`lease_expired`, leases.py). Each gets
+the key `failover:{group}:{epoch}`; the epoch advances only after the previous incident is
+closed, so a group has at most one incident (one failover run) open.
 """
 
 from orchestrator.gateway.app import CloseIncident, create_app, run, server

@@ -16,7 +16,7 @@ log = logging.getLogger("drflow.gateway")
 
 
 def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) -> GatewaySettings:
-    """Resolve the webhook secret and take each group's auto_failover policy.
+    """Resolve the webhook secret, take each group's auto_failover policy and etcd's endpoints.
 
     `state_path` is the gateway's SQLite file (the config has no state directory); `overrides`
     set any other GatewaySettings field (max_body_bytes, …)."""

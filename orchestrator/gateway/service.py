@@ -1,7 +1,8 @@
 """The gateway's engine: verified events in, heartbeats watched, one failover run per incident.
 
-It accepts verified events, watches heartbeats, opens incidents and starts exactly one failover
-run per incident. Everything runs on one asyncio event loop.
+It accepts verified events, watches heartbeats (and, with etcd configured, the leader keys:
+leases.py), opens incidents and starts exactly one failover run per incident. Everything runs
+on one asyncio event loop.
 """
 
 from __future__ import annotations
