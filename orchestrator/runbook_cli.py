@@ -82,7 +82,8 @@ def up(
     """The whole orchestrator on one machine: the gateway, warm flow runners, a local Prefect.
 
     The local Prefect server (SQLite) is started and stopped with it when PREFECT_API_URL is not
-    set.
+    set; so is a single etcd member when drflow.yaml's etcd.endpoints is one loopback URL that
+    nobody answers.
 
     Ctrl-C stops everything; an incident interrupted that way is resumed at the next start."""
     # A service manager stops us with SIGTERM: leave through `finally` as Ctrl-C does.
@@ -103,10 +104,17 @@ def up(
         console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
     # Where `drflow failover|reprotect|failback|drill run|deploy` find this Prefect.
     console.print(f"Prefect API recorded in {record(state_dir, os.environ['PREFECT_API_URL'])}")
+    local_etcd = None
     try:
+        from orchestrator.etcd_local import maybe_start
+
+        local_etcd = maybe_start(config, state_dir, console.print)
         _serve(config, state_dir, "", mode)
     finally:
         forget(state_dir)
+        if local_etcd is not None:
+            console.print("stopping the local etcd member …")
+            local_etcd.stop()
         if local is not None:
             console.print("stopping the local Prefect server …")
             local.stop()

@@ -244,3 +244,46 @@ def test_single_member_on_loopback(tmp_path: Path) -> None:
         etcd.stop_cluster(info)
     ok, detail = etcd.health(info)
     assert not ok and "not running" in detail
+
+
+def test_restart_member_keeps_its_data(tmp_path: Path) -> None:
+    """What `lab heal` does after `etcd-down`: the same data dir, --initial-cluster-state existing."""
+    address = f"127.{secrets.randbelow(50) + 200}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 2}"
+    info = etcd.start_cluster(tmp_path, [etcd.Member("solo", address)])
+    try:
+        etcd.Client(info["endpoints"][0]).put("kept", "yes")
+        etcd.stop_cluster(info)
+        assert not etcd.health(info)[0]
+        info["members"] = [etcd.restart_member(info["members"][0])]
+        assert "existing" in info["members"][0]["argv"]
+        deadline = time.monotonic() + 10
+        while not etcd.health(info)[0]:
+            assert time.monotonic() < deadline, etcd.health(info)[1]
+            time.sleep(0.05)
+        assert etcd.Client(info["endpoints"][0]).get("kept") == "yes"
+    finally:
+        etcd.stop_cluster(info)
+
+
+def test_drflow_up_starts_a_member_only_for_one_silent_loopback_endpoint(tmp_path: Path) -> None:
+    from orchestrator import etcd_local
+
+    address = f"127.{secrets.randbelow(50) + 200}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 2}"
+    url = f"http://{address}:2379"
+    assert etcd_local.to_start([url + "/"]) == url
+    assert etcd_local.to_start(["http://198.18.0.12:2379"]) is None  # not loopback: not ours
+    assert etcd_local.to_start([url, f"http://{address}:12379"]) is None  # a cluster elsewhere
+    local = etcd_local.start_local_etcd(tmp_path / "etcd" / "data", url)
+    try:
+        etcd.Client(url).put("k", "v")
+        # Someone answers there now (as a system etcd would): nothing more is started.
+        assert etcd_local.to_start([url]) is None
+        assert (tmp_path / "etcd" / "etcd.log").is_file()
+    finally:
+        local.stop()
+    local = etcd_local.start_local_etcd(tmp_path / "etcd" / "data", url)  # a restart of drflow up
+    try:
+        assert etcd.Client(url).get("k") == "v"
+    finally:
+        local.stop()
+    assert etcd_local.to_start([url]) == url
