@@ -20,7 +20,13 @@ own addresses), and then:
   first asks the other node's PostgreSQL itself: if that answers as a writable primary, this one
   is held down (reported `held_for_reprotect`, with `peer_writable`) instead of started.
 
-Every report carries `details.site`, so the gateway learns which side an agent is on.
+With a leader lease (`lease` in agent.yaml) the agent asks etcd first (docs/fencing.md rule 8):
+the leader key names this agent → start; names another → hold (or fence a running primary);
+absent and the sync key's `primary` is this agent → start (the lease is then acquired); anything
+else, or etcd unreachable → the gateway's answer as above.
+
+Every report from the gateway's answer carries `details.site`, so the gateway learns which side
+an agent is on (a decision taken from etcd's keys has no site to tell).
 stdlib + drflow models only (no Prefect): the agent stays small.
 
 Wiring (agents/cli.py `_run`): after `_start_control(...)` and before `agent.run()`:
@@ -47,7 +53,9 @@ from urllib.parse import urlencode, urlsplit
 
 from pydantic import SecretStr
 
+from drflow.etcd import Client, EtcdError
 from drflow.events import EventKind, HealthEvent
+from drflow.leader_keys import Leader, SyncState, leader_key, sync_key
 from drflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify
 
 log = logging.getLogger(__name__)
@@ -156,6 +164,42 @@ def guard_peer(d: BootDecision, local: LocalState, peer: PeerCheck | None) -> Bo
                                 f"answers as a writable primary ({peer.detail}): not starting "
                                 "a second primary; held down until re-protect rewinds it",
                         BOOT_HELD)
+
+
+def decide_boot_keys(leader_raw: str | None, sync_raw: str | None, me: str,
+                     local: LocalState) -> BootDecision | None:
+    """Rule 8 (docs/fencing.md): what the leader and sync keys in etcd say, or None when they
+    do not settle it (then the gateway's answer decides, as without etcd)."""
+    try:
+        holder = Leader.decode(leader_raw) if leader_raw else None
+        sync = SyncState.decode(sync_raw) if sync_raw else None
+    except (KeyError, ValueError) as exc:
+        log.warning("boot check: unreadable key in etcd (%s): asking the gateway", exc)
+        return None
+    if holder is not None and holder.agent_id == me:
+        why = f"etcd: the leader key names this agent (by {holder.by})"
+    elif holder is None and sync is not None and sync.primary == me:
+        why = "etcd: no leader key, and the sync key names this agent as the primary"
+    elif holder is None:
+        return None
+    else:
+        elsewhere = f"etcd: the leader key names {holder.agent_id} (by {holder.by})"
+        if local.running and local.role == "primary":
+            return BootDecision("fence", f"{elsewhere}, yet PostgreSQL here runs as a primary: "
+                                         "a second primary; stopped it and holding it down",
+                                BOOT_SECOND_PRIMARY)
+        if local.running:
+            return BootDecision("leave", f"{elsewhere}; PostgreSQL here runs as {local.role}",
+                                BOOT_RUNNING)
+        if local.standby_signal:
+            return BootDecision("start", f"{elsewhere}; this node is a standby "
+                                         "(standby.signal): starting it", BOOT_STARTED)
+        return BootDecision("hold", f"{elsewhere}; PostgreSQL here would come up as a primary: "
+                                    "held down until re-protect rewinds it", BOOT_HELD)
+    if local.running:
+        return BootDecision("leave", f"{why}; PostgreSQL already runs as {local.role}",
+                            BOOT_RUNNING)
+    return BootDecision("start", f"{why}: starting PostgreSQL", BOOT_STARTED)
 
 
 def peer_node(roles: dict[str, Any] | None, site: str | None) -> tuple[str, int] | None:
@@ -274,12 +318,14 @@ class BootGate:
                  host: str | None, url: str, secret: SecretStr, driver: Any,
                  emit: Callable[[HealthEvent], None], retry_s: float = 2.0,
                  fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles,
-                 probe: Callable[[str, int], PeerCheck] | None = None) -> None:
+                 probe: Callable[[str, int], PeerCheck] | None = None,
+                 etcd: Client | None = None) -> None:
         self.agent_id, self.group, self.resource = agent_id, group, resource
         self.port, self.url, self.secret = port, url, secret
         self.addresses = local_addresses(host)
         self.driver, self.emit, self.retry_s, self.fetch = driver, emit, retry_s, fetch
         self.probe = probe
+        self.etcd = etcd  # asked first when set (rule 8); unreachable: the gateway decides
         self.peer: PeerCheck | None = None
         self.decisions: list[BootDecision] = []
         self._stop = threading.Event()
@@ -298,6 +344,8 @@ class BootGate:
             return probe_peer(host, port, dbname=r.dbname, user=r.user, password=password)
 
         kw.setdefault("probe", probe)
+        if cfg.lease is not None:
+            kw.setdefault("etcd", Client(cfg.lease.etcd, timeout=1.0))
         return cls(agent_id=cfg.agent_id, group=cfg.group, resource=r.name, port=r.port,
                    host=r.host, url=roles_url(cfg.gateway.url, cfg.group),
                    secret=resolve(cfg.gateway.webhook_secret), driver=driver, emit=emit, **kw)
@@ -324,6 +372,18 @@ class BootGate:
                 log.exception("boot check failed; asking again")
 
     def step(self) -> BootDecision:
+        if self.etcd is not None:
+            local = LocalState.from_status(self.driver.status())
+            try:
+                d = decide_boot_keys(self.etcd.get(leader_key(self.group)),
+                                     self.etcd.get(sync_key(self.group)), self.agent_id, local)
+            except EtcdError as exc:
+                log.info("boot check: etcd unreachable (%s): asking the gateway", exc)
+                d = None
+            if d is not None:
+                self.peer = None
+                self._act(d, None, local, via_etcd=True)
+                return d
         problem = ""
         roles: dict[str, Any] | None = None
         try:
@@ -342,7 +402,8 @@ class BootGate:
         self._act(d, site, local)
         return d
 
-    def _act(self, d: BootDecision, site: str | None, local: LocalState) -> None:
+    def _act(self, d: BootDecision, site: str | None, local: LocalState,
+             via_etcd: bool = False) -> None:
         first = not self.decisions
         changed = first or self.decisions[-1].action != d.action
         self.decisions.append(d)
@@ -357,10 +418,12 @@ class BootGate:
             # Not running: only marks it held down. Once: re-marking on every retry would race
             # a re-protect that starts the rewound standby meanwhile, and stop it again.
             self.driver.stop("fast")
-        if d.report is None or site is None:
+        if d.report is None or (site is None and not via_etcd):
             return
-        details: dict[str, Any] = {"drflow_boot": d.report, "site": site, "action": d.action,
+        details: dict[str, Any] = {"drflow_boot": d.report, "action": d.action,
                                    "reason": d.reason}
+        if site is not None:
+            details["site"] = site
         if self.peer is not None and self.peer.writable_primary:
             details["peer_writable"] = self.peer.where
         if d.report == BOOT_SECOND_PRIMARY:
