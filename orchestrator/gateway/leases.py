@@ -112,7 +112,10 @@ class LeaseWatcher:
                     log.exception("reading the leader keys failed")
                     self.failed(f"{type(exc).__name__}: {exc}")
                 else:
-                    self.apply(snap)
+                    try:
+                        self.apply(snap)
+                    except Exception:  # a bug must not end the watch either
+                        log.exception("comparing the leader keys failed")
                 await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -138,7 +141,10 @@ class LeaseWatcher:
             change = leader_change(prev, keys.leader, learned=before is not None)
             if change is Change.VANISHED:
                 assert prev is not None
-                self.on_vanished(group, prev, snap.read_at, snap.revision)
+                try:
+                    self.on_vanished(group, prev, snap.read_at, snap.revision)
+                except Exception:  # one group's trouble must not hide the others' news
+                    log.exception("group %s: acting on its vanished leader key failed", group)
             elif change in (Change.TAKEN_OVER, Change.REPLACED, Change.APPEARED):
                 now = keys.leader.leader if keys.leader else None
                 log.info("group %s: leader key %s: now %s", group, change.value,
