@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -326,3 +327,27 @@ def test_restart_replays_the_journal(lab_dir: Path) -> None:
         assert [m["ts"] for m in msgs] == [ts]
     finally:
         procs.stop_tree(proc.pid, timeout=3)
+
+
+def test_gateway_alerts_reach_the_channel_and_a_slack_outage_is_only_logged(
+        slack: dict[str, Any]) -> None:
+    import asyncio
+
+    from pydantic import SecretStr
+
+    from orchestrator.gateway.contracts import Alert
+    from orchestrator.gateway.slack_alerter import SlackAlerter
+    from tasks.slack import SlackTarget
+
+    alert = Alert(group="orders", kind="sync_relaxed", agent_id="orders-prod",
+                  reason="group orders: primary orders-prod relaxed synchronous replication")
+    target = SlackTarget(slack["url"], slack["channel"], SecretStr(slack["bot_token"]))
+    asyncio.run(SlackAlerter(target).alert(alert))
+    msgs = SlackLab(slack["url"].removesuffix("/api/")).messages()
+    posted = [m for m in msgs if "relaxed synchronous replication" in m.get("text", "")]
+    assert posted and "*orders*" in posted[-1]["text"] and "orders-prod" in posted[-1]["text"]
+    # Nobody listens there: the alert is dropped with a log line, within its timeout.
+    dead = SlackTarget("http://127.0.0.1:9/api/", "#drflow-alerts", SecretStr("xoxb-x"))
+    t = time.monotonic()
+    asyncio.run(SlackAlerter(dead, timeout_s=3).alert(alert))
+    assert time.monotonic() - t < 3.5
