@@ -108,15 +108,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def approval_blocks(group: str, run_id: str, text: str) -> list[dict[str, Any]]:
+def approval_blocks(group: str, run_id: str, text: str, title: str | None = None,
+                    approve_text: str = "Approve failback") -> list[dict[str, Any]]:
+    """An approval request the gateway's `/slack/actions` resumes (the attested failover uses
+    it too, with its own title and button text)."""
     value = json.dumps({"run": run_id, "group": group})
     return [
-        {"type": "header", "text": {"type": "plain_text", "text": f"Failback of {group}"}},
+        {"type": "header", "text": {"type": "plain_text",
+                                    "text": (title or f"Failback of {group}")[:150]}},
         {"type": "section", "block_id": "drflow_request", "text": {"type": "mrkdwn",
                                                                     "text": text[:2900]}},
         {"type": "actions", "block_id": "drflow_failback", "elements": [
             {"type": "button", "action_id": APPROVE_ACTION, "style": "primary", "value": value,
-             "text": {"type": "plain_text", "text": "Approve failback"}},
+             "text": {"type": "plain_text", "text": approve_text}},
             {"type": "button", "action_id": REJECT_ACTION, "style": "danger", "value": value,
              "text": {"type": "plain_text", "text": "Reject"}},
         ]},

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from drflow.audit import AuditStore, open_store
 from drflow.config import DrflowConfig, GroupConfig, NodeConfig, load_config
+from drflow.etcd import Client as EtcdClient
 from drflow.secrets import aws_client_kwargs
 from tasks.postgres import Db
 from tasks.slack import SlackTarget
@@ -48,6 +49,15 @@ class Runtime:
         import boto3
 
         return boto3.client("route53", **aws_client_kwargs(self.cfg.aws))
+
+    @cached_property
+    def etcd(self) -> EtcdClient | None:
+        """The etcd holding the leader and sync keys; None when the config has none (then a
+        failover fences through vSphere only)."""
+        e = self.cfg.etcd
+        if e is None:
+            return None
+        return EtcdClient([str(u) for u in e.endpoints], timeout=e.timeout_s)
 
     @cached_property
     def slack(self) -> SlackTarget:

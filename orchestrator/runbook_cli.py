@@ -202,11 +202,24 @@ def failover_cmd(
     force: bool = typer.Option(False, "--force",
                                help="Promote even beyond the RPO budget (audited override)."),
     reason: str = typer.Option("manual failover", "--reason", help="Why, for the audit trail."),
+    declare_fenced: bool = typer.Option(
+        False, "--declare-fenced",
+        help="No fence can be proven (etcd majority and vCenter lost with the site): you attest "
+             "the old primary can no longer acknowledge writes. Asks the group's approvers in "
+             "Slack first; audited as an attested fence. Needs --reason."),
+    timeout: float | None = typer.Option(None, "--approval-timeout",
+                                         help="With --declare-fenced: seconds to wait for the "
+                                              "approvers (default: policy)."),
     state_dir: Path = StateDirOpt,
 ) -> None:
     """Fail GROUP over, now, from the node its DNS name points at to the other one.
 
-    The steps: confirm, fence, check lag, promote, DNS, verify."""
+    The steps: confirm, fence, check lag, take over the leader key, promote, DNS, verify."""
+    if declare_fenced and reason == "manual failover":
+        console.print("error: --declare-fenced needs --reason TEXT: why you know the old "
+                      "primary can no longer acknowledge writes (it goes to the approvers and "
+                      "the audit trail)")
+        raise typer.Exit(2)
     need_prefect(state_dir)
     from flows.failover import failover
     from flows.runtime import runtime
@@ -217,9 +230,23 @@ def failover_cmd(
     serving = resolve_endpoint_or_none(rt.route53, g.dns.zone_id, g.dns.record)
     failed = g.standby if serving == (g.standby.host, g.standby.port) else g.primary
     console.print(f"{g.dns.record} points at {failed.vm}: failing over from it")
-    _run_and_exit("failed_over", lambda: failover(
-        group, {"kind": "manual", "reason": reason, "primary_vm": failed.vm}, force=force,
-        config_path=str(config.resolve())))
+    if declare_fenced:
+        console.print(f"asking {g.policy.approvals_required} approver(s) in Slack to attest "
+                      f"that {failed.vm} can no longer acknowledge writes …")
+    # No incident key: the flow derives it from these fields, so the same command run again
+    # after a crash recognises its own takeover.
+    incident = {"kind": "manual", "reason": reason, "primary_vm": failed.vm}
+
+    def run() -> dict[str, Any]:
+        try:
+            return failover(group, incident, force=force, config_path=str(config.resolve()),
+                            declare_fenced=reason if declare_fenced else None,
+                            approval_timeout_s=timeout)
+        except Exception as exc:  # a timed-out pause ends the Prefect run Failed, by design
+            console.print(f"failover did not complete: {type(exc).__name__}: {exc}")
+            raise typer.Exit(1) from None
+
+    _run_and_exit("failed_over", run)
 
 
 def reprotect_cmd(

@@ -79,15 +79,19 @@ class Takeover:
 
 
 def take_over(client: Client, group: str, leader: Leader, expect_leader_raw: str | None,
-              expect_sync_raw: str | None, ttl: int = TAKEOVER_LEASE_S) -> Takeover:
+              expect_sync_raw: str | None, ttl: int = TAKEOVER_LEASE_S,
+              sync_absent: bool = False) -> Takeover:
     """ONE txn: the leader key is absent (or still holds exactly `expect_leader_raw`) and, when
-    given, the sync key holds exactly `expect_sync_raw` → write `leader` bound to a new lease.
-    On failure both keys are read in the same txn, so the caller can say why."""
+    given, the sync key holds exactly `expect_sync_raw` (or, `sync_absent`, does not exist)
+    → write `leader` bound to a new lease. On failure both keys are read in the same txn, so
+    the caller can say why."""
     lk, sk = leader_key(group), sync_key(group)
     lease, granted = client.grant(ttl)
     compare = [absent(lk) if expect_leader_raw is None else value_is(lk, expect_leader_raw)]
     if expect_sync_raw is not None:
         compare.append(value_is(sk, expect_sync_raw))
+    elif sync_absent:
+        compare.append(absent(sk))
     raw = leader.encode()
     ok, resp = client.txn(compare, [put_op(lk, raw, lease)], [range_op(lk), range_op(sk)])
     if not ok:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from prefect import task
@@ -14,6 +16,8 @@ from pydantic import SecretStr
 from drflow.lsn import lsn_int
 from drflow.observations import AppCheck
 from tasks.retry import retry_transient
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 2
 # Every statement is bounded, so a hung server fails the step instead of hanging the runbook.
@@ -62,6 +66,57 @@ def check_primary(db: Db) -> AppCheck:
     writable = not row[0] and row[1] == "off"
     return AppCheck(True, writable, "answers as a writable primary" if writable
                     else "answers, but in recovery or read-only")
+
+
+def bounded(fn: Callable[[], T], seconds: float, late: T) -> T:
+    """fn() in a thread, or `late` past `seconds`: libpq's connect_timeout is whole seconds and
+    at least 2, and a frozen server still completes the TCP handshake, so a silent address
+    would otherwise cost 2 s or more."""
+    box: list[T] = []
+    th = threading.Thread(target=lambda: box.append(fn()), daemon=True, name="pg-bounded")
+    th.start()
+    th.join(seconds)
+    return box[0] if box else late
+
+
+def check_primary_within(db: Db, seconds: float) -> AppCheck:
+    """`check_primary`, answered within `seconds` (no answer: does not serve)."""
+    return bounded(lambda: check_primary(db), seconds,
+                   AppCheck(False, False, f"no answer from {db.host}:{db.port} within "
+                                          f"{seconds:g} s"))
+
+
+@dataclass(frozen=True)
+class ReceiverState:
+    """The standby's WAL receiver: `answered` False when the standby could not be asked;
+    `status` None when there is no receiver."""
+
+    answered: bool
+    status: str | None = None
+    sender: str | None = None
+    last_msg_age_s: float | None = None
+    detail: str = ""
+
+
+def wal_receiver(db: Db, seconds: float = 1.0) -> ReceiverState:
+    """Does the standby still receive from its primary? (pg_stat_wal_receiver, its clock)."""
+    def read() -> ReceiverState:
+        try:
+            with db.connect() as conn:
+                row = conn.execute(
+                    "select status, sender_host || ':' || sender_port, "
+                    "extract(epoch from clock_timestamp() - last_msg_receipt_time)::float8 "
+                    "from pg_stat_wal_receiver").fetchone()
+        except psycopg.Error as exc:
+            return ReceiverState(False, detail=_short(exc))
+        if row is None:
+            return ReceiverState(True, detail="no WAL receiver")
+        age = None if row[2] is None else float(row[2])
+        return ReceiverState(True, str(row[0]), row[1], age,
+                             f"{row[0]} from {row[1]}, last message "
+                             + ("never" if age is None else f"{age:.2f} s ago"))
+    return bounded(read, seconds, ReceiverState(False, detail=f"the standby did not answer "
+                                                              f"within {seconds:g} s"))
 
 
 def standby_status(db: Db) -> StandbyStatus:

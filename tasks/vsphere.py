@@ -361,3 +361,85 @@ def destroy_clones(vc: VCenter, prefix: str, portgroup: str) -> tuple[list[str],
         _destroy(vm)
         destroyed.append(name)
     return destroyed, refused
+
+
+# --- the failover's fence: what vCenter shows of the old primary, a bounded power-off ----------
+
+# Tasks that stun a VM (quiesce for a snapshot, switch-over of a migration): a VM frozen by one
+# is alive, and its agent re-acquires its lease when it thaws.
+STUN_TASKS = ("CreateSnapshot_Task", "RelocateVM_Task", "MigrateVM_Task")
+_STUN_IDS = ("createSnapshot", "relocate", "migrate")
+
+
+@dataclass(frozen=True)
+class VmState:
+    """Power state, host connection state and a running stun task (None each when unknown)."""
+
+    power_state: str | None
+    host_connection: str | None = None
+    stun_task: str | None = None
+    error: str | None = None
+
+
+def _task_name(info: Any) -> str:
+    """The task's method name: pyVmomi turns `info.name` into a method object."""
+    name = getattr(info, "name", None)
+    method_info = getattr(name, "info", None)
+    return str(getattr(method_info, "wsdlName", None) or name or info.descriptionId or "")
+
+
+def _is_stun(info: Any) -> bool:
+    desc = str(getattr(info, "descriptionId", "") or "")
+    return _task_name(info) in STUN_TASKS or desc.rsplit(".", 1)[-1] in _STUN_IDS
+
+
+def read_vm_state(vc: VCenter, vm_name: str, seconds: float) -> VmState:
+    """One bounded look at the VM: its power state, its host's connection state, and whether a
+    snapshot / relocate / migrate task runs on it now (vm.recentTask)."""
+    box: list[VmState] = []
+
+    def read() -> None:
+        try:
+            vm = find_vm(connect(vc), vm_name, vc.datacenter)
+            rt = vm.runtime
+            host = rt.host
+            conn = str(host.runtime.connectionState) if host is not None else None
+            stun = None
+            for t in vm.recentTask or []:
+                info = t.info
+                if str(info.state) in ("running", "queued") and _is_stun(info):
+                    stun = f"{_task_name(info)} ({t._moId})"
+                    break
+            box.append(VmState(str(rt.powerState), conn, stun))
+        except Exception as exc:
+            box.append(VmState(None, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+    th = threading.Thread(target=read, daemon=True, name=f"vm-state-{vm_name}")
+    th.start()
+    th.join(seconds)
+    if not box:
+        with _lock:  # the session may be wedged: the next call logs in again
+            _sessions.clear()
+        return VmState(None, error=f"vCenter did not answer within {seconds:g} s")
+    return box[0]
+
+
+class PowerOff:
+    """A power-off of a VM running in a thread: the fence looks at it without waiting for it."""
+
+    def __init__(self, vc: VCenter, vm_name: str) -> None:
+        self.vm_name = vm_name
+        self.started = time.monotonic()
+        self._box: list[tuple[str | None, str | None]] = []
+        self._thread = threading.Thread(target=lambda: self._box.append(_power_off(vc, vm_name)),
+                                        daemon=True, name=f"power-off-{vm_name}")
+        self._thread.start()
+
+    def result(self, wait_s: float = 0.0) -> tuple[str | None, str | None] | None:
+        """(power state after, error) once done; None while it still runs."""
+        self._thread.join(max(0.0, wait_s))
+        return self._box[0] if self._box else None
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started

@@ -1,0 +1,130 @@
+"""Failover fencing on the lab (docs/fencing.md rule 7): the lease, stuns, no fence, attested.
+
+Real agents holding leader leases in the lab's etcd, the gateway, vcsim with its host-loss and
+stun faults, PostgreSQL, moto, the Slack stand-in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from drflow.dns import resolve_endpoint
+from drflow.etcd import Client
+from drflow.leader_keys import Leader, leader_key
+from lab import faults
+from lab.labconfig import STUN_GRACE_S
+from tests.harness import Env, Writer, start_env, stop_env, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def env(prefect_api: str) -> Iterator[Env]:
+    e = start_env(groups=1, replication="sync")
+    try:
+        yield e
+    finally:
+        faults.heal(e.lab_dir)
+        stop_env(e)
+
+
+def _etcd(env: Env) -> Client:
+    return Client(list(env.state["etcd"]["endpoints"]), timeout=2)
+
+
+def _leader(env: Env, group: str) -> Leader | None:
+    raw = _etcd(env).get(leader_key(group))
+    return Leader.decode(raw) if raw else None
+
+
+def _finished(env: Env, group: str, timeout: float = 60) -> Any:
+    return wait_for(lambda: env.audit_records("failover.finish", group), timeout,
+                    f"failover of {group} finished")[-1]
+
+
+def _dump(env: Env) -> None:
+    """The failover's closing records, for the test log."""
+    for r in env.audit_records():
+        if r.action.startswith("failover.") and r.outcome != "started":
+            print(r.time, r.action, r.outcome, r.duration_s, r.reason[:300],
+                  r.parameters.get("result"))
+
+
+def _step(env: Env, name: str, target: str | None = None) -> Any:
+    recs = [r for r in env.audit_records(f"failover.{name}", target)
+            if r.outcome != "started"]
+    assert recs, f"no closing audit record of {name}"
+    return recs[-1]
+
+
+def test_host_loss_fails_over_by_the_lease_without_waiting_for_vsphere(env: Env) -> None:
+    g = env.group(env.state["groups"][0]["name"])
+    name, primary, standby = g["name"], g["primary"], g["standby"]
+    wait_for(lambda: (ld := _leader(env, name)) is not None and ld.agent_id == primary["vm"],
+             20, "the primary's agent holds the leader key")
+    writer = Writer(env, name).start()
+    time.sleep(1.0)
+    t0 = time.time()  # the fault's `at` is taken after the kill: measure from before it
+    f = faults.fail(env.lab_dir, "host-loss", primary["vm"])
+    rec = _finished(env, name)
+    _dump(env)
+    assert rec.outcome == "ok", rec.reason
+    # The writer's connection to the silent old address may hang (libpq without
+    # tcp_user_timeout): only what it had acknowledged counts.
+    writer.stop()
+    fence = _step(env, "fence old primary", primary["vm"])
+    assert fence.outcome == "ok" and fence.parameters["result"]["fence"] == "lease", fence.reason
+    assert "lease fence" in fence.reason
+    ev = fence.parameters["result"]
+    assert ev["etcd"]["lease_absent_since"] and ev["etcd"]["revision"]
+    assert ev["standby_receiver"] is not None
+    takeover = _step(env, "take over the leader key", name)
+    assert takeover.outcome == "ok" and takeover.parameters["result"]["succeeded"]
+    # The power-off after the takeover cannot complete on a lost host: audited, not waited for.
+    power = _step(env, "power off the old primary (after the takeover)", primary["vm"])
+    assert power.outcome == "failed"
+    assert writer.lost(standby["host"], standby["port"]) == []
+    verified = _step(env, "verify a write through DNS")
+    rto = datetime.fromisoformat(verified.time).timestamp() - t0
+    print(f"host-loss at {t0:.3f} (took effect {f.at - t0:.2f} s later), verified "
+          f"{verified.time}: RTO {rto:.2f} s (the fence waited {ev['waited_s']} s)")
+    assert rto < 3 + 3  # lease_s + 3: the target is lease_s + 1.5 on a quiet machine
+    assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
+        standby["host"], standby["port"])
+
+
+def test_a_stun_with_a_snapshot_task_is_waited_out_without_a_power_off(env: Env) -> None:
+    g = env.group(env.state["groups"][0]["name"])
+    name, primary = g["name"], g["primary"]
+    wait_for(lambda: (ld := _leader(env, name)) is not None and ld.agent_id == primary["vm"],
+             20, "the primary's agent holds the leader key")
+    faults.fail(env.lab_dir, "stun", primary["vm"], seconds=5, task="snapshot")  # blocks 5 s
+    time.sleep(STUN_GRACE_S)  # whatever started meanwhile has ended by then
+    _dump(env)
+    finished = env.audit_records("failover.finish", name)
+    for rec in finished:
+        assert rec.outcome == "reacquired", rec.reason
+    assert not any(r.outcome == "ok" for r in env.audit_records("failover.promote standby"))
+    assert env.writable(primary)
+    assert not env.writable(g["standby"])
+    fences = [r for r in env.audit_records("failover.fence old primary")
+              if r.outcome != "started"]
+    for r in fences:
+        assert r.parameters["result"]["power_off"] is None, r.parameters
+        assert r.outcome == "refused"
+
+
+def _no_etcd_config(env: Env, tmp: Path) -> Path:
+    """The lab's config with etcd at an address where nothing answers (the majority is lost)."""
+    cfg = yaml.safe_load(env.config.read_text())
+    cfg["etcd"] = {"endpoints": ["http://127.0.0.1:9"], "timeout_s": 0.3}
+    path = tmp / "drflow-no-etcd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
