@@ -114,6 +114,13 @@ def _not_fenced(v: FenceView, why: str) -> FenceDecision:
                                  "group's approvers in Slack)", outcome="not_fenced")
 
 
+def _stun_words(v: FenceView) -> str:
+    if v.vm.stunned:
+        return (f"vCenter shows {v.vm.stun_task} running on {v.old_vm} with its host connected "
+                "(a stun)")
+    return f"{v.old_vm} was seen stunned (its task has ended)"
+
+
 def _vm_words(vm: VmView) -> str:
     if vm.error:
         return f"vSphere state unknown ({vm.error})"
@@ -129,17 +136,21 @@ def decide_fence(v: FenceView) -> FenceDecision:
         return FenceDecision("fenced", f"fenced: vSphere reports {v.old_vm} powered off",
                              "vsphere")
     stun = v.vm.stunned
-    in_grace = stun and (v.stun_seen_at is None
-                         or v.waited_s - v.stun_seen_at < v.stun_grace_s)
-    may_power_off = not stun and not v.power_off_tried
+    # Once a stun was seen, the grace runs even after the task ended: the thawed agent needs a
+    # moment to re-acquire its key, and the standby's receiver timed out during the freeze.
+    in_grace = (stun and v.stun_seen_at is None) or (
+        v.stun_seen_at is not None and v.waited_s - v.stun_seen_at < v.stun_grace_s)
+    may_power_off = not stun and not in_grace and not v.power_off_tried
     power_note = (f"; power-off tried: {v.power_off_error}" if v.power_off_tried
                   and v.power_off_error else "")
 
     if not v.etcd:  # no leader leases in this config: vSphere is the only proof
-        if stun and in_grace:
-            return FenceDecision("wait", f"vCenter shows {v.vm.stun_task} running on {v.old_vm} "
-                                         "with its host connected (a stun): no power-off, "
-                                         f"waiting up to {v.stun_grace_s:g} s")
+        if v.stun_seen_at is not None and not stun and in_grace:
+            return FenceDecision("stop", f"{_stun_words(v)}: {v.old_vm} thawed; no failover",
+                                 outcome="thawed")
+        if in_grace:
+            return FenceDecision("wait", f"{_stun_words(v)}: no power-off, waiting up to "
+                                         f"{v.stun_grace_s:g} s")
         if may_power_off:
             return FenceDecision("power_off", f"{_vm_words(v.vm)}: powering it off")
         return _not_fenced(v, f"{v.old_vm} is not seen powered off ({_vm_words(v.vm)}"
@@ -148,9 +159,8 @@ def decide_fence(v: FenceView) -> FenceDecision:
         if may_power_off:
             return FenceDecision("power_off", f"etcd unreachable ({v.etcd_error}): trying a "
                                               f"power-off of {v.old_vm}")
-        if stun and in_grace:
-            return FenceDecision("wait", f"etcd unreachable and vCenter shows {v.vm.stun_task} "
-                                         f"on {v.old_vm} (a stun): waiting")
+        if in_grace:
+            return FenceDecision("wait", f"etcd unreachable and {_stun_words(v)}: waiting")
         return _not_fenced(v, f"etcd unreachable ({v.etcd_error}) and {v.old_vm} not seen "
                               f"powered off ({_vm_words(v.vm)}{power_note})")
 
@@ -172,26 +182,24 @@ def decide_fence(v: FenceView) -> FenceDecision:
             return FenceDecision("stop", f"{v.old_vm} thawed and re-acquired its lease (the "
                                          "leader key names it again): it serves; no failover",
                                  outcome="reacquired")
-        if stun and in_grace:
-            return FenceDecision("wait", f"vCenter shows {v.vm.stun_task} running on {v.old_vm} "
-                                         f"with its host connected (a stun) and its lease still "
-                                         f"stands: waiting up to {v.stun_grace_s:g} s")
+        if in_grace:
+            return FenceDecision("wait", f"{_stun_words(v)} and its lease still stands: "
+                                         f"waiting up to {v.stun_grace_s:g} s")
         if v.waited_s >= v.limit_s:
             return FenceDecision("stop", f"{v.old_vm} still holds its leader lease after "
                                          f"{v.waited_s:.1f} s (renewing: alive); no failover",
                                  outcome="primary_alive")
-        if may_power_off and not stun:
+        if may_power_off:
             return FenceDecision("power_off", f"{v.old_vm}'s lease has not expired yet; trying "
                                               "a power-off meanwhile")
         return FenceDecision("wait", f"{v.old_vm} still holds its leader lease; waiting for it "
                                      "to expire")
 
     # The leader key is absent.
-    if stun and in_grace:
-        return FenceDecision("wait", f"the leader key is absent but vCenter shows "
-                                     f"{v.vm.stun_task} running on {v.old_vm} with its host "
-                                     f"connected (a stun): waiting up to {v.stun_grace_s:g} s "
-                                     "for its agent to re-acquire it")
+    if in_grace:
+        return FenceDecision("wait", f"the leader key is absent and {_stun_words(v)}: "
+                                     f"waiting up to {v.stun_grace_s:g} s for its agent to "
+                                     "re-acquire it")
     gone, why = receiver_gone(v.receiver, v.lease_s)
     if gone:
         return FenceDecision("fenced", f"lease fence: the leader key of {v.group} is absent "

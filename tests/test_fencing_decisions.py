@@ -145,3 +145,17 @@ def test_takeover_refuses_a_standby_the_sync_key_does_not_name_unless_forced() -
     assert d.action == "retry" and "override" in d.reason
     d = takeover_outcome(tk(sync_present=True, sync_standby="orders-dr"), False)
     assert d.action == "retry"
+
+
+def test_after_a_stun_ends_the_grace_still_runs_before_the_lease_decides() -> None:
+    # The task ended with the thaw; the agent has not re-acquired yet; the standby's receiver
+    # timed out during the freeze: no takeover yet.
+    v = view(vm=ON, receiver=GONE, stun_seen_at=0.2, waited_s=5.1)
+    d = decide_fence(v)
+    assert d.action == "wait" and "was seen stunned" in d.reason
+    assert decide_fence(replace(v, waited_s=10.3)).fence == "lease"
+
+
+def test_without_leases_a_stun_that_ended_stops_without_a_power_off() -> None:
+    d = decide_fence(view(etcd=False, vm=ON, stun_seen_at=0.2, waited_s=5))
+    assert d.action == "stop" and d.outcome == "thawed"
