@@ -372,6 +372,15 @@ class LeaseHolder:
                 if self.state == "failsafe":
                     self.state = "held"
                     log.warning("leader lease renewed again: failsafe over")
+        if not current:
+            # Deleted behind our back while the lease lives: put it back if still absent.
+            with contextlib.suppress(EtcdError):
+                ok, _ = self.etcd.txn([absent(self.key)],
+                                      [put_op(self.key, self.value, lease_id)])
+                if ok:
+                    self._note("reacquired", "the leader key was deleted while the lease "
+                                             "lived: re-created it")
+                    return True
         if current != self.value:
             holder = current or "nobody"
             self._fence(f"the leader key no longer holds this agent's value (it holds "

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,23 @@ def test_acquires_renews_and_names_the_sync_standby(cluster: dict[str, Any], pai
     assert h.h.state == "held" and pg.is_running(primary)
 
 
+def test_adopts_a_takeover_key_naming_this_agent(cluster: dict[str, Any], pair: Any,
+                                                 root: Path, holders: list[Holder]) -> None:
+    """After a promotion the takeover's key names this agent: it is replaced by this agent's."""
+    primary, _ = pair
+    g = group_of(primary)
+    c = client(cluster)
+    takeover_lease, _ttl = c.grant(30)
+    written = Leader(primary.name, by="takeover", incident="failover:test").encode()
+    c.put(leader_key(g), written, takeover_lease)
+    h = started(holders, cluster, primary, root)
+    kv = c.get_kv(leader_key(g))
+    assert kv is not None and kv.lease == h.h.lease_id != takeover_lease
+    got = Leader.decode(kv.value)
+    assert got.agent_id == primary.name and got.by == "agent"
+    assert not h.h.fences and pg.is_running(primary)
+
+
 def test_etcd_gone_standby_streaming_keeps_serving(cluster: dict[str, Any], pair: Any,
                                                    root: Path, holders: list[Holder]) -> None:
     primary, _ = pair
@@ -237,18 +255,20 @@ def test_standby_lost_sync_key_before_relaxing_then_restored(
         before = c.execute("SHOW synchronous_standby_names").fetchone()[0]  # type: ignore[index]
     pg.kill_hard(standby)
 
-    def relaxed() -> float | None:
+    def relaxed() -> bool:
         with pg.admin_conn(primary) as c:
-            row = c.execute("SELECT current_setting('synchronous_standby_names'), "
-                            "extract(epoch FROM pg_conf_load_time())").fetchone()
-        assert row is not None
-        return float(row[1]) if row[0] == "" else None
+            row = c.execute("SHOW synchronous_standby_names").fetchone()
+        return row is not None and row[0] == ""
 
-    reloaded_at = wait_for(relaxed, LEASE_S + 4, "synchronous replication relaxed", 0.05)
+    wait_for(relaxed, LEASE_S + 4, "synchronous replication relaxed", 0.05)
     st = sync_state(cluster, g)
     assert st is not None and st.standby is None and st.primary == primary.name
-    # The key was written (its `since` is taken just before the txn) before the reload.
+    # The key was written (its `since` is taken just before the txn) before the server reloaded
+    # the emptied setting (its own log line, millisecond timestamps).
+    reloaded_at = reload_time(primary.log, 'parameter "synchronous_standby_names" changed to ""')
     assert st.since < reloaded_at, (st.since, reloaded_at)
+    steps = [what for _, what, _ in h.h.history if what in ("sync_key", "relaxed")]
+    assert steps[-2:] == ["sync_key", "relaxed"], steps
     write(primary, root)  # writes go on
     assert h.reports("drflow_sync") == ["relaxed"]
     pg.start(standby)
@@ -371,6 +391,15 @@ def test_frozen_agent_reacquires_on_thaw_without_fencing(
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
         proc.wait(10)
+
+
+def reload_time(log: Path, needle: str) -> float:
+    """Epoch seconds of the last server log line containing `needle` (prefix '%m [%p] ')."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if needle in ln]
+    assert lines, f"no {needle!r} in {log}"
+    day, clock, tz = lines[-1].split(" ", 3)[:3]
+    return datetime.strptime(f"{day} {clock} {tz}", "%Y-%m-%d %H:%M:%S.%f %Z").replace(
+        tzinfo=UTC).timestamp()
 
 
 def psutil_times(pid: int) -> tuple[float, float]:
