@@ -318,6 +318,29 @@ def test_agent_cut_silences_the_agent_but_not_replication(lab: dict[str, Any]) -
     assert root_connect(etcd_dr, 2379) == "ok"
 
 
+def test_agent_cut_silences_the_agent_s_control_port(lab: dict[str, Any]) -> None:
+    """The control port is dropped on input whoever listens (here a listener of `postgres`,
+    whose own replies the output rule would not drop)."""
+    vm = lab["groups"][1]["standby"]
+    port = procs.free_port()
+    code = (f"import socket,time\ns=socket.socket()\ns.bind(({vm['host']!r},{port}))\n"
+            "s.listen()\ntime.sleep(60)\n")
+    listener = subprocess.Popen([*netns.host_prefix(_topo(lab), vm["vm"]), "runuser", "-u",
+                                 "postgres", "--", "python3", "-c", code])
+    try:
+        wait_for(lambda: _connect_outcome(vm["host"], port) == "ok", 10, "the listener")
+        netns.agent_cut(_topo(lab), vm["vm"], port)
+        try:
+            assert _connect_outcome(vm["host"], port) == "timeout"
+            assert _connect_outcome(vm["host"], vm["port"]) == "ok"  # PostgreSQL still answers
+        finally:
+            netns.agent_uncut(_topo(lab), vm["vm"])
+        assert _connect_outcome(vm["host"], port) == "ok"
+    finally:
+        procs.kill_tree(listener.pid)
+        listener.wait(5)
+
+
 def test_etcd_down_and_heal_brings_members_back_with_their_data(lab: dict[str, Any]) -> None:
     info = lab["etcd"]
     everyone = etcd.Client(info["endpoints"], timeout=1.0)
