@@ -54,6 +54,7 @@ def _run(cfg: Any) -> None:
     secret = resolve(cfg.gateway.webhook_secret)
     outbox: Any = None
     sender: Any = None
+    lease: Any = None
     try:
         outbox = Outbox(cfg.outbox)
         sender = Sender(outbox, cfg.gateway.url, secret)
