@@ -3,7 +3,7 @@
 Three threads, so that nothing the fence depends on waits on the network:
 - *renewal* (etcd): acquire or adopt the key while PostgreSQL is a primary, keepalive every
   lease_s/3, check the key still holds this agent's value, keep the sync key (rule 5), and after
-  a fence re-acquire only by create-if-absent;
+  a fence re-acquire only by create-if-absent (after a failed keepalive it retries every 0.2 s);
 - *observer* (local SQL): the primary's view of its standbys, every lease_s/3, every 200 ms once a
   renewal failed;
 - *watchdog*: acts at `renewal_deadline(...)` (failsafe or SIGKILL of PostgreSQL), using only
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FROZEN_GAP_S = 1.0      # a watchdog tick this late means the process did not run (frozen)
 WATCH_TICK_S = 0.05
 FAILSAFE_RECHECK_S = 0.2
+RETRY_S = 0.2           # renewal retry period after a failed keepalive
 
 _PRIMARY_SQL = """
 select current_setting('synchronous_standby_names'),
@@ -256,11 +257,16 @@ class LeaseHolder:
 
     def _renewal(self) -> None:
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
                 self._renew_once()
             except Exception:  # a bug here must not end renewals; the watchdog still guards
                 log.exception("lease renewal step failed")
-            self._stop.wait(self.lease_s / 3)
+            # A fixed cadence from the start of each step; after a failed keepalive, retry at
+            # once (a timed-out call already waited lease_s/4): one lost answer must not use
+            # up the time left before the deadline.
+            period = RETRY_S if self.keepalive_failed else self.lease_s / 3
+            self._stop.wait(max(0.0, began + period - time.monotonic()))
 
     def _renew_once(self) -> None:
         with self._lock:
