@@ -408,3 +408,35 @@ def psutil_times(pid: int) -> tuple[float, float]:
     t = psutil.Process(pid).cpu_times()
     return t.user, t.system
 
+
+
+def test_pure_decisions_at_their_edges() -> None:
+    from agents.lease_decide import PgView, Standby, after_fence, failsafe, sync_step
+
+    fresh = Standby("b", "streaming", "sync", 0.2, True)
+    view = PgView("primary", "FIRST 1 (b)", (fresh,))
+    assert failsafe(view, 0.1, "sync", 3).action == "failsafe"
+    assert failsafe(view, 0.1, "async", 3).action == "fence"  # no failsafe for async groups
+    assert failsafe(view, 1.4, "sync", 3).action == "fence"   # view too old to vouch for it
+    stale = PgView("primary", "x", (Standby("b", "streaming", "sync", 1.6, True),))
+    assert failsafe(stale, 0.0, "sync", 3).action == "fence"
+    potential = PgView("primary", "x", (Standby("b", "streaming", "potential", 0.1, True),))
+    assert failsafe(potential, 0.0, "sync", 3).action == "fence"
+    assert failsafe(None, 0.0, "sync", 3).action == "fence"
+
+    key = SyncState("a", "b")
+    assert sync_step(view, key, "a", {}, False, 0, 3).action == "none"
+    assert sync_step(view, SyncState("a", None), "a", {}, False, 0, 3).standby == "b"
+    assert sync_step(view, key, "a", {"b": "vm-b"}, False, 0, 3).standby == "vm-b"
+    gone = PgView("primary", "FIRST 1 (b)", ())
+    assert sync_step(gone, key, "a", {}, False, 2.9, 3).action == "none"
+    assert sync_step(gone, key, "a", {}, False, 3.0, 3).action == "relax"
+    behind = PgView("primary", "", (Standby("b", "streaming", "async", 0.1, False),))
+    assert sync_step(behind, key, "a", {}, True, 0, 3).action == "none"
+    caught_up = PgView("primary", "", (Standby("b", "streaming", "async", 0.1, True),))
+    assert sync_step(caught_up, key, "a", {}, True, 0, 3).action == "restore"
+    assert sync_step(caught_up, key, "a", {}, False, 0, 3).action == "none"
+
+    assert after_fence(None, "a").action == "reacquire"
+    assert after_fence(Leader("a").encode(), "a").action == "wait"
+    assert after_fence(Leader("b", "takeover").encode(), "a").action == "hold"
