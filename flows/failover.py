@@ -427,9 +427,17 @@ def take_over(client: EtcdClient, g: GroupConfig, old: NodeConfig, new: NodeConf
             ld = keys.leader
             expect = keys.leader_raw if ld is not None and ld.agent_id == old.vm \
                 and fence.kind in ("vsphere", "attested") else None
+            if ld is not None and ld.agent_id == new.vm and (ld.by == "agent"
+                                                             or ld.incident == key):
+                # A re-run: this incident's takeover (or the promoted agent's key) stands.
+                d = takeover_outcome(TakeoverView(False, new.vm, old.vm, key, leader=ld), force)
+                result["found_leader"] = keys.leader_raw
+                return d, keys.leader_raw, result
             sync = keys.sync
+            # The sync key names the standby, or already records it as the primary (a re-run
+            # after the sync key was written, the takeover lease since gone).
             sync_raw = keys.sync_raw if g.replication == "sync" and sync is not None \
-                and sync.standby == new.vm else None
+                and new.vm in (sync.standby, sync.primary) else None
             # A sync key never written (no agent of the group has held the leader key yet)
             # tells nothing: the lag check before this step stays the guard, and the txn
             # compares its absence. A key naming another standby, or none, refuses.

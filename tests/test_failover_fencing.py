@@ -6,6 +6,10 @@ stun faults, PostgreSQL, moto, the Slack stand-in.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,6 +24,7 @@ from drflow.etcd import Client
 from drflow.leader_keys import Leader, leader_key
 from lab import faults
 from lab.labconfig import STUN_GRACE_S
+from lab.slack_standin import SlackLab
 from tests.harness import Env, Writer, start_env, stop_env, wait_for
 
 pytestmark = pytest.mark.lab
@@ -128,3 +133,84 @@ def _no_etcd_config(env: Env, tmp: Path) -> Path:
     path = tmp / "drflow-no-etcd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture
+def quiet_env(prefect_api: str) -> Iterator[Env]:
+    """A lab without the gateway: the runbook is run here, as `drflow failover` would."""
+    e = start_env(groups=1, replication="sync", gateway=False)
+    try:
+        yield e
+    finally:
+        stop_env(e)
+
+
+def _attest_request(slack: SlackLab, group: str) -> dict[str, Any] | None:
+    return next((m for m in slack.messages()
+                 if m.get("text") == f"Failover of {group}: attestation needed"), None)
+
+
+def test_no_fence_provable_stops_naming_declare_fenced_then_attested_fails_over(
+        quiet_env: Env, tmp_path: Path) -> None:
+    """Site loss with the etcd majority gone: vCenter hangs, etcd does not answer. The failover
+    stops `not_fenced` and names the command; with it, two approvers attest and it fails over."""
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from drflow.approval import Ledger, answer
+    from flows.failover import failover
+
+    env = quiet_env
+    g = env.group(env.state["groups"][0]["name"])
+    name, primary, standby = g["name"], g["primary"], g["standby"]
+    cfg = yaml.safe_load(env.config.read_text())
+    cfg["etcd"] = {"endpoints": ["http://127.0.0.1:9"], "timeout_s": 0.3}  # no majority
+    cfg["groups"][0]["policy"]["approvals_required"] = 2
+    config = tmp_path / "drflow.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    approvers = list(cfg["groups"][0]["policy"]["approvers"])
+    vcsim_pid = env.state["processes"]["vcsim-prod"]
+    faults.fail(env.lab_dir, "guest-crash", primary["vm"])
+    os.kill(vcsim_pid, signal.SIGSTOP)  # prod's vCenter gone with the site
+    incident = {"reason": "site loss", "primary_vm": primary["vm"],
+                "evidence": {"sync_standby_streaming": True}}
+    try:
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            t0 = time.monotonic()
+            result = failover(name, incident, config_path=str(config))
+            stopped_in = time.monotonic() - t0
+            assert result["outcome"] == "not_fenced", result
+            assert f"drflow failover {name} --declare-fenced --reason TEXT" in result["reason"]
+            assert stopped_in < 6, stopped_in
+            slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
+            assert any("--declare-fenced" in m.get("text", "") for m in slack.messages())
+            assert not env.writable(standby)
+
+            box: list[dict[str, Any]] = []
+            runner = threading.Thread(target=lambda: box.append(failover(
+                name, incident, config_path=str(config), declare_fenced="prod site lost: "
+                "power cut confirmed by the facility", approval_timeout_s=120)), daemon=True)
+            runner.start()
+            req = wait_for(lambda: _attest_request(slack, name), 30, "the attestation request")
+            text = json.dumps(req.get("blocks"))
+            assert "can no longer acknowledge writes: powered off, isolated, or destroyed" \
+                in text and primary["vm"] in text
+            button = next(e for b in req["blocks"] if b["type"] == "actions"
+                          for e in b["elements"])
+            run_id = json.loads(button["value"])["run"]
+            assert not env.writable(standby)  # nothing happens before the approvals
+            # What the gateway sends once both approvers clicked (drflow.approval.answer).
+            secret = env.state["secrets"]["webhook"].encode()
+            ledger = Ledger(approvals=tuple(approvers), decided="approved",
+                            decided_by=tuple(approvers))
+            resume_flow_run(run_id, run_input=answer(ledger, run_id, secret))
+            runner.join(60)
+    finally:
+        os.kill(vcsim_pid, signal.SIGCONT)
+    assert box and box[0]["outcome"] == "failed_over", box
+    assert box[0]["fence"] == "attested"
+    assert env.writable(standby)
+    fence = [r for r in env.audit_records("failover.fence old primary")
+             if r.outcome == "ok"][-1]
+    assert fence.parameters["result"]["fence"] == "attested"
+    assert "attested that" in fence.reason and approvers[0] in fence.reason

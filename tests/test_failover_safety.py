@@ -17,13 +17,14 @@ import pytest
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from drflow.dns import resolve_endpoint
-from lab import vcsim
+from lab import faults, vcsim
 from tests.harness import Env, Writer, start_env, stop_env, wait_for
 
 pytestmark = pytest.mark.lab
 
 STEPS = ["confirm failure", "tell the gateway roles are moving", "fence old primary",
-         "check standby lag", "promote standby", "relax synchronous replication",
+         "check standby lag", "take over the leader key", "promote standby",
+         "record the new primary in the sync key", "relax synchronous replication",
          "record the new roles", "point DNS at the new primary", "verify a write through DNS"]
 
 
@@ -51,15 +52,21 @@ def sync_env(prefect_api: str) -> Iterator[Env]:
 def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
     env, g = sync_env, sync_env.state["groups"][0]
     vcsim_pid = env.state["processes"]["vcsim-prod"]
-    os.kill(vcsim_pid, signal.SIGSTOP)  # vCenter hangs: power state and fence cannot be known
+    # No proof at all: vCenter hangs (power state unknown, a power-off never completes) and etcd
+    # does not answer (no lease can be read). With etcd up, the agent's released lease would be
+    # the fence (docs/fencing.md rule 7).
+    faults.fail(env.lab_dir, "etcd-down", "all", hang=True)
+    os.kill(vcsim_pid, signal.SIGSTOP)
     try:
         _break_primary(env, g)
         rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 90,
                        "failover stopped")[-1]
     finally:
         os.kill(vcsim_pid, signal.SIGCONT)
+        faults.heal(env.lab_dir)
     assert rec.outcome == "not_fenced", rec.reason
     assert "no promotion without a fence" in rec.reason
+    assert f"drflow failover {g['name']} --declare-fenced --reason TEXT" in rec.reason
     assert not env.writable(g["standby"])
     assert env.audit_records("failover.promote standby") == []
     assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
@@ -82,11 +89,18 @@ def test_no_promotion_when_the_fence_fails(sync_env: Env) -> None:
     env, g = sync_env, sync_env.state["groups"][0]
     env.stop_gateway()  # this run is started by hand
     _disable_method(env, g["primary"]["vm"], "PowerOffVM_Task")
-    _break_primary(env, g)
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        result = failover_flow.failover(g["name"], {"reason": "test"}, config_path=str(env.config))
+    # And no lease to prove it either (docs/fencing.md rule 7): etcd does not answer.
+    faults.fail(env.lab_dir, "etcd-down", "all", hang=True)
+    try:
+        _break_primary(env, g)
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            result = failover_flow.failover(g["name"], {"reason": "test"},
+                                            config_path=str(env.config))
+    finally:
+        faults.heal(env.lab_dir)
     assert result["outcome"] == "not_fenced"
-    assert "fence failed" in result["reason"] and "MethodDisabled" in result["reason"]
+    assert "no promotion without a fence" in result["reason"]
+    assert "MethodDisabled" in result["reason"]
     assert vcsim.vm_power_state(env.si(), g["primary"]["vm"]) == "poweredOn"
     assert not env.writable(g["standby"])
     assert env.audit_records("failover.promote standby") == []
