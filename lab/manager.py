@@ -85,6 +85,7 @@ def up(
         down(lab_dir, progress=lambda _m: None)
     for orphan in netns.sweep_orphans(_is_live_or_starting, progress=lambda _m: None):
         progress(f"removed the networks of a lab that crashed ({orphan})")
+    _sweep_etcd_data()
     lab_dir.mkdir(parents=True)
     lab_dir.chmod(0o755)  # PostgreSQL runs as `postgres` and must traverse it
     (lab_dir / "logs").mkdir()
@@ -224,6 +225,15 @@ def _start_etcd(lab_dir: Path, topo: netns.Topology, addr: dict[str, dict[str, s
     etcd-dr, etcd-witness); on loopback a single member. Returns lab.json's `etcd`."""
     sites = ETCD_SITES if topo.enabled else ("dr",)
     members = [etcd.Member(f"etcd-{s}", addr[s]["etcd"], prefix[f"etcd-{s}"]) for s in sites]
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        # Data on tmpfs, for the reason the lab's PostgreSQL runs with fsync off (lab/postgres.py):
+        # lab faults kill processes, never the kernel's page cache. On this shared disk, etcd's WAL
+        # creation and fsyncs took up to 2 s while the PostgreSQL pairs were being made (it was
+        # 0.3 s otherwise), which also made every leader-key write wait on someone else's I/O.
+        data = shm / f"drflow-etcd-{topo.lab_id}"
+        data.mkdir(mode=0o700)
+        (lab_dir / "etcd").symlink_to(data)
     info = etcd.start_cluster(lab_dir, members)
     by_site = {s: members[0].client_url for s in ETCD_SITES}
     if len(members) > 1:
@@ -233,6 +243,14 @@ def _start_etcd(lab_dir: Path, topo: netns.Topology, addr: dict[str, dict[str, s
         # election, so the lease of an agent lost with its site expires on time, not 1-3 s late.
         info["leader_moved_in_s"] = round(etcd.move_leader(info, "etcd-witness"), 2)
     return {**info, "by_site": by_site}
+
+
+def _sweep_etcd_data() -> None:
+    """Remove the tmpfs etcd data of labs that no longer exist (removed without `lab down`): a lab
+    records its id (lab/netns.py) before it creates its data there."""
+    for d in Path("/dev/shm").glob("drflow-etcd-*"):
+        if not (netns.state_dir() / f"{d.name.removeprefix('drflow-etcd-')}.json").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, str]]:
@@ -433,6 +451,8 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
         for role in ("primary", "standby"):
             postgres.kill_hard(postgres.Instance.from_dict(pair[role]))
     _kill_strays(lab_dir)
+    if (lab_dir / "etcd").is_symlink():  # its data on tmpfs (_start_etcd)
+        shutil.rmtree((lab_dir / "etcd").resolve(), ignore_errors=True)
     topo = topology(state)
     if topo is not None:
         netns.destroy(topo)

@@ -160,6 +160,7 @@ def test_up_and_down_leave_nothing_behind() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert not lab_dir.exists()
+    assert not Path(f"/dev/shm/drflow-etcd-{state['network']['lab_id']}").exists()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
                  if str(lab_dir) in " ".join(p.info["cmdline"] or [])]
