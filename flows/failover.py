@@ -117,7 +117,7 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
     key = incident_key(group, incident)
     run.start(f"🔴 *{group}*: {reported}. Failing over to {new.vm} ({new.site}).",
               {"incident": incident, "force": force, "primary": old.vm,
-               "standby": new.vm, "incident_key": key, "declare_fenced": declare_fenced})
+               "standby": new.vm, "takeover_incident": key, "declare_fenced": declare_fenced})
     moving = False
 
     def stop(outcome: str, why: str) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
 
     leader_raw: str | None = None
     if rt.etcd is not None:
-        with run.step("take over the leader key", g.name, {"incident_key": key,
+        with run.step("take over the leader key", g.name, {"takeover_incident": key,
                                                           "fence": fence.kind}) as s:
             td, leader_raw, s.result = take_over(rt.etcd, g, old, new, key, fence, force)
             s.reason = td.reason
