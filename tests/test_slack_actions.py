@@ -158,8 +158,10 @@ def rig(prefect_api: str) -> Iterator[Rig]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _paused_failback(rig: Rig, group: str, timeout_s: int = 60) -> tuple[str, str, threading.Thread]:
-    """Start a stand-in "failback" flow run that posts its request and pauses; (run, ts, thread)."""
+def _paused_failback(rig: Rig, group: str, timeout_s: int = 60,
+                     flow_name: str = "failback") -> tuple[str, str, threading.Thread]:
+    """Start a stand-in flow run (a "failback" unless `flow_name` says otherwise) that posts its
+    request and pauses; (run, ts, thread)."""
     from prefect import flow
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
@@ -171,7 +173,7 @@ def _paused_failback(rig: Rig, group: str, timeout_s: int = 60) -> tuple[str, st
 
     marker = uuid.uuid4().hex
 
-    @flow(name="failback", persist_result=False)
+    @flow(name=flow_name, persist_result=False)
     def failback(group: str, marker: str) -> dict[str, Any]:
         run_id = str(flow_run.get_id())
         WebClient(token=rig.bot_token, base_url=rig.slack.base + "/api/").chat_postMessage(
@@ -289,6 +291,25 @@ def test_two_approvers_needed_and_a_repeat_does_not_count(rig: Rig) -> None:
     msg = next(m for m in rig.slack.messages() if m["ts"] == ts)
     assert not [b for b in msg.get("blocks", []) if b.get("type") == "actions"]
     assert "approved by <@U0ONCALL1>, <@U0ONCALL2>" in json.dumps(msg)
+
+
+def test_an_attested_failover_is_resumed_by_two_approvers_and_other_flows_are_not(
+        rig: Rig) -> None:
+    # `drflow failover --declare-fenced` pauses a failover run for the same approvals.
+    marker, ts, t = _paused_failback(rig, "two", flow_name="failover")
+    assert _verdict(rig.slack.click(ts, APPROVE, "U0ONCALL1")[1]) == "recorded"
+    assert _verdict(rig.slack.click(ts, APPROVE, "U0ONCALL2")[1]) == "approved"
+    t.join(15)
+    result = rig.runs[marker]
+    assert result["outcome"] == "resumed" and result["check"] is True
+    assert result["input"]["approvers"] == ["U0ONCALL1", "U0ONCALL2"]
+    # A paused run of any other flow is no approval request, whatever its buttons say.
+    marker, ts, t = _paused_failback(rig, "one", flow_name="drill", timeout_s=5)
+    status, body = rig.slack.click(ts, APPROVE, "U0ONCALL1")
+    assert status == 200 and _verdict(body) == "closed", body
+    assert "not a failback or attested failover" in body
+    t.join(15)
+    assert rig.runs[marker]["outcome"] == "expired"
 
 
 def test_reject_resumes_with_no(rig: Rig) -> None:

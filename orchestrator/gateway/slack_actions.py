@@ -40,6 +40,9 @@ ACTOR = "gateway"
 PATH = "/slack/actions"
 WINDOW_S = 300
 FAILBACK_FLOW = "failback"
+# Flows that pause for the group's approvers: a failback, and a failover whose fence an operator
+# attests (`drflow failover --declare-fenced`).
+APPROVAL_FLOWS = (FAILBACK_FLOW, "failover")
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class SlackActions:
                             outcome.ledger, click.run_id, self.settings.secret_bytes()))
                     except Exception as exc:
                         why = f"{type(exc).__name__}: {exc}"[:300]
-                        outcome = ClickOutcome(Verdict.CLOSED, "could not resume the failback "
+                        outcome = ClickOutcome(Verdict.CLOSED, "could not resume the paused "
                                                f"run ({why}): nothing changed", before)
                 if outcome.changes and not self.ledgers.put(click.run_id, click.group, before,
                                                             outcome.ledger):
@@ -247,8 +250,9 @@ class SlackActions:
             run = await self.flow_runs.read(click.run_id)
         except Exception as exc:
             return False, f"cannot read flow run {click.run_id}: {type(exc).__name__}"
-        if run.flow != FAILBACK_FLOW or run.group != click.group:
-            return False, f"flow run {click.run_id} is not a failback of {click.group}"
+        if run.flow not in APPROVAL_FLOWS or run.group != click.group:
+            return False, (f"flow run {click.run_id} is not a failback or attested failover of "
+                           f"{click.group}")
         if not run.paused:
             return False, f"the run is {run.state}"
         return True, ""
