@@ -202,6 +202,13 @@ def decide_boot_keys(leader_raw: str | None, sync_raw: str | None, me: str,
     return BootDecision("start", f"{why}: starting PostgreSQL", BOOT_STARTED)
 
 
+def _holder(leader_raw: str | None) -> str | None:
+    try:
+        return Leader.decode(leader_raw).agent_id if leader_raw else None
+    except (KeyError, ValueError):
+        return None
+
+
 def peer_node(roles: dict[str, Any] | None, site: str | None) -> tuple[str, int] | None:
     """The other side's PostgreSQL endpoint, from the gateway's answer."""
     for other, node in ((roles or {}).get("nodes") or {}).items():
@@ -327,6 +334,7 @@ class BootGate:
         self.probe = probe
         self.etcd = etcd  # asked first when set (rule 8); unreachable: the gateway decides
         self.peer: PeerCheck | None = None
+        self.leader_seen: str | None = None  # who the leader key named at the last etcd check
         self.decisions: list[BootDecision] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -375,8 +383,10 @@ class BootGate:
         if self.etcd is not None:
             local = LocalState.from_status(self.driver.status())
             try:
-                d = decide_boot_keys(self.etcd.get(leader_key(self.group)),
-                                     self.etcd.get(sync_key(self.group)), self.agent_id, local)
+                leader_raw = self.etcd.get(leader_key(self.group))
+                d = decide_boot_keys(leader_raw, self.etcd.get(sync_key(self.group)),
+                                     self.agent_id, local)
+                self.leader_seen = _holder(leader_raw)
             except EtcdError as exc:
                 log.info("boot check: etcd unreachable (%s): asking the gateway", exc)
                 d = None
@@ -426,6 +436,9 @@ class BootGate:
             details["site"] = site
         if self.peer is not None and self.peer.writable_primary:
             details["peer_writable"] = self.peer.where
+        if via_etcd and self.leader_seen not in (None, self.agent_id):
+            # The gateway corrects a stale roles record from this as from peer_writable.
+            details["leader_elsewhere"] = self.leader_seen
         if d.report == BOOT_SECOND_PRIMARY:
             kind = EventKind.RESOURCE_FAILED
             details["error"] = d.reason

@@ -271,7 +271,15 @@ class LeaseHolder:
     def _renew_once(self) -> None:
         with self._lock:
             state, view = self.state, self.view
-        if state in ("fenced", "held_for_reprotect"):
+        if state in ("fenced", "held_for_reprotect") and view is not None \
+                and view.role == "standby":
+            # Re-protect rewound it into a standby: it cannot acknowledge a write, and a later
+            # promotion (a failback) must find it ready to adopt the key naming it.
+            with self._lock:
+                self.state = "idle"
+            self._note("standby", "PostgreSQL here runs as a standby now (re-protected): the "
+                                  "fence is over; the key is taken again only as a primary")
+        elif state in ("fenced", "held_for_reprotect"):
             self._after_fence()
         elif state in ("held", "failsafe") and view is not None and view.role == "standby":
             self._release("PostgreSQL here is a standby now: the leader key is not this "
@@ -417,8 +425,11 @@ class LeaseHolder:
                 self.state = "held_for_reprotect"
             if first:
                 self._note("held_for_reprotect", d.why)
-                self._report(EventKind.ROLE_CHANGED, {"drflow_boot": "held_for_reprotect",
-                                                      "reason": d.why, "to": "hold"})
+                details: dict[str, Any] = {"drflow_boot": "held_for_reprotect",
+                                           "reason": d.why, "to": "hold"}
+                with contextlib.suppress(KeyError, ValueError):
+                    details["leader_elsewhere"] = Leader.decode(raw or "").agent_id
+                self._report(EventKind.ROLE_CHANGED, details)
 
     # -- rule 5: the sync key -------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_g
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
+from tasks import etcd
 from tasks import postgres as pg
 from tasks import replication as repl
 
@@ -303,6 +304,21 @@ class _Failback:
                          figures: dict[str, Any]) -> dict[str, Any]:
         """Promote home (once), DNS home, verify, re-attach DR; a resumed run starts here."""
         g, rt, run, home, dr = self.g, self.rt, self.run_, self.home, self.dr
+        client = rt.etcd
+        if client is not None:
+            with run.step("hand the leader key to home", home.vm) as s:
+                # Before the promotion: home's agent adopts a key naming it; the gateway sees a
+                # handover, not an expiry; DR's agent, finding another name, keeps its server down.
+                handed, s.reason = etcd.hand_over(client, g.name, home.vm,
+                                                  f"failback of {g.name} to {home.vm}")
+                if not handed:
+                    s.outcome = "refused"
+            if not handed:
+                self.restart(agent_of(rt, dr))
+                tell_gateway(rt, g.name, transition="none", reason="failback aborted")
+                why = f"{s.reason}; {dr.vm} restarted as the primary"
+                self.update_request(f"⛔ {why}: nothing changed")
+                return self.stop("aborted", why)
         with run.step("promote home", home.vm) as s:
             promoted_now = pg.promote(rt.db(g, home))
             s.reason = "promoted" if promoted_now else "already a primary: not promoted again"

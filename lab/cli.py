@@ -144,8 +144,10 @@ def run(
 
 @app.command()
 def heal(lab_dir: Path = DirOpt) -> None:
-    """Undo blackholes, partitions, cuts and agent cuts; bring downed etcd members back with
-    their data; give lost hosts back to vCenter."""
+    """Undo the network faults, bring etcd members back, give lost hosts back to vCenter.
+
+    Network faults: blackholes, partitions, cuts and agent cuts. Downed etcd members restart
+    with their data. A lost site stays lost (its processes died)."""
     from lab import faults, manager
 
     try:

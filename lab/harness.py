@@ -75,8 +75,12 @@ class Env:
 
     def connect(self, host: str, port: int, timeout: int = 2) -> psycopg.Connection[Any]:
         db = self.state["database"]
+        # A silent host (host loss) must fail a write within seconds, as an application
+        # configured to follow a failover would (lab/clients.py FOLLOW), not hang the caller.
         return psycopg.connect(host=host, port=port, user=db["user"], password=db["password"],
-                               dbname=db["name"], connect_timeout=timeout, autocommit=True)
+                               dbname=db["name"], connect_timeout=timeout, autocommit=True,
+                               tcp_user_timeout=3000, keepalives=1, keepalives_idle=1,
+                               keepalives_interval=1, keepalives_count=2)
 
     def si(self, site: str = "prod") -> Any:
         """A pyVmomi session to a site's vCenter (production's by default)."""

@@ -122,3 +122,23 @@ def write_sync_none(client: Client, group: str, primary: str,
         return write_sync_none(client, group, primary, keys.leader_raw)
     who = f"{ld.agent_id} (by {ld.by})" if ld else "nobody"
     return False, f"the leader key names {who}, not {primary}: sync key not written"
+
+
+def hand_over(client: Client, group: str, to_vm: str, why: str) -> tuple[bool, str]:
+    """A planned switchover's leader key: name `to_vm` (by takeover, bound to a takeover lease),
+    replacing exactly what was read, so the promoted node's agent adopts it and the old
+    primary's agent, finding another name, stays down. (done or already so, why)."""
+    keys = read_keys(client, group)
+    cur = keys.leader
+    if cur is not None and cur.agent_id == to_vm:
+        return True, f"the leader key already names {to_vm} (by {cur.by})"
+    new = Leader(agent_id=to_vm, by="takeover", incident=why, since=time.time())
+    t = take_over(client, group, new, keys.leader_raw, None)
+    if t.succeeded:
+        held = f"{cur.agent_id} (by {cur.by})" if cur else "nobody"
+        return True, f"leader key handed from {held} to {to_vm}"
+    after = t.after.leader
+    if after is not None and after.agent_id == to_vm:
+        return True, f"the leader key already names {to_vm} (by {after.by})"
+    who = f"{after.agent_id} (by {after.by})" if after else "nobody"
+    return False, f"the leader key changed under the switchover (now {who}): not handed over"

@@ -175,8 +175,9 @@ class RolesService:
                 group, event.agent_id)
         rec = self.record(group)
         corrected = stale_record(rec, self.settings.roster(group), agent_site=site,
-                                 report=report, peer_writable=bool(event.details.get(
-                                     "peer_writable")))
+                                 report=report, peer_writable=bool(
+                                     event.details.get("peer_writable")
+                                     or event.details.get("leader_elsewhere")))
         if corrected is not None:
             self.store.put(corrected)
             self._audit("roles.update", group, {"actor": f"agent:{event.agent_id}",

@@ -87,7 +87,8 @@ def apply_update(rec: RolesRecord, upd: RolesUpdate, now: float) -> RolesRecord:
 def stale_record(rec: RolesRecord, policy: GroupRoster, *, agent_site: str | None,
                  report: str | None, peer_writable: bool) -> RolesRecord | None:
     """An agent of the side the record calls serving was held at boot because the other node
-    answers as a writable primary: the record is stale (a failover this gateway never heard of,
+    answers as a writable primary, or etcd's leader key names the other node (`peer_writable`
+    covers both): the record is stale (a failover this gateway never heard of,
     or its state lost). The corrected record, or None. Re-protect then checks the real roles
     (writable nodes and DNS) before it touches anything, so a wrong report cannot do harm."""
     if report != BOOT_HELD or not peer_writable or agent_site != rec.primary_site:
@@ -97,8 +98,9 @@ def stale_record(rec: RolesRecord, policy: GroupRoster, *, agent_site: str | Non
         return None
     return apply_update(rec, RolesUpdate(
         primary_site=other, protected=False,
-        reason=f"the agent on {agent_site} found the node on {other} answering as a writable "
-               "primary at boot: the record was stale"), time.time())
+        reason=f"the agent on {agent_site} found the node on {other} serving (a writable "
+               "primary, or the leader key in etcd names it) at boot: the record was stale"),
+        time.time())
 
 
 class ProtectAction(StrEnum):

@@ -138,6 +138,8 @@ def with_sync_key(a: Assessment, replication: str, keys: dict[str, Any]) -> Asse
     sync = keys.get("sync") or {}
     if replication != "sync" or a.primary is None or "standby" not in sync or sync["standby"]:
         return a
+    if a.protection == UNPROTECTED:  # the databases already say why (after a failover, …)
+        return a
     why = keys.get("protection_reason") or "the sync key names no standby"
     detail = "" if a.protection == PROTECTED else f"; {a.reason}"
     return replace(a, protection=UNPROTECTED, reason=f"{why}{detail}")
