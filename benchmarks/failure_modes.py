@@ -178,9 +178,7 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(rows[0])
     rtos = [r["rto_s"] for r in rows]
     known = sorted(x for x in rtos if x is not None)
-    out["rto_s"] = (None if not known or len(known) < len(rtos)
-                    else _round(known[len(known) // 2] if len(known) % 2
-                                else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2))
+    out["rto_s"] = None if not known or len(known) < len(rtos) else _median(known)
     out["rto_runs"] = rtos
     out["acked_lost"] = sum(r["acked_lost"] for r in rows)
     out["two_writers"] = any(r["two_writers"] for r in rows)
@@ -531,7 +529,9 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "failover": any(x["failover"] for x in rows),
         "outcome": ", ".join(f"{k} x{v}" for k, v in sorted(outcomes.items())),
         "reason": rows[0]["reason"],
-        "rto_s": None if any(v is None for v in rtos) else max(rtos),
+        # The median over the groups (each group's RTO is in `groups`, the slowest in rto_max_s).
+        "rto_s": None if any(v is None for v in rtos) else _median(rtos),
+        "rto_max_s": None if any(v is None for v in rtos) else max(rtos),
         "acked_lost": sum(x["acked_lost"] for x in rows),
         "two_writers": any(x["two_writers"] for x in rows),
         "healthy_powered_off": any(x["healthy_powered_off"] for x in rows),
@@ -573,6 +573,11 @@ def libpq_row(env: Any, name: str, host_loss: dict[str, Any], r: GroupRun, fault
         "still_hung": still,
         "acks_after_fault": sum(1 for a in acks if a.at > fault_at),
     }
+
+
+def _median(xs: list[float]) -> float | None:
+    k = sorted(xs)
+    return _round(k[len(k) // 2] if len(k) % 2 else (k[len(k) // 2 - 1] + k[len(k) // 2]) / 2)
 
 
 def _round(v: float | None) -> float | None:

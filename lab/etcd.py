@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -213,8 +215,9 @@ def health(info: dict[str, Any], timeout: float = 1.0) -> tuple[bool, str]:
 
 def restart_member(member: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Start a stopped member again with its data (the same data dir, `--initial-cluster-state
-    existing`), as a rebooted etcd host does; returns its entry with the new pid once it answers
-    (it may still be looking for a leader when the others are down too: not waited for)."""
+    existing`), as a rebooted etcd host does; returns its entry with the new pid once it
+    listens (it may still be looking for a leader when the others are down too: not waited
+    for)."""
     if procs.pid_alive(int(member.get("pid") or 0)):
         with contextlib.suppress(psutil.Error):
             if psutil.Process(int(member["pid"])).name() == "etcd":
@@ -222,16 +225,21 @@ def restart_member(member: dict[str, Any], timeout: float = 10.0) -> dict[str, A
     argv = list(member["argv"])
     argv[argv.index("--initial-cluster-state") + 1] = "existing"
     proc = procs.spawn(argv, Path(member["log"]))
+    url = urlsplit(member["client_url"])
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise EtcdError(f"etcd member {member['name']} exited with code {proc.returncode} "
                             f"on restart{_tail(Path(member['log']))}")
-        ok, why = member_health(member["client_url"], 0.3)
-        if ok or why.startswith("unhealthy"):  # it serves /health: it is up
+        # Listening is enough: with the other members still down its /health (a quorum read)
+        # cannot answer, and the heal restarts them after this one.
+        try:
+            socket.create_connection((url.hostname or "", url.port or CLIENT_PORT), 0.3).close()
             break
+        except OSError as exc:
+            why = str(exc)
         if time.monotonic() > deadline:
-            raise EtcdError(f"etcd member {member['name']} did not answer within {timeout:.0f} s "
+            raise EtcdError(f"etcd member {member['name']} did not listen within {timeout:.0f} s "
                             f"of its restart ({why}){_tail(Path(member['log']))}")
         time.sleep(0.05)
     return {**member, "pid": proc.pid, "argv": argv}

@@ -225,8 +225,9 @@ def _power_off(lab: Lab, vm: str, **_: Any) -> Fault:
 
 def _guest_crash(lab: Lab, vm: str, **_: Any) -> Fault:
     ps = lab.vm_processes(vm)
+    at = time.time()  # the kill is the fault; reaping the dead (up to seconds) is not
     _kill(ps)
-    return Fault("guest-crash", vm, time.time(), {"killed": len(ps)})
+    return Fault("guest-crash", vm, at, {"killed": len(ps)})
 
 
 def _host_loss(lab: Lab, vm: str, *, not_responding_after: float, ha_restart_after: float | None,
@@ -236,15 +237,19 @@ def _host_loss(lab: Lab, vm: str, *, not_responding_after: float, ha_restart_aft
     if not mgmt_only:
         address = lab.node(vm)["host"]
         netns.blackhole(lab.topo, address)  # silent first: no refusal ever escapes
+        at = time.time()  # silent from here: the kill and its reaping come after
         ps = lab.vm_processes(vm)
         _kill(ps)
         killed = len(ps)
-    at = time.time()
+    else:
+        at = time.time()
     vcsim.host_loss(url, vm, not_responding_after, mgmt_only=mgmt_only)
     kind = "mgmt-loss" if mgmt_only else "host-loss"
     _remember(lab, kind, vm)
     if ha_restart_after is not None and not mgmt_only:
-        t = threading.Thread(target=_ha_restart, args=(lab, vm, at + ha_restart_after, progress),
+        # Counted from when the host is truly dead (its processes reaped), not from the silence.
+        t = threading.Thread(target=_ha_restart, args=(lab, vm, time.time() + ha_restart_after,
+                                                       progress),
                              name=f"ha-restart-{vm}", daemon=False)
         t.start()
     return Fault(kind, vm, at, {"killed": killed, "not_responding_after": not_responding_after,
@@ -307,6 +312,7 @@ def _cut(lab: Lab, a: str, *, other: str, **_: Any) -> Fault:
 def _site_loss(lab: Lab, site: str, **_: Any) -> Fault:
     topo = lab.topo
     netns.partition(topo, site)  # its addresses go silent at once
+    at = time.time()  # the fault; killing and reaping its processes take seconds after it
     pids = netns.processes_in(topo, site)
     ps = []
     for pid in pids:
@@ -314,7 +320,6 @@ def _site_loss(lab: Lab, site: str, **_: Any) -> Fault:
             ps.append(psutil.Process(pid))
     # Children that run elsewhere (none should) are the site's too.
     _kill([p for p in ps if p.pid != os.getpid()])
-    at = time.time()
     _remember(lab, "site-loss", site)
     return Fault("site-loss", site, at, {"killed": len(ps)})
 
@@ -363,6 +368,7 @@ def _etcd_up(lab: Lab, target: str, hang: bool, lost_sites: list[str],
     site stays down with it."""
     info = lab.state["etcd"]
     lost = {info["by_site"][s] for s in lost_sites if s in info["by_site"]}
+    restarted: list[dict[str, Any]] = []
     for m in _etcd_members(lab, target):
         if m["client_url"] in lost and len(info["members"]) > 1:
             continue
@@ -371,9 +377,18 @@ def _etcd_up(lab: Lab, target: str, hang: bool, lost_sites: list[str],
                 psutil.Process(int(m["pid"])).send_signal(signal.SIGCONT)
             continue
         new = etcd.restart_member(m)
+        restarted.append(new)
         info["members"] = [new if x["name"] == m["name"] else x for x in info["members"]]
         progress(f"etcd member {m['name']} started again with its data (pid {new['pid']})")
     manager.save(lab.dir, lab.state)
+    # Each member was only waited for until it listened (alone it has no quorum): now the
+    # restarted ones must serve again, with a leader.
+    deadline = time.monotonic() + 20
+    while restarted and not all(etcd.member_health(m["client_url"], 0.5)[0] for m in restarted):
+        if time.monotonic() > deadline:
+            raise FaultError("etcd did not serve again within 20 s of restarting "
+                             f"{', '.join(m['name'] for m in restarted)}: see their logs")
+        time.sleep(0.1)
 
 
 _ACTIONS: dict[str, Callable[..., Fault]] = {
