@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from drflow.dns import resolve_endpoint
-from lab import procs, vcsim
+from lab import faults, procs, vcsim
 from lab.harness import DRFLOW, Env, Writer, start_env, stop_env, wait_for
 from lab.slack_standin import SlackLab
 
@@ -34,6 +34,7 @@ class Story:
     t0: float = field(default_factory=time.monotonic)
     figures: list[tuple[str, str, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    marks: dict[str, int] = field(default_factory=dict)  # audit sequence numbers chapters share
 
     def say(self, text: str, style: str = "") -> None:
         console.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/]  {text}", style=style)
@@ -94,17 +95,31 @@ def crash_repaired(story: Story, env: Env) -> None:
                 f"a failover was started for a crash the agent repaired: {runs}")
 
 
-def power_off(story: Story, env: Env, writer: Writer) -> None:
+HA_RESTART_AFTER_S = 20.0  # vSphere HA restarts the lost VM on the site's spare host
+
+
+def host_loss(story: Story, env: Env, writer: Writer) -> None:
     g = env.group("payments")
-    story.chapter("2. A primary VM powered off, and failed over",
-                  f"{g['primary']['vm']} is powered off in vSphere while an application writes to "
-                  f"{g['dns']['record']} about 100 times a second. drflow should notice the silence, "
-                  "confirm it through vSphere and PostgreSQL, fence, promote the DR standby, re-point "
-                  "DNS, and lose no acknowledged write.")
-    seq = _head_seq(env)
-    t_off = time.time()
-    vcsim.power_off(env.si(), g["primary"]["vm"])
-    story.say(f"vSphere: {g['primary']['vm']} powered off (its PostgreSQL and agent die with it)")
+    vm = g["primary"]["vm"]
+    story.chapter("2. A primary's ESXi host lost, and failed over",
+                  f"The host running {vm} dies while an application writes to "
+                  f"{g['dns']['record']} about 100 times a second: its address goes silent, and "
+                  "vCenter can never confirm a power-off (it marks the host not responding, later). "
+                  "drflow should prove the fence by the primary's leader lease in etcd running "
+                  "out, promote the DR standby, re-point DNS, and lose no acknowledged write.")
+    seq = story.marks["host lost"] = _head_seq(env)
+    try:
+        fault = faults.fail(env.lab_dir, "host-loss", vm, not_responding_after=10.0,
+                            ha_restart_after=HA_RESTART_AFTER_S)
+        t_off = fault.at
+        what = "host-loss"
+        story.say(f"lab: the ESXi host of {vm} is lost (address silent, processes gone); "
+                  f"vSphere HA restarts the VM on a spare host in {HA_RESTART_AFTER_S:.0f} s")
+    except faults.FaultError as exc:  # loopback lab: no packet drops, so the old fault
+        story.say(f"lab: {exc}; powering {vm} off instead")
+        t_off = time.time()
+        vcsim.power_off(env.si(), vm)
+        what = "power-off"
     opened = _last(env, "incident.open", "payments", seq, 30)
     story.say(f"gateway: [yellow]incident opened[/] — {opened.reason}")
     shown: set[int] = set()
@@ -134,24 +149,30 @@ def power_off(story: Story, env: Env, writer: Writer) -> None:
                 "DNS still points at the old primary")
     story.check(not lost, f"{len(writer.acked)} writes acknowledged so far, none lost",
                 f"{len(lost)} acknowledged writes lost")
-    story.ok(f"application writes resumed {rto:.1f} s after the power-off "
+    story.ok(f"application writes resumed {rto:.1f} s after the {what} "
              f"(RTO measured by drflow from the last heartbeat: {fin.parameters['rto_s']:.1f} s, "
              f"RPO {fin.parameters['rpo_s']} s)")
-    story.figure("power-off → failover", "RTO (power-off → acknowledged write via DNS)", f"{rto:.1f} s")
-    story.figure("power-off → failover", "RPO (standby lag at promotion)",
+    story.figure(f"{what} → failover", f"RTO ({what} → acknowledged write via DNS)", f"{rto:.1f} s")
+    story.figure(f"{what} → failover", "RPO (standby lag at promotion)",
                  f"{fin.parameters['rpo_s']} s / {fin.parameters['rpo_bytes']} bytes")
-    story.figure("power-off → failover", "acknowledged writes lost", str(len(lost)))
+    story.figure(f"{what} → failover", "acknowledged writes lost", str(len(lost)))
 
 
 def reprotect(story: Story, env: Env) -> None:
     g = env.group("payments")
-    story.chapter("3. The host comes back, and is re-protected",
-                  f"{g['primary']['vm']} is powered on again. Its agent asks the gateway who is "
-                  "primary before starting PostgreSQL: the group failed over, so it keeps it "
-                  "stopped, and drflow rewinds it into a standby of the new primary.")
-    seq = _head_seq(env)
-    vcsim.power_on(env.si(), g["primary"]["vm"])
-    story.say(f"vSphere: {g['primary']['vm']} powered on")
+    story.chapter("3. vSphere HA restarts the VM, and it is re-protected",
+                  f"vSphere HA powers {g['primary']['vm']} on again on a spare host. Its agent asks "
+                  "etcd (and the gateway) who is primary before starting PostgreSQL: the leader key "
+                  "names the DR node, so it keeps PostgreSQL stopped, and drflow rewinds it into a "
+                  "standby of the new primary.")
+    # HA may restart it while the failover is still being checked: count from the host's loss.
+    seq = story.marks.get("host lost", _head_seq(env))
+    if faults.Lab.load(env.lab_dir).topo.enabled:
+        faults.wait_ha_restarts()
+        story.say(f"vSphere HA: {g['primary']['vm']} restarted on its site's spare host")
+    else:
+        vcsim.power_on(env.si(), g["primary"]["vm"])
+        story.say(f"vSphere: {g['primary']['vm']} powered on")
     fin = _last(env, "reprotect.finish", "payments", seq, 120)
     for r in env.audit_records():
         if r.seq > seq and r.action.startswith("reprotect.") and r.outcome not in ("started",) \
@@ -305,7 +326,7 @@ def main() -> int:
         story.ok("a steady writer per group, through each group's DNS name")
         steps: list[Callable[[], None]] = [
             lambda: crash_repaired(story, env),
-            lambda: power_off(story, env, writers[1]),
+            lambda: host_loss(story, env, writers[1]),
             lambda: reprotect(story, env),
             lambda: failback(story, env, writers[1], prefect_api),
             lambda: drill(story, env),
