@@ -14,7 +14,11 @@ their own.
 Per case:
   failover            a `failover.*` audit record for the group after the fault
   outcome / reason    the `failover.finish` record's outcome and reason, or why none started
-  rto_s               fault → first write acknowledged by the new primary (null if none)
+  rto_s               fault → first write acknowledged by the new primary (null if none), by any
+                      client: the application-like writer or a probe (a new client every 0.1 s,
+                      FOLLOW settings: when the service takes writes again)
+  app_rto_s           the same for the long-lived writer alone: what its stuck connection and
+                      its timeouts (tcp_user_timeout 3 s, connect_timeout 2 s) add
   acked_lost          acknowledged writes missing from the node that is primary at the end
   two_writers         two nodes acknowledged writes in overlapping periods (lab.clients.two_writers)
   healthy_powered_off a VM the fault did not kill is poweredOff at the end (its site's vCenter;
@@ -180,6 +184,9 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     known = sorted(x for x in rtos if x is not None)
     out["rto_s"] = None if not known or len(known) < len(rtos) else _median(known)
     out["rto_runs"] = rtos
+    apps = [r.get("app_rto_s") for r in rows]
+    out["app_rto_s"] = (None if any(a is None for a in apps)
+                        else _median([float(a) for a in apps if a is not None]))
     out["acked_lost"] = sum(r["acked_lost"] for r in rows)
     out["two_writers"] = any(r["two_writers"] for r in rows)
     out["healthy_powered_off"] = any(r["healthy_powered_off"] for r in rows)
@@ -281,6 +288,7 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
         resolve = clients.dns_resolver(env.route53(), r.g["dns"]["zone_id"], r.g["dns"]["record"])
         clients.ensure_table(resolve(), db)
         r.writers.append(clients.ClientWriter(f"dns-{r.name}", resolve, db, clients.FOLLOW).start())
+        r.writers.append(clients.Prober(f"probe-{r.name}", resolve, db).start())
         if case.libpq_writer:
             r.libpq = clients.ClientWriter(f"libpq-{r.name}", resolve, db,
                                            clients.LIBPQ_DEFAULTS).start()
@@ -411,6 +419,9 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
         "outcome": fin.outcome if fin is not None else ("unfinished" if started else "none"),
         "reason": fin.reason if fin is not None else why_none(env, r, fault.at, window, started),
         "rto_s": _round(clients.rto_s(fault.at, acks, new if promoted else None)),
+        # The long-lived application writer alone: its stuck connection and timeouts included.
+        "app_rto_s": _round(clients.rto_s(fault.at, r.writers[0].acks,
+                                          new if promoted else None)),
     }
     # Lost: against the node that is primary at the end; else the one that would be promoted.
     check = next((n for n in (new, old) if roles[n] == "primary"), None)
@@ -518,7 +529,8 @@ def healthy_powered_off(env: Any, case: Case, r: GroupRun, fault: Any) -> tuple[
 
 def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for a case; several groups (site loss): any failover, outcomes counted, the
-    slowest RTO (null if a group got none), losses summed, per-group rows kept."""
+    median RTO over the groups and the slowest (null if a group got none), losses summed,
+    per-group rows kept."""
     if len(rows) == 1:
         return rows[0]
     outcomes: dict[str, int] = {}
@@ -532,6 +544,8 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # The median over the groups (each group's RTO is in `groups`, the slowest in rto_max_s).
         "rto_s": None if any(v is None for v in rtos) else _median(rtos),
         "rto_max_s": None if any(v is None for v in rtos) else max(rtos),
+        "app_rto_s": None if any(x["app_rto_s"] is None for x in rows)
+        else _median([x["app_rto_s"] for x in rows]),
         "acked_lost": sum(x["acked_lost"] for x in rows),
         "two_writers": any(x["two_writers"] for x in rows),
         "healthy_powered_off": any(x["healthy_powered_off"] for x in rows),
@@ -593,9 +607,9 @@ def required(case: Case | None) -> str:
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    print("| case | required | green | failover | outcome | RTO p50 (s) | runs | longest write "
-          "gap (s) | acked lost | two writers | healthy VM off | reason |")
-    print("|---|---|---|---|---|---:|---|---:|---:|---|---|---|")
+    print("| case | required | green | failover | outcome | RTO p50 (s) | runs | app writer RTO "
+          "(s) | longest write gap (s) | acked lost | two writers | healthy VM off | reason |")
+    print("|---|---|---|---|---|---:|---|---:|---:|---:|---|---|---|")
     for k, v in results.items():
         case = CASES.get(k)
         rto = "—" if v.get("rto_s") is None else f"{v['rto_s']:.1f}"
@@ -608,8 +622,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         gap = v.get("longest_write_gap_s", v.get("hung_s"))
         gap_s = "—" if gap is None else f"{gap:.1f}"
         green = "—" if case is None else ("yes" if v.get("green") else "**no**")
+        app = "—" if v.get("app_rto_s") is None else f"{v['app_rto_s']:.1f}"
         print(f"| {k} | {required(case)} | {green} | {'yes' if v['failover'] else 'no'} | "
-              f"{outcome} | {rto} | {runs} | {gap_s} | {v['acked_lost']} | "
+              f"{outcome} | {rto} | {runs} | {app} | {gap_s} | {v['acked_lost']} | "
               f"{'yes' if v['two_writers'] else 'no'} | "
               f"{'yes' if v['healthy_powered_off'] else 'no'} | {reason} |")
 

@@ -204,6 +204,58 @@ class ClientWriter:
                 conn.close()
 
 
+@dataclass
+class Prober:
+    """A new client every `every_s`: resolve, connect (FOLLOW), write one id, disconnect, each in a
+    thread of its own. Its first write acknowledged by the new primary is when the service takes
+    writes again for a client that connects now, whatever a long-lived client's stuck
+    connection and its timeouts cost that client (ClientWriter shows that)."""
+
+    name: str
+    resolve: Callable[[], Node]
+    db: Mapping[str, str]
+    every_s: float = 0.1
+    max_inflight: int = 40
+    acks: list[Ack] = field(default_factory=list)
+    errors: list[ClientError] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _inflight: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(40))
+
+    def start(self) -> Prober:
+        self._inflight = threading.Semaphore(self.max_inflight)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"probe-{self.name}")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            if self._inflight.acquire(blocking=False):  # else: probes pile up on a silent host
+                threading.Thread(target=self._probe, daemon=True).start()
+
+    def _probe(self) -> None:
+        node: Node = ("", 0)
+        try:
+            node = self.resolve()
+            wid = uuid.uuid4().hex
+            with connect(node, self.db, FOLLOW) as c:
+                c.execute(f"insert into {TABLE} (id, writer) values (%s, %s)", (wid, self.name))
+            if not self._stop.is_set():
+                self.acks.append(Ack(wid, node, time.time(), self.name))
+        except Exception as exc:
+            if not self._stop.is_set():
+                self.errors.append(ClientError(time.time(), node,
+                                               f"{type(exc).__name__}: {str(exc)[:120]}",
+                                               self.name))
+        finally:
+            self._inflight.release()
+
+
 def dns_resolver(route53: Any, zone_id: str, record: str) -> Callable[[], Node]:
     """Resolve a group's name through Route 53 (moto in the lab) on every call."""
     from drflow.dns import resolve_endpoint
