@@ -154,3 +154,34 @@ def test_writer_inside_a_site_writes_straight_to_its_node(lab: dict[str, Any],
     assert len(got) > 10, errs
     assert {a.node for a in got} == {node} and {a.writer for a in got} == {"in-prod"}
     assert clients.acked_lost(got, clients.present_ids(node, db)) == []
+
+
+def test_the_prober_writes_again_as_soon_as_the_name_points_somewhere_that_answers(
+        lab: dict[str, Any]) -> None:
+    # A long-lived client stuck on a silent address waits for its timeouts; the prober's new
+    # clients follow the name within its interval (plus a connect), however many hang meanwhile.
+    from lab import netns
+
+    topo, silent = _answering_address(lab)
+    db = lab["database"]
+    primary = lab["groups"][0]["primary"]
+    good = (primary["host"], int(primary["port"]))
+    clients.ensure_table(good, db)
+    target = [silent]
+    netns.blackhole(topo, silent[0])
+    try:
+        p = clients.Prober("probe-test", lambda: target[0], db).start()
+        try:
+            time.sleep(1.0)
+            assert p.acks == []  # every probe so far hangs on the silent address
+            switched = time.time()
+            target[0] = good
+            deadline = time.monotonic() + 5
+            while not p.acks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert p.acks and p.acks[0].node == good
+            assert p.acks[0].at - switched < 0.5, p.acks[0].at - switched
+        finally:
+            p.stop()
+    finally:
+        netns.unblackhole(topo, silent[0])
