@@ -134,7 +134,12 @@ def decide_boot(roles: dict[str, Any] | None, site: str | None, local: LocalStat
                                          f"PostgreSQL already runs as {local.role}", BOOT_RUNNING)
         return BootDecision("start", f"{group} is served from this side ({site}): starting "
                                      "PostgreSQL", BOOT_STARTED)
-    elsewhere = f"{group} is served from {serving}, not from this side ({site})"
+    return served_elsewhere(f"{group} is served from {serving}, not from this side ({site})",
+                            local)
+
+
+def served_elsewhere(elsewhere: str, local: LocalState) -> BootDecision:
+    """The group serves from the other node (`elsewhere` says who says so): what to do here."""
     if local.running and local.role == "primary":
         return BootDecision("fence", f"{elsewhere}, yet PostgreSQL here runs as a primary: a "
                                      "second primary; stopped it and holding it down",
@@ -183,19 +188,8 @@ def decide_boot_keys(leader_raw: str | None, sync_raw: str | None, me: str,
     elif holder is None:
         return None
     else:
-        elsewhere = f"etcd: the leader key names {holder.agent_id} (by {holder.by})"
-        if local.running and local.role == "primary":
-            return BootDecision("fence", f"{elsewhere}, yet PostgreSQL here runs as a primary: "
-                                         "a second primary; stopped it and holding it down",
-                                BOOT_SECOND_PRIMARY)
-        if local.running:
-            return BootDecision("leave", f"{elsewhere}; PostgreSQL here runs as {local.role}",
-                                BOOT_RUNNING)
-        if local.standby_signal:
-            return BootDecision("start", f"{elsewhere}; this node is a standby "
-                                         "(standby.signal): starting it", BOOT_STARTED)
-        return BootDecision("hold", f"{elsewhere}; PostgreSQL here would come up as a primary: "
-                                    "held down until re-protect rewinds it", BOOT_HELD)
+        return served_elsewhere(f"etcd: the leader key names {holder.agent_id} (by {holder.by})",
+                                local)
     if local.running:
         return BootDecision("leave", f"{why}; PostgreSQL already runs as {local.role}",
                             BOOT_RUNNING)

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from drflow.etcd import Client, EtcdError
+from orchestrator.child_process import stop_child
 
 
 @dataclass
@@ -26,13 +27,7 @@ class LocalEtcd:
     log: Path
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc, timeout)
 
 
 def is_loopback(url: str) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from orchestrator.child_process import stop_child
+
 
 @dataclass
 class LocalPrefect:
@@ -20,13 +22,7 @@ class LocalPrefect:
     log: Path
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc, timeout)
 
 
 def server_env(home: Path) -> dict[str, str]:
