@@ -150,17 +150,29 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     if listen:
         host, _, p = listen.rpartition(":")
         port = int(p)
+    from drflow.secrets import SecretError
+    from orchestrator.gateway.slack_alerter import SlackAlerter
+
+    # Alerts (no failover, but a person must know) go to the on-call channel; without a bot
+    # token they are only logged and audited: failover itself never depends on Slack.
+    alerter: SlackAlerter | None = None
+    try:
+        alerter = SlackAlerter(rt.slack)
+        console.print(f"alerts: Slack channel {rt.slack.channel}")
+    except SecretError as exc:
+        console.print(f"alerts: NOT sent to Slack (the bot token is unavailable: {exc}); "
+                      "they are only logged and audited")
     if mode == Mode.deployment:
         from orchestrator.deployed import DeploymentStarter
 
         deployed = DeploymentStarter()
-        app = create_app(settings, deployed, audit=rt.audit)
+        app = create_app(settings, deployed, audit=rt.audit, alerter=alerter)
         deployed.attach(app.state.gateway)  # closes incidents when their runs end
         app.state.roles.starter = deployed
         starter: EmbeddedStarter | DeploymentStarter = deployed
     else:
         embedded = EmbeddedStarter(str(config.resolve()))
-        app = create_app(settings, embedded, audit=rt.audit)
+        app = create_app(settings, embedded, audit=rt.audit, alerter=alerter)
         embedded.close = app.state.gateway.close_incident_threadsafe
         from orchestrator.embedded import ReprotectStarter
 
@@ -170,6 +182,23 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     from orchestrator.gateway.status import GroupStatusProvider
 
     app.state.group_status = GroupStatusProvider(rt.cfg, rt.audit)  # GET /v1/groups: status
+    from orchestrator.gateway.host_watch import HostWatcher
+
+    # The primaries' ESXi hosts as vCenter sees them: a host lost while its VM serves is an
+    # alert, not a failover (management network). DRFLOW_HOST_WATCH_S=0 turns it off.
+    every = float(os.environ.get("DRFLOW_HOST_WATCH_S", "5") or 5)
+    vcenters = {}
+    for site in rt.cfg.sites:
+        try:
+            vcenters[site] = rt.vcenter(site)
+        except SecretError as exc:
+            console.print(f"host watch: site {site} not watched (vCenter password unavailable: {exc})")
+    if every > 0 and vcenters:
+        app.state.gateway.host_watch = HostWatcher(vcenters, interval_s=every)
+        console.print(f"host watch: every {every:g} s, the primaries' hosts through the vCenters "
+                      f"of {', '.join(vcenters)}")
+    else:
+        console.print("host watch: off")
     console.print(f"warming up ({mode} mode: secrets, vCenter sessions, Prefect) …")
     try:
         console.print(f"warm in {starter.warm_up():.2f} s")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drflow.etcd import Client as EtcdClient
 from drflow.events import EventKind, HealthEvent
@@ -36,6 +36,9 @@ from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.replication import ReplicationEvidence
 from orchestrator.gateway.settings import GatewaySettings
 from orchestrator.gateway.store import GatewayStore, IncidentRecord, IncidentStatus, Seen
+
+if TYPE_CHECKING:  # its pyVmomi is loaded only where hosts are watched
+    from orchestrator.gateway.host_watch import HostWatcher
 
 _PRUNE_EVERY_S = 60.0
 _WATCH_MAX_SLEEP_S = 1.0
@@ -82,6 +85,10 @@ class GatewayService:
         # The leader-key watch, when etcd is configured (leases.py).
         self.leases: LeaseWatcher | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        # The vSphere host-state watch (host_watch.py): set before start() by whoever knows the
+        # vCenters (`drflow gateway`); None: hosts are not watched.
+        self.host_watch: HostWatcher | None = None
+        self._host_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
@@ -117,9 +124,12 @@ class GatewayService:
             self.leases = LeaseWatcher(client, list(self.settings.groups), self._on_lease_vanished,
                                        self.metrics, self.settings.lease_poll_s)
             self._lease_task = asyncio.get_running_loop().create_task(self.leases.run())
+        if self.host_watch is not None:
+            self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task) if t is not None)]
+        tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task)
+                                 if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
