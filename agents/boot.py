@@ -313,15 +313,19 @@ def _resolves_to(host: str, addresses: set[str]) -> bool:
 
 
 class BootGate:
-    """Applies `decide_boot` once on boot, and again every `retry_s` until a final decision."""
+    """Applies `decide_boot` once on boot, and again every `retry_s` until a final decision;
+    while it holds, every `held_report_s`, repeating its report until something changes."""
 
     def __init__(self, *, agent_id: str, group: str, resource: str, port: int,
                  host: str | None, url: str, secret: SecretStr, driver: Any,
                  emit: Callable[[HealthEvent], None], retry_s: float = 2.0,
                  fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles,
                  probe: Callable[[str, int], PeerCheck] | None = None,
-                 etcd: Client | None = None) -> None:
+                 etcd: Client | None = None, held_report_s: float = 10.0) -> None:
         self.agent_id, self.group, self.resource = agent_id, group, resource
+        # While held, the report is repeated at this period: one sent while a re-protect runs
+        # is not acted on (single flight), and the node must not stay held after that run ends.
+        self.held_report_s = held_report_s
         self.port, self.url, self.secret = port, url, secret
         self.addresses = local_addresses(host)
         self.driver, self.emit, self.retry_s, self.fetch = driver, emit, retry_s, fetch
@@ -355,7 +359,7 @@ class BootGate:
     def start(self) -> BootDecision:
         """Decide and act now; if not final, keep asking in a daemon thread."""
         d = self.step()
-        if not d.final:
+        if not d.final or d.action in ("hold", "fence"):
             self._thread = threading.Thread(target=self._loop, name="boot-gate", daemon=True)
             self._thread.start()
         return d
@@ -366,9 +370,11 @@ class BootGate:
             self._thread.join(5)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.retry_s):
+        while not self._stop.wait(self.held_report_s if self.decisions
+                                  and self.decisions[-1].action == "hold" else self.retry_s):
             try:
-                if self.step().final:
+                d = self.step()
+                if d.final and d.action not in ("hold", "fence"):
                     return
             except Exception:
                 log.exception("boot check failed; asking again")
@@ -410,6 +416,7 @@ class BootGate:
              via_etcd: bool = False) -> None:
         first = not self.decisions
         changed = first or self.decisions[-1].action != d.action
+        held_again = not first and d.action == "hold" and not changed
         self.decisions.append(d)
         if changed:
             log.warning("boot check: %s", d.reason)
@@ -418,7 +425,7 @@ class BootGate:
         elif d.action == "fence":
             self.driver.stop("immediate")
         elif (d.action == "hold" or (d.action == "wait" and not local.running)) and \
-                not getattr(self.driver, "held_down", False):
+                not held_again and not getattr(self.driver, "held_down", False):
             # Not running: only marks it held down. Once: re-marking on every retry would race
             # a re-protect that starts the rewound standby meanwhile, and stop it again.
             self.driver.stop("fast")

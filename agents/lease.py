@@ -79,7 +79,12 @@ class LeaseHolder:
         self.keepalive_failed = False
         self.view: PgView | None = None
         self.view_at = 0.0
-        self.last_streaming_at = time.monotonic()
+        # Since when this primary has waited with synchronous_standby_names set and no standby
+        # streaming (None: not waiting). Counted from that observation, never from the last
+        # stream seen: a node promoted long after its last standby streamed (a failback, a
+        # takeover) must not relax the moment a flow restores synchronous replication.
+        self.unstreamed_since: float | None = None
+        self.sync_changed_at = 0.0  # when this agent last relaxed or restored synchronous names
         self.history: list[tuple[float, str, str]] = []  # (monotonic, what, why): for tests/logs
         self.fences: list[dict[str, Any]] = []
         self._stop = threading.Event()
@@ -202,14 +207,22 @@ class LeaseHolder:
                                      "key was absent: nobody took over, carrying on")
         return ok
 
-    def _fence(self, why: str) -> None:
+    def _fence(self, why: str,
+               kill: Callable[[], dict[str, Any] | None] | None = None) -> None:
         with self._lock:
             if self.state in ("fenced", "held_for_reprotect"):
                 return
-            self.state = "fenced"
+            before, self.state = self.state, "fenced"
             last = self.last_ok_sent
         t0 = time.monotonic()
-        result = self.driver.fence()
+        result = (kill or self.driver.fence)()
+        if result is None:
+            with self._lock:
+                if self.state == "fenced":
+                    self.state = before
+            log.info("not fencing (%s): PostgreSQL is being changed by a verb or is no longer "
+                     "a primary", why)
+            return
         after_ok = None if last is None else round(t0 - last, 3)
         fence = {**result, "after_last_renewal_sent_s": after_ok, "at": t0}
         self.fences.append(fence)
@@ -227,8 +240,13 @@ class LeaseHolder:
             with self._lock:
                 self.view, self.view_at = view, now
                 fast = self.keepalive_failed or self.state == "failsafe"
-            if view is not None and view.streaming():
-                self.last_streaming_at = now
+            if view is None:
+                pass
+            elif view.role != "primary" or not view.synchronous_standby_names \
+                    or view.streaming():
+                self.unstreamed_since = None
+            elif self.unstreamed_since is None:
+                self.unstreamed_since = now
             self._stop.wait(FAILSAFE_RECHECK_S if fast else self.lease_s / 3)
 
     def _observe(self) -> PgView | None:
@@ -270,7 +288,7 @@ class LeaseHolder:
 
     def _renew_once(self) -> None:
         with self._lock:
-            state, view = self.state, self.view
+            state, view, view_at = self.state, self.view, self.view_at
         if state in ("fenced", "held_for_reprotect") and view is not None \
                 and view.role == "standby":
             # Re-protect rewound it into a standby: it cannot acknowledge a write, and a later
@@ -286,7 +304,7 @@ class LeaseHolder:
                           "node's to hold")
         elif state in ("held", "failsafe"):
             if self._keepalive() and self.replication == "sync" and view is not None:
-                self._sync(view)
+                self._sync(view, view_at)
         elif state == "idle" and view is not None and view.role == "primary":
             self._acquire()
 
@@ -299,7 +317,9 @@ class LeaseHolder:
             return
         d = on_leader_key(kv.value if kv else None, self.me, primary_running=True)
         if d.action == "fence":
-            self._fence(d.why)
+            # The view may be a second old: checked again under the driver's lock, so a
+            # re-protect that is rewinding this node into a standby is not killed mid-way.
+            self._fence(d.why, kill=getattr(self.driver, "fence_if_primary", self.driver.fence))
             return
         if d.action not in ("create", "adopt"):
             log.warning("leader lease: %s", d.why)
@@ -433,18 +453,21 @@ class LeaseHolder:
 
     # -- rule 5: the sync key -------------------------------------------------------------------
 
-    def _sync(self, view: PgView) -> None:
+    def _sync(self, view: PgView, view_at: float) -> None:
         try:
             raw = self.etcd.get(self.skey)
         except EtcdError:
             return
         key = SyncState.decode(raw) if raw else None
         d = sync_step(view, key, self.me, self.names, self.relaxed_path.exists(),
-                      time.monotonic() - self.last_streaming_at, self.lease_s)
+                      0.0 if self.unstreamed_since is None
+                      else time.monotonic() - self.unstreamed_since, self.lease_s)
         if d.action == "write_standby":
             if self._write_sync(d.standby):
                 self._note("sync_key", d.why)
         elif d.action == "relax":
+            if view_at <= self.sync_changed_at:
+                return  # a view from before this agent's last change: wait for a fresh one
             if key is not None and key.standby is None and key.primary == self.me:
                 written = True
             else:
@@ -481,6 +504,7 @@ class LeaseHolder:
         except psycopg.Error as exc:
             log.warning("could not relax synchronous_standby_names: %s", exc)
             return
+        self.sync_changed_at = time.monotonic()
         self._note("relaxed", why)
         self._report(EventKind.RESOURCE_FAILED, {"drflow_sync": "relaxed", "error": why,
                                                  "previous": old})
@@ -501,6 +525,7 @@ class LeaseHolder:
             log.warning("could not restore synchronous_standby_names: %s", exc)
             return
         self.relaxed_path.unlink(missing_ok=True)
+        self.sync_changed_at = time.monotonic()
         self._note("restored", why)
         self._report(EventKind.RESOURCE_RECOVERED, {"drflow_sync": "restored", "reason": why,
                                                     "synchronous_standby_names": old})

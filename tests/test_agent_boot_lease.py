@@ -110,15 +110,28 @@ def stopped(cluster: dict[str, Any], pair: tuple[pg.Instance, pg.Instance],
     return primary
 
 
+_GATES: list[BootGate] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_gates() -> Iterator[None]:
+    # A gate that holds keeps asking (and reporting) in its thread: none may outlive its test.
+    yield
+    while _GATES:
+        _GATES.pop().stop()
+
+
 def gate(primary: pg.Instance, gateway: Gateway, endpoints: list[str],
          events: list[HealthEvent], root: Path, gateway_url: str | None = None) -> BootGate:
     user, password = pg.client_credentials(root / "pg")
     driver = PostgresDriver(datadir=primary.datadir, port=primary.port, host=primary.host,
                             user=user, password=SecretStr(password))
-    return BootGate(agent_id=primary.name, group=GROUP, resource="postgres", port=primary.port,
-                    host=primary.host, url=roles_url(gateway_url or gateway.url, GROUP),
-                    secret=SecretStr(SECRET), driver=driver, emit=events.append, retry_s=0.5,
-                    probe=None, etcd=etcd.Client(endpoints, 1.0))
+    g = BootGate(agent_id=primary.name, group=GROUP, resource="postgres", port=primary.port,
+                 host=primary.host, url=roles_url(gateway_url or gateway.url, GROUP),
+                 secret=SecretStr(SECRET), driver=driver, emit=events.append, retry_s=0.5,
+                 probe=None, etcd=etcd.Client(endpoints, 1.0))
+    _GATES.append(g)
+    return g
 
 
 def dead_endpoint() -> list[str]:

@@ -432,8 +432,19 @@ def gateway(lab: Lab) -> Iterator[str]:
         _post(lab, url, f"/v1/groups/{group}/roles",
               {"primary_site": "dr", "protected": True, "reason": "test setup"})
     # Agents whose own boot check kept asking while no gateway listened get their answer
-    # within one retry (2 s): let that settle before the tests change roles under them.
+    # within one retry (2 s), and the gateway may re-protect on it: let that settle (every
+    # re-protect it started has finished) before the tests change roles under them.
     time.sleep(2.5)
+
+    def settled() -> bool:
+        for group in ("orders", "payments"):
+            started = len([r for r in lab.audit("roles.reprotect", group) if r.outcome == "started"])
+            if len(lab.audit("reprotect.finish", group)) < started or \
+                    not _roles(url, group)["protected"]:
+                return False
+        return True
+
+    wait_for(settled, 120, "re-protect runs started by the agents' first reports finished")
     try:
         yield url
     finally:
@@ -461,10 +472,23 @@ def _gate(lab: Lab, url: str, group: str, events: list[HealthEvent]) -> BootGate
         events.append(ev)
         _post(lab, url, "/v1/events", ev.model_dump(mode="json"))
 
-    return BootGate(agent_id=node["vm"], group=group, resource="postgres", port=node["port"],
-                    host=node["host"], url=roles_url(url + "/v1/events", group),
-                    secret=SecretStr(lab.state["secrets"]["webhook"]),
-                    driver=AgentDriver(lab.control(node)), emit=emit, retry_s=0.5)
+    g = BootGate(agent_id=node["vm"], group=group, resource="postgres", port=node["port"],
+                 host=node["host"], url=roles_url(url + "/v1/events", group),
+                 secret=SecretStr(lab.state["secrets"]["webhook"]),
+                 driver=AgentDriver(lab.control(node)), emit=emit, retry_s=0.5)
+    _GATES.append(g)
+    return g
+
+
+_GATES: list[BootGate] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_gates() -> Iterator[None]:
+    # A gate that holds keeps asking (and reporting) in its thread: none may outlive its test.
+    yield
+    while _GATES:
+        _GATES.pop().stop()
 
 
 def test_boot_check_holds_a_would_be_primary_and_the_gateway_reprotects_it(

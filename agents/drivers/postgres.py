@@ -124,6 +124,19 @@ class PostgresDriver(PgRebuild):
         self._held_down = True
         return kill_server(self.datadir)
 
+    def fence_if_primary(self) -> dict[str, Any] | None:
+        """Fence a second primary unless a verb is changing the instance or it answers as a
+        standby (a re-protect rewinding it); None when it did not fence. Anything else that
+        runs, even a server that refuses the check, is fenced."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._live_postmaster() is None or self._role_or_down() == "standby":
+                return None
+            return self.fence()
+        finally:
+            self._lock.release()
+
     def promote(self, relax_sync: bool = False,
                 fence_proof: FenceProof | None = None) -> dict[str, Any]:
         with self._lock:
