@@ -69,16 +69,20 @@ class Case:
     expect: str = "failover"  # or "no_failover": the required outcome
     rto_max: float | None = None  # the required RTO (p50 over runs)
     pre: tuple[tuple[str, str], ...] = ()  # faults made first (kind, target), e.g. witness down
+    reprotect_after_heal: bool = False  # the old primary, back after the heal, is re-protected
+    alert: str | None = None  # an alert of this kind must reach the audit trail (and Slack)
 
 
 LEASE_S = 3.0  # the lab's policy.lease_s
+REPROTECT_WAIT_S = 90.0  # after a heal: the old primary rewound and streaming again
 
 CASES: dict[str, Case] = {
     "power_off": Case("power-off", "primary", "vm", expect="failover", rto_max=4.0),
     "guest_crash": Case("guest-crash", "primary", "vm", expect="failover", rto_max=4.0),
     "host_loss": Case("host-loss", "primary", "vm", libpq_writer=True, expect="failover",
                       rto_max=LEASE_S + 1.5),
-    "mgmt_loss": Case("mgmt-loss", "primary", "vm", expect="no_failover"),
+    "mgmt_loss": Case("mgmt-loss", "primary", "vm", expect="no_failover",
+                      alert="host_unreachable"),
     "stun_5s_snapshot": Case("stun", "primary", "vm", seconds=5, task="snapshot",
                              expect="no_failover"),
     "stun_8s": Case("stun", "primary", "vm", seconds=8, expect="failover"),
@@ -87,7 +91,8 @@ CASES: dict[str, Case] = {
     "agent_cut": Case("agent-cut", "primary", "vm", expect="no_failover"),
     "gateway_down": Case("gateway-down", "gateway", "vm", expect="no_failover"),
     "etcd_down": Case("etcd-down", "all", "vm", expect="no_failover"),
-    "partition_prod": Case("partition", "prod", "own", site_writer=True, expect="failover"),
+    "partition_prod": Case("partition", "prod", "own", site_writer=True, expect="failover",
+                           reprotect_after_heal=True),
     "cut_prod_dr": Case("cut", "prod", "own", other="dr", site_writer=True,
                         expect="no_failover"),
     "site_loss_prod": Case("site-loss", "prod", "own", groups=5, expect="failover",
@@ -225,6 +230,12 @@ def verdict(name: str, case: Case, row: dict[str, Any],
         slow = [g for g in gaps if g is None or g > 10.0]
         if slow:
             problems.append(f"prod stopped acknowledging writes (longest gap {slow[0]} s)")
+    if case.alert and not all(r.get("alerted") for r in rows):
+        problems.append(f"no {case.alert} alert")
+    if case.reprotect_after_heal and any(r.get("reprotected_after_heal_s") is None
+                                         for r in rows):
+        problems.append(f"the old primary was not re-protected within {REPROTECT_WAIT_S:.0f} s "
+                        "of the heal")
     if case.pre and not row.get("slack_names_declare_fenced"):
         problems.append("no Slack message names --declare-fenced")
     if row["acked_lost"]:
@@ -328,9 +339,20 @@ def run_case(env: Any, name: str, case: Case, runs: list[GroupRun],
     elif case.kind != "stun":
         healed = faults.heal(env.lab_dir, progress=log).at
     time.sleep(args.after_heal)
+    reprotected: dict[GroupRun, float | None] = {}
+    if case.reprotect_after_heal and healed is not None:
+        for r in runs:
+            fin = wait(partial(_reprotected, env, r, healed), REPROTECT_WAIT_S)
+            reprotected[r] = None if fin is None else _ts(fin.time) - healed
+            log(f"{name}: {r.name} " + (f"re-protected {reprotected[r]:.1f} s after the heal"
+                                        if fin is not None else
+                                        f"not re-protected within {REPROTECT_WAIT_S:.0f} s"))
     stop_writers(runs)
     per_group = [observe(env, name, case, r, fault, finished.get(r), end_of_fault, healed, window)
                  for r in runs]
+    if case.reprotect_after_heal:
+        for r, row in zip(runs, per_group, strict=True):
+            row["reprotected_after_heal_s"] = _round(reprotected.get(r))
     out = {name: combine(per_group)}
     if case.libpq_writer:
         out[f"{name}_libpq_defaults"] = libpq_row(env, name, out[name], runs[0], fault.at, healed)
@@ -365,6 +387,11 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str = "") -> Any:
     if what:
         raise TimeoutError(f"{what}: not within {timeout:.0f} s")
     return None
+
+
+def _reprotected(env: Any, r: GroupRun, since: float) -> Any:
+    return next((x for x in _group_records(env, r, since, "reprotect.finish")
+                 if x.outcome == "ok"), None)
 
 
 def _group_records(env: Any, r: GroupRun, since: float, prefix: str) -> list[Any]:
@@ -446,6 +473,10 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
     row["longest_write_gap_s"] = _round(clients.longest_gap_s(
         [a for a in r.writers[0].acks], fault.at, end_of_fault))
     row["roles_at_end"] = {_vm_at(r, n): v for n, v in roles.items()}
+    # What the gateway and the flow did, seconds after the fault: where an RTO's time went.
+    row["timeline"] = [f"{_ts(x.time) - fault.at:.2f} {x.action} {x.outcome}"
+                       for x in _group_records(env, r, fault.at, "")
+                       if x.action.split(".")[0] in ("incident", "failover")]
     # Every failover.finish, seconds after the fault; those after the heal are not what drflow
     # did while the fault lasted.
     row["finishes"] = [{"outcome": x.outcome, "at_s": _round(_ts(x.time) - fault.at),
@@ -456,6 +487,10 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
                                       and fault.at + first_new > healed)
     if healed is not None:
         row["healed_at_s"] = _round(healed - fault.at)
+    if case.alert:
+        row["alerted"] = any(x.parameters.get("kind") == case.alert
+                             for x in _group_records(env, r, fault.at, "incident.alert")
+                             if x.outcome == "alerted")
     if case.pre:  # no proof of the fence: the way out must be named to the people on call
         row["slack_names_declare_fenced"] = slack_mentions(env, r.name, "--declare-fenced")
     if r.site_out is not None:
