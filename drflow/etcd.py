@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -28,6 +29,27 @@ API = "/v3"
 
 # etcd is reached directly, never through a proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# Members that did not answer lately, for every client in this process: a member lost with its
+# site costs one timeout, not one per client (five failovers starting together, the lease
+# watcher, a boot check), until it answers again or SUSPECT_S passes.
+SUSPECT_S = 5.0
+_suspects: dict[str, float] = {}
+_suspects_lock = threading.Lock()
+
+
+def _suspect(endpoint: str, failed: bool) -> None:
+    with _suspects_lock:
+        if failed:
+            _suspects[endpoint] = time.monotonic() + SUSPECT_S
+        else:
+            _suspects.pop(endpoint, None)
+
+
+def _suspected(endpoint: str) -> bool:
+    with _suspects_lock:
+        until = _suspects.get(endpoint)
+    return until is not None and time.monotonic() < until
 
 
 class EtcdError(Exception):
@@ -127,18 +149,23 @@ class Client:
         """POST `body` to `/v3{path}`, trying each endpoint once; the first answer wins."""
         with self._lock:
             first = self._preferred
-        order = self.endpoints[first:] + self.endpoints[:first]
+        rotated = self.endpoints[first:] + self.endpoints[:first]
+        # Members that failed lately go last (still tried: they may be all there is).
+        order = sorted(rotated, key=_suspected)
         problems: list[str] = []
-        for i, ep in enumerate(order):
+        for ep in order:
             try:
                 result = self._call_one(ep, path, body, timeout or self.timeout)
             except EtcdRefused:
+                _suspect(ep, False)
                 raise
             except EtcdError as e:
+                _suspect(ep, True)
                 problems.append(str(e))
                 continue
+            _suspect(ep, False)
             with self._lock:
-                self._preferred = (first + i) % len(self.endpoints)
+                self._preferred = self.endpoints.index(ep)
             return result
         raise EtcdError("; ".join(problems))
 

@@ -287,3 +287,34 @@ def test_drflow_up_starts_a_member_only_for_one_silent_loopback_endpoint(tmp_pat
     finally:
         local.stop()
     assert etcd_local.to_start([url]) == url
+
+
+def test_a_silent_member_costs_one_timeout_per_process_not_one_per_client(tmp_path: Path) -> None:
+    """A member lost with its site (connects accepted, nothing answered, as a frozen member): the
+    first client pays its timeout, the others (five failovers starting together) ask the live
+    member first."""
+    import socket
+
+    from drflow import etcd as core_etcd
+
+    address = f"127.{secrets.randbelow(50) + 200}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 2}"
+    info = etcd.start_cluster(tmp_path, [etcd.Member("solo", address)])
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes connects; nobody ever reads or answers
+    dead = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        live = info["endpoints"][0]
+        core_etcd.Client(live).put("k", "v")
+        t0 = time.monotonic()
+        assert core_etcd.Client([dead, live], timeout=1.0).get("k") == "v"
+        first = time.monotonic() - t0
+        t1 = time.monotonic()
+        assert core_etcd.Client([dead, live], timeout=1.0).get("k") == "v"
+        second = time.monotonic() - t1
+        print(f"first client {first:.2f} s, a second one {second:.3f} s")
+        assert first >= 1.0 and second < 0.5, (first, second)
+    finally:
+        silent.close()
+        etcd.stop_cluster(info)
+        core_etcd._suspect(dead, False)
