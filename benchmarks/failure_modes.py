@@ -150,6 +150,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1,
                     help="labs to run the VM-level cases in (RTO p50 over them); the "
                          "site-level cases run once each")
+    ap.add_argument("--prefect-database", choices=("postgresql", "sqlite"), default="postgresql",
+                    help="the Prefect server's database: PostgreSQL as in production (default), "
+                         "or SQLite as `drflow up` on one machine (concurrent failovers then "
+                         "wait out Prefect's retries of SQLITE_BUSY: 2 s, 4 s, …)")
     args = ap.parse_args()
     if args.quick:
         args.window, args.not_responding_after, args.after_heal = 30.0, 10.0, 5.0
@@ -161,7 +165,7 @@ def main() -> None:
     from lab.harness import throwaway_prefect
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    with throwaway_prefect():
+    with throwaway_prefect(args.prefect_database):
         vm_cases = [n for n in names if CASES[n].lab == "vm"]
         for i in range(args.runs if vm_cases else 0):
             log(f"VM-level cases, run {i + 1} of {args.runs}")

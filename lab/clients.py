@@ -256,12 +256,24 @@ class Prober:
             self._inflight.release()
 
 
-def dns_resolver(route53: Any, zone_id: str, record: str) -> Callable[[], Node]:
-    """Resolve a group's name through Route 53 (moto in the lab) on every call."""
+def dns_resolver(route53: Any, zone_id: str, record: str,
+                 share_s: float = 0.2) -> Callable[[], Node]:
+    """Resolve a group's name through Route 53 (moto in the lab); calls within `share_s` of an
+    answer share it, as clients behind one resolver would. Without that, a prober's ten
+    connects a second per group load the lab's single moto server (and the machine) far
+    beyond what Route 53 feels, and slow the failover's own DNS change."""
     from drflow.dns import resolve_endpoint
 
+    lock = threading.Lock()
+    last: list[tuple[float, Node]] = []
+
     def resolve() -> Node:
-        return resolve_endpoint(route53, zone_id, record)
+        with lock:
+            if last and time.monotonic() - last[0][0] < share_s:
+                return last[0][1]
+            node = resolve_endpoint(route53, zone_id, record)
+            last[:] = [(time.monotonic(), node)]
+            return node
     return resolve
 
 

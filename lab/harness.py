@@ -148,10 +148,12 @@ class Env:
 
 
 @contextmanager
-def throwaway_prefect() -> Iterator[str]:
-    """A Prefect server (SQLite in a temporary home) for a benchmark or a script; its URL is set
-    in this process's environment, so call it before anything imports Prefect."""
+def throwaway_prefect(database: str = "sqlite") -> Iterator[str]:
+    """A Prefect server (SQLite in a temporary home, or `database="postgresql"`: on a PostgreSQL
+    of its own, as production runs it) for a benchmark or a script; its URL is set in this
+    process's environment, so call it before anything imports Prefect."""
     from lab import netns
+    from lab import postgres as lab_pg
 
     home = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-"))
     port = procs.free_port()
@@ -160,13 +162,32 @@ def throwaway_prefect() -> Iterator[str]:
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
     from orchestrator.prefect_local import start_local_server
 
-    print(f"starting a Prefect server on {host}:{port} …", flush=True)
-    server = start_local_server(home, port, host=host)
+    pg_dir: Path | None = None
+    pair: tuple[lab_pg.Instance, lab_pg.Instance] | None = None
+    url = None
     try:
-        yield server.api_url
+        if database == "postgresql":
+            # Under /tmp, not the root-only home: PostgreSQL runs as `postgres`.
+            pg_dir = Path(tempfile.mkdtemp(prefix="drflow-bench-prefect-pg-", dir="/tmp"))
+            pair = lab_pg.create_pair(pg_dir, "prefect", sync=False)
+            with lab_pg.admin_conn(pair[0]) as c:
+                c.execute("CREATE DATABASE prefect")
+            user, password = lab_pg.client_credentials(pg_dir)
+            url = (f"postgresql+asyncpg://{user}:{password}@{pair[0].host}:{pair[0].port}"
+                   "/prefect")
+        print(f"starting a Prefect server ({database}) on {host}:{port} …", flush=True)
+        server = start_local_server(home, port, host=host, database_url=url)
+        try:
+            yield server.api_url
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        for inst in pair or ():
+            with contextlib.suppress(Exception):
+                lab_pg.stop(inst, "immediate")
         shutil.rmtree(home, ignore_errors=True)
+        if pg_dir is not None:
+            shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,

@@ -35,8 +35,10 @@ def server_env(home: Path) -> dict[str, str]:
 
 
 def start_local_server(home: Path, port: int, timeout: float = 90.0,
-                       host: str = "127.0.0.1") -> LocalPrefect:
-    """Start `prefect server start` on host:port with its SQLite database under `home`.
+                       host: str = "127.0.0.1", database_url: str | None = None) -> LocalPrefect:
+    """Start `prefect server start` on host:port with its SQLite database under `home`, or on
+    `database_url` (postgresql+asyncpg://…): SQLite answers concurrent writes (several flows
+    starting at once) with SQLITE_BUSY, which Prefect's client retries after 2 s, 4 s, ….
 
     A fresh database runs its migrations first (10-15 s); an existing one starts in a few seconds.
     """
@@ -47,7 +49,9 @@ def start_local_server(home: Path, port: int, timeout: float = 90.0,
         proc = subprocess.Popen(
             [prefect_bin, "server", "start", "--host", host, "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **server_env(home)}, start_new_session=True,
+            env={**os.environ, **server_env(home),
+                 **({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {})},
+            start_new_session=True,
         )
     api = f"http://{host}:{port}/api"
     deadline = time.monotonic() + timeout
