@@ -52,10 +52,12 @@ def judge(o: Observed) -> Verdict:
     fresh = o.heartbeat_age_s is not None and o.heartbeat_age_s < o.heartbeat_timeout_s
     if o.heartbeat_age_s is None:
         agent = f"its agent {o.vm} has not been heard by this gateway"
-    else:
+    elif fresh:
         agent = f"its agent heartbeats ({_ago(o.heartbeat_age_s)})"
+    else:
+        agent = f"its agent is silent too (last heartbeat {_ago(o.heartbeat_age_s)})"
     if o.db_primary_age_s is not None:
-        agent += f" and reports PostgreSQL serving as primary ({_ago(o.db_primary_age_s)})"
+        agent += f" and last reported PostgreSQL serving as primary ({_ago(o.db_primary_age_s)})"
     if o.error is not None:
         consequence = ("no failover is needed for that" if fresh else
                        "failover fences by the lease only (vSphere cannot be asked)")
