@@ -207,9 +207,17 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
         if td.action == "stop":
             return stop(td.outcome or "refused", td.reason)
     power_after = fence.power_off
+    power_skipped: str | None = None
     if fence.kind in ("lease", "taken_over", "attested") and power_after is None \
             and not fence.vm.stunned and fence.vm.power_state != "poweredOff":
-        power_after = vsphere.PowerOff(old_vc, old.vm)  # audited below, never waited for here
+        if fence.vm.error is not None:
+            # A request to an unreachable vCenter is not bounded by our timeout: it may land
+            # when the network heals and power off a VM that re-protect would bring back.
+            power_skipped = (f"not attempted: vCenter did not answer ({fence.vm.error}); a "
+                             "request sent now could reach it after a heal and power off the "
+                             f"VM re-protect brings back (the fence was the {fence.kind})")
+        else:
+            power_after = vsphere.PowerOff(old_vc, old.vm)  # audited below, never waited for
 
     with run.step("promote standby", new.vm) as s:
         promoted_now = pg.promote(standby)
@@ -248,6 +256,9 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
 
     acked = point_dns_and_verify(run, rt, g, new, "point DNS at the new primary")
 
+    if power_skipped is not None:
+        with run.step("power off the old primary (after the takeover)", old.vm) as s:
+            s.outcome, s.reason = "skipped", power_skipped
     if power_after is not None and fence.kind != "vsphere":
         with run.step("power off the old primary (after the takeover)", old.vm,
                       {"bound_s": POWER_OFF_AFTER_S}) as s:

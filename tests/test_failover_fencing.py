@@ -105,6 +105,34 @@ def test_host_loss_fails_over_by_the_lease_without_waiting_for_vsphere(env: Env)
         standby["host"], standby["port"])
 
 
+def test_a_partitioned_prod_is_taken_over_left_powered_on_and_reprotected_after_the_heal(
+        env: Env) -> None:
+    """Prod cut off (the etcd majority is DR + witness): a lease takeover; prod's vCenter is
+    unreachable, so no power-off is sent (it would land at the heal); after the heal the fenced
+    old primary reports in and the gateway re-protects it."""
+    from lab import vcsim
+
+    g = env.group(env.state["groups"][0]["name"])
+    name, primary, standby = g["name"], g["primary"], g["standby"]
+    wait_for(lambda: (ld := _leader(env, name)) is not None and ld.agent_id == primary["vm"],
+             20, "the primary's agent holds the leader key")
+    faults.fail(env.lab_dir, "partition", "prod")
+    rec = _finished(env, name)
+    _dump(env)
+    assert rec.outcome == "ok", rec.reason
+    assert _step(env, "fence old primary", primary["vm"]).parameters["result"]["fence"] == "lease"
+    power = _step(env, "power off the old primary (after the takeover)", primary["vm"])
+    assert power.outcome == "skipped" and "vCenter did not answer" in power.reason, power.reason
+    assert env.writable(standby)
+    healed = time.time()
+    faults.heal(env.lab_dir)
+    wait_for(lambda: [r for r in env.audit_records("reprotect.finish", name)
+                      if r.outcome == "ok"], 120, "the old primary re-protected after the heal")
+    print(f"re-protected {time.time() - healed:.1f} s after the heal")
+    assert vcsim.vm_power_state(env.si(), primary["vm"]) == "poweredOn"
+    assert not env.writable(primary) and env.writable(standby)
+
+
 def test_a_stun_with_a_snapshot_task_is_waited_out_without_a_power_off(env: Env) -> None:
     g = env.group(env.state["groups"][0]["name"])
     name, primary = g["name"], g["primary"]
