@@ -370,14 +370,33 @@ class BootGate:
             self._thread.join(5)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.held_report_s if self.decisions
-                                  and self.decisions[-1].action == "hold" else self.retry_s):
+        while True:
+            held = bool(self.decisions) and self.decisions[-1].action in ("hold", "fence")
+            if self._stop.wait(self.held_report_s if held else self.retry_s):
+                return
             try:
-                d = self.step()
-                if d.final and d.action not in ("hold", "fence"):
+                if held:
+                    if not self._remind():
+                        return
+                elif self.step().final and self.decisions[-1].action not in ("hold", "fence"):
                     return
             except Exception:
                 log.exception("boot check failed; asking again")
+
+    def _remind(self) -> bool:
+        """While held: repeat the held report and act on nothing (a re-protect may be rewinding
+        this node right now); False once PostgreSQL runs again (re-protect brought it back)."""
+        if LocalState.from_status(self.driver.status()).running:
+            return False
+        details: dict[str, Any] = {"drflow_boot": BOOT_HELD, "action": "hold", "repeated": True,
+                                   "reason": self.decisions[-1].reason, "from": "down",
+                                   "to": "hold"}
+        if self.leader_seen not in (None, self.agent_id):
+            details["leader_elsewhere"] = self.leader_seen
+        self.emit(HealthEvent(agent_id=self.agent_id, group=self.group,
+                              kind=EventKind.ROLE_CHANGED, resource=self.resource,
+                              details=details))
+        return True
 
     def step(self) -> BootDecision:
         if self.etcd is not None:
@@ -416,7 +435,6 @@ class BootGate:
              via_etcd: bool = False) -> None:
         first = not self.decisions
         changed = first or self.decisions[-1].action != d.action
-        held_again = not first and d.action == "hold" and not changed
         self.decisions.append(d)
         if changed:
             log.warning("boot check: %s", d.reason)
@@ -425,7 +443,7 @@ class BootGate:
         elif d.action == "fence":
             self.driver.stop("immediate")
         elif (d.action == "hold" or (d.action == "wait" and not local.running)) and \
-                not held_again and not getattr(self.driver, "held_down", False):
+                not getattr(self.driver, "held_down", False):
             # Not running: only marks it held down. Once: re-marking on every retry would race
             # a re-protect that starts the rewound standby meanwhile, and stop it again.
             self.driver.stop("fast")

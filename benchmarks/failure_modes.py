@@ -150,10 +150,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1,
                     help="labs to run the VM-level cases in (RTO p50 over them); the "
                          "site-level cases run once each")
-    ap.add_argument("--prefect-database", choices=("postgresql", "sqlite"), default="postgresql",
-                    help="the Prefect server's database: PostgreSQL as in production (default), "
-                         "or SQLite as `drflow up` on one machine (concurrent failovers then "
-                         "wait out Prefect's retries of SQLITE_BUSY: 2 s, 4 s, …)")
+    ap.add_argument("--prefect-database", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="the Prefect server's database: SQLite as `drflow up` runs it on one "
+                         "machine (default; concurrent flow starts may wait out Prefect's "
+                         "retries of SQLITE_BUSY: 2 s, 4 s, …), or PostgreSQL as production does")
     args = ap.parse_args()
     if args.quick:
         args.window, args.not_responding_after, args.after_heal = 30.0, 10.0, 5.0

@@ -191,7 +191,9 @@ def test_reprotect_killed_inside_its_steps_completes_on_rerun(env: Env) -> None:
     assert third.wait() == 0, third.out[-3000:]
     result = third.result()
     assert result["outcome"] == "protected", result
-    assert "rewind_method" not in result and result["sync_restored"] is False, result
+    # Whether the restore step finds synchronous replication restored depends on who relaxed it
+    # (the failover's step, or the primary's agent); rewinding again is what must not happen.
+    assert "rewind_method" not in result, result
     assert [r for r in env.audit_records("reprotect.rewind into a standby")
             if r.outcome != "started"] == []  # rewound once, by the first run
     assert _replica(env, dr, prod["vm"]) == ("streaming", "sync")

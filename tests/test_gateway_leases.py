@@ -331,7 +331,8 @@ def test_status_shows_holder_standby_and_relaxed_sync(shared_etcd: Etcd, tmp_pat
         view = leases_view(gw, g)
         assert view["sync"]["standby"] == STANDBY and "protection" not in view
         client.put(sync_key(g), SyncState(PRIMARY, None, 1_800_000_000.0).encode())
-        assert wait_until(lambda: leases_view(gw, g)["sync"]["standby"] is None, 2)
+        assert wait_until(lambda: (leases_view(gw, g)["sync"] or {}).get("standby", "") is None,
+                          2)
         view = leases_view(gw, g)
         assert view["protection"] == "unprotected"
         at = datetime.fromtimestamp(1_800_000_000, UTC).isoformat(timespec="milliseconds")
