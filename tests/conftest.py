@@ -75,3 +75,21 @@ def lab() -> Iterator[dict[str, Any]]:
         yield state
     finally:
         manager.down(lab_dir, progress=lambda _m: None)
+
+
+# Boot gates tests start (agents.boot.BootGate): one that holds keeps asking and reporting in its
+# thread, so none may outlive its test.
+_BOOT_GATES: list[Any] = []
+
+
+def tracked_gate(gate: Any) -> Any:
+    """Register a boot gate to be stopped when the current test ends; returns it."""
+    _BOOT_GATES.append(gate)
+    return gate
+
+
+@pytest.fixture(autouse=True)
+def _stop_boot_gates() -> Iterator[None]:
+    yield
+    while _BOOT_GATES:
+        _BOOT_GATES.pop().stop()

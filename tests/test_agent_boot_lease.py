@@ -23,6 +23,7 @@ from drflow.leader_keys import Leader, SyncState, leader_key, sync_key
 from drflow.signing import sign_headers
 from lab import etcd, procs
 from lab import postgres as pg
+from tests.conftest import tracked_gate
 
 pytestmark = pytest.mark.lab
 
@@ -110,16 +111,6 @@ def stopped(cluster: dict[str, Any], pair: tuple[pg.Instance, pg.Instance],
     return primary
 
 
-_GATES: list[BootGate] = []
-
-
-@pytest.fixture(autouse=True)
-def _stop_gates() -> Iterator[None]:
-    # A gate that holds keeps asking (and reporting) in its thread: none may outlive its test.
-    yield
-    while _GATES:
-        _GATES.pop().stop()
-
 
 def gate(primary: pg.Instance, gateway: Gateway, endpoints: list[str],
          events: list[HealthEvent], root: Path, gateway_url: str | None = None) -> BootGate:
@@ -130,8 +121,7 @@ def gate(primary: pg.Instance, gateway: Gateway, endpoints: list[str],
                  host=primary.host, url=roles_url(gateway_url or gateway.url, GROUP),
                  secret=SecretStr(SECRET), driver=driver, emit=events.append, retry_s=0.5,
                  probe=None, etcd=etcd.Client(endpoints, 1.0))
-    _GATES.append(g)
-    return g
+    return tracked_gate(g)
 
 
 def dead_endpoint() -> list[str]:

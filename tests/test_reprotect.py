@@ -53,7 +53,7 @@ from orchestrator.gateway.roles_decide import (
     stale_record,
 )
 from orchestrator.gateway.settings import GroupNode, GroupRoster
-from tests.conftest import new_lab_dir
+from tests.conftest import new_lab_dir, tracked_gate
 from tests.harness import wait_for
 
 EXAMPLE = load_config(Path(__file__).parents[1] / "examples" / "drflow.yaml")
@@ -476,19 +476,8 @@ def _gate(lab: Lab, url: str, group: str, events: list[HealthEvent]) -> BootGate
                  host=node["host"], url=roles_url(url + "/v1/events", group),
                  secret=SecretStr(lab.state["secrets"]["webhook"]),
                  driver=AgentDriver(lab.control(node)), emit=emit, retry_s=0.5)
-    _GATES.append(g)
-    return g
+    return tracked_gate(g)
 
-
-_GATES: list[BootGate] = []
-
-
-@pytest.fixture(autouse=True)
-def _stop_gates() -> Iterator[None]:
-    # A gate that holds keeps asking (and reporting) in its thread: none may outlive its test.
-    yield
-    while _GATES:
-        _GATES.pop().stop()
 
 
 def test_boot_check_holds_a_would_be_primary_and_the_gateway_reprotects_it(
