@@ -313,19 +313,15 @@ def _resolves_to(host: str, addresses: set[str]) -> bool:
 
 
 class BootGate:
-    """Applies `decide_boot` once on boot, and again every `retry_s` until a final decision;
-    while it holds, every `held_report_s`, repeating its report until something changes."""
+    """Applies `decide_boot` once on boot, and again every `retry_s` until a final decision."""
 
     def __init__(self, *, agent_id: str, group: str, resource: str, port: int,
                  host: str | None, url: str, secret: SecretStr, driver: Any,
                  emit: Callable[[HealthEvent], None], retry_s: float = 2.0,
                  fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles,
                  probe: Callable[[str, int], PeerCheck] | None = None,
-                 etcd: Client | None = None, held_report_s: float = 10.0) -> None:
+                 etcd: Client | None = None) -> None:
         self.agent_id, self.group, self.resource = agent_id, group, resource
-        # While held, the report is repeated at this period: one sent while a re-protect runs
-        # is not acted on (single flight), and the node must not stay held after that run ends.
-        self.held_report_s = held_report_s
         self.port, self.url, self.secret = port, url, secret
         self.addresses = local_addresses(host)
         self.driver, self.emit, self.retry_s, self.fetch = driver, emit, retry_s, fetch
@@ -359,7 +355,7 @@ class BootGate:
     def start(self) -> BootDecision:
         """Decide and act now; if not final, keep asking in a daemon thread."""
         d = self.step()
-        if not d.final or d.action in ("hold", "fence"):
+        if not d.final:
             self._thread = threading.Thread(target=self._loop, name="boot-gate", daemon=True)
             self._thread.start()
         return d
@@ -370,33 +366,12 @@ class BootGate:
             self._thread.join(5)
 
     def _loop(self) -> None:
-        while True:
-            held = bool(self.decisions) and self.decisions[-1].action in ("hold", "fence")
-            if self._stop.wait(self.held_report_s if held else self.retry_s):
-                return
+        while not self._stop.wait(self.retry_s):
             try:
-                if held:
-                    if not self._remind():
-                        return
-                elif self.step().final and self.decisions[-1].action not in ("hold", "fence"):
+                if self.step().final:
                     return
             except Exception:
                 log.exception("boot check failed; asking again")
-
-    def _remind(self) -> bool:
-        """While held: repeat the held report and act on nothing (a re-protect may be rewinding
-        this node right now); False once PostgreSQL runs again (re-protect brought it back)."""
-        if LocalState.from_status(self.driver.status()).running:
-            return False
-        details: dict[str, Any] = {"drflow_boot": BOOT_HELD, "action": "hold", "repeated": True,
-                                   "reason": self.decisions[-1].reason, "from": "down",
-                                   "to": "hold"}
-        if self.leader_seen not in (None, self.agent_id):
-            details["leader_elsewhere"] = self.leader_seen
-        self.emit(HealthEvent(agent_id=self.agent_id, group=self.group,
-                              kind=EventKind.ROLE_CHANGED, resource=self.resource,
-                              details=details))
-        return True
 
     def step(self) -> BootDecision:
         if self.etcd is not None:
