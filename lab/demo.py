@@ -220,7 +220,12 @@ def failback(story: Story, env: Env, writer: Writer, prefect_api: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    fin = _last(env, "failback.finish", "payments", seq, 30)
+    try:
+        fin = _last(env, "failback.finish", "payments", seq, 30)
+    except TimeoutError as exc:  # say what the command itself printed
+        out = proc.stdout.read() if proc.stdout is not None else ""
+        raise TimeoutError(f"{exc}; `drflow failback` exited {proc.returncode}: "
+                           f"{out[-3000:]}") from None
     if not story.check(fin.outcome == "ok", f"failed back: {fin.reason[:200]}",
                        f"failback ended {fin.outcome}: {fin.reason}"):
         return
