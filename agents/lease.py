@@ -319,7 +319,7 @@ class LeaseHolder:
         if d.action == "fence":
             # The view may be a second old: checked again under the driver's lock, so a
             # re-protect that is rewinding this node into a standby is not killed mid-way.
-            self._fence(d.why, kill=getattr(self.driver, "fence_if_primary", self.driver.fence))
+            self._fence(d.why, kill=self.driver.fence_if_primary)
             return
         if d.action not in ("create", "adopt"):
             log.warning("leader lease: %s", d.why)
