@@ -27,6 +27,7 @@ from drflow.config import GroupConfig, NodeConfig
 from drflow.etcd import Client as EtcdClient
 from drflow.etcd import EtcdError
 from drflow.leader_keys import Leader, LeaderBy
+from flows import confirm_prefetch
 from flows.cutover import point_dns_and_verify
 from flows.decisions import (
     Decision,
@@ -136,14 +137,19 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
 
     with run.step("confirm failure", old.vm, {"vm_read_s": VM_READ_S,
                                               "app_check_s": APP_CHECK_S}) as s:
-        with ThreadPoolExecutor(2, thread_name_prefix="confirm") as pool:
-            vm_f = pool.submit(vsphere.read_vm_state, old_vc, old.vm, VM_READ_S)
-            app_f = pool.submit(pg.check_primary_within, old_primary, APP_CHECK_S)
-            vm_state, app = vm_f.result(), app_f.result()
+        looks = confirm_prefetch.take(key)
+        if looks is not None:  # started with the run by the warm runner (flows/confirm_prefetch.py)
+            vm_state, app = looks.vm, looks.app
+        else:
+            with ThreadPoolExecutor(2, thread_name_prefix="confirm") as pool:
+                vm_f = pool.submit(vsphere.read_vm_state, old_vc, old.vm, VM_READ_S)
+                app_f = pool.submit(pg.check_primary_within, old_primary, APP_CHECK_S)
+                vm_state, app = vm_f.result(), app_f.result()
         d = confirm_failure(old.vm, vm_state.power_state, app, reported)
         s.result = {"power_state": vm_state.power_state, "power_error": vm_state.error,
                     "host_connection": vm_state.host_connection,
-                    "stun_task": vm_state.stun_task, "app": app.detail}
+                    "stun_task": vm_state.stun_task, "app": app.detail,
+                    "looked_s_before_the_step": round(looks.age_s, 2) if looks else 0.0}
         _decide(s, d)
     if not d.proceed:
         return stop("not_confirmed", d.reason)

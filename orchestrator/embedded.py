@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import prefect.context
 from prefect import flow
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
+from flows import confirm_prefetch
 from flows.failback import failback
-from flows.failover import failover
+from flows.failover import APP_CHECK_S, VM_READ_S, failed_and_target, failover
 from flows.locks import ensure_limit, roles_limit
 from flows.reprotect import reprotect
 from flows.runtime import runtime
@@ -28,6 +31,26 @@ from tasks import vsphere
 log = logging.getLogger("drflow.embedded")
 
 Closer = Callable[[str, str, str, str], Any]  # (group, idempotency key, outcome, reason)
+
+
+_quiet: dict[int, tuple[Any, Any]] = {}
+
+
+@contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """Prefect's settings with flow-run heartbeats off (a runner thread per run otherwise).
+
+    `temporary_settings` validates a whole new Settings object on every entry: 0.1-0.3 s of CPU
+    under the GIL per run when five failovers start together. The copy is made once per base
+    settings and re-entered after that."""
+    ctx = prefect.context.get_settings_context()
+    base = ctx.settings
+    cached = _quiet.get(id(base))
+    if cached is None or cached[0] is not base:
+        cached = (base, base.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        _quiet[id(base)] = cached
+    with prefect.context.SettingsContext(profile=ctx.profile, settings=cached[1]):
+        yield
 
 
 @flow(name="warm-up", persist_result=False)
@@ -55,7 +78,7 @@ class EmbeddedStarter:
                 vsphere.connect(rt.vcenter(site))
             except ConnectionError as exc:  # vCenter may be the thing that is down
                 log.warning("warm-up: %s", exc)
-        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with no_heartbeats():
             warm_up_flow()
         for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
             ensure_limit(roles_limit(g.name))
@@ -84,7 +107,8 @@ class EmbeddedStarter:
         key = incident.idempotency_key
         payload = incident.model_dump(mode="json")
         try:
-            with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            self._prefetch(incident.group, payload, key)
+            with no_heartbeats():
                 result = failover.with_options(flow_run_name=key.replace(":", "-"))(
                     incident.group, payload, config_path=self.config_path)
         except Exception as exc:
@@ -97,6 +121,19 @@ class EmbeddedStarter:
                            str(result.get("reason", "")))
             except Exception:
                 log.exception("could not close incident %s", key)
+
+
+    def _prefetch(self, group: str, payload: dict[str, Any], key: str) -> None:
+        """Start the confirm step's reads while Prefect creates the run (a second on a busy
+        machine): the flow takes them if they are still fresh."""
+        try:
+            rt = runtime(self.config_path)
+            g = rt.cfg.group(group)
+            old, _ = failed_and_target(g, payload)
+            confirm_prefetch.start(key, rt.vcenter(old.site), old.vm, rt.db(g, old),
+                                   VM_READ_S, APP_CHECK_S)
+        except Exception:  # the flow looks for itself
+            log.exception("could not start the confirm reads for %s", key)
 
 
 class ReprotectStarter:
@@ -127,8 +164,7 @@ class ReprotectStarter:
         return self._results.get(key)
 
     def _run(self, group: str, key: str, fence_first: bool, reason: str) -> None:
-        with self._group_locks[group], temporary_settings(
-                {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with self._group_locks[group], no_heartbeats():
             try:
                 trigger = {"kind": "gateway", "reason": reason, "idempotency_key": key}
                 result = reprotect.with_options(flow_run_name=key.replace(":", "-"))(
@@ -139,7 +175,7 @@ class ReprotectStarter:
             self._results[key] = result
         if result.get("outcome") == "protected" and \
                 runtime(self.config_path).cfg.group(group).policy.auto_failback:
-            with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            with no_heartbeats():
                 try:
                     failback(group, requested_by=f"auto_failback after {key}",
                              config_path=self.config_path)

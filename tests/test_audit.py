@@ -426,6 +426,39 @@ def test_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
         _check_one_chain(store, 4, 80)
 
 
+def test_threads_appending_at_once_share_commits_and_keep_one_chain(store: AuditStore) -> None:
+    # Five runbooks and a gateway in one process: appends that wait for a commit are written
+    # together by the next one (one fsync), and each caller gets its own record back.
+    store.append("warm", "up", "t", {})  # the connection exists, so the trace sees every commit
+    commits: list[str] = []
+    store._connection().set_trace_callback(  # type: ignore[attr-defined]
+        lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    go = threading.Barrier(8)
+    got: dict[int, list[tuple[int, str]]] = {}
+
+    def run(t: int) -> None:
+        go.wait()
+        got[t] = []
+        for i in range(25):
+            rec = store.append(f"runbook:{t}", "step", f"t{t}", {"i": i})
+            got[t].append((rec.seq, rec.parameters["i"]))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    res = store.verify()
+    assert res.ok and res.checked == 201, res
+    by_seq = {r.seq: r for r in store.records()}
+    for t, mine in got.items():
+        assert [i for _, i in mine] == list(range(25))
+        assert all(by_seq[seq].actor == f"runbook:{t}" and by_seq[seq].parameters["i"] == i
+                   for seq, i in mine)
+    print(f"\n200 appends from 8 threads in {len(commits)} commits")
+    assert len(commits) < 200
+
+
 # -- redaction ----------------------------------------------------------------------------------
 
 class _Creds(BaseModel):

@@ -69,6 +69,12 @@ def test_host_loss_fails_over_and_loses_no_acknowledged_write(env: Env) -> None:
     rto = writer.first_ack_after(t_off, (standby["host"], standby["port"]))
     assert rto is not None and rto - t_off < 30
     assert len(env.audit_records("failover.start", "orders")) == 1
+    # The gateway started the confirm step's reads together with the run (confirm_prefetch):
+    # the step used them instead of waiting for vCenter and the database again.
+    confirm = [r for r in env.audit_records("failover.confirm failure", g["primary"]["vm"])
+               if r.outcome == "ok"]
+    assert len(confirm) == 1
+    assert confirm[0].parameters["result"]["looked_s_before_the_step"] > 0
     # The on-call channel got one thread, updated step by step.
     slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
 
