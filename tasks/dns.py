@@ -19,9 +19,10 @@ if TYPE_CHECKING:
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def point_dns(client: Route53Client, zone_id: str, record: str, host: str, port: int, ttl: int,
               comment: str) -> str:
-    """UPSERT A + SRV (idempotent: the same target again is a no-op change) and wait for INSYNC."""
-    if resolve_endpoint_or_none(client, zone_id, record) == (host, port):
-        return "already pointing there"
+    """UPSERT A + SRV and wait for INSYNC. The UPSERT is idempotent, so a re-run sends it again
+    rather than reading the record first: clients follow the record from the moment it changes,
+    and a read before it was a Route 53 round trip on the RTO's path (0.2-0.5 s on a busy lab,
+    and one more call against Route 53's five requests a second per account)."""
     change_id = point_record(client, zone_id, record, host, port, ttl, comment)
     deadline = time.monotonic() + 60
     while client.get_change(Id=change_id)["ChangeInfo"]["Status"] != "INSYNC":
