@@ -227,6 +227,16 @@ def test_no_fence_provable_stops_naming_declare_fenced_then_attested_fails_over(
                           for e in b["elements"])
             run_id = json.loads(button["value"])["run"]
             assert not env.writable(standby)  # nothing happens before the approvals
+            # The request is posted just before the run pauses; the gateway refuses a click on
+            # a run that is not paused yet (`the run is Running`), so the clicks come after.
+            from prefect.client.orchestration import get_client
+
+            def paused() -> bool:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(run_id).state
+                return bool(state and state.is_paused())
+
+            wait_for(paused, 30, "the attested run paused for its approvals")
             # What the gateway sends once both approvers clicked (drflow.approval.answer).
             secret = env.state["secrets"]["webhook"].encode()
             ledger = Ledger(approvals=tuple(approvers), decided="approved",
