@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -332,6 +333,12 @@ class _Failback:
             figures.update(protect(run, rt, g, home, dr))
         except ReprotectStopped as exc:
             figures["not_protected"] = str(exc)
+        except psycopg.OperationalError as exc:
+            # Home serves and DNS points home: the failback is done. A DR node that cannot be
+            # reached while it is re-attached leaves the group unprotected, said so, for
+            # re-protect to finish; it must not fail the whole run.
+            figures["not_protected"] = (f"{dr.vm} could not be re-attached: "
+                                        f"{str(exc).splitlines()[0][:200]}")
         told = tell_gateway(rt, g.name, primary_site=home.site, transition="none",
                             protected="not_protected" not in figures,
                             reason=f"failed back to {home.vm}, approved by {who}")
