@@ -36,18 +36,19 @@ def server_env(home: Path) -> dict[str, str]:
 
 def start_local_server(home: Path, port: int, timeout: float = 90.0,
                        host: str = "127.0.0.1", database_url: str | None = None) -> LocalPrefect:
-    """Start `prefect server start` on host:port with its SQLite database under `home`, or on
-    `database_url` (postgresql+asyncpg://…): SQLite answers concurrent writes (several flows
-    starting at once) with SQLITE_BUSY, which Prefect's client retries after 2 s, 4 s, ….
+    """Start Prefect's server on host:port with its SQLite database under `home`, or on
+    `database_url` (postgresql+asyncpg://…). It runs as `prefect server start` does, except that
+    requests refused with 503 (SQLite busy when several flows start at once) are retried inside
+    the server at once instead of after the client's 2 s, 4 s… (orchestrator/prefect_server.py).
 
     A fresh database runs its migrations first (10-15 s); an existing one starts in a few seconds.
     """
     home.mkdir(parents=True, exist_ok=True)
     log = home / "prefect-server.log"
-    prefect_bin = str(Path(sys.executable).parent / "prefect")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [prefect_bin, "server", "start", "--host", host, "--port", str(port)],
+            [sys.executable, "-m", "orchestrator.prefect_server", "--host", host,
+             "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **server_env(home),
                  **({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {})},
