@@ -416,11 +416,28 @@ class LeaseHolder:
                                              "lived: re-created it")
                     return True
         if current != self.value:
-            holder = current or "nobody"
-            self._fence(f"the leader key no longer holds this agent's value (it holds "
-                        f"{holder}): someone else wrote it")
+            self._lost_key(f"the leader key no longer holds this agent's value (it holds "
+                           f"{current or 'nobody'}): someone else wrote it")
             return False
         return True
+
+    def _lost_key(self, why: str) -> None:
+        """Someone else holds the key. A server that may take writes is fenced. A standby or a
+        stopped server cannot acknowledge one: the agent only lets go of its lease. That is a
+        failback's handover: it stopped this primary, handed the key home and re-attaches this
+        node as a standby, which a fence here would kill just after it started."""
+        seen: list[str] = []
+
+        def kill() -> dict[str, Any] | None:
+            state, result = self.driver.fence_if_serving()
+            seen.append(state)
+            return result
+
+        self._fence(why, kill=kill)
+        if seen and seen[0] in ("standby", "down"):
+            self._release(f"{why}; PostgreSQL here is "
+                          + ("a standby" if seen[0] == "standby" else "stopped (held down)")
+                          + ": it acknowledges no write, nothing to fence")
 
     def _after_fence(self) -> None:
         """Rule 4: re-acquire only by create-if-absent; held for re-protect if another holds it."""

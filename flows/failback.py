@@ -38,6 +38,7 @@ from drflow.approval import check_answer
 from drflow.config import GroupConfig, NodeConfig
 from flows.cutover import point_dns_and_verify
 from flows.decisions import Decision
+from flows.locks import exclusive, roles_limit
 from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_gateway
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
@@ -164,7 +165,8 @@ class _Failback:
             return self.stop("refused", serving.decision.reason)
         if serving.primary is self.home:
             # Home already serves: a resumed run finishes the job, a new one finds it protected.
-            return self.after_switchover(None, {"resumed": True})
+            with exclusive(roles_limit(g.name)):
+                return self.after_switchover(None, {"resumed": True})
 
         readiness = self.check_home("check the home standby")
         if not readiness.decision.proceed:
@@ -176,12 +178,17 @@ class _Failback:
             outcome = "expired" if approval is None else "rejected"
             return self.stop(outcome, decision.reason + ": nothing was changed",
                              approver=approval.approver if approval else None)
-        readiness = self.check_home("check the home standby again")
-        if not readiness.decision.proceed:
-            self.update_request(f"⛔ Approved by {approval.approver}, but "
-                                f"{readiness.decision.reason}: nothing was changed")
-            return self.stop("refused", readiness.decision.reason, approver=approval.approver)
-        return self.switch(approval)
+        # From here on the roles change: never alongside a failover or a re-protect (the gateway
+        # starts one when the DR node it sees stopped asks to be re-attached). The wait for a
+        # human above holds no roles lock: a failover must never queue behind an approval.
+        with exclusive(roles_limit(g.name)):
+            readiness = self.check_home("check the home standby again")
+            if not readiness.decision.proceed:
+                self.update_request(f"⛔ Approved by {approval.approver}, but "
+                                    f"{readiness.decision.reason}: nothing was changed")
+                return self.stop("refused", readiness.decision.reason,
+                                 approver=approval.approver)
+            return self.switch(approval)
 
     def stop(self, outcome: str, why: str, **figures: Any) -> dict[str, Any]:
         self.run_.finish(outcome, f"⚠️ *{self.g.name}*: failback {outcome} — {why}",

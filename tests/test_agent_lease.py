@@ -305,6 +305,25 @@ def test_foreign_key_fences_at_once_then_absent_key_reacquires(
     write(primary, root)
 
 
+def test_a_key_handed_over_while_stopped_is_let_go_without_a_fence(
+        cluster: dict[str, Any], pair: Any, root: Path, holders: list[Holder]) -> None:
+    """A failback stops this primary, hands the key home, then re-attaches this node as a
+    standby: the agent must let go of its lease, not fence (a kill there would hit the standby
+    the failback is starting, and alert about a fence that never was)."""
+    primary, _ = pair
+    g = group_of(primary)
+    h = started(holders, cluster, primary, root)
+    h.driver.stop("fast")
+    client(cluster).put(leader_key(g), Leader("home-node", by="agent").encode())
+    wait_for(lambda: h.h.state == "idle", LEASE_S / 3 + 1.5, "the lease let go")
+    time.sleep(LEASE_S + 0.5)  # past the old lease's deadline: the watchdog does not fence
+    assert not h.h.fences and "fenced" not in h.reports("drflow_lease")
+    assert "held_for_reprotect" not in h.reports("drflow_boot")
+    assert not pg.is_running(primary) and h.driver.held_down  # nobody restarted it
+    got = leader(cluster, g)
+    assert got is not None and got.agent_id == "home-node"
+
+
 def test_recovery_exhausted_revokes_the_lease(cluster: dict[str, Any], pair: Any, root: Path,
                                               holders: list[Holder]) -> None:
     primary, _ = pair

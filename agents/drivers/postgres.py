@@ -137,6 +137,23 @@ class PostgresDriver(PgRebuild):
         finally:
             self._lock.release()
 
+    def fence_if_serving(self) -> tuple[str, dict[str, Any] | None]:
+        """For a leader key this node no longer holds: ("busy", None) while a verb changes the
+        server (a failback or re-protect re-attaching it: ask again later); ("standby", None)
+        or ("down", None; held down from now on) when it cannot acknowledge a write;
+        ("fenced", result) after killing anything else that runs."""
+        if not self._lock.acquire(blocking=False):
+            return "busy", None
+        try:
+            if self._live_postmaster() is None:
+                self._held_down = True
+                return "down", None
+            if self._role_or_down() == "standby":
+                return "standby", None
+            return "fenced", self.fence()
+        finally:
+            self._lock.release()
+
     def promote(self, relax_sync: bool = False,
                 fence_proof: FenceProof | None = None) -> dict[str, Any]:
         with self._lock:
