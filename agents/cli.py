@@ -57,7 +57,7 @@ def _run(cfg: Any) -> None:
     lease: Any = None
     try:
         outbox = Outbox(cfg.outbox)
-        sender = Sender(outbox, cfg.gateway.url, secret)
+        sender = Sender(outbox, cfg.gateway.url, secret, also=cfg.gateway.also)
         sender.start()  # first: refuses when another agent already delivers this outbox
         agent = Agent(cfg, emit=outbox.enqueue)
         control = _start_control(cfg, agent) if cfg.control else None

@@ -154,8 +154,14 @@ Resource = Annotated[
 class GatewayConfig(_Model):
     url: str
     webhook_secret: SecretRef
+    also: list[str] = Field(
+        default_factory=list,
+        description="the events URLs of other gateway replicas (at other sites), tried in turn "
+                    "when the current one cannot be reached")
 
     _http_url = field_validator("url")(lambda v: http_url(v, "gateway url"))
+    _also_urls = field_validator("also")(
+        lambda v: [http_url(u, "gateway.also url") for u in v])
 
 
 class ControlConfig(_Model, ListenAddress):

@@ -22,6 +22,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -244,11 +245,16 @@ class Sender:
     """Background thread delivering the outbox in order, one event per signed POST."""
 
     def __init__(self, outbox: Outbox, url: str, secret: SecretStr, *, timeout_s: float = 2.0,
-                 backoff_initial_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
+                 backoff_initial_s: float = 0.2, backoff_max_s: float = 10.0,
+                 also: Sequence[str] = ()) -> None:
+        """`also`: the same receiver's other replicas (gateways at other sites). A receiver that
+        cannot be reached (or answers 5xx) hands delivery to the next one, which keeps it until
+        it fails in turn: a gateway lost with its site does not silence the agent."""
         self.outbox = outbox
-        self.url = url
         self._secret = secret
-        self._http = _Http(url, timeout_s)
+        self._urls = [url, *also]
+        self._https = [_Http(u, timeout_s) for u in self._urls]
+        self._current = 0
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._wake = threading.Event()
@@ -280,6 +286,22 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
         self._thread.start()
 
+    @property
+    def url(self) -> str:
+        """The receiver events go to now."""
+        return self._urls[self._current]
+
+    @property
+    def _http(self) -> _Http:
+        return self._https[self._current]
+
+    def _next_receiver(self, why: str) -> None:
+        if len(self._urls) < 2:
+            return
+        old = self.url
+        self._current = (self._current + 1) % len(self._urls)
+        log.warning("receiver %s failed (%s); delivering to %s from now on", old, why, self.url)
+
     def wake(self) -> None:
         """Try now (new events do this by themselves)."""
         self._wake.set()
@@ -293,7 +315,8 @@ class Sender:
         self._wake.set()
         self._thread.join(timeout=max(0.0, flush_timeout_s) + 5.0)
         self.outbox.unsubscribe(self._wake)
-        self._http.close()
+        for h in self._https:
+            h.close()
         self._thread = None
         if self._lockfile is not None:
             self._lockfile.close()
@@ -336,6 +359,7 @@ class Sender:
             status, text = self._http.post(item.body, headers)
         except (OSError, http.client.HTTPException) as exc:
             self._note_failure(item, f"{type(exc).__name__}: {exc}", level=logging.WARNING)
+            self._next_receiver(f"{type(exc).__name__}: {exc}")
             return False
         if 200 <= status < 300 or status == 409:
             self.outbox.delivered(item.seq)
@@ -353,6 +377,8 @@ class Sender:
             self.dead_lettered_count += 1
             return True
         self._note_failure(item, f"HTTP {status}: {text[:200]}", level=logging.WARNING)
+        if status >= 500:
+            self._next_receiver(f"HTTP {status}")
         return False
 
     def _note_failure(self, item: PendingEvent, error: str, level: int) -> None:

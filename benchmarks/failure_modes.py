@@ -71,6 +71,7 @@ class Case:
     pre: tuple[tuple[str, str], ...] = ()  # faults made first (kind, target), e.g. witness down
     reprotect_after_heal: bool = False  # the old primary, back after the heal, is re-protected
     alert: str | None = None  # an alert of this kind must reach the audit trail (and Slack)
+    replica: bool = False  # a second gateway runs at the witness site (it outlives DR)
 
 
 LEASE_S = 3.0  # the lab's policy.lease_s
@@ -97,7 +98,8 @@ CASES: dict[str, Case] = {
                         expect="no_failover"),
     "site_loss_prod": Case("site-loss", "prod", "own", groups=5, expect="failover",
                            rto_max=LEASE_S + 2.0),
-    "site_loss_dr": Case("site-loss", "dr", "own", expect="no_failover"),
+    "site_loss_dr": Case("site-loss", "dr", "own", expect="no_failover", alert="sync_relaxed",
+                         replica=True),
     "site_loss_prod_no_witness": Case("site-loss", "prod", "own", expect="no_failover",
                                       pre=(("partition", "witness"),)),
 }
@@ -262,6 +264,9 @@ def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
     env = start_env(groups=groups, replication="sync")
     log(f"lab up in {time.monotonic() - t:.0f} s ({env.lab_dir})")
     try:
+        if any(CASES[n].replica for n in cases):
+            env.start_gateway_replica()
+            log(f"a second gateway at the witness site: {env.state['gateway_replica']['url']}")
         for i, name in enumerate(cases):
             case = CASES[name]
             gs = env.state["groups"] if case.groups > 1 else [env.state["groups"][i]]
@@ -491,10 +496,13 @@ def observe(env: Any, name: str, case: Case, r: GroupRun, fault: Any, fin: Any,
                                       and fault.at + first_new > healed)
     if healed is not None:
         row["healed_at_s"] = _round(healed - fault.at)
-    if case.alert:
-        row["alerted"] = any(x.parameters.get("kind") == case.alert
-                             for x in _group_records(env, r, fault.at, "incident.alert")
-                             if x.outcome == "alerted")
+    if case.alert:  # while the fault lasts: not an event queued until the heal
+        alerts = [_ts(x.time) - fault.at
+                  for x in _group_records(env, r, fault.at, "incident.alert")
+                  if x.outcome == "alerted" and x.parameters.get("kind") == case.alert
+                  and (healed is None or _ts(x.time) < healed)]
+        row["alerted"] = bool(alerts)
+        row["alerted_at_s"] = _round(min(alerts)) if alerts else None
     if case.pre:  # no proof of the fence: the way out must be named to the people on call
         row["slack_names_declare_fenced"] = slack_mentions(env, r.name, "--declare-fenced")
     if r.site_out is not None:
@@ -528,10 +536,13 @@ def why_none(env: Any, r: GroupRun, since: float, window: float, started: list[A
     if started:
         return (f"failover started ({started[-1].action}: {started[-1].outcome}) but no "
                 f"failover.finish within {window:.0f} s")
+    inc = _group_records(env, r, since, "incident.")
     gw = env.gateway
     if gw is None or gw.poll() is not None:
+        if env.replica is not None and inc:  # the witness site's gateway heard the agents
+            return (f"the DR gateway died with its site; the witness site's gateway recorded "
+                    f"{inc[-1].action}: {inc[-1].outcome} {inc[-1].reason}".strip())
         return "the gateway is down (it ran at the lost site)"
-    inc = _group_records(env, r, since, "incident.")
     if inc:
         last = inc[-1]
         return (f"no failover within {window:.0f} s; last gateway record {last.action}: "
@@ -640,9 +651,10 @@ def _round(v: float | None) -> float | None:
 def required(case: Case | None) -> str:
     if case is None:
         return "—"
+    alert = f", a {case.alert} alert" if case.alert else ""
     if case.expect == "no_failover":
-        return "no failover"
-    return "failover" + (f", RTO p50 ≤ {case.rto_max:g} s" if case.rto_max else "")
+        return "no failover" + alert
+    return "failover" + (f", RTO p50 ≤ {case.rto_max:g} s" if case.rto_max else "") + alert
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:

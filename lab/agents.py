@@ -38,7 +38,9 @@ def write_agent_config(lab_dir: Path, state: dict[str, Any], group: dict[str, An
         "agent_id": node["vm"],
         "group": group["name"],
         "gateway": {"url": state["gateway"]["url"] + "/v1/events",
-                    "webhook_secret": {"ref": f"file:{secrets / 'webhook_secret'}"}},
+                    "webhook_secret": {"ref": f"file:{secrets / 'webhook_secret'}"},
+                    **({"also": [state["gateway_replica"]["url"] + "/v1/events"]}
+                       if state.get("gateway_replica") else {})},
         "heartbeat_interval_s": 1,
         "outbox": str(d / "outbox.sqlite"),
         "control": {"listen": f"{node['host']}:{control_port}",

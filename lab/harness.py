@@ -46,6 +46,7 @@ class Env:
     lab_dir: Path
     state: dict[str, Any]
     gateway: subprocess.Popen[bytes] | None = None
+    replica: subprocess.Popen[bytes] | None = None  # the witness site's gateway, when started
 
     @property
     def config(self) -> Path:
@@ -124,6 +125,21 @@ class Env:
         host, port = self.gateway_url.removeprefix("http://").rsplit(":", 1)
         procs.wait_port(int(port), timeout, f"drflow {command}", self.gateway, log, host=host)
 
+    def start_gateway_replica(self, timeout: float = 60) -> subprocess.Popen[bytes]:
+        """A second `drflow gateway` at the witness site, with its own state directory: the
+        replica agents fall back to when the DR site (and its gateway) is lost. Stopped by
+        `stop_env`."""
+        rep = self.state["gateway_replica"]
+        host, port = rep["url"].removeprefix("http://").rsplit(":", 1)
+        log = self.lab_dir / "logs" / "gateway-witness.log"
+        self.replica = procs.spawn(
+            [*(rep.get("netns_prefix") or []), DRFLOW, "gateway", "--config", str(self.config),
+             "--state-dir", str(self.lab_dir / "gateway-witness"), "--listen", f"{host}:{port}"],
+            log, env={"PYTHONUNBUFFERED": "1"})
+        procs.wait_port(int(port), timeout, "drflow gateway (witness)", self.replica, log,
+                        host=host)
+        return self.replica
+
     @property
     def orchestrator_prefix(self) -> list[str]:
         """argv prefix that runs a command on the orchestrator's host (the DR site's network)."""
@@ -134,6 +150,12 @@ class Env:
             procs.stop_tree(self.gateway.pid, timeout=5)
             self.gateway.wait(15)
             self.gateway = None
+
+    def stop_gateway_replica(self) -> None:
+        if self.replica is not None:
+            procs.stop_tree(self.replica.pid, timeout=5)
+            self.replica.wait(15)
+            self.replica = None
 
     def wait_all_heard(self, timeout: float = 30) -> None:
         """Every group's primary agent is known to the gateway and heartbeating."""
@@ -208,6 +230,7 @@ def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
 
 
 def stop_env(env: Env) -> None:
+    env.stop_gateway_replica()
     env.stop_gateway()
     manager.down(env.lab_dir, progress=lambda _m: None)
 

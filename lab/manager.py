@@ -192,6 +192,9 @@ def up(
             witness={"site": "witness", "address": addr["witness"]["witness"]},
             internet=internet,
             gateway={"url": f"http://{addr['dr']['orchestrator']}:{procs.free_port()}"},
+            # Started only by what needs it (Env.start_gateway_replica); agents fall back to it.
+            gateway_replica={"url": f"http://{addr['witness']['gateway']}:{procs.free_port()}",
+                             "netns_prefix": prefix["gateway"]},
         )
         services = _services(lab_dir, state, pairs, agents, prefix)
         for site in SITES:
@@ -260,7 +263,9 @@ def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, st
         out[site] = {"vcenter": topo.address(site, 10)}
         out[site].update({n: topo.address(site, 20 + i) for i, n in enumerate(names)})
     out["dr"]["orchestrator"] = topo.address("dr", 11)
-    out["witness"] = {"witness": topo.address("witness", 10)}
+    # A second gateway replica at the third location, for the cases that lose the DR site.
+    out["witness"] = {"witness": topo.address("witness", 10),
+                      "gateway": topo.address("witness", 11)}
     for site in ETCD_SITES:  # a member per location: etcd-prod, etcd-dr, etcd-witness
         out[site]["etcd"] = topo.address(site, 12)
     return out

@@ -416,3 +416,32 @@ def _child(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
         _child(sys.argv[2:])
+
+
+def test_a_silent_gateway_hands_delivery_to_the_next_replica(tmp_path: Path,
+                                                              receiver: Receiver) -> None:
+    """The first gateway takes the connection and never answers (its site is gone): the events
+    go to the replica named in `also`, in order, and stay with it."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes handshakes; nothing ever reads or answers
+    first = f"http://127.0.0.1:{silent.getsockname()[1]}/v1/events"
+    outbox = Outbox(tmp_path / "outbox.db")
+    for i in range(1, 6):
+        outbox.enqueue(event(i))
+    sender = Sender(outbox, first, SecretStr(SECRET), timeout_s=0.5, backoff_initial_s=0.05,
+                    also=[receiver.url])
+    t0 = time.monotonic()
+    sender.start()
+    try:
+        assert receiver.wait_for(lambda: len(receiver.events) == 5, 10), receiver.seqs()
+        took = time.monotonic() - t0
+        outbox.enqueue(event(6))
+        assert receiver.wait_for(lambda: len(receiver.events) == 6, 2), receiver.seqs()
+    finally:
+        sender.stop()
+        silent.close()
+    assert receiver.seqs() == [1, 2, 3, 4, 5, 6]
+    assert sender.url == receiver.url
+    assert took < 2.0, took  # one timeout on the silent gateway, then the replica
+    outbox.close()

@@ -133,6 +133,38 @@ def test_a_partitioned_prod_is_taken_over_left_powered_on_and_reprotected_after_
     assert not env.writable(primary) and env.writable(standby)
 
 
+def test_a_lost_dr_site_is_reported_by_the_witness_sites_gateway_while_prod_serves(
+        env: Env) -> None:
+    """The DR site dies with its gateway, its etcd member and the standby: prod keeps its key
+    (prod + witness are the majority), relaxes sync through the sync key and keeps acknowledging
+    writes; its agent hands its events to the gateway replica at the witness site, which posts
+    the alert while the site is still down."""
+    g = env.group(env.state["groups"][0]["name"])
+    name, primary = g["name"], g["primary"]
+    env.start_gateway_replica()
+    wait_for(lambda: (ld := _leader(env, name)) is not None and ld.agent_id == primary["vm"],
+             20, "the primary's agent holds the leader key")
+    writer = Writer(env, name).start()
+    time.sleep(1.0)
+    t0 = time.time()
+    faults.fail(env.lab_dir, "site-loss", "dr")
+    alert = wait_for(lambda: [r for r in env.audit_records("incident.alert", name)
+                              if r.parameters.get("kind") == "sync_relaxed"
+                              and r.outcome == "alerted"], 30, "the sync_relaxed alert")[0]
+    alerted_s = datetime.fromisoformat(alert.time).timestamp() - t0
+    acked = len(writer.acked)
+    time.sleep(2.0)
+    writer.stop()
+    print(f"DR site lost: alerted after {alerted_s:.1f} s; {len(writer.acked) - acked} writes "
+          "acknowledged in the 2 s after the alert")
+    assert env.replica is not None and env.replica.poll() is None
+    assert len(writer.acked) > acked  # prod serves, unprotected
+    assert env.writable(primary)
+    assert not [r for r in env.audit_records("failover.finish", name) if r.outcome == "ok"]
+    msgs = json.dumps(SlackLab(env.state["slack"]["url"]).messages())
+    assert "relaxed synchronous replication" in msgs, msgs[-2000:]
+
+
 def test_a_stun_with_a_snapshot_task_is_waited_out_without_a_power_off(env: Env) -> None:
     g = env.group(env.state["groups"][0]["name"])
     name, primary = g["name"], g["primary"]
