@@ -159,9 +159,10 @@ def rig(prefect_api: str) -> Iterator[Rig]:
 
 
 def _paused_failback(rig: Rig, group: str, timeout_s: int = 60,
-                     flow_name: str = "failback") -> tuple[str, str, threading.Thread]:
+                     flow_name: str = "failback", post_to_pause_s: float = 0.0,
+                     wait_paused: bool = True) -> tuple[str, str, threading.Thread]:
     """Start a stand-in flow run (a "failback" unless `flow_name` says otherwise) that posts its
-    request and pauses; (run, ts, thread)."""
+    request and pauses (`post_to_pause_s` later: a busy machine); (run, ts, thread)."""
     from prefect import flow
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
@@ -179,6 +180,7 @@ def _paused_failback(rig: Rig, group: str, timeout_s: int = 60,
         WebClient(token=rig.bot_token, base_url=rig.slack.base + "/api/").chat_postMessage(
             channel="C0DRFLOW1", text=f"approval {marker}",
             blocks=approval_blocks(group, run_id, f"request {marker}"))
+        time.sleep(post_to_pause_s)
         try:
             got = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s,
                                  poll_interval=1)
@@ -201,7 +203,8 @@ def _paused_failback(rig: Rig, group: str, timeout_s: int = 60,
     t.start()
     msg = rig.slack.wait_for_message(lambda m: m.get("text") == f"approval {marker}", 30)
     value = json.loads(msg["blocks"][-1]["elements"][0]["value"])
-    _wait_paused(value["run"])
+    if wait_paused:
+        _wait_paused(value["run"])
     return marker, msg["ts"], t
 
 
@@ -318,6 +321,16 @@ def test_reject_resumes_with_no(rig: Rig) -> None:
     t.join(15)
     assert rig.runs[marker]["input"]["approved"] is False
     assert rig.runs[marker]["check"] is False
+
+
+def test_a_click_before_the_run_has_paused_waits_for_the_pause(rig: Rig) -> None:
+    """The request is posted just before the run pauses; a quick click (or a busy machine)
+    lands in between: it is decided once the run pauses, not refused."""
+    marker, ts, t = _paused_failback(rig, "one", post_to_pause_s=0.5, wait_paused=False)
+    status, body = rig.slack.click(ts, APPROVE, "U0ONCALL1")
+    assert status == 200 and _verdict(body) == "approved", body
+    t.join(15)
+    assert rig.runs[marker]["outcome"] == "resumed" and rig.runs[marker]["check"] is True
 
 
 def test_a_click_after_the_timeout_changes_nothing(rig: Rig) -> None:

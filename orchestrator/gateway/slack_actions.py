@@ -43,6 +43,7 @@ FAILBACK_FLOW = "failback"
 # Flows that pause for the group's approvers: a failback, and a failover whose fence an operator
 # attests (`drflow failover --declare-fenced`).
 APPROVAL_FLOWS = (FAILBACK_FLOW, "failover")
+PAUSE_WAIT_S = 1.5  # a click between the request's post and the run's pause waits this long
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class SlackActions:
         lock = self._locks.setdefault(click.run_id, asyncio.Lock())
         async with lock:
             before = self.ledgers.get(click.run_id)
-            waiting, detail = await self._waiting(click)
+            waiting, detail = await self._waiting(click, settle=before.decided is None)
             outcome = decide_click(before, click.user_id, click.choice,  # type: ignore[arg-type]
                                    approvers=policy.approvers,
                                    required=policy.approvals_required, waiting=waiting,
@@ -245,17 +246,24 @@ class SlackActions:
         self._audit(click, outcome)
         return outcome
 
-    async def _waiting(self, click: Click) -> tuple[bool, str]:
-        try:
-            run = await self.flow_runs.read(click.run_id)
-        except Exception as exc:
-            return False, f"cannot read flow run {click.run_id}: {type(exc).__name__}"
-        if run.flow not in APPROVAL_FLOWS or run.group != click.group:
-            return False, (f"flow run {click.run_id} is not a failback or attested failover of "
-                           f"{click.group}")
-        if not run.paused:
-            return False, f"the run is {run.state}"
-        return True, ""
+    async def _waiting(self, click: Click, settle: bool = True) -> tuple[bool, str]:
+        """Is the run paused for this answer? A run posts its request just before it pauses:
+        a click on an undecided request that lands in between waits up to `PAUSE_WAIT_S` for
+        the pause (inside Slack's 3 s), instead of being refused."""
+        deadline = time.monotonic() + (PAUSE_WAIT_S if settle else 0.0)
+        while True:
+            try:
+                run = await self.flow_runs.read(click.run_id)
+            except Exception as exc:
+                return False, f"cannot read flow run {click.run_id}: {type(exc).__name__}"
+            if run.flow not in APPROVAL_FLOWS or run.group != click.group:
+                return False, (f"flow run {click.run_id} is not a failback or attested failover "
+                               f"of {click.group}")
+            if run.paused:
+                return True, ""
+            if run.state != "Running" or time.monotonic() >= deadline:
+                return False, f"the run is {run.state}"
+            await asyncio.sleep(0.1)
 
     def _audit(self, click: Click, outcome: ClickOutcome) -> None:
         log.warning("failback approval %s for %s by %s: %s", outcome.verdict.value, click.run_id,
