@@ -3,7 +3,8 @@
 Each case injects one fault (lab/faults.py) on its own group while an application-like writer
 writes through the group's DNS name with the FOLLOW client settings (lab/clients.py); for a
 partition or a cut link, a second writer inside the cut-off site writes straight to its primary.
-The gateway runs at the DR site, as in production. A case ends when a `failover.finish` record
+The gateway runs at the DR site, as in production (for the loss of the DR site, a second
+gateway runs at the witness site, and the agents fall back to it). A case ends when a `failover.finish` record
 with outcome ok appears, or when its observation window ends (90 s; host and management loss:
 `--not-responding-after` + 45 s), since a stopped failover may be tried again while the fault
 lasts; then the fault is healed (not a stun: it ends by itself) and writes are watched for a few
@@ -30,7 +31,8 @@ long its call to the silent host waited: until its first error, or the end (`sti
 Each case has a required outcome (docs/fencing.md's table): a failover (with an RTO p50 bound
 where one is required) or none; never an acknowledged write lost, never two writers; prod keeps
 acknowledging writes through the faults it must survive (longest write gap ≤ 10 s); with no etcd
-majority, a Slack message names `--declare-fenced`. `--runs N` repeats the VM-level cases in N
+majority, a Slack message names `--declare-fenced`; where an alert is required (management-
+network loss, loss of the DR site) it is in the audit trail before the heal. `--runs N` repeats the VM-level cases in N
 labs and reports their RTO median. A case is `green` when its outcome is the required one.
 
 Last line: one JSON object, a key per case, plus `all_green`, `green` and `cases`.
