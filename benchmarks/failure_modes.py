@@ -32,8 +32,9 @@ Each case has a required outcome (docs/fencing.md's table): a failover (with an 
 where one is required) or none; never an acknowledged write lost, never two writers; prod keeps
 acknowledging writes through the faults it must survive (longest write gap ≤ 10 s); with no etcd
 majority, a Slack message names `--declare-fenced`; where an alert is required (management-
-network loss, loss of the DR site) it is in the audit trail before the heal. `--runs N` repeats the VM-level cases in N
-labs and reports their RTO median. A case is `green` when its outcome is the required one.
+network loss, loss of the DR site) it is in the audit trail before the heal. `--runs N` repeats
+the VM-level cases in N labs and reports their RTO median. A case is `green` when its outcome is
+the required one.
 
 Last line: one JSON object, a key per case, plus `all_green`, `green` and `cases`.
 """

@@ -140,8 +140,9 @@ class ReprotectStarter:
     """The gateway's ProtectStarter: runs re-protect in this process, once per key, one run per
     group at a time; then, if the group's policy says so, the failback (which waits for Slack)."""
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, on_done: Closer | None = None) -> None:
         self.config_path = config_path
+        self.on_done = on_done  # told how each run ended (RolesService.reprotect_finished)
         self._runs: dict[str, threading.Thread] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._group_locks: dict[str, threading.Lock] = {}
@@ -173,6 +174,11 @@ class ReprotectStarter:
                 log.exception("re-protect %s failed", key)
                 result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
             self._results[key] = result
+        if self.on_done is not None:
+            try:
+                self.on_done(group, key, str(result.get("outcome")), str(result.get("reason", "")))
+            except Exception:
+                log.exception("could not report the end of re-protect %s", key)
         if result.get("outcome") == "protected" and \
                 runtime(self.config_path).cfg.group(group).policy.auto_failback:
             with no_heartbeats():

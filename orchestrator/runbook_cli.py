@@ -177,7 +177,9 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         from orchestrator.embedded import ReprotectStarter
 
         # The gateway starts re-protect itself when an old primary's agent reports in.
-        app.state.roles.starter = ReprotectStarter(str(config.resolve()))
+        # A run that ends unprotected is tried again later (RolesService.reprotect_finished).
+        app.state.roles.starter = ReprotectStarter(str(config.resolve()),
+                                                   on_done=app.state.roles.reprotect_finished)
         starter = embedded
     from orchestrator.gateway.status import GroupStatusProvider
 

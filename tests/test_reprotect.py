@@ -48,6 +48,7 @@ from orchestrator.gateway.roles_decide import (
     RolesRecord,
     RolesUpdate,
     after_failover,
+    after_reprotect_failed,
     apply_update,
     decide_protection,
     stale_record,
@@ -130,6 +131,61 @@ def test_roles_record_and_protection_decisions() -> None:
     moving = apply_update(moved, RolesUpdate(transition="failback"), 3.0)
     assert decide(moving, "prod").action is ProtectAction.NONE
     assert apply_update(moving, RolesUpdate(transition="none"), 4.0).transition is None
+
+
+def test_a_failed_reprotect_is_tried_again_after_a_back_off(tmp_path: Path) -> None:
+    def decide(r: RolesRecord, now: float, report: str | None = None) -> Any:
+        return decide_protection(r, agent_id="a", agent_site="prod", report=report,
+                                 incident_open=False, now=now)
+
+    moved = after_failover(RolesRecord(group="g", primary_site="prod"), "dr", "failover", 1.0)
+    started = moved.model_copy(update={"reprotect_key": "reprotect:g:1"})
+    assert decide(started, 50.0).action is ProtectAction.NONE  # one run per attempt
+    failed = after_reprotect_failed(started, "reprotect:g:1", "failed", 100.0)
+    assert failed is not None and failed.reprotect_failures == 1
+    assert failed.reprotect_retry_at == 130.0 and "after 30 s" in failed.reason
+    wait = decide(failed, 110.0)
+    assert wait.action is ProtectAction.NONE and "next attempt in 20 s" in wait.reason
+    again = decide(failed, 131.0)
+    assert again.action is ProtectAction.REPROTECT and again.key == "reprotect:g:1.1"
+    # A second primary is fenced at once, back-off or not.
+    urgent = decide(failed, 110.0, BOOT_SECOND_PRIMARY)
+    assert urgent.action is ProtectAction.FENCE_AND_REPROTECT and urgent.key == "reprotect:g:1.1"
+    retried = failed.model_copy(update={"reprotect_key": "reprotect:g:1.1"})
+    # Only the generation's current run counts: a late report of the first attempt changes
+    # nothing; the second failure doubles the wait.
+    assert after_reprotect_failed(retried, "reprotect:g:1", "failed", 140.0) is None
+    twice = after_reprotect_failed(retried, "reprotect:g:1.1", "failed", 140.0)
+    assert twice is not None and twice.reprotect_retry_at == 200.0
+    assert decide(twice, 201.0).key == "reprotect:g:1.2"
+    # Protection restored, then lost again: a new generation starts with no failure.
+    done = apply_update(twice, RolesUpdate(protected=True), 300.0)
+    assert after_reprotect_failed(done, "reprotect:g:1.1", "failed", 301.0) is None
+    lost = apply_update(done, RolesUpdate(protected=False), 400.0)
+    assert (lost.seq, lost.reprotect_failures, lost.reprotect_key) == (2, 0, None)
+    assert decide(lost, 400.0).key == "reprotect:g:2"
+
+    # The gateway's side: the end of a run, reported by the starter's thread, is stored and
+    # audited; a protected outcome changes nothing.
+    from drflow.audit import open_store
+    from orchestrator.gateway.roles import RolesService
+    from orchestrator.gateway.settings import GatewaySettings
+
+    audit = open_store(f"sqlite:///{tmp_path}/audit.db")
+    settings = GatewaySettings(webhook_secret=SecretStr("s" * 32), state_path=tmp_path / "gw.db",
+                               groups={})
+    roles = RolesService(settings, gateway=None, audit=audit)  # type: ignore[arg-type]
+    roles.store.put(started)
+    roles.reprotect_finished("g", "reprotect:g:1", "protected", "")
+    assert roles.record("g").reprotect_failures == 0
+    roles.reprotect_finished("g", "reprotect:g:1", "failed", "agent unreachable")
+    stored = roles.record("g")
+    assert stored.reprotect_failures == 1 and stored.reprotect_retry_at > time.time() + 25
+    recs = [r for r in audit.records() if r.action == "roles.reprotect"]
+    assert [r.outcome for r in recs] == ["retry_later"]
+    assert "agent unreachable" in recs[0].reason
+    roles.close()
+    audit.close()
 
 
 ROLES = {"group": "g", "primary_site": "dr", "in_transition": False,
@@ -408,7 +464,8 @@ def gateway(lab: Lab) -> Iterator[str]:
     app = create_app(settings_from_config(rt.cfg, lab.dir / "gateway" / "gw.db"), starter,
                      audit=rt.audit)
     starter.close = app.state.gateway.close_incident_threadsafe
-    app.state.roles.starter = ReprotectStarter(lab.config)
+    app.state.roles.starter = ReprotectStarter(lab.config,
+                                               on_done=app.state.roles.reprotect_finished)
     host, port = listen_address(rt.cfg)
 
     def listening() -> socket.socket:

@@ -42,6 +42,7 @@ from orchestrator.gateway.roles_decide import (
     RolesRecord,
     RolesUpdate,
     after_failover,
+    after_reprotect_failed,
     apply_update,
     decide_protection,
     other_site,
@@ -188,7 +189,7 @@ class RolesService:
         decision = decide_protection(rec, agent_id=event.agent_id, agent_site=site,
                                      report=report,
                                      incident_open=self.gateway.store.open_incident(group)
-                                     is not None)
+                                     is not None, now=time.time())
         if report:
             self._audit("roles.boot_report", group,
                         {"agent_id": event.agent_id, "site": site, "report": report,
@@ -212,6 +213,19 @@ class RolesService:
         task = asyncio.get_running_loop().create_task(self._start(group, decision))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def reprotect_finished(self, group: str, key: str, outcome: str, reason: str) -> None:
+        """A re-protect run ended (any thread). One that did not protect the group frees the
+        generation for another attempt after a back-off, started by the old primary's agent's
+        next report: the group must not stay unprotected because one attempt failed."""
+        if outcome == "protected":
+            return
+        rec = self.store.modify(
+            group, lambda r: after_reprotect_failed(r, key, outcome, time.time()))
+        if rec is not None:
+            self._audit("roles.reprotect", group,
+                        {"idempotency_key": key, "failures": rec.reprotect_failures},
+                        "retry_later", f"{rec.reason} ({reason[:300]})")
 
     def _site_by_vm(self, group: str, agent_id: str) -> str | None:
         """Agents commonly take their VM's name as agent id (the lab's do)."""

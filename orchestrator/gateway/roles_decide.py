@@ -33,6 +33,8 @@ class RolesRecord(BaseModel):
     changed_at: float = 0.0
     reason: str = "initial: the configured primary serves"
     reprotect_key: str | None = Field(default=None, description="re-protect run started for seq")
+    reprotect_failures: int = Field(default=0, description="runs of this generation that failed")
+    reprotect_retry_at: float = Field(default=0.0, description="no new attempt before (epoch s)")
 
 
 class RolesUpdate(BaseModel):
@@ -57,6 +59,33 @@ def other_site(policy: GroupRoster, site: str) -> str | None:
     return others[0] if others else None
 
 
+# A new protection generation starts with no re-protect run and no failed attempt.
+NEW_GENERATION: dict[str, Any] = {"reprotect_key": None, "reprotect_failures": 0,
+                                  "reprotect_retry_at": 0.0}
+RETRY_FIRST_S = 30.0  # after a failed re-protect run; doubled per failure, up to RETRY_MAX_S
+RETRY_MAX_S = 600.0
+
+
+def reprotect_key(group: str, seq: int, failures: int) -> str:
+    """One key per attempt: `reprotect:{group}:{seq}`, then `…:{seq}.{n}` after n failures."""
+    return f"reprotect:{group}:{seq}" + (f".{failures}" if failures else "")
+
+
+def after_reprotect_failed(rec: RolesRecord, key: str, outcome: str, now: float
+                           ) -> RolesRecord | None:
+    """The run `key` ended without protecting the group: the record with the next attempt
+    allowed after a back-off, or None when the run is not the generation's current one (an
+    older attempt, or protection restored or lost again since)."""
+    if rec.protected or rec.reprotect_key != key:
+        return None
+    failures = rec.reprotect_failures + 1
+    wait = min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S)
+    return rec.model_copy(update={
+        "reprotect_failures": failures, "reprotect_retry_at": now + wait,
+        "reason": f"re-protect {key} ended {outcome}: next attempt when the old primary's "
+                  f"agent reports in after {wait:g} s"})
+
+
 def after_failover(rec: RolesRecord, new_primary_site: str, reason: str, now: float) -> RolesRecord:
     """The group now serves from `new_primary_site` with no standby: a new protection generation.
     Idempotent: a record that already says so is returned as it is."""
@@ -64,7 +93,7 @@ def after_failover(rec: RolesRecord, new_primary_site: str, reason: str, now: fl
         return rec
     return rec.model_copy(update={
         "primary_site": new_primary_site, "protected": False, "seq": rec.seq + 1,
-        "transition": None, "changed_at": now, "reason": reason, "reprotect_key": None})
+        "transition": None, "changed_at": now, "reason": reason, **NEW_GENERATION})
 
 
 def apply_update(rec: RolesRecord, upd: RolesUpdate, now: float) -> RolesRecord:
@@ -78,7 +107,7 @@ def apply_update(rec: RolesRecord, upd: RolesUpdate, now: float) -> RolesRecord:
     # starts a new generation: the old side needs a re-protect run of its own.
     if (upd.protected is False and rec.protected) or \
             (moved and not (upd.protected if upd.protected is not None else rec.protected)):
-        changes.update(seq=rec.seq + 1, reprotect_key=None)
+        changes.update(seq=rec.seq + 1, **NEW_GENERATION)
     if upd.transition is not None:
         changes["transition"] = None if upd.transition == "none" else upd.transition
     return rec.model_copy(update=changes)
@@ -117,7 +146,8 @@ class ProtectDecision:
 
 
 def decide_protection(rec: RolesRecord, *, agent_id: str, agent_site: str | None,
-                      report: str | None, incident_open: bool) -> ProtectDecision:
+                      report: str | None, incident_open: bool, now: float = 0.0
+                      ) -> ProtectDecision:
     """Does this report from an agent call for a re-protect run of its group, and which one?"""
     g = rec.group
     if agent_site is None:
@@ -126,13 +156,13 @@ def decide_protection(rec: RolesRecord, *, agent_id: str, agent_site: str | None
     if agent_site == rec.primary_site:
         return ProtectDecision(ProtectAction.NONE, f"{agent_id} is on {g}'s serving side "
                                f"({agent_site})")
-    if report == BOOT_SECOND_PRIMARY:
+    if report == BOOT_SECOND_PRIMARY:  # urgent: no back-off after a failed attempt
         seq = rec.seq + 1 if rec.protected else rec.seq
         return ProtectDecision(
             ProtectAction.FENCE_AND_REPROTECT,
             f"{agent_id} ({agent_site}) found its PostgreSQL running as a primary while {g} is "
             f"served from {rec.primary_site}: a second primary; fence it, then re-protect",
-            f"reprotect:{g}:{seq}")
+            reprotect_key(g, seq, 0 if rec.protected else rec.reprotect_failures))
     if incident_open or rec.transition:
         what = "a failover incident is open" if incident_open else f"{rec.transition} running"
         return ProtectDecision(ProtectAction.NONE, f"{g}: {what}; re-protect waits for it")
@@ -140,9 +170,13 @@ def decide_protection(rec: RolesRecord, *, agent_id: str, agent_site: str | None
         return ProtectDecision(ProtectAction.NONE, f"{g} is protected: {agent_id} is its standby")
     # A node held at boot would come up as a primary: it is no standby, whatever the record said.
     seq = rec.seq + 1 if rec.protected else rec.seq
-    key = f"reprotect:{g}:{seq}"
+    failures = 0 if rec.protected else rec.reprotect_failures
+    key = reprotect_key(g, seq, failures)
     if rec.reprotect_key == key:
         return ProtectDecision(ProtectAction.NONE, f"{g}: re-protect {key} already started")
+    if failures and now < rec.reprotect_retry_at:
+        return ProtectDecision(ProtectAction.NONE, f"{g}: re-protect failed {failures} time(s); "
+                               f"next attempt in {rec.reprotect_retry_at - now:.0f} s")
     why = "reported at boot, held for re-protect" if report == BOOT_HELD else "reports in"
     return ProtectDecision(ProtectAction.REPROTECT,
                            f"{g} runs unprotected on {rec.primary_site}; the old primary's agent "

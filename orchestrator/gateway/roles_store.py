@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
 from orchestrator.gateway.roles_decide import RolesRecord
 from orchestrator.gateway.sqlite_state import SqliteState
 
@@ -47,6 +45,20 @@ class RolesStore(SqliteState):
             db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
                        "DO UPDATE SET record = excluded.record", (group, claimed.model_dump_json()))
             return True
+
+    def modify(self, group: str, change: Callable[[RolesRecord], RolesRecord | None]
+               ) -> RolesRecord | None:
+        """Apply `change` to the stored record in one transaction; the new record, or None when
+        there is none or `change` returned None (nothing written)."""
+        with self._tx() as db:
+            row = db.execute("SELECT record FROM group_roles WHERE grp = ?", (group,)).fetchone()
+            if row is None:
+                return None
+            new = change(RolesRecord.model_validate_json(row[0]))
+            if new is not None:
+                db.execute("UPDATE group_roles SET record = ? WHERE grp = ?",
+                           (new.model_dump_json(), group))
+            return new
 
     def agent_site(self, group: str, agent_id: str) -> str | None:
         with self._lock:
