@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -159,7 +160,12 @@ def main() -> None:
                     help="the Prefect server's database: SQLite as `drflow up` runs it on one "
                          "machine (default; concurrent flow starts may wait out Prefect's "
                          "retries of SQLITE_BUSY: 2 s, 4 s, …), or PostgreSQL as production does")
+    ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                    help="copy the Prefect server's log (retryable errors included) and each "
+                         "lab's logs (gateway, agents) into DIR before they are removed")
     args = ap.parse_args()
+    if args.keep_logs is not None:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.window, args.not_responding_after, args.after_heal = 30.0, 10.0, 5.0
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -170,7 +176,8 @@ def main() -> None:
     from lab.harness import throwaway_prefect
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    with throwaway_prefect(args.prefect_database):
+    with throwaway_prefect(args.prefect_database, keep_log=None if args.keep_logs is None
+                           else args.keep_logs / "prefect-server.log"):
         vm_cases = [n for n in names if CASES[n].lab == "vm"]
         for i in range(args.runs if vm_cases else 0):
             log(f"VM-level cases, run {i + 1} of {args.runs}")
@@ -286,6 +293,10 @@ def run_lab(cases: list[str], groups: int, args: argparse.Namespace,
                 with contextlib.suppress(Exception):
                     faults.heal(env.lab_dir, progress=log)
     finally:
+        if args.keep_logs is not None:
+            with contextlib.suppress(OSError):
+                shutil.copytree(env.lab_dir / "logs", args.keep_logs / env.lab_dir.name,
+                                dirs_exist_ok=True)
         stop_env(env)
 
 

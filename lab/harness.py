@@ -170,10 +170,11 @@ class Env:
 
 
 @contextmanager
-def throwaway_prefect(database: str = "sqlite") -> Iterator[str]:
+def throwaway_prefect(database: str = "sqlite", keep_log: Path | None = None) -> Iterator[str]:
     """A Prefect server (SQLite in a temporary home, or `database="postgresql"`: on a PostgreSQL
     of its own, as production runs it) for a benchmark or a script; its URL is set in this
-    process's environment, so call it before anything imports Prefect."""
+    process's environment, so call it before anything imports Prefect. `keep_log`: where its
+    log is copied before the home goes (with retryable errors logged: what slowed a start)."""
     from lab import netns
     from lab import postgres as lab_pg
 
@@ -198,11 +199,16 @@ def throwaway_prefect(database: str = "sqlite") -> Iterator[str]:
             url = (f"postgresql+asyncpg://{user}:{password}@{pair[0].host}:{pair[0].port}"
                    "/prefect")
         print(f"starting a Prefect server ({database}) on {host}:{port} …", flush=True)
+        if keep_log is not None:
+            os.environ["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
         server = start_local_server(home, port, host=host, database_url=url)
         try:
             yield server.api_url
         finally:
             server.stop()
+            if keep_log is not None:
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(server.log, keep_log)
     finally:
         for inst in pair or ():
             with contextlib.suppress(Exception):
