@@ -135,6 +135,10 @@ class GatewayConfig(Model, ListenAddress):
     # Signs the orchestrator's calls to the agents' control API (start, stop, rewind_to, …).
     control_secret: SecretRef | None = None
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
+    # Incidents, the replay cache, roles records and approvals kept in etcd (needs `etcd`), so
+    # that every gateway replica answers every agent and click alike; False: in each replica's
+    # own SQLite file (one replica).
+    shared_state: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -369,6 +373,9 @@ def cross_check(cfg: DrflowConfig) -> list[tuple[Loc, str]]:
             if ref is not None and ref.scheme == "aws-sm":
                 problems.append((("aws", name), "AWS credentials cannot come from Secrets Manager "
                                                 "itself: use an env: or file: reference"))
+    if cfg.gateway.shared_state and cfg.etcd is None:
+        problems.append((("gateway", "shared_state"), "keeps the gateway's state in etcd: add an "
+                                                      "etcd section with its endpoints"))
     seen_names: dict[str, int] = {}
     seen_endpoints: dict[tuple[str, int], str] = {}
     seen_records: dict[str, int] = {}

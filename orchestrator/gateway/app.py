@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from drflow.etcd import EtcdError
 from orchestrator.gateway.contracts import Alerter, AuditSink, IncidentStarter
 from orchestrator.gateway.http_server import BodyReadTimeout, server_config
 from orchestrator.gateway.intake import (
@@ -82,6 +83,14 @@ def create_app(
         service.refuse(rejection, request.url.path, request.client.host if request.client else None)
         return JSONResponse(rejection.body(), status_code=rejection.status,
                             headers=rejection.headers())
+
+    @app.exception_handler(EtcdError)
+    async def state_unavailable(request: Request, exc: EtcdError) -> JSONResponse:
+        # Shared state (state_in_etcd) out of reach: nothing was decided; the agent's outbox
+        # keeps the event and tries again, or gives it to another replica.
+        return refused(Rejection(503, "state_unavailable", "the gateway's shared state in etcd "
+                                 f"is out of reach, nothing was recorded; try again: {exc}"),
+                       request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,6 +33,7 @@ def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) 
     if cfg.etcd is not None:
         fields["etcd_endpoints"] = [str(u) for u in cfg.etcd.endpoints]
         fields["etcd_timeout_s"] = cfg.etcd.timeout_s
+        fields["state_in_etcd"] = cfg.gateway.shared_state
     return GatewaySettings(**{**fields, **overrides})
 
 

@@ -76,6 +76,23 @@ class HeartbeatTracker:
             return True
         return False
 
+    def adopt_primary(self, group: str, agent_id: str | None) -> None:
+        """Take the group's primary as the shared state knows it (another replica may have
+        heard what this one did not)."""
+        if agent_id is None:
+            self._primary.pop(group, None)
+        else:
+            self._primary[group] = agent_id
+
+    def heard_elsewhere(self, state: AgentState, wall: float) -> bool:
+        """Another replica heard the agent at `wall`: count its silence from then. True when
+        that is later than this replica's own last hearing."""
+        if wall <= state.last_seen_wall:
+            return False
+        state.last_seen = self._clock() - max(0.0, self._wall() - wall)
+        state.last_seen_wall, state.fired = wall, False
+        return True
+
     def primary(self, group: str) -> str | None:
         return self._primary.get(group)
 

@@ -58,3 +58,22 @@ class ReplicationEvidence:
         if key in self._sync:
             out["sync_standby_streaming"] = self._sync[key]
         return out
+
+    def shared(self, group: str, agent_id: str, points: int = 20) -> dict[str, Any]:
+        """The recent evidence, small enough to hand to the other replicas at every heartbeat."""
+        out = self.evidence(group, agent_id)
+        out["primary_lsn_history"] = out["primary_lsn_history"][-points:]
+        return out
+
+    def merge(self, group: str, agent_id: str, other: dict[str, Any], other_at: float) -> None:
+        """Add what another replica heard (`shared()`, sent at `other_at`) to this one's."""
+        key = (group, agent_id)
+        hist = self._lsns.setdefault(key, deque())
+        points = {t: lsn for t, lsn in hist}
+        for t, lsn in other.get("primary_lsn_history") or []:
+            points.setdefault(float(t), int(lsn))
+        hist.clear()
+        hist.extend(sorted(points.items()))
+        mine = hist[-1][0] if hist else 0.0
+        if "sync_standby_streaming" in other and (key not in self._sync or other_at >= mine):
+            self._sync[key] = bool(other["sync_standby_streaming"])

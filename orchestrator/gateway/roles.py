@@ -48,7 +48,7 @@ from orchestrator.gateway.roles_decide import (
     other_site,
     stale_record,
 )
-from orchestrator.gateway.roles_store import RolesStore
+from orchestrator.gateway.state import RolesState, open_roles_state
 
 log = logging.getLogger("drflow.gateway.roles")
 
@@ -73,15 +73,15 @@ class RolesService:
         self.gateway = gateway
         self.audit = audit
         self.starter = starter
-        self._store: RolesStore | None = None
+        self._store: RolesState | None = None
         self._store_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def store(self) -> RolesStore:
+    def store(self) -> RolesState:
         with self._store_lock:
             if self._store is None:
-                self._store = RolesStore(self.settings.state_path)
+                self._store = open_roles_state(self.settings)
             return self._store
 
     def close(self) -> None:
@@ -127,9 +127,7 @@ class RolesService:
 
     def evidence(self, group: str, agent_id: str, nonce: str) -> dict[str, Any]:
         """What `agent_id`'s heartbeats last said about replication (for a manual failover)."""
-        ev = self.gateway.replication.evidence(group, agent_id)
-        state = self.gateway.tracker.get(group, agent_id)
-        heard = state.last_seen_wall if state is not None and state.heard else None
+        ev, heard = self.gateway.replication_evidence(group, agent_id)
         return {"group": group, "agent_id": agent_id, "nonce": nonce, "at": time.time(),
                 "evidence": {**ev, "agent_id": agent_id, "last_heard_at": heard}}
 

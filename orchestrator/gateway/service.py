@@ -35,7 +35,8 @@ from orchestrator.gateway.leases import LeaseWatcher
 from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.replication import ReplicationEvidence
 from orchestrator.gateway.settings import GatewaySettings
-from orchestrator.gateway.store import GatewayStore, IncidentRecord, IncidentStatus, Seen
+from orchestrator.gateway.state import IncidentState, open_incident_state
+from orchestrator.gateway.store import IncidentRecord, IncidentStatus, Seen
 
 if TYPE_CHECKING:  # its pyVmomi is loaded only where hosts are watched
     from orchestrator.gateway.host_watch import HostWatcher
@@ -78,7 +79,7 @@ class GatewayService:
         self._starter = starter
         self._audit = audit
         self._alerter = alerter
-        self._store: GatewayStore | None = None
+        self._store: IncidentState | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -94,6 +95,8 @@ class GatewayService:
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
         # When each (group, agent, alert kind) last alerted (monotonic), to repeat it only rarely.
         self._alerted: dict[tuple[str, str, str], float] = {}
+        # When this replica last told the others it heard each agent (shared state only).
+        self._noted: dict[tuple[str, str], float] = {}
         # Called on the loop with every new verified event, and after an incident closes
         # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
         self.event_hooks: list[Callable[[HealthEvent], None]] = []
@@ -104,7 +107,7 @@ class GatewayService:
     async def start(self) -> None:
         """Open the state, re-arm known agents, re-drive unstarted incidents, start watching."""
         self._loop = asyncio.get_running_loop()
-        self._store = GatewayStore(self.settings.state_path)
+        self._store = open_incident_state(self.settings)
         self.tracker.restore(self.store.agents(), self.store.primaries())
         for rec in self.store.unstarted():
             log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
@@ -138,7 +141,7 @@ class GatewayService:
             self._store = None
 
     @property
-    def store(self) -> GatewayStore:
+    def store(self) -> IncidentState:
         if self._store is None:
             raise RuntimeError("the gateway is not started (use it inside the app's lifespan)")
         return self._store
@@ -197,6 +200,7 @@ class GatewayService:
             return Accepted(str(event.event_id), Decision(Action.NONE, "recovery recorded"))
 
         # recovery_exhausted
+        self._adopt_shared_primary(event.group)
         open_rec = self.store.open_incident(event.group)
         hold = self.store.join(event.group, event.agent_id) if open_rec is None else None
         if hold is None and role is not None and self.tracker.set_role_claim(
@@ -238,6 +242,16 @@ class GatewayService:
 
     def _heartbeat(self, group: str, agent_id: str, role: Role | None) -> None:
         changed, primary_changed = self.tracker.heartbeat(group, agent_id, role)
+        if self.settings.state_in_etcd:
+            # Other replicas count this agent's silence from here, and take its replication
+            # reports as evidence: an agent whose connection moved to another replica is not
+            # silent, and a failover claimed there knows what this replica heard.
+            now = time.monotonic()
+            if now - self._noted.get((group, agent_id), -1e9) >= min(
+                    0.5, self.settings.heartbeat_timeout_s / 3):
+                self._noted[(group, agent_id)] = now
+                self.store.note_heard(group, agent_id, time.time(),
+                                      self.replication.shared(group, agent_id))
         if changed:
             state = self.tracker.get(group, agent_id)
             self.store.save_agent(group, agent_id, state.role.value if state and state.role else None)
@@ -264,7 +278,7 @@ class GatewayService:
             log.info("%s", decision.reason)
             return None
         decided_at = time.monotonic()
-        evidence = {**evidence, **self.replication.evidence(group, agent_id)}
+        evidence = {**evidence, **self.replication_evidence(group, agent_id)[0]}
         incident = self.store.claim_incident(group, kind, decision.reason, evidence, first_failure_at)
         if incident is None:
             # Another gateway process sharing the state file claimed it first.
@@ -276,6 +290,23 @@ class GatewayService:
                      "opened", decision.reason)
         self._spawn(self._drive_start(incident, decided_at))
         return incident
+
+    def replication_evidence(self, group: str, agent_id: str) -> tuple[dict[str, Any], float | None]:
+        """(what the agent's heartbeats said about replication, when it was last heard), from
+        every replica when the state is shared."""
+        state = self.tracker.get(group, agent_id)
+        heard = state.last_seen_wall if state is not None and state.heard else None
+        if self.settings.state_in_etcd:
+            shared = self.store.heard(group, agent_id)
+            if shared is not None:
+                self.replication.merge(group, agent_id, shared[1], shared[0])
+                heard = max(heard or 0.0, shared[0])
+        return self.replication.evidence(group, agent_id), heard
+
+    def _adopt_shared_primary(self, group: str) -> None:
+        """Before deciding on shared state, take the primary every replica agrees on."""
+        if self.settings.state_in_etcd:
+            self.tracker.adopt_primary(group, self.store.primary_of(group))
 
     def _raise_alert(self, alert: Alert) -> None:
         # One alert per agent and kind per hold-down period: a storm of reports is one page.
@@ -405,6 +436,12 @@ class GatewayService:
         # Rows of agents the configuration no longer names (or older gateways let in) stay silent.
         if state.agent_id not in self.settings.known_agents(state.group):
             return
+        if self.settings.state_in_etcd:
+            heard = self.store.heard(state.group, state.agent_id)
+            if heard is not None and self.tracker.heard_elsewhere(state, heard[0]) and (
+                    self.tracker.age(state) < self.settings.heartbeat_timeout_s):
+                return
+            self._adopt_shared_primary(state.group)
         open_rec = self.store.open_incident(state.group)
         silent_for = self.tracker.age(state)
         role = self.tracker.effective_role(state.group, state.agent_id)
@@ -428,6 +465,7 @@ class GatewayService:
     def _on_lease_vanished(self, group: str, seen: LeaderSeen, absent_at: float,
                            revision: int) -> None:
         """A leader key read present, then absent (called on the loop by the watcher)."""
+        self._adopt_shared_primary(group)
         open_rec = self.store.open_incident(group)
         decision = decide_lease_expired(
             group=group, vanished=seen, absent_at=absent_at,

@@ -77,6 +77,9 @@ class GatewaySettings(BaseModel):
         default_factory=list, description="etcd client URLs holding the groups' leader and sync "
         "keys (leases.py); empty: no leader-key watch, failover on heartbeats only.")
     etcd_timeout_s: float = Field(default=1.0, gt=0, description="Per etcd request and endpoint.")
+    state_in_etcd: bool = Field(
+        default=False, description="Incidents, the replay cache, roles records and approvals in "
+        "etcd (etcd_state.py), shared by every replica; False: in state_path, this replica's own.")
     lease_poll_s: float = Field(default=0.1, gt=0, le=5, description="How often every group's "
                                 "leader and sync keys are read (one range read).")
 
@@ -88,6 +91,12 @@ class GatewaySettings(BaseModel):
                 f"dedupe_retention_s ({self.dedupe_retention_s}) must be at least "
                 f"signature_window_s ({self.signature_window_s})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _shared_state_needs_etcd(self) -> GatewaySettings:
+        if self.state_in_etcd and not self.etcd_endpoints:
+            raise ValueError("state_in_etcd needs etcd_endpoints")
         return self
 
     def roster(self, group: str) -> GroupRoster:

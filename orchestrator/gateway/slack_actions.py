@@ -13,12 +13,10 @@ request message is replaced with the decision, or the clicker alone is told why 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -26,13 +24,14 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from drflow.approval import ACTION_IDS, ClickOutcome, Ledger, Verdict, answer, decide_click
+from drflow.approval import ACTION_IDS, ClickOutcome, Verdict, answer, decide_click
 from drflow.signing import SignatureError, parse_timestamp
 from orchestrator.gateway.contracts import AuditSink
 from orchestrator.gateway.intake import JsonLimits, Rejection, clip, load_json, read_body
+from orchestrator.gateway.ledger_store import LedgerStore
 from orchestrator.gateway.service import GatewayService
 from orchestrator.gateway.settings import GatewaySettings
-from orchestrator.gateway.sqlite_state import SqliteState
+from orchestrator.gateway.state import LedgerState, open_ledger_state
 
 log = logging.getLogger("drflow.gateway.slack")
 
@@ -81,44 +80,6 @@ class PrefectFlowRuns:
         from prefect.flow_runs import aresume_flow_run
 
         await aresume_flow_run(UUID(run_id), run_input=run_input)
-
-
-class LedgerStore(SqliteState):
-    """Each request's ledger, in the gateway's state file (own table), for restarts and replicas."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "CREATE TABLE IF NOT EXISTS approvals (run_id TEXT PRIMARY KEY, "
-                               "grp TEXT NOT NULL, ledger TEXT NOT NULL, updated_at REAL NOT NULL)")
-
-    def get(self, run_id: str) -> Ledger:
-        with self._lock:
-            row = self._db.execute("SELECT ledger FROM approvals WHERE run_id = ?",
-                                   (run_id,)).fetchone()
-        if row is None:
-            return Ledger()
-        d = json.loads(row[0])
-        return Ledger(approvals=tuple(d["approvals"]), decided=d["decided"],
-                      decided_by=tuple(d["decided_by"]), comment=d.get("comment", ""))
-
-    def put(self, run_id: str, group: str, before: Ledger, after: Ledger) -> bool:
-        """Store `after` only if the stored ledger is still `before` (another replica may race)."""
-        with self._tx() as db:
-            row = db.execute("SELECT ledger FROM approvals WHERE run_id = ?",
-                             (run_id,)).fetchone()
-            current = json.loads(row[0]) if row else asdict(Ledger())
-            if _norm(current) != _norm(asdict(before)):
-                return False  # nothing written: the transaction ends empty
-            db.execute(
-                "INSERT INTO approvals (run_id, grp, ledger, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (run_id) DO UPDATE SET ledger = excluded.ledger, "
-                "updated_at = excluded.updated_at",
-                (run_id, group, json.dumps(asdict(after)), time.time()))
-            return True
-
-
-def _norm(d: dict[str, Any]) -> str:
-    return json.dumps({k: list(v) if isinstance(v, list | tuple) else v for k, v in d.items()},
-                      sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -181,13 +142,13 @@ class SlackActions:
         self.flow_runs: FlowRuns = flow_runs or PrefectFlowRuns()
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
-        self._ledgers: LedgerStore | None = None
+        self._ledgers: LedgerState | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def ledgers(self) -> LedgerStore:
+    def ledgers(self) -> LedgerState:
         if self._ledgers is None:
-            self._ledgers = LedgerStore(self.settings.state_path)
+            self._ledgers = open_ledger_state(self.settings)
         return self._ledgers
 
     def close(self) -> None:

@@ -147,6 +147,18 @@ class GatewayStore:
         ).fetchall()
         return {str(g): str(a) for g, a in rows}
 
+    def primary_of(self, group: str) -> str | None:
+        row = self._db.execute("SELECT primary_agent FROM group_state WHERE grp = ?",
+                               (group,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def note_heard(self, group: str, agent_id: str, wall: float,
+                   replication: dict[str, Any]) -> None:
+        """Nothing to share: this file belongs to one replica."""
+
+    def heard(self, group: str, agent_id: str) -> tuple[float, dict[str, Any]] | None:
+        return None
+
     # -- incidents ------------------------------------------------------------------------------
 
     def claim_incident(

@@ -1,0 +1,220 @@
+"""Two gateway replicas sharing their state in a real etcd, behind a round-robin TCP balancer:
+any replica answers any agent, and together they act exactly as one gateway would."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from drflow.approval import Ledger
+from drflow.etcd import Client
+from drflow.signing import sign_headers
+from lab.balancer import RoundRobin
+from orchestrator.gateway import IncidentKind
+from orchestrator.gateway.etcd_state import PREFIX, EtcdGatewayStore, EtcdLedgerStore
+from orchestrator.gateway.store import Seen
+from tests.test_gateway import (
+    SECRET,
+    STANDBY,
+    Gateway,
+    RecordingStarter,
+    event,
+    make_settings,
+    post,
+    running_gateway,
+)
+from tests.test_gateway_leases import Etcd, shared_etcd  # noqa: F401  (a module fixture)
+
+_n = iter(range(1, 10_000))
+
+
+@dataclass
+class Pair:
+    a: Gateway
+    b: Gateway
+    balancer: RoundRobin
+    starter: RecordingStarter
+    group: str
+
+
+def _settings(tmp: Path, etcd_url: str, group: str, **kw: Any) -> Any:
+    base = make_settings(tmp, etcd_endpoints=[etcd_url], state_in_etcd=True, **kw)
+    # A fresh group name per test: the module's tests share one etcd.
+    return base.model_copy(update={"groups": {group: base.groups["g1"]},
+                                   "rosters": {group: base.rosters["g1"]}})
+
+
+@pytest.fixture
+def pair(shared_etcd: Etcd, tmp_path: Path) -> Iterator[Pair]:  # noqa: F811
+    group = f"rep{next(_n)}"
+    starter = RecordingStarter()
+    with ExitStack() as stack:
+        a = stack.enter_context(running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url,
+                                                          group), starter))
+        b = stack.enter_context(running_gateway(_settings(tmp_path / "b.sqlite", shared_etcd.url,
+                                                          group), starter))
+        backends = [("127.0.0.1", int(g.url.rsplit(":", 1)[1])) for g in (a, b)]
+        balancer = stack.enter_context(RoundRobin(backends))
+        yield Pair(a, b, balancer, starter, group)
+
+
+def test_a_thousand_duplicate_incident_events_over_two_replicas_start_one_run(pair: Pair) -> None:
+    same = json.dumps(event("recovery_exhausted", group=pair.group)).encode()
+    now = time.time()
+    # 500 copies of one event (10 distinct signatures: replays and re-signed duplicates) and
+    # 500 distinct reports of the same failure, interleaved, over connections the balancer
+    # spreads over both replicas.
+    bodies: list[tuple[bytes, float]] = [(same, now - (i % 10)) for i in range(500)]
+    bodies += [(json.dumps(event("recovery_exhausted", group=pair.group)).encode(), now)
+               for _ in range(500)]
+    random.Random(7).shuffle(bodies)
+    local = threading.local()
+
+    def send(item: tuple[bytes, float]) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=30)
+        return post(pair.balancer.url, item[0], now=item[1], client=local.client).status_code
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        codes = list(pool.map(send, bodies))
+    time.sleep(0.5)
+    assert min(pair.balancer.connections.values()) >= 10, pair.balancer.connections
+    assert codes.count(202) == 501 and codes.count(409) == 499, sorted(set(codes))
+    assert len(pair.starter.calls) == 1
+    assert pair.starter.calls[0][1].idempotency_key == f"failover:{pair.group}:1"
+    # Both replicas see the one open incident, whichever opened it.
+    for g in (pair.a, pair.b):
+        assert g.groups()[pair.group]["open_incident"]["idempotency_key"] == \
+            f"failover:{pair.group}:1"
+
+
+def test_a_webhook_replayed_to_the_other_replica_is_refused(pair: Pair) -> None:
+    raw = json.dumps(event("recovery_exhausted", agent=STANDBY, role="standby",
+                           group=pair.group)).encode()
+    headers = sign_headers(SECRET.encode(), raw) | {"Content-Type": "application/json"}
+    first = httpx.post(pair.a.url + "/v1/events", content=raw, headers=headers)
+    assert first.status_code == 202
+    replay = httpx.post(pair.b.url + "/v1/events", content=raw, headers=headers)
+    assert replay.status_code == 409 and replay.json()["reason"] == "replayed"
+    resigned = post(pair.b.url, raw, now=time.time() - 20)
+    assert resigned.status_code == 409 and resigned.json()["reason"] == "duplicate"
+
+
+def test_an_incident_opened_by_one_replica_is_closed_by_the_other(pair: Pair) -> None:
+    assert pair.a.post(event("recovery_exhausted", group=pair.group)).status_code == 202
+    assert pair.starter.wait(1, 5)
+    key = f"failover:{pair.group}:1"
+    assert pair.b.close(key, pair.group).status_code == 200
+    assert pair.a.close(key, pair.group).status_code == 409  # closed once, everywhere
+    # The closed incident's hold-down holds on either replica: a further report joins it.
+    joined = pair.a.post(event("recovery_exhausted", group=pair.group)).json()
+    assert joined["action"] == "join" and joined["incident"] == key
+    assert len(pair.starter.calls) == 1
+
+
+def test_a_boot_check_answered_by_either_replica_is_correct(pair: Pair) -> None:
+    body = json.dumps({"primary_site": "dr", "protected": False,
+                       "reason": "failover to dr"}).encode()
+    r = post(pair.a.url, body, path=f"/v1/groups/{pair.group}/roles")
+    assert r.status_code == 200, r.text
+    for url in (pair.a.url, pair.b.url, pair.balancer.url, pair.balancer.url):
+        view = httpx.get(f"{url}/v1/groups/{pair.group}/roles", params={"nonce": "n1"}).json()
+        assert (view["primary_site"], view["protected"], view["nonce"]) == ("dr", False, "n1")
+
+
+def test_heartbeats_moving_between_replicas_are_no_silence(pair: Pair) -> None:
+    # The primary's connection is on A, then on B (a balancer moved it): A does not take the
+    # move for a silent primary. Then it goes silent for real: exactly one incident.
+    _beat(pair.a.url, pair.group, 1.5)
+    _beat(pair.b.url, pair.group, 2.5)  # > A's 1 s heartbeat timeout
+    assert pair.starter.calls == []
+    assert pair.starter.wait(1, 5)
+    time.sleep(1.5)
+    assert len(pair.starter.calls) == 1
+    incident = pair.starter.calls[0][1]
+    assert incident.kind is IncidentKind.HEARTBEAT_LOST
+
+
+def _beat(url: str, group: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < end:
+            r = post(url, event("heartbeat", group=group,
+                                details={"postgres": {"role": "primary", "wal_lsn": "0/3000060",
+                                                      "replicas": []}}), client=client)
+            assert r.status_code == 202, r.text
+            time.sleep(0.2)
+
+
+def test_failover_evidence_includes_what_the_other_replica_heard(pair: Pair) -> None:
+    _beat(pair.a.url, pair.group, 0.6)
+    # B never heard the primary; its incident still carries A's replication reports.
+    assert pair.b.post(event("recovery_exhausted", group=pair.group)).status_code == 202
+    assert pair.starter.wait(1, 5)
+    evidence = pair.starter.calls[0][1].evidence
+    assert evidence["primary_last_lsn"] == 0x3000060, evidence
+
+
+# -- the etcd state itself ------------------------------------------------------------------------
+
+
+def test_seen_events_and_signatures_expire_with_their_leases(shared_etcd: Etcd) -> None:  # noqa: F811
+    store = EtcdGatewayStore(Client(shared_etcd.url), 2.0, 2.0, 1.0)
+    eid = f"ev-{next(_n)}-{time.time()}"
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.REPLAYED
+    assert store.record_event(eid, "other-" + eid, "g", "heartbeat") is Seen.DUPLICATE
+    # Kept at least the retention, gone within retention + its slice (+ etcd's rounding).
+    time.sleep(1.5)
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.REPLAYED
+    deadline = time.monotonic() + 8
+    while shared_etcd.client().get(f"{PREFIX}event/{eid}") is not None:
+        assert time.monotonic() < deadline, "the seen event never expired"
+        time.sleep(0.25)
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+
+
+def test_concurrent_claims_from_many_replicas_open_one_incident(shared_etcd: Etcd) -> None:  # noqa: F811
+    stores = [EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60) for _ in range(8)]
+    group = f"claim{next(_n)}"
+    now = datetime.now().astimezone()
+
+    def claim(s: EtcdGatewayStore) -> str | None:
+        inc = s.claim_incident(group, IncidentKind.LEASE_EXPIRED, "test", {"agent_id": "x"}, now)
+        return inc.idempotency_key if inc else None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = list(pool.map(claim, stores * 4))
+    assert [k for k in keys if k] == [f"failover:{group}:1"]
+    assert stores[3].close_incident(group, f"failover:{group}:1", "done", "test")
+    assert not stores[5].close_incident(group, f"failover:{group}:1", "done", "test")
+    assert claim(stores[6]) == f"failover:{group}:2"
+
+
+def test_a_ledger_changes_only_from_what_was_read(shared_etcd: Etcd) -> None:  # noqa: F811
+    a, b = EtcdLedgerStore(Client(shared_etcd.url)), EtcdLedgerStore(Client(shared_etcd.url))
+    run = f"run-{next(_n)}-{time.time()}"
+    first = Ledger(approvals=("U1",))
+    assert a.put(run, "g", Ledger(), first)
+    assert not b.put(run, "g", Ledger(), Ledger(approvals=("U2",)))  # raced: read again
+    assert b.get(run) == first
+    assert b.put(run, "g", first, Ledger(approvals=("U1", "U2"), decided="approved",
+                                         decided_by=("U1", "U2")))
+    assert a.get(run).decided == "approved"
+
+
+def test_state_in_etcd_needs_etcd(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="state_in_etcd needs etcd_endpoints"):
+        make_settings(tmp_path / "x.sqlite", state_in_etcd=True)
