@@ -185,7 +185,7 @@ class DeploymentStarter:
         if service is None:
             return []
         try:
-            views = service.groups_view()
+            views = await service.groups()
         except RuntimeError as exc:  # shutting down: its state is closed
             raise GatewayStopped(str(exc)) from exc
         closed = []

@@ -3,8 +3,11 @@ any replica answers any agent, and together they act exactly as one gateway woul
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -218,3 +221,67 @@ def test_a_ledger_changes_only_from_what_was_read(shared_etcd: Etcd) -> None:  #
 def test_state_in_etcd_needs_etcd(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="state_in_etcd needs etcd_endpoints"):
         make_settings(tmp_path / "x.sqlite", state_in_etcd=True)
+
+
+def test_a_frozen_etcd_holds_up_decisions_not_the_gateway(pair: Pair, shared_etcd: Etcd) -> None:  # noqa: F811
+    # etcd stopped dead (as while it elects a leader, or its machine is stunned): events wait
+    # for it on the state thread, then are refused 503 and kept by the agent; meanwhile the
+    # gateway still answers everything that needs no state at once.
+    pid = int(shared_etcd.info["members"][0]["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            waiting = [pool.submit(pair.a.post, event("heartbeat", group=pair.group))
+                       for _ in range(4)]
+            time.sleep(0.3)
+            worst = 0.0
+            for _ in range(10):
+                t = time.perf_counter()
+                assert httpx.get(pair.a.url + "/healthz", timeout=5).status_code == 200
+                worst = max(worst, time.perf_counter() - t)
+            answers = [f.result(30) for f in waiting]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert worst < 0.2, f"/healthz took {worst:.2f} s while etcd was frozen"
+    refused = [r for r in answers if r.status_code == 503]
+    assert refused and refused[0].json()["reason"] == "state_unavailable", \
+        [r.status_code for r in answers]
+    assert "etcd" in refused[0].json()["detail"]
+    # etcd back: the next event is accepted.
+    assert pair.a.post(event("heartbeat", group=pair.group)).status_code == 202
+
+
+def test_an_incident_of_a_stopped_replica_is_adopted_and_driven_once(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # Replica A claims an incident and stops before its run starts (its starter hangs); B, alive
+    # all along, adopts the incident once A's liveness lease expires and starts it, same key.
+    group = f"rep{next(_n)}"
+    hung = HangingStarter()
+    starter = RecordingStarter()
+    with running_gateway(_settings(tmp_path / "b.sqlite", shared_etcd.url, group),
+                         starter) as b:
+        with running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url, group,
+                                       start_timeout_s=60), hung) as a:
+            assert a.post(event("recovery_exhausted", group=group)).status_code == 202
+            assert hung.called.wait(5)
+            assert starter.calls == []  # A drives it: B leaves it alone
+        t = time.monotonic()
+        assert starter.wait(1, 15), "B never adopted the incident"
+        adopted_after = time.monotonic() - t
+        time.sleep(2)
+        assert len(starter.calls) == 1
+        assert starter.calls[0][1].idempotency_key == f"failover:{group}:1"
+        assert b.groups()[group]["open_incident"]["status"] == "open"
+        assert [r["outcome"] for r in b.audit.of("incident.adopt")] == ["adopted"]
+    assert adopted_after <= 5 + 1 + 1.5, adopted_after  # the lease's TTL, etcd's rounding, a look
+
+
+class HangingStarter(RecordingStarter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = threading.Event()
+
+    async def start_incident(self, incident: Any) -> str:
+        self.called.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")

@@ -101,6 +101,9 @@ class _Gateway:
     def _raise_alert(self, alert: Alert) -> None:
         self.alerts.append(alert)
 
+    async def in_state(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
     def _record(self, action: str, target: str, parameters: dict[str, Any], outcome: str,
                 reason: str) -> None:
         self.records.append((action, parameters, outcome))

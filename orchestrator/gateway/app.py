@@ -120,7 +120,7 @@ def create_app(
                     f"agent {clip(event.agent_id)} is not a node of group {event.group} (agents "
                     "are the VM names of the group's nodes in the configuration)",
                 )
-            accepted = service.accept(event, sig)
+            accepted = await service.accept_event(event, sig)
         except Rejection as rejection:
             return refused(rejection, request)
         return JSONResponse(accepted.body(), status_code=202)
@@ -150,7 +150,7 @@ def create_app(
     @app.get("/v1/groups")
     async def groups() -> JSONResponse:
         # With `app.state.group_status` set, plus each group's status and roles (status.py).
-        return JSONResponse(await with_status(app, service.groups_view()))
+        return JSONResponse(await with_status(app, await service.groups()))
 
     return app
 

@@ -11,6 +11,9 @@ Keys, under `/drflow/gateway/` (values JSON):
 - `group/<group>`: `{epoch, open_key}`, the single-flight of incidents.
 - `incident/<key>`: one incident, its status and its run.
 - `hold/<group>/<agent>`, `agent/<group>/<agent>`, `primary/<group>`, `heard/<group>/<agent>`.
+- `replica/<lease>`: a live replica, bound to its own short lease. Each incident names the
+  replica that drives it (`owner`); a replica whose lease expired leaves its incidents to be
+  adopted and driven by another (`orphans`, `adopt`).
 - `roles/<group>`, `site/<group>/<agent>`: roles records and agents' sides (roles.py).
 - `approval/<run id>`: a Slack request's ledger (slack_actions.py).
 """
@@ -128,6 +131,50 @@ class EtcdGatewayStore(_EtcdState):
         self._signatures = ExpiryLeases(client, signature_retention_s)
         self._holds = ExpiryLeases(client, max(hold_down_s, 1.0))
         self._closed = ExpiryLeases(client, _KEEP_CLOSED_S)
+        self.owner = 0  # this replica's lease (join_as_replica)
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def join_as_replica(self, ttl_s: int) -> int:
+        """Say this replica is alive, for `ttl_s` unless kept alive; returns its lease."""
+        lease, _ = self._etcd.grant(ttl_s)
+        self._put(f"replica/{lease}", {"since": time.time()}, lease)
+        self.owner = lease
+        return lease
+
+    def keep_replica_alive(self, ttl_s: int) -> bool:
+        """Renew this replica's lease; False when it had expired (a new one is taken: what it
+        owned may have been adopted meanwhile)."""
+        if self.owner and self._etcd.keepalive(self.owner) > 0:
+            return True
+        self.join_as_replica(ttl_s)
+        return False
+
+    def orphans(self, include_running: bool) -> list[IncidentRecord]:
+        """Open incidents whose replica is gone: not yet started, or (`include_running`) started
+        in a process that went with it."""
+        wanted = (IncidentStatus.STARTING, IncidentStatus.START_FAILED) + (
+            (IncidentStatus.OPEN,) if include_running else ())
+        _, replicas = self._etcd.get_prefix(PREFIX + "replica/")
+        alive = {kv.lease for kv in replicas}
+        out = []
+        for state in self._prefix("group/"):
+            key = state.get("open_key")
+            row = self._load(f"incident/{key}")[1] if key else None
+            if row is not None and row.get("owner") not in alive and row["status"] in wanted:
+                out.append(_record(row))
+        return out
+
+    def adopt(self, key: str, reason: str) -> bool:
+        """Make this replica the driver of an orphaned incident (one adopter wins)."""
+        _, replicas = self._etcd.get_prefix(PREFIX + "replica/")
+        alive = {kv.lease for kv in replicas}
+        kv, row = self._load(f"incident/{key}")
+        if row is None or row["status"] == IncidentStatus.CLOSED.value or row.get("owner") in alive:
+            return False
+        return self._txn([(f"incident/{key}", kv)], [(f"incident/{key}", {
+            **row, "owner": self.owner, "status": IncidentStatus.START_FAILED.value,
+            "error": reason}, 0)])
 
     # -- dedupe ---------------------------------------------------------------------------------
 
@@ -209,7 +256,8 @@ class EtcdGatewayStore(_EtcdState):
             row = {"key": incident.idempotency_key, "grp": group, "epoch": epoch,
                    "kind": kind.value, "status": IncidentStatus.STARTING.value, "reason": reason,
                    "evidence": evidence, "first_failure_at": first_failure_at.isoformat(),
-                   "opened_at": time.time(), "run_id": None, "error": None}
+                   "opened_at": time.time(), "run_id": None, "error": None,
+                   "owner": self.owner}
             if self._txn([(f"group/{group}", gkv)],
                          [(f"group/{group}", {"epoch": epoch,
                                               "open_key": incident.idempotency_key}, 0),

@@ -15,10 +15,10 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from pyVim.connect import Disconnect, SmartConnect
@@ -31,15 +31,20 @@ from orchestrator.gateway.replication import ReplicationEvidence
 from orchestrator.gateway.settings import GatewaySettings
 from tasks.vsphere import VCenter, vms_by_name
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 log = logging.getLogger("drflow.gateway.host_watch")
 
 
 class WatchedGateway(Protocol):
-    """What the watcher uses of GatewayService (on the event loop only)."""
+    """What the watcher uses of GatewayService (its state on the state thread only)."""
 
     settings: GatewaySettings
     tracker: HeartbeatTracker
     replication: ReplicationEvidence
+
+    async def in_state(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
 
     def _raise_alert(self, alert: Alert) -> None: ...
 
@@ -211,12 +216,16 @@ class HostWatcher:
         return out
 
     async def round(self, gw: WatchedGateway) -> None:
-        targets = self.targets(gw)
+        targets = await gw.in_state(self.targets, gw)
         sites = list(targets)
         reads = await asyncio.gather(*(self._read(s, [vm for _, vm in targets[s]]) for s in sites))
-        for site, (found, error) in zip(sites, reads, strict=True):
-            for group, vm in targets[site]:
-                self.act(gw, self._observe(gw, site, group, vm, found.get(vm), error))
+
+        def judge_all() -> None:
+            for site, (found, error) in zip(sites, reads, strict=True):
+                for group, vm in targets[site]:
+                    self.act(gw, self._observe(gw, site, group, vm, found.get(vm), error))
+
+        await gw.in_state(judge_all)
 
     async def _read(self, site: str, vms: list[str]) -> tuple[dict[str, VmRead], str | None]:
         """What the site's vCenter says of `vms`, or ({}, why it did not answer)."""
@@ -249,7 +258,7 @@ class HostWatcher:
                         db_primary_age_s=db_age)
 
     def act(self, gw: WatchedGateway, o: Observed) -> Verdict:
-        """Alert, note a recovery, or log what changed (on the event loop)."""
+        """Alert, note a recovery, or log what changed (on the state thread)."""
         v = judge(o)
         key = (o.group, o.vm)
         # Quiet verdicts are logged when they change, not every round.

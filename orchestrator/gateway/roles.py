@@ -18,7 +18,6 @@ way for the generation fences any writable node it finds anyway).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -75,7 +74,6 @@ class RolesService:
         self.starter = starter
         self._store: RolesState | None = None
         self._store_lock = threading.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def store(self) -> RolesState:
@@ -208,9 +206,7 @@ class RolesService:
             log.warning("%s; no re-protect starter configured: run `drflow reprotect %s`",
                         decision.reason, group)
             return
-        task = asyncio.get_running_loop().create_task(self._start(group, decision))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.gateway.spawn(self._start(group, decision))
 
     def reprotect_finished(self, group: str, key: str, outcome: str, reason: str) -> None:
         """A re-protect run ended (any thread). One that did not protect the group frees the
@@ -270,7 +266,7 @@ def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings)
             service.refuse(rejection, request.url.path,
                            request.client.host if request.client else None)
             return JSONResponse(rejection.body(), status_code=404)
-        body = json.dumps(roles.view(group, nonce)).encode()
+        body = json.dumps(await service.in_state(roles.view, group, nonce)).encode()
         return Response(body, media_type="application/json", headers=sign_headers(secret, body))
 
     @app.get("/v1/groups/{group}/evidence")
@@ -289,7 +285,7 @@ def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings)
             service.refuse(rejection, request.url.path,
                            request.client.host if request.client else None)
             return JSONResponse(rejection.body(), status_code=rejection.status)
-        body = json.dumps(roles.evidence(group, agent_id, nonce)).encode()
+        body = json.dumps(await service.in_state(roles.evidence, group, agent_id, nonce)).encode()
         return Response(body, media_type="application/json", headers=sign_headers(secret, body))
 
     @app.post("/v1/groups/{group}/roles")
@@ -301,7 +297,7 @@ def register_roles(app: FastAPI, roles: RolesService, settings: GatewaySettings)
             if group not in settings.groups:
                 raise Rejection(404, "unknown_group", f"unknown protection group {group!r}")
             upd: RolesUpdate = parse_model(RolesUpdate, body, "roles update")
-            rec = roles.update(group, upd)
+            rec = await service.in_state(roles.update, group, upd)
         except Rejection as rejection:
             service.refuse(rejection, request.url.path,
                            request.client.host if request.client else None)

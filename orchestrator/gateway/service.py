@@ -1,8 +1,12 @@
 """The gateway's engine: verified events in, heartbeats watched, one failover run per incident.
 
 It accepts verified events, watches heartbeats (and, with etcd configured, the leader keys:
-leases.py), opens incidents and starts exactly one failover run per incident. Everything runs
-on one asyncio event loop.
+leases.py), opens incidents and starts exactly one failover run per incident.
+
+Two threads: the asyncio event loop serves HTTP and waits on runs; every read and change of the
+gateway's state (the store, heartbeats, replication reports, decisions) happens on one "state"
+thread, in the order submitted (`in_state`). So decisions stay serial as on a single thread,
+and a slow store (etcd electing a leader, with shared state) holds up decisions, never the loop.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from drflow.etcd import Client as EtcdClient
 from drflow.events import EventKind, HealthEvent
@@ -28,6 +34,7 @@ from orchestrator.gateway.contracts import (
     append_or_log,
 )
 from orchestrator.gateway.decide import Action, Decision, Role, decide_incident, reported_role
+from orchestrator.gateway.etcd_state import EtcdGatewayStore
 from orchestrator.gateway.heartbeats import AgentState, HeartbeatTracker
 from orchestrator.gateway.intake import Rejection, clip
 from orchestrator.gateway.lease_decide import LeaderSeen, agent_lease_alert, decide_lease_expired
@@ -41,7 +48,12 @@ from orchestrator.gateway.store import IncidentRecord, IncidentStatus, Seen
 if TYPE_CHECKING:  # its pyVmomi is loaded only where hosts are watched
     from orchestrator.gateway.host_watch import HostWatcher
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 _PRUNE_EVERY_S = 60.0
+# A replica silent in etcd this long (shared state) is gone: its incidents are adopted.
+REPLICA_TTL_S = 5
 _WATCH_MAX_SLEEP_S = 1.0
 log = logging.getLogger("drflow.gateway")
 
@@ -80,6 +92,8 @@ class GatewayService:
         self._audit = audit
         self._alerter = alerter
         self._store: IncidentState | None = None
+        self._state_pool = ThreadPoolExecutor(1, thread_name_prefix="gateway-state")
+        self._state_thread: threading.Thread | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -97,6 +111,7 @@ class GatewayService:
         self._alerted: dict[tuple[str, str, str], float] = {}
         # When this replica last told the others it heard each agent (shared state only).
         self._noted: dict[tuple[str, str], float] = {}
+        self._next_adopt = 0.0
         # Called on the loop with every new verified event, and after an incident closes
         # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
         self.event_hooks: list[Callable[[HealthEvent], None]] = []
@@ -107,8 +122,26 @@ class GatewayService:
     async def start(self) -> None:
         """Open the state, re-arm known agents, re-drive unstarted incidents, start watching."""
         self._loop = asyncio.get_running_loop()
+        await self.in_state(self._open)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if self.settings.etcd_endpoints:
+            client = EtcdClient(self.settings.etcd_endpoints, self.settings.etcd_timeout_s)
+            self.leases = LeaseWatcher(client, list(self.settings.groups),
+                                       self._lease_vanished_soon, self.metrics,
+                                       self.settings.lease_poll_s)
+            self._lease_task = asyncio.get_running_loop().create_task(self.leases.run())
+        if self.host_watch is not None:
+            self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
+
+    def _open(self) -> None:
+        self._state_thread = threading.current_thread()
         self._store = open_incident_state(self.settings)
         self.tracker.restore(self.store.agents(), self.store.primaries())
+        if isinstance(self._store, EtcdGatewayStore):
+            # Shared: other replicas may be driving their incidents right now; this one takes
+            # over only those whose replica is gone (_adopt_orphans, from the watch).
+            self._store.join_as_replica(REPLICA_TTL_S)
+            return
         for rec in self.store.unstarted():
             log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
             self._spawn(self._drive_start(rec.incident, None))
@@ -121,14 +154,6 @@ class GatewayService:
                 self.store.mark_start_failed(rec.incident.idempotency_key,
                                              "its run was interrupted by a restart")
                 self._spawn(self._drive_start(rec.incident, None))
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-        if self.settings.etcd_endpoints:
-            client = EtcdClient(self.settings.etcd_endpoints, self.settings.etcd_timeout_s)
-            self.leases = LeaseWatcher(client, list(self.settings.groups), self._on_lease_vanished,
-                                       self.metrics, self.settings.lease_poll_s)
-            self._lease_task = asyncio.get_running_loop().create_task(self.leases.run())
-        if self.host_watch is not None:
-            self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task)
@@ -136,9 +161,20 @@ class GatewayService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.in_state(self._close_store)
+        self._state_pool.shutdown(wait=False)
+
+    def _close_store(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    async def in_state(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn` on the state thread (after everything submitted before it)."""
+        if threading.current_thread() is self._state_thread:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._state_pool, lambda: fn(*args, **kwargs))
 
     @property
     def store(self) -> IncidentState:
@@ -149,18 +185,33 @@ class GatewayService:
     def _lock(self, group: str) -> asyncio.Lock:
         return self._locks.setdefault(group, asyncio.Lock())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as a task on the event loop, from the loop or from any other thread."""
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            assert self._loop is not None, "the gateway is not started"
+            self._loop.call_soon_threadsafe(self.spawn, coro)
+            return
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    _spawn = spawn
+
     # -- events ---------------------------------------------------------------------------------
 
+    async def accept_event(self, event: HealthEvent, signature: str) -> Accepted:
+        """accept() on the state thread."""
+        return await self.in_state(self.accept, event, signature)
+
     def accept(self, event: HealthEvent, signature: str) -> Accepted:
-        """Record a verified event of a known group and act on it.
+        """Record a verified event of a known group and act on it (on the state thread).
 
         Synchronous on purpose: between the dedupe check and the incident claim nothing else runs
-        on the loop, so concurrent requests cannot interleave there."""
+        on the state thread, so concurrent requests cannot interleave there."""
         seen = self.store.record_event(str(event.event_id), signature, event.group, event.kind.value)
         self.metrics.events.labels(event.kind.value, seen.value if seen is not Seen.NEW else "accepted").inc()
         if seen is Seen.REPLAYED:
@@ -337,7 +388,7 @@ class GatewayService:
         while True:
             attempt += 1
             async with self._lock(group):
-                rec = self.store.incident(key)
+                rec = await self.in_state(self.store.incident, key)
                 if rec is None or rec.status not in (IncidentStatus.STARTING, IncidentStatus.START_FAILED):
                     return
                 if decided_at is not None and attempt == 1:
@@ -348,14 +399,14 @@ class GatewayService:
                     )
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"[:500]
-                    self.store.mark_start_failed(key, error)
+                    await self.in_state(self.store.mark_start_failed, key, error)
                     self.metrics.start_errors.labels(group).inc()
                     log.error("starting the failover run of %s failed (attempt %d, retry in %.1f s): %s",
                               key, attempt, delay, error)
                     self._record("incident.start", group, {"idempotency_key": key, "attempt": attempt},
                                  "failed", error)
                 else:
-                    self.store.mark_started(key, run_id)
+                    await self.in_state(self.store.mark_started, key, run_id)
                     self.metrics.incidents.labels(group, incident.kind.value).inc()
                     log.warning("incident %s: failover run %s started", key, run_id)
                     self._record("incident.start", group, {"idempotency_key": key, "run_id": run_id,
@@ -373,31 +424,34 @@ class GatewayService:
         if group not in self.settings.groups:
             raise Rejection(404, "unknown_group", f"unknown protection group {clip(group)}")
         async with self._lock(group):
-            rec = self.store.incident(key)
-            closable = rec is not None and rec.incident.group == group
-            if rec is None or not closable or not self.store.close_incident(
-                    group, key, outcome, reason, self.settings.incident_hold_down_s):
-                current = self.store.open_incident(group)
-                raise Rejection(
-                    409, "not_open",
-                    f"incident {key} is not the open incident of group {group} "
-                    f"(open: {current.incident.idempotency_key if current else 'none'})",
-                )
-            agent = rec.incident.evidence.get("agent_id")
-            # The failed agent is no longer the primary; the next role=primary heartbeat names the new one.
-            if isinstance(agent, str) and self.tracker.forget_primary(group, agent):
-                self.store.set_primary(group, None)
-            log.warning("incident %s closed (%s): %s", key, outcome, reason)
-            self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},
-                         "closed", reason or outcome)
-            for close_hook in self.close_hooks:
-                try:
-                    close_hook(group, key, outcome, reason)
-                except Exception:
-                    log.exception("close hook failed for incident %s", key)
-            closed = self.store.incident(key)
-            assert closed is not None
-            return closed
+            return await self.in_state(self._close, group, key, outcome, reason)
+
+    def _close(self, group: str, key: str, outcome: str, reason: str) -> IncidentRecord:
+        rec = self.store.incident(key)
+        closable = rec is not None and rec.incident.group == group
+        if rec is None or not closable or not self.store.close_incident(
+                group, key, outcome, reason, self.settings.incident_hold_down_s):
+            current = self.store.open_incident(group)
+            raise Rejection(
+                409, "not_open",
+                f"incident {key} is not the open incident of group {group} "
+                f"(open: {current.incident.idempotency_key if current else 'none'})",
+            )
+        agent = rec.incident.evidence.get("agent_id")
+        # The failed agent is no longer the primary; the next role=primary heartbeat names the new one.
+        if isinstance(agent, str) and self.tracker.forget_primary(group, agent):
+            self.store.set_primary(group, None)
+        log.warning("incident %s closed (%s): %s", key, outcome, reason)
+        self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},
+                     "closed", reason or outcome)
+        for close_hook in self.close_hooks:
+            try:
+                close_hook(group, key, outcome, reason)
+            except Exception:
+                log.exception("close hook failed for incident %s", key)
+        closed = self.store.incident(key)
+        assert closed is not None
+        return closed
 
     def close_incident_threadsafe(
         self, group: str, key: str, outcome: str = "closed", reason: str = "", timeout: float = 10.0
@@ -413,23 +467,49 @@ class GatewayService:
     # -- heartbeat watch ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        timeout = self.settings.heartbeat_timeout_s
-        next_prune = time.monotonic()
+        next_prune = [time.monotonic()]
         while True:
-            try:
-                for state in self.tracker.overdue(timeout):
-                    self._on_silence(state)
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + _PRUNE_EVERY_S
-                    self.store.prune(self.settings.dedupe_retention_s, self.settings.signature_window_s + 60)
-            except Exception:
-                log.exception("heartbeat watch failed; continuing")
-            # Sleep to the next deadline; capped at the timeout so that agents first heard
-            # during the sleep (deadline = now + timeout) are never overslept.
-            deadline = self.tracker.next_deadline(timeout)
-            cap = min(_WATCH_MAX_SLEEP_S, timeout)
-            delay = cap if deadline is None else min(cap, max(0.0, deadline - time.monotonic()))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(await self.in_state(self._watch_once, next_prune))
+
+    def _watch_once(self, next_prune: list[float]) -> float:
+        """Handle overdue agents (and prune now and then); how long to sleep till the next look."""
+        timeout = self.settings.heartbeat_timeout_s
+        try:
+            self._adopt_orphans()
+        except Exception:
+            log.exception("looking for incidents left by a stopped replica failed; continuing")
+        try:
+            for state in self.tracker.overdue(timeout):
+                self._on_silence(state)
+            if time.monotonic() >= next_prune[0]:
+                next_prune[0] = time.monotonic() + _PRUNE_EVERY_S
+                self.store.prune(self.settings.dedupe_retention_s, self.settings.signature_window_s + 60)
+        except Exception:
+            log.exception("heartbeat watch failed; continuing")
+        # Sleep to the next deadline; capped at the timeout so that agents first heard
+        # during the sleep (deadline = now + timeout) are never overslept.
+        deadline = self.tracker.next_deadline(timeout)
+        cap = min(_WATCH_MAX_SLEEP_S, timeout)
+        return cap if deadline is None else min(cap, max(0.0, deadline - time.monotonic()))
+
+    def _adopt_orphans(self) -> None:
+        """Shared state: stay a live replica, and drive the incidents of replicas that are gone
+        (their runs, in embedded mode, went with them: run again under the same key)."""
+        store = self._store
+        if not isinstance(store, EtcdGatewayStore) or time.monotonic() < self._next_adopt:
+            return
+        self._next_adopt = time.monotonic() + 1.0
+        if not store.keep_replica_alive(REPLICA_TTL_S):
+            log.error("this replica's liveness lease had expired (the gateway or etcd stalled "
+                      "for %d s): incidents it drove may have been adopted by another", REPLICA_TTL_S)
+        for rec in store.orphans(include_running=self.settings.runs_in_process):
+            key = rec.incident.idempotency_key
+            if store.adopt(key, "its gateway replica stopped"):
+                log.warning("incident %s: its gateway replica stopped; this one drives it now", key)
+                self._record("incident.adopt", rec.incident.group, {"idempotency_key": key,
+                                                                    "was": rec.status.value},
+                             "adopted", "the replica that drove it stopped (its lease expired)")
+                self._spawn(self._drive_start(rec.incident, None))
 
     def _on_silence(self, state: AgentState) -> None:
         state.fired = True
@@ -462,9 +542,14 @@ class GatewayService:
 
     # -- leader keys --------------------------------------------------------------------------
 
+    def _lease_vanished_soon(self, group: str, seen: LeaderSeen, absent_at: float,
+                             revision: int) -> None:
+        """The watcher's callback (on the loop): decide on the state thread."""
+        self.spawn(self.in_state(self._on_lease_vanished, group, seen, absent_at, revision))
+
     def _on_lease_vanished(self, group: str, seen: LeaderSeen, absent_at: float,
                            revision: int) -> None:
-        """A leader key read present, then absent (called on the loop by the watcher)."""
+        """A leader key read present, then absent (on the state thread)."""
         self._adopt_shared_primary(group)
         open_rec = self.store.open_incident(group)
         decision = decide_lease_expired(
@@ -493,6 +578,10 @@ class GatewayService:
                   datetime.fromtimestamp(first, UTC))
 
     # -- views and audit ------------------------------------------------------------------------
+
+    async def groups(self) -> dict[str, Any]:
+        """groups_view() on the state thread."""
+        return await self.in_state(self.groups_view)
 
     def groups_view(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
