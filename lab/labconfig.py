@@ -68,9 +68,6 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     }
     if state.get("etcd"):  # every member: the client moves on when one does not answer
         cfg["etcd"] = {"endpoints": list(state["etcd"]["endpoints"])}
-        # The lab's gateways (DR's and the witness site's replica) share their state, as
-        # production's replicas do.
-        cfg["gateway"]["shared_state"] = True
     return cfg
 
 

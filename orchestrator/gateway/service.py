@@ -287,6 +287,14 @@ class GatewayService:
         )
         if incident is not None:
             self._failures.pop(key, None)
+        elif decision.action is Action.FAILOVER:
+            # Lost the claim to another replica (shared state) between reading and claiming.
+            open_rec = self.store.open_incident(event.group)
+            if open_rec is not None:
+                decision = Decision(
+                    Action.NONE, f"group {event.group}: incident "
+                    f"{open_rec.incident.idempotency_key} was opened meanwhile by another gateway "
+                    "replica, not starting another failover")
         if incident is None and open_rec is not None:
             return Accepted(str(event.event_id), decision, open_rec.incident.idempotency_key)
         return Accepted(str(event.event_id), decision, incident.idempotency_key if incident else None)
