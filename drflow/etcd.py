@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,6 +243,50 @@ class Client:
         """Create the key only if it does not exist; True when created."""
         ok, _ = self.txn([absent(key)], [put_op(key, value, lease)])
         return ok
+
+    def watch(self, prefix: str, start_revision: int,
+              idle_s: float = 2.0) -> Iterator[tuple[int, list[tuple[str, KeyValue]]]]:
+        """Changes under `prefix` from `start_revision` on, as they happen: (revision seen,
+        [("PUT"|"DELETE", kv), …]) per message. Ends quietly when nothing arrives for `idle_s`
+        (a member lost with its site sends nothing, not an error): watch again from the last
+        revision seen + 1. Raises EtcdError when no member takes the watch or it is cancelled
+        (the revision was compacted: read the prefix again)."""
+        body = {"create_request": {"key": b64(prefix), "range_end": _prefix_end(prefix),
+                                   "start_revision": str(start_revision)}}
+        resp = None
+        problems = []
+        for ep in sorted(self.endpoints, key=_suspected):
+            req = urllib.request.Request(f"{ep}{API}/watch", data=json.dumps(body).encode(),
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                resp = _OPENER.open(req, timeout=idle_s)
+                break
+            except (OSError, ValueError) as e:
+                _suspect(ep, True)
+                problems.append(f"etcd at {ep} did not take a watch: {_reason(e)}")
+        if resp is None:
+            raise EtcdError("; ".join(problems))
+        with resp:
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, ValueError):  # quiet for idle_s (or the member went away)
+                    return
+                if not line:
+                    return
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    raise EtcdError("etcd answered a watch with something not JSON") from None
+                result = msg.get("result") or {}
+                if "error" in msg or result.get("canceled"):
+                    why = msg.get("error") or result.get("cancel_reason") or "compacted"
+                    raise EtcdError(f"etcd cancelled the watch of {prefix}: {why}")
+                revision = int(result.get("header", {}).get("revision", 0))
+                events = [(str(ev.get("type", "PUT")), KeyValue.parse(ev.get("kv") or {}))
+                          for ev in result.get("events") or []]
+                yield revision, events
 
     # -- leases -----------------------------------------------------------------------------------
 

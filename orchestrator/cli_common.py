@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+ConfigOpt = typer.Option(..., "--config", "-c", envvar="DRFLOW_CONFIG", exists=True, dir_okay=False,
+                         help="drflow configuration file (env DRFLOW_CONFIG).")
+
 
 def need_prefect(state_dir: Path) -> str:
     """PREFECT_API_URL, or the Prefect that `drflow up` recorded in `state_dir`; else exit 2

@@ -1,4 +1,5 @@
-"""The distributed path: the gateway starts deployment runs that a worker at the DR site executes.
+"""The distributed path: the gateway starts deployment runs that the DR site's warm runners (or
+workers) execute; with etcd configured it pushes each new run to the runners at once.
 
 `DeploymentStarter` is the gateway's IncidentStarter (and ProtectStarter) when it runs with
 `--mode deployment`. A failover is `failover/failover` started with the incident's idempotency
@@ -27,7 +28,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from drflow.etcd import Client as EtcdClient
+from drflow.etcd import EtcdError
 from orchestrator.gateway.contracts import Incident
+from orchestrator.warm_runner import dispatch
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -72,8 +76,10 @@ class DeploymentStarter:
     their runs end. Call `attach(service)` with the gateway's service before serving."""
 
     def __init__(self, failover: str = FAILOVER, reprotect: str = REPROTECT,
-                 poll_s: float = 1.0, unclaimed_warn_s: float = 15.0) -> None:
+                 poll_s: float = 1.0, unclaimed_warn_s: float = 15.0,
+                 etcd: EtcdClient | None = None) -> None:
         self.failover = failover
+        self.etcd = etcd  # to push each new run to the warm runners (orchestrator/warm_runner.py)
         self.reprotect = reprotect
         self.poll_s = poll_s
         self.unclaimed_warn_s = unclaimed_warn_s
@@ -157,6 +163,14 @@ class DeploymentStarter:
             run: FlowRun = await arun_deployment(
                 deployment, client=client, parameters=params, idempotency_key=key, timeout=0,
                 flow_run_name=run_name(key), tags=tags, as_subflow=False)
+        state = run.state
+        if self.etcd is not None and run.work_pool_name and state is not None \
+                and state.is_scheduled():
+            try:
+                await asyncio.to_thread(dispatch, self.etcd, run.work_pool_name, str(run.id),
+                                        deployment, key)
+            except EtcdError as exc:  # the runners' poll of Prefect finds it, a little later
+                log.warning("run %s: not pushed to the warm runners: %s", run.id, exc)
         return run
 
     # -- closing incidents -----------------------------------------------------------------------

@@ -58,6 +58,35 @@ def warm_up_flow() -> str:
     return "warm"
 
 
+def warm_process(config_path: str) -> None:
+    """Do now what the first incident would otherwise pay for: secrets, clients, vCenter
+    sessions, Prefect's engine, the runbooks' locks."""
+    rt = runtime(config_path)
+    _ = rt.secret_values, rt.audit, rt.route53, rt.slack
+    for site in rt.cfg.sites:
+        try:
+            vsphere.connect(rt.vcenter(site))
+        except ConnectionError as exc:  # vCenter may be the thing that is down
+            log.warning("warm-up: %s", exc)
+    with no_heartbeats():
+        warm_up_flow()
+    for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
+        ensure_limit(roles_limit(g.name))
+
+
+def prefetch_confirm(config_path: str, group: str, incident: dict[str, Any], key: str) -> None:
+    """Start the confirm step's reads while Prefect creates the run (a second on a busy
+    machine): the flow takes them if they are still fresh."""
+    try:
+        rt = runtime(config_path)
+        g = rt.cfg.group(group)
+        old, _ = failed_and_target(g, incident)
+        confirm_prefetch.start(key, rt.vcenter(old.site), old.vm, rt.db(g, old),
+                               VM_READ_S, APP_CHECK_S)
+    except Exception:  # the flow looks for itself
+        log.exception("could not start the confirm reads for %s", key)
+
+
 class EmbeddedStarter:
     """An IncidentStarter that runs the failover flow in this process, once per incident key."""
 
@@ -71,17 +100,7 @@ class EmbeddedStarter:
     def warm_up(self) -> float:
         """Do now what the first incident would otherwise pay for; returns the seconds spent."""
         t0 = time.monotonic()
-        rt = runtime(self.config_path)
-        _ = rt.secret_values, rt.audit, rt.route53, rt.slack
-        for site in rt.cfg.sites:
-            try:
-                vsphere.connect(rt.vcenter(site))
-            except ConnectionError as exc:  # vCenter may be the thing that is down
-                log.warning("warm-up: %s", exc)
-        with no_heartbeats():
-            warm_up_flow()
-        for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
-            ensure_limit(roles_limit(g.name))
+        warm_process(self.config_path)
         return time.monotonic() - t0
 
     async def start_incident(self, incident: Incident) -> str:
@@ -107,7 +126,7 @@ class EmbeddedStarter:
         key = incident.idempotency_key
         payload = incident.model_dump(mode="json")
         try:
-            self._prefetch(incident.group, payload, key)
+            prefetch_confirm(self.config_path, incident.group, payload, key)
             with no_heartbeats():
                 result = failover.with_options(flow_run_name=key.replace(":", "-"))(
                     incident.group, payload, config_path=self.config_path)
@@ -123,17 +142,6 @@ class EmbeddedStarter:
                 log.exception("could not close incident %s", key)
 
 
-    def _prefetch(self, group: str, payload: dict[str, Any], key: str) -> None:
-        """Start the confirm step's reads while Prefect creates the run (a second on a busy
-        machine): the flow takes them if they are still fresh."""
-        try:
-            rt = runtime(self.config_path)
-            g = rt.cfg.group(group)
-            old, _ = failed_and_target(g, payload)
-            confirm_prefetch.start(key, rt.vcenter(old.site), old.vm, rt.db(g, old),
-                                   VM_READ_S, APP_CHECK_S)
-        except Exception:  # the flow looks for itself
-            log.exception("could not start the confirm reads for %s", key)
 
 
 class ReprotectStarter:

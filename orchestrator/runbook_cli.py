@@ -17,16 +17,15 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
-from orchestrator.cli_common import need_prefect
+from orchestrator.cli_common import ConfigOpt, need_prefect
 
 console = Console(stderr=True)
-ConfigOpt = typer.Option(..., "--config", "-c", envvar="DRFLOW_CONFIG", exists=True, dir_okay=False,
-                         help="drflow configuration file (env DRFLOW_CONFIG).")
 
 
 def register(app: typer.Typer) -> None:
     from orchestrator.deploy_cli import deploy
     from orchestrator.drill_cli import app as drill_app
+    from orchestrator.runner_cli import runner
     from orchestrator.status_cli import status
 
     app.command("up")(up)
@@ -36,6 +35,7 @@ def register(app: typer.Typer) -> None:
     app.command("reprotect")(reprotect_cmd)
     app.command("failback")(failback_cmd)
     app.command("deploy")(deploy)
+    app.command("runner")(runner)
     app.command("status")(status)
 
 
@@ -163,9 +163,12 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         console.print(f"alerts: NOT sent to Slack (the bot token is unavailable: {exc}); "
                       "they are only logged and audited")
     if mode == Mode.deployment:
+        from drflow.etcd import Client as EtcdClient
         from orchestrator.deployed import DeploymentStarter
 
-        deployed = DeploymentStarter()
+        pusher = (EtcdClient([str(u) for u in rt.cfg.etcd.endpoints], rt.cfg.etcd.timeout_s)
+                  if rt.cfg.etcd is not None else None)
+        deployed = DeploymentStarter(etcd=pusher)
         app = create_app(settings, deployed, audit=rt.audit, alerter=alerter)
         deployed.attach(app.state.gateway)  # closes incidents when their runs end
         app.state.roles.starter = deployed

@@ -1,0 +1,254 @@
+"""`drflow runner`: a long-lived, warm process at the DR site that executes deployment runs.
+
+A Prefect process worker polls, then starts a Python process per run that imports Prefect and
+drflow, fetches the secrets and logs in to vCenter: 2.6-3.4 s before a failover's first step.
+A warm runner has done all of that before the outage. It executes the runs of its work pool's
+drflow deployments in its own process, each in a thread, through Prefect's flow engine: the
+same flow runs, states, logs and UI as a worker's.
+
+How a run reaches it:
+- **pushed**: the gateway, after creating a run, writes `/drflow/dispatch/<pool>/<run id>` to
+  etcd (with a short lease); every runner of the pool watches that prefix and has the run
+  milliseconds later;
+- **polled**: every `poll_s` it also asks Prefect for the pool's scheduled runs, which covers
+  runs started from the UI or the CLI, drill schedules, and a dispatch lost with etcd.
+
+Several runners (and ordinary process workers) may serve one pool: the run goes to whoever moves
+it to PENDING first. Prefect's orchestration refuses a second PENDING (as it does between two
+workers), so a run executes once however many runners saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from drflow.etcd import Client, EtcdError
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.flows import Flow
+
+log = logging.getLogger("drflow.runner")
+
+DISPATCH_PREFIX = "/drflow/dispatch/"
+DISPATCH_TTL_S = 60  # a dispatch nobody took is left to the pollers after this
+HEARTBEAT_S = 10.0  # as a worker, to the Prefect server
+
+
+def dispatch_prefix(pool: str) -> str:
+    return f"{DISPATCH_PREFIX}{pool}/"
+
+
+def dispatch_key(pool: str, run_id: str) -> str:
+    return f"{dispatch_prefix(pool)}{run_id}"
+
+
+def run_id_of(key: str) -> UUID | None:
+    """The flow run id a dispatch key names, or None for a key that is not one."""
+    try:
+        return UUID(key.rsplit("/", 1)[-1])
+    except ValueError:
+        return None
+
+
+def dispatch(client: Client, pool: str, run_id: str, deployment: str, key: str) -> None:
+    """Tell the pool's runners that run `run_id` waits (they still claim it through Prefect)."""
+    lease, _ = client.grant(DISPATCH_TTL_S)
+    client.put(dispatch_key(pool, run_id),
+               json.dumps({"deployment": deployment, "key": key, "at": time.time()}), lease)
+
+
+def drflow_flows() -> dict[str, Flow[..., Any]]:
+    """The flows a runner executes, by flow name: the deployments' entrypoints, imported now."""
+    from flows.drill import drill
+    from orchestrator.entrypoints import failback, failover, reprotect
+
+    return {f.name: f for f in (failover, reprotect, failback, drill)}
+
+
+class WarmRunner:
+    """Executes the scheduled runs of `pool` whose flow it knows, in this process."""
+
+    def __init__(self, config_path: str, pool: str, etcd: Client | None,
+                 poll_s: float = 2.0, name: str | None = None) -> None:
+        self.config_path = config_path
+        self.pool = pool
+        self.etcd = etcd
+        self.poll_s = poll_s
+        self.name = name or f"runner-{os.uname().nodename}-{os.getpid()}"
+        self.flows = drflow_flows()
+        self._flow_names: dict[UUID, str] = {}
+        self._seen: dict[UUID, float] = {}  # run id → when claimed or refused (not tried again)
+        self._runs: dict[UUID, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.on_claimed: Callable[[UUID], None] | None = None  # tests, progress lines
+
+    # -- warm-up -------------------------------------------------------------------------------
+
+    def warm_up(self) -> float:
+        """Secrets, vCenter sessions, a Prefect client, the runbooks' locks: before any outage."""
+        from orchestrator.embedded import warm_process
+
+        os.environ["DRFLOW_CONFIG"] = self.config_path  # the deployments pass no config_path
+        t0 = time.monotonic()
+        warm_process(self.config_path)
+        with self._client() as client:
+            client.read_work_pool(self.pool)  # a clear error now: the pool must exist
+        return time.monotonic() - t0
+
+    def _client(self) -> SyncPrefectClient:
+        from prefect.client.orchestration import get_client
+
+        return get_client(sync_client=True)
+
+    # -- the loops -----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Watch and poll until stop(); runs keep going in their threads until they end."""
+        threads = [threading.Thread(target=self._poll_loop, name="runner poll", daemon=True)]
+        if self.etcd is not None:
+            threads.append(threading.Thread(target=self._watch_loop, name="runner watch",
+                                            daemon=True))
+        for t in threads:
+            t.start()
+        self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the runs under way (a failover interrupted here is re-run by nobody)."""
+        for rid in self.running():
+            self._runs[rid].join(timeout)
+
+    def running(self) -> list[UUID]:
+        with self._lock:
+            return [rid for rid, t in self._runs.items() if t.is_alive()]
+
+    def _watch_loop(self) -> None:
+        assert self.etcd is not None
+        prefix = dispatch_prefix(self.pool)
+        revision = 0
+        while not self._stop.is_set():
+            try:
+                if revision == 0:  # (re)start: what is already waiting, then what comes
+                    revision, kvs = self.etcd.get_prefix(prefix)
+                    revision += 1
+                    for kv in kvs:
+                        self._offered(kv.key)
+                for seen, events in self.etcd.watch(prefix, revision):
+                    revision = max(revision, seen + 1)
+                    for kind, kv in events:
+                        if kind == "PUT":
+                            self._offered(kv.key)
+                    if self._stop.is_set():
+                        return
+            except EtcdError as exc:
+                log.warning("watching %s: %s; polling Prefect meanwhile", prefix, exc)
+                revision = 0
+                self._stop.wait(1.0)
+
+    def _offered(self, key: str) -> None:
+        run_id = run_id_of(key)
+        if run_id is not None and run_id not in self._seen:
+            threading.Thread(target=self.take, args=(run_id,), name=f"take {run_id}",
+                             daemon=True).start()
+
+    def _poll_loop(self) -> None:
+        beat_at = 0.0
+        while not self._stop.is_set():
+            try:
+                with self._client() as client:
+                    if time.monotonic() >= beat_at:
+                        # Shown as a worker of the pool (the pool is READY while one beats).
+                        client.send_worker_heartbeat(self.pool, self.name, HEARTBEAT_S)
+                        beat_at = time.monotonic() + HEARTBEAT_S
+                    runs = client.get_scheduled_flow_runs_for_work_pool(
+                        self.pool, scheduled_before=datetime.now(UTC))
+                for resp in runs:
+                    if resp.flow_run.id not in self._seen:
+                        self.take(resp.flow_run.id)
+            except Exception as exc:  # the API may be restarting: keep polling
+                log.warning("polling pool %s: %s: %s", self.pool, type(exc).__name__, exc)
+            self._stop.wait(self.poll_s)
+
+    # -- one run -------------------------------------------------------------------------------
+
+    def take(self, run_id: UUID) -> bool:
+        """Claim the run (PENDING) and execute it in a thread; False when it is not ours to run."""
+        from prefect.exceptions import Abort
+        from prefect.states import Pending
+        from prefect.utilities.engine import propose_state_sync
+
+        with self._lock:
+            if run_id in self._seen:
+                return False
+            self._seen[run_id] = time.time()
+        with self._client() as client:
+            run = client.read_flow_run(run_id)
+            flow = self._flow_of(client, run)
+            if flow is None or run.state is None or not run.state.is_scheduled():
+                return False
+            self._prefetch(flow.name, run)
+            try:
+                state = propose_state_sync(client, Pending(), flow_run_id=run_id)
+            except Abort as exc:  # another runner or worker has it
+                log.info("run %s (%s): taken elsewhere (%s)", run.name, flow.name, exc)
+                return False
+            if not state.is_pending():
+                log.info("run %s (%s): not ours (%s)", run.name, flow.name, state.type.value)
+                return False
+            client.update_flow_run(run_id, infrastructure_pid=f"{os.uname().nodename}:{os.getpid()}")
+        log.info("run %s (%s): taken by %s", run.name, flow.name, self.name)
+        t = threading.Thread(target=self._execute, args=(flow, run), name=f"flow {run.name}",
+                             daemon=True)
+        with self._lock:
+            self._runs[run_id] = t
+        t.start()
+        if self.on_claimed is not None:
+            self.on_claimed(run_id)
+        return True
+
+    def _flow_of(self, client: SyncPrefectClient, run: FlowRun) -> Flow[..., Any] | None:
+        name = self._flow_names.get(run.flow_id)
+        if name is None:
+            name = self._flow_names[run.flow_id] = client.read_flow(run.flow_id).name
+        flow = self.flows.get(name)
+        if flow is None:
+            log.info("run %s: flow %s is not a drflow runbook; left to the pool's workers",
+                     run.name, name)
+        return flow
+
+    def _prefetch(self, flow_name: str, run: FlowRun) -> None:
+        if flow_name != "failover":
+            return
+        from orchestrator.embedded import prefetch_confirm
+
+        params = run.parameters or {}
+        incident = params.get("incident")
+        if isinstance(incident, dict) and incident.get("idempotency_key"):
+            prefetch_confirm(self.config_path, str(params.get("group")), incident,
+                             str(incident["idempotency_key"]))
+
+    def _execute(self, flow: Flow[..., Any], run: FlowRun) -> None:
+        from prefect.flow_engine import run_flow
+
+        from orchestrator.embedded import no_heartbeats
+
+        try:
+            with no_heartbeats():
+                state = run_flow(flow, flow_run=run, return_type="state")
+            log.info("run %s (%s): %s %s", run.name, flow.name,
+                     getattr(state, "type", "?"), getattr(state, "message", "") or "")
+        except Exception:  # a run's end never ends the runner
+            log.exception("run %s (%s) raised", run.name, flow.name)

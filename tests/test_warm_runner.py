@@ -1,0 +1,172 @@
+"""Warm runners against a real Prefect server and a real etcd: runs pushed through etcd are taken
+without waiting for a poll, runs nobody pushed are found by the poll, and two runners serving
+one pool execute every run exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from uuid import UUID
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.runtime import flow_run
+
+from drflow.etcd import Client, EtcdError
+from orchestrator.warm_runner import WarmRunner, dispatch, dispatch_key, run_id_of
+from tests.harness import wait_for
+from tests.test_gateway_leases import Etcd, shared_etcd  # noqa: F401  (a module fixture)
+
+executed: list[str] = []
+_lock = threading.Lock()
+_n = iter(range(1, 10_000))
+
+
+@flow(name="wr-noop", persist_result=False)
+def noop(i: int) -> int:
+    with _lock:
+        executed.append(str(flow_run.get_id()))
+    return i
+
+
+def _deployment(pool: str) -> UUID:
+    async def make() -> UUID:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow_id = await client.create_flow_from_name("wr-noop")
+            return await client.create_deployment(
+                flow_id=flow_id, name=pool, work_pool_name=pool,
+                entrypoint="tests/test_warm_runner.py:noop")
+    return asyncio.run(make())
+
+
+def _runs(deployment: UUID, count: int) -> list[UUID]:
+    async def make() -> list[UUID]:
+        async with get_client() as client:
+            return [(await client.create_flow_run_from_deployment(
+                deployment, parameters={"i": i})).id for i in range(count)]
+    return asyncio.run(make())
+
+
+def _states(ids: list[UUID]) -> dict[UUID, str]:
+    async def read() -> dict[UUID, str]:
+        async with get_client() as client:
+            return {i: (await client.read_flow_run(i)).state_type.value  # type: ignore[union-attr]
+                    for i in ids}
+    return asyncio.run(read())
+
+
+def _runner(pool: str, etcd: Client | None, poll_s: float) -> tuple[WarmRunner, threading.Thread]:
+    wr = WarmRunner("unused.yaml", pool, etcd, poll_s=poll_s)
+    wr.flows = {"wr-noop": noop}
+    t = threading.Thread(target=wr.serve, daemon=True)
+    t.start()
+    return wr, t
+
+
+@pytest.fixture
+def pool(prefect_api: str) -> Iterator[tuple[str, UUID]]:
+    name = f"wr-pool-{next(_n)}"
+    yield name, _deployment(name)
+
+
+def test_dispatch_keys_name_the_run() -> None:
+    rid = UUID("12345678-1234-5678-1234-567812345678")
+    assert run_id_of(dispatch_key("drflow-dr", str(rid))) == rid
+    assert run_id_of("/drflow/dispatch/drflow-dr/not-a-run") is None
+
+
+def test_two_runners_take_pushed_runs_at_once_and_each_run_once(
+        pool: tuple[str, UUID], shared_etcd: Etcd) -> None:  # noqa: F811
+    name, deployment = pool
+    claimed: dict[UUID, float] = {}
+    runners = [_runner(name, shared_etcd.client(), poll_s=300) for _ in range(2)]
+    for wr, _ in runners:
+        wr.on_claimed = lambda rid: claimed.__setitem__(rid, time.time())
+    try:
+        time.sleep(1.0)  # both have polled once (nothing yet) and watch etcd
+        ids = _runs(deployment, 12)
+        pushed_at = {}
+        for rid in ids:
+            pushed_at[rid] = time.time()
+            dispatch(shared_etcd.client(), name, str(rid), "wr-noop/" + name, f"k{rid}")
+        wait_for(lambda: set(_states(ids).values()) == {"COMPLETED"}, 60,
+                 "every pushed run completed", 0.2)
+        # The next poll is minutes away: only the push through etcd can have brought them.
+        assert set(claimed) == set(ids)
+        waits = sorted(claimed[r] - pushed_at[r] for r in ids)
+        assert waits[len(waits) // 2] < 1.0, waits
+        counts = Counter(executed)
+        assert all(counts[str(r)] == 1 for r in ids), counts
+        assert all(not wr.running() for wr, _ in runners)
+    finally:
+        for wr, t in runners:
+            wr.stop()
+            t.join(10)
+
+
+def test_a_run_nobody_pushed_is_found_by_the_poll(pool: tuple[str, UUID]) -> None:
+    name, deployment = pool
+    wr, t = _runner(name, None, poll_s=0.3)
+    try:
+        ids = _runs(deployment, 2)
+        wait_for(lambda: set(_states(ids).values()) == {"COMPLETED"}, 60,
+                 "the runs completed after a poll", 0.2)
+        assert all(Counter(executed)[str(r)] == 1 for r in ids)
+    finally:
+        wr.stop()
+        t.join(10)
+
+
+def test_a_run_of_a_flow_the_runner_does_not_know_is_left_alone(
+        pool: tuple[str, UUID]) -> None:
+    name, deployment = pool
+    wr, t = _runner(name, None, poll_s=0.3)
+    wr.flows = {}
+    try:
+        ids = _runs(deployment, 1)
+        time.sleep(1.5)
+        assert _states(ids) == {ids[0]: "SCHEDULED"}
+    finally:
+        wr.stop()
+        t.join(10)
+
+
+def test_watch_gives_each_change_and_returns_when_quiet(shared_etcd: Etcd) -> None:  # noqa: F811
+    c = shared_etcd.client()
+    prefix = f"/wr-watch-{next(_n)}/"
+    rev = c.put(prefix + "before", "0")
+    seen: list[tuple[str, str]] = []
+
+    def later() -> None:
+        time.sleep(0.3)
+        c.put(prefix + "a", "1")
+        c.delete(prefix + "a")
+    threading.Thread(target=later).start()
+    t0 = time.monotonic()
+    for _, events in c.watch(prefix, rev, idle_s=1.0):
+        seen += [(kind, kv.key.removeprefix(prefix)) for kind, kv in events]
+    assert seen == [("PUT", "before"), ("PUT", "a"), ("DELETE", "a")]
+    assert 1.0 <= time.monotonic() - t0 < 5
+
+
+def test_watch_of_a_compacted_revision_says_so(shared_etcd: Etcd) -> None:  # noqa: F811
+    c = shared_etcd.client()
+    prefix = f"/wr-watch-{next(_n)}/"
+    old = c.put(prefix + "x", "1")
+    new = c.put(prefix + "x", "2")
+    c.call("/kv/compaction", {"revision": str(new)})
+    with pytest.raises(EtcdError, match="cancelled"):
+        for _ in c.watch(prefix, old, idle_s=1.0):
+            pass
+
+
+def test_watch_without_a_member_fails_fast() -> None:
+    c = Client("http://127.0.0.1:9", timeout=0.5)
+    with pytest.raises(EtcdError, match="did not take a watch"):
+        next(iter(c.watch("/x/", 1, idle_s=0.5)))
