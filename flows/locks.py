@@ -12,10 +12,13 @@ queue on the same slot. Taking it is re-entrant within one run: the deployment e
 (orchestrator/entrypoints.py) take it before the runbook's body takes it again.
 
 A holder that dies without releasing (kill -9, OOM) keeps its slot until its lease runs out
-(60 s, Prefect's minimum, and the server's sweep: about 70 s). On one machine — the CLI, the
-embedded runner restarted after a crash — that wait is not needed: each holder writes its lease
-id, pid and process start time to a small file in the system's temporary directory, and the
-next taker on the same machine releases the lease of a holder that is gone.
+(60 s, Prefect's minimum, and the server's sweep: about 70 s). That wait is not needed when the
+next taker can tell the holder is gone:
+- on one machine (the CLI, the embedded runner restarted after a crash), each holder writes its
+  lease id, pid and process start time to a small file in the system's temporary directory;
+- across machines, a holder with a liveness key in etcd (a warm runner: drflow/liveness.py)
+  also writes `/drflow/locks/<limit>` = its lease id and liveness key; a taker that finds that
+  liveness key gone releases the lease.
 """
 
 from __future__ import annotations
@@ -108,17 +111,75 @@ def _slot(name: str) -> Iterator[None]:
     )
 
     _reclaim_from_dead_holder(name, release_concurrency_slots_with_lease)
+    _reclaim_from_dead_runner(name, release_concurrency_slots_with_lease)
     lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=LEASE_S, strict=True,
                                                  suppress_warnings=True).lease_id
     record = _record_holder(name, lease)
+    in_etcd = _etcd_record(name, lease)
     try:
         with maintain_concurrency_lease(lease, LEASE_S, raise_on_lease_renewal_failure=False,
                                         suppress_warnings=True):
             yield
     finally:
-        _forget_holder(record, lease)  # first: the next holder may write its own once released
+        # First: the next holder may write its own once released.
+        _forget_holder(record, lease)
+        _etcd_forget(name, in_etcd)
         with contextlib.suppress(Exception):
             release_concurrency_slots_with_lease(lease)
+
+
+LOCKS_PREFIX = "/drflow/locks/"
+
+
+def _etcd_record(name: str, lease: UUID) -> str | None:
+    """Record the holder in etcd when this process has a liveness key; the value written."""
+    from drflow import liveness
+    from drflow.etcd import EtcdError
+
+    me = liveness.current()
+    if me is None:
+        return None
+    value = json.dumps({"lease": str(lease), "alive": me.key})
+    try:
+        me.client.put(LOCKS_PREFIX + name, value)
+    except EtcdError as exc:  # the slot is held all the same; a dead holder's frees in ~70 s
+        log.warning("holder of %s not recorded in etcd: %s", name, exc)
+        return None
+    return value
+
+
+def _etcd_forget(name: str, value: str | None) -> None:
+    from drflow import liveness
+    from drflow.etcd import EtcdError, delete_op, value_is
+
+    me = liveness.current()
+    if me is None or value is None:
+        return
+    with contextlib.suppress(EtcdError):
+        me.client.txn([value_is(LOCKS_PREFIX + name, value)], [delete_op(LOCKS_PREFIX + name)])
+
+
+def _reclaim_from_dead_runner(name: str, release: object) -> None:
+    """Release the slot of a holder on another machine whose liveness key is gone."""
+    from drflow import liveness
+    from drflow.etcd import EtcdError, delete_op, value_is
+
+    me = liveness.current()
+    if me is None:
+        return
+    try:
+        value = me.client.get(LOCKS_PREFIX + name)
+        if value is None:
+            return
+        record = json.loads(value)
+        if me.alive(str(record.get("alive"))) is not False:
+            return
+        with contextlib.suppress(Exception):  # already expired, or released by another taker
+            release(UUID(str(record["lease"])))  # type: ignore[operator]
+        me.client.txn([value_is(LOCKS_PREFIX + name, value)], [delete_op(LOCKS_PREFIX + name)])
+        log.warning("released %s from %s, which is gone", name, record.get("alive"))
+    except (EtcdError, ValueError, AttributeError) as exc:
+        log.warning("could not check the holder of %s in etcd: %s", name, exc)
 
 
 def _holder_path(name: str) -> Path:

@@ -65,4 +65,5 @@ def runner(
     if under_way:
         console.print(f"stopping: waiting for {len(under_way)} run(s) under way …")
         wr.join()
+    wr.close()
     console.print("runner stopped")

@@ -16,6 +16,17 @@ How a run reaches it:
 Several runners (and ordinary process workers) may serve one pool: the run goes to whoever moves
 it to PENDING first. Prefect's orchestration refuses a second PENDING (as it does between two
 workers), so a run executes once however many runners saw it.
+
+A runner that dies mid-run (kill -9, its host lost) must not leave a failover half done:
+- each runner keeps a liveness key, `/drflow/runners/<name>`, under a lease of `LIVENESS_TTL_S`,
+  and marks each run it executes with `/drflow/running/<pool>/<run id>` under the same lease;
+- when such a mark disappears while its run is not final, the runner is gone: the surviving
+  runners race to re-create the mark under their own lease (one etcd transaction: one wins), and
+  the winner sets the run back to SCHEDULED and executes it again from the start. The runbooks'
+  steps are idempotent (a promotion done is not done twice), and the group's concurrency slot
+  the dead runner held is released by the re-run (flows/locks.py);
+- every poll also looks for runs of the pool that are PENDING or RUNNING with no mark (a runner
+  that died between its claim and its mark), and adopts them the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +41,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from drflow.etcd import Client, EtcdError
+from drflow import liveness
+from drflow.etcd import Client, EtcdError, absent, delete_op, put_op, value_is
+from drflow.liveness import Liveness
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -40,8 +53,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("drflow.runner")
 
 DISPATCH_PREFIX = "/drflow/dispatch/"
+RUNNING_PREFIX = "/drflow/running/"
+RUNNERS_PREFIX = "/drflow/runners/"
 DISPATCH_TTL_S = 60  # a dispatch nobody took is left to the pollers after this
 HEARTBEAT_S = 10.0  # as a worker, to the Prefect server
+LIVENESS_TTL_S = 3  # a dead runner's runs are taken over this long after its last renewal
+PID_PREFIX = "drflow-runner@"  # a run's infrastructure_pid: which runner executes it
+UNMARKED_GRACE_S = 5.0  # a claimed run gets its mark within ms; this long without one: orphan
 
 
 def dispatch_prefix(pool: str) -> str:
@@ -50,6 +68,10 @@ def dispatch_prefix(pool: str) -> str:
 
 def dispatch_key(pool: str, run_id: str) -> str:
     return f"{dispatch_prefix(pool)}{run_id}"
+
+
+def running_key(pool: str, run_id: UUID | str) -> str:
+    return f"{RUNNING_PREFIX}{pool}/{run_id}"
 
 
 def run_id_of(key: str) -> UUID | None:
@@ -85,12 +107,15 @@ class WarmRunner:
         self.etcd = etcd
         self.poll_s = poll_s
         self.name = name or f"runner-{os.uname().nodename}-{os.getpid()}"
+        self._mark_value = json.dumps({"runner": self.name})
+        self.pid = f"{PID_PREFIX}{os.uname().nodename}:{os.getpid()}"
         self.flows = drflow_flows()
         self._flow_names: dict[UUID, str] = {}
         self._seen: dict[UUID, float] = {}  # run id → when claimed or refused (not tried again)
         self._runs: dict[UUID, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.liveness: Liveness | None = None
         self.on_claimed: Callable[[UUID], None] | None = None  # tests, progress lines
 
     # -- warm-up -------------------------------------------------------------------------------
@@ -117,14 +142,27 @@ class WarmRunner:
         """Watch and poll until stop(); runs keep going in their threads until they end."""
         threads = [threading.Thread(target=self._poll_loop, name="runner poll", daemon=True)]
         if self.etcd is not None:
-            threads.append(threading.Thread(target=self._watch_loop, name="runner watch",
-                                            daemon=True))
+            self.liveness = Liveness(self.etcd, RUNNERS_PREFIX + self.name, LIVENESS_TTL_S,
+                                     self.pool).start(register=False)
+            self.liveness.on_new_lease = self._remark
+            threads += [
+                threading.Thread(target=self._watch_loop, name="runner dispatch watch",
+                                 args=(dispatch_prefix(self.pool), self._on_dispatch),
+                                 daemon=True),
+                threading.Thread(target=self._watch_loop, name="runner marks watch",
+                                 args=(f"{RUNNING_PREFIX}{self.pool}/", self._on_mark),
+                                 daemon=True)]
         for t in threads:
             t.start()
         self._stop.wait()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """After the runs under way ended: the liveness key goes now, not in LIVENESS_TTL_S."""
+        if self.liveness is not None:
+            self.liveness.stop()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the runs under way (a failover interrupted here is re-run by nobody)."""
@@ -135,22 +173,20 @@ class WarmRunner:
         with self._lock:
             return [rid for rid, t in self._runs.items() if t.is_alive()]
 
-    def _watch_loop(self) -> None:
+    def _watch_loop(self, prefix: str, on_event: Callable[[str, str], None]) -> None:
         assert self.etcd is not None
-        prefix = dispatch_prefix(self.pool)
         revision = 0
         while not self._stop.is_set():
             try:
-                if revision == 0:  # (re)start: what is already waiting, then what comes
+                if revision == 0:  # (re)start: what is already there, then what comes
                     revision, kvs = self.etcd.get_prefix(prefix)
                     revision += 1
                     for kv in kvs:
-                        self._offered(kv.key)
+                        on_event("PUT", kv.key)
                 for seen, events in self.etcd.watch(prefix, revision):
                     revision = max(revision, seen + 1)
                     for kind, kv in events:
-                        if kind == "PUT":
-                            self._offered(kv.key)
+                        on_event(kind, kv.key)
                     if self._stop.is_set():
                         return
             except EtcdError as exc:
@@ -158,10 +194,16 @@ class WarmRunner:
                 revision = 0
                 self._stop.wait(1.0)
 
-    def _offered(self, key: str) -> None:
+    def _on_dispatch(self, kind: str, key: str) -> None:
         run_id = run_id_of(key)
-        if run_id is not None and run_id not in self._seen:
+        if kind == "PUT" and run_id is not None and run_id not in self._seen:
             threading.Thread(target=self.take, args=(run_id,), name=f"take {run_id}",
+                             daemon=True).start()
+
+    def _on_mark(self, kind: str, key: str) -> None:
+        run_id = run_id_of(key)
+        if kind == "DELETE" and run_id is not None and run_id not in self.running():
+            threading.Thread(target=self.adopt, args=(run_id,), name=f"adopt {run_id}",
                              daemon=True).start()
 
     def _poll_loop(self) -> None:
@@ -175,9 +217,12 @@ class WarmRunner:
                         beat_at = time.monotonic() + HEARTBEAT_S
                     runs = client.get_scheduled_flow_runs_for_work_pool(
                         self.pool, scheduled_before=datetime.now(UTC))
+                    orphans = self._unmarked(client)
                 for resp in runs:
                     if resp.flow_run.id not in self._seen:
                         self.take(resp.flow_run.id)
+                for run_id in orphans:
+                    self.adopt(run_id)
             except Exception as exc:  # the API may be restarting: keep polling
                 log.warning("polling pool %s: %s: %s", self.pool, type(exc).__name__, exc)
             self._stop.wait(self.poll_s)
@@ -208,7 +253,8 @@ class WarmRunner:
             if not state.is_pending():
                 log.info("run %s (%s): not ours (%s)", run.name, flow.name, state.type.value)
                 return False
-            client.update_flow_run(run_id, infrastructure_pid=f"{os.uname().nodename}:{os.getpid()}")
+            self._mark(run_id, blind=True)
+            client.update_flow_run(run_id, infrastructure_pid=self.pid)
         log.info("run %s (%s): taken by %s", run.name, flow.name, self.name)
         t = threading.Thread(target=self._execute, args=(flow, run), name=f"flow {run.name}",
                              daemon=True)
@@ -246,9 +292,97 @@ class WarmRunner:
         from orchestrator.embedded import no_heartbeats
 
         try:
-            with no_heartbeats():
+            with no_heartbeats(), liveness.using(self.liveness):
                 state = run_flow(flow, flow_run=run, return_type="state")
             log.info("run %s (%s): %s %s", run.name, flow.name,
                      getattr(state, "type", "?"), getattr(state, "message", "") or "")
         except Exception:  # a run's end never ends the runner
             log.exception("run %s (%s) raised", run.name, flow.name)
+        finally:
+            self._unmark(run.id)
+
+    # -- runs of a runner that is gone -------------------------------------------------------
+
+    def _mark(self, run_id: UUID, blind: bool) -> bool:
+        """Mark the run as ours under our liveness lease; `blind=False`: only if unmarked."""
+        if self.etcd is None or self.liveness is None:
+            return True
+        key = running_key(self.pool, run_id)
+        value = self._mark_value
+        try:
+            if blind:
+                self.etcd.put(key, value, self.liveness.lease)
+                return True
+            ok, _ = self.etcd.txn([absent(key)], [put_op(key, value, self.liveness.lease)])
+            return ok
+        except EtcdError as exc:
+            log.warning("run %s: not marked as %s's: %s", run_id, self.name, exc)
+            return blind
+
+    def _unmark(self, run_id: UUID) -> None:
+        """Remove our mark of the run (not another runner's that took it since)."""
+        if self.etcd is not None:
+            key = running_key(self.pool, run_id)
+            try:
+                self.etcd.txn([value_is(key, self._mark_value)], [delete_op(key)])
+            except EtcdError as exc:  # it lapses with the lease, or is taken as an orphan
+                log.warning("run %s: mark not removed: %s", run_id, exc)
+
+    def _remark(self, lease: int) -> None:
+        """A new liveness lease: mark our runs again, unless another runner took them."""
+        for run_id in self.running():
+            if not self._mark(run_id, blind=False):
+                log.error("run %s was taken over by another runner while this one was cut off "
+                          "from etcd: both may be running it", run_id)
+
+    def _unmarked(self, client: SyncPrefectClient) -> list[UUID]:
+        """Runs of the pool PENDING or RUNNING for a while with no runner's mark."""
+        if self.etcd is None:
+            return []
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PENDING, StateType.RUNNING]))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.pool])))
+        if not runs:
+            return []
+        _, kvs = self.etcd.get_prefix(f"{RUNNING_PREFIX}{self.pool}/")
+        marked = {run_id_of(kv.key) for kv in kvs}
+        now = time.time()
+        return [r.id for r in runs
+                if r.id not in marked and r.id not in self.running()
+                and str(r.infrastructure_pid or "").startswith(PID_PREFIX)  # not a worker's
+                and r.state is not None and r.state.timestamp is not None
+                and now - r.state.timestamp.timestamp() > UNMARKED_GRACE_S]
+
+    def adopt(self, run_id: UUID) -> bool:
+        """Run again, from the start, a run whose runner is gone; False if it is not ours to."""
+        from prefect.states import Scheduled
+
+        with self._client() as client:
+            run = client.read_flow_run(run_id)
+            if run.state is None or run.state.is_final() or run.state.is_scheduled() \
+                    or run.state.is_paused():
+                return False
+            flow = self._flow_of(client, run)
+            if flow is None or not self._mark(run_id, blind=False):
+                return False  # another runner adopted it (or it is no runbook of ours)
+            gone = str(run.infrastructure_pid or "another runner")
+            log.warning("run %s (%s): its runner (%s) is gone; running it again here", run.name,
+                        flow.name, gone)
+            client.set_flow_run_state(run_id, Scheduled(
+                message=f"its runner {gone} was lost; re-run by {self.name}"), force=True)
+        with self._lock:
+            self._seen.pop(run_id, None)
+        if self.take(run_id):
+            return True
+        self._unmark(run_id)  # someone else claimed it as SCHEDULED first: theirs now
+        return False

@@ -148,6 +148,7 @@ def test_host_loss_fails_over_on_a_warm_runner_at_the_dr_site(dist: Dist) -> Non
     # It ran in one of the warm runners, once, not in the gateway.
     assert run["work_pool_name"] == "drflow-dr"
     pids = {str(p.pid) for p in dist.runners}
+    assert str(run["infrastructure_pid"]).startswith("drflow-runner@")
     assert str(run["infrastructure_pid"]).rpartition(":")[2] in pids, run["infrastructure_pid"]
     taken = [i for i in range(len(dist.runners))
              if f"{run['name']} (failover): taken by" in dist.runner_log(i).read_text()]

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -18,6 +19,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.runtime import flow_run
 
 from drflow.etcd import Client, EtcdError
+from flows.locks import ensure_limit, exclusive
 from orchestrator.warm_runner import WarmRunner, dispatch, dispatch_key, run_id_of
 from tests.harness import wait_for
 from tests.test_gateway_leases import Etcd, shared_etcd  # noqa: F401  (a module fixture)
@@ -34,22 +36,36 @@ def noop(i: int) -> int:
     return i
 
 
-def _deployment(pool: str) -> UUID:
+hang = threading.Event()  # the first attempt of wr-hang waits on it: a runner frozen mid-run
+
+
+@flow(name="wr-hang", persist_result=False)
+def hangs_first(lock: str) -> int:
+    with _lock:
+        executed.append(str(flow_run.get_id()))
+        attempt = executed.count(str(flow_run.get_id()))
+    with exclusive(lock):  # held by the frozen attempt, as a failover holds roles-<group>
+        if attempt == 1:
+            hang.wait(120)
+    return attempt
+
+
+def _deployment(pool: str, flow_name: str = "wr-noop") -> UUID:
     async def make() -> UUID:
         async with get_client() as client:
             await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            flow_id = await client.create_flow_from_name("wr-noop")
+            flow_id = await client.create_flow_from_name(flow_name)
             return await client.create_deployment(
                 flow_id=flow_id, name=pool, work_pool_name=pool,
                 entrypoint="tests/test_warm_runner.py:noop")
     return asyncio.run(make())
 
 
-def _runs(deployment: UUID, count: int) -> list[UUID]:
+def _runs(deployment: UUID, count: int, **params: Any) -> list[UUID]:
     async def make() -> list[UUID]:
         async with get_client() as client:
             return [(await client.create_flow_run_from_deployment(
-                deployment, parameters={"i": i})).id for i in range(count)]
+                deployment, parameters=params or {"i": i})).id for i in range(count)]
     return asyncio.run(make())
 
 
@@ -62,8 +78,8 @@ def _states(ids: list[UUID]) -> dict[UUID, str]:
 
 
 def _runner(pool: str, etcd: Client | None, poll_s: float) -> tuple[WarmRunner, threading.Thread]:
-    wr = WarmRunner("unused.yaml", pool, etcd, poll_s=poll_s)
-    wr.flows = {"wr-noop": noop}
+    wr = WarmRunner("unused.yaml", pool, etcd, poll_s=poll_s, name=f"{pool}-{next(_n)}")
+    wr.flows = {"wr-noop": noop, "wr-hang": hangs_first}
     t = threading.Thread(target=wr.serve, daemon=True)
     t.start()
     return wr, t
@@ -108,6 +124,43 @@ def test_two_runners_take_pushed_runs_at_once_and_each_run_once(
         for wr, t in runners:
             wr.stop()
             t.join(10)
+            wr.close()
+
+
+def test_the_run_of_a_runner_that_is_gone_is_run_again_by_another_with_its_slot(
+        prefect_api: str, shared_etcd: Etcd) -> None:  # noqa: F811
+    name = f"wr-pool-{next(_n)}"
+    deployment = _deployment(name, "wr-hang")
+    lock = f"wr-lock-{next(_n)}"
+    ensure_limit(lock)
+    runners = [_runner(name, shared_etcd.client(), poll_s=300) for _ in range(2)]
+    hang.clear()
+    try:
+        time.sleep(1.0)
+        (rid,) = _runs(deployment, 1, lock=lock)
+        dispatch(shared_etcd.client(), name, str(rid), "wr-hang/" + name, "k")
+        first = wait_for(lambda: next((r for r in runners if rid in r[0].running()), None), 30,
+                         "a runner executing the run")
+        wait_for(lambda: Counter(executed)[str(rid)] == 1, 30, "the first attempt started")
+        time.sleep(1.0)  # inside its lock
+        other = next(r for r in runners if r is not first)
+        # The executing runner is lost: it renews nothing, takes nothing, its thread is stuck.
+        first[0].stop()
+        assert first[0].liveness is not None
+        first[0].liveness.stop()
+        t_lost = time.monotonic()
+        wait_for(lambda: _states([rid])[rid] == "COMPLETED", 60, "the run completed elsewhere")
+        took = time.monotonic() - t_lost
+        assert Counter(executed)[str(rid)] == 2  # the frozen attempt, and the re-run
+        wait_for(lambda: not other[0].running(), 10, "the re-run's thread done")
+        # Not the 60-70 s of the dead holder's slot lease running out: released at once.
+        assert took < 20, took
+    finally:
+        hang.set()
+        for wr, t in runners:
+            wr.stop()
+            t.join(10)
+            wr.close()
 
 
 def test_a_run_nobody_pushed_is_found_by_the_poll(pool: tuple[str, UUID]) -> None:
