@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from drflow.approval import Ledger
-from drflow.etcd import Client
+from drflow.etcd import Client, EtcdLeaseNotFound, EtcdRefused
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
 from orchestrator.gateway import IncidentKind
@@ -187,6 +187,33 @@ def test_seen_events_and_signatures_expire_with_their_leases(shared_etcd: Etcd) 
         assert time.monotonic() < deadline, "the seen event never expired"
         time.sleep(0.25)
     assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+
+
+def test_writes_whose_lease_etcd_lost_take_new_leases(shared_etcd: Etcd) -> None:  # noqa: F811
+    client = shared_etcd.client()
+    store = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    eid = f"ev-{next(_n)}-{time.time()}"
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+    event_kv = client.get_kv(f"{PREFIX}event/{eid}")
+    sig_lease = next(kv.lease for kv in client.get_prefix(PREFIX + "sig/")[1]
+                     if json.loads(kv.value)["event_id"] == eid)
+    assert event_kv is not None and event_kv.lease and sig_lease
+    # Both leases gone (as after etcd lost them): the store's next write takes new ones.
+    for lease in {event_kv.lease, sig_lease}:
+        client.revoke(lease)
+    with pytest.raises(EtcdLeaseNotFound):
+        client.put(f"{PREFIX}probe", "x", event_kv.lease)
+    assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+    store.note_heard("g", "a", time.time(), {})
+    assert store.heard("g", "a") is not None
+
+
+def test_only_a_lost_lease_is_a_lease_refusal(shared_etcd: Etcd) -> None:  # noqa: F811
+    # An endpoint whose URL says "lease" refusing for another reason is a plain refusal.
+    odd = Client(shared_etcd.url + "/lease")
+    with pytest.raises(EtcdRefused) as refused:
+        odd.put(f"{PREFIX}probe", "x")
+    assert "lease" in str(refused.value) and not isinstance(refused.value, EtcdLeaseNotFound)
 
 
 def test_concurrent_claims_from_many_replicas_open_one_incident(shared_etcd: Etcd) -> None:  # noqa: F811

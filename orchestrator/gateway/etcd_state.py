@@ -28,14 +28,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from drflow.approval import Ledger
-from drflow.etcd import Client, EtcdError, EtcdRefused, KeyValue, absent, b64, mod_revision_is, put_op
+from drflow.etcd import (
+    Client,
+    EtcdError,
+    EtcdLeaseNotFound,
+    KeyValue,
+    absent,
+    b64,
+    mod_revision_is,
+    put_op,
+)
 from orchestrator.gateway.contracts import Incident, IncidentKind
 from orchestrator.gateway.ledger_store import is_stored, ledger_of
 from orchestrator.gateway.roles_decide import RolesRecord
 from orchestrator.gateway.store import Hold, IncidentRecord, IncidentStatus, Seen
+
+T = TypeVar("T")
 
 PREFIX = "/drflow/gateway/"
 # A compare-and-set that lost to another replica reads again; this many losses in a row is
@@ -107,14 +118,16 @@ class _EtcdState:
                                [put_op(PREFIX + k, _json(v), lease) for k, v, lease in puts])
         return ok
 
-    def _with_lease(self, leases: ExpiryLeases, write: Callable[[int], Any]) -> Any:
+    @staticmethod
+    def _with_leases(write: Callable[[], T], *pools: ExpiryLeases) -> T:
+        """`write` (which takes its leases from `pools`); once more with new leases when etcd
+        no longer has one it used (revoked, or lost with a member's state)."""
         try:
-            return write(leases.current())
-        except EtcdRefused as exc:
-            if "lease" not in str(exc):
-                raise
-            leases.forget()
-            return write(leases.current())
+            return write()
+        except EtcdLeaseNotFound:
+            for pool in pools:
+                pool.forget()
+            return write()
 
 
 def _contended(what: str) -> EtcdError:
@@ -183,7 +196,7 @@ class EtcdGatewayStore(_EtcdState):
         event_key = PREFIX + "event/" + event_id
         now = time.time()
 
-        def write(_: int) -> tuple[bool, list[dict[str, Any]]]:
+        def write() -> tuple[bool, list[dict[str, Any]]]:
             return self._etcd.txn(
                 [absent(sig_key), absent(event_key)],
                 [put_op(sig_key, _json({"event_id": event_id, "at": now}),
@@ -192,14 +205,7 @@ class EtcdGatewayStore(_EtcdState):
                         self._events.current())],
                 [{"request_range": {"key": b64(sig_key), "count_only": True}}])
 
-        try:
-            ok, responses = write(0)
-        except EtcdRefused as exc:  # a lease etcd no longer has: grant new ones, once
-            if "lease" not in str(exc):
-                raise
-            self._signatures.forget()
-            self._events.forget()
-            ok, responses = write(0)
+        ok, responses = self._with_leases(write, self._signatures, self._events)
         if ok:
             return Seen.NEW
         seen_sig = int(responses[0].get("response_range", {}).get("count", 0)) if responses else 0
@@ -232,8 +238,9 @@ class EtcdGatewayStore(_EtcdState):
     def note_heard(self, group: str, agent_id: str, wall: float,
                    replication: dict[str, Any]) -> None:
         """Tell the other replicas when the agent was heard and what it said of replication."""
-        self._with_lease(self._events, lambda lease: self._put(
-            f"heard/{group}/{agent_id}", {"at": wall, "replication": replication}, lease))
+        self._with_leases(lambda: self._put(
+            f"heard/{group}/{agent_id}", {"at": wall, "replication": replication},
+            self._events.current()), self._events)
 
     def heard(self, group: str, agent_id: str) -> tuple[float, dict[str, Any]] | None:
         """(when any replica last heard the agent, its replication reports), if one said so."""
@@ -417,6 +424,7 @@ class EtcdLedgerStore(_EtcdState):
         kv, current = self._load(f"approval/{run_id}")
         if not is_stored(current, before):
             return False
-        return bool(self._with_lease(self._keep, lambda lease: self._txn(
+        return self._with_leases(lambda: self._txn(
             [(f"approval/{run_id}", kv)],
-            [(f"approval/{run_id}", {**asdict(after), "group": group}, lease)])))
+            [(f"approval/{run_id}", {**asdict(after), "group": group}, self._keep.current())]),
+            self._keep)
