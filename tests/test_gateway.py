@@ -308,6 +308,19 @@ def test_replays_and_duplicates_are_409_and_act_once(gw: Gateway) -> None:
     assert gw.starter.calls == []
 
 
+def test_a_forgotten_event_is_new_again(tmp_path: Path) -> None:
+    from orchestrator.gateway.store import GatewayStore, Seen
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        assert store.record_event("e1", "sig-1", "g1", "recovery_exhausted") is Seen.NEW
+        store.forget_event("e1", "sig-1")
+        assert store.record_event("e1", "sig-1", "g1", "recovery_exhausted") is Seen.NEW
+        assert store.record_event("e1", "sig-2", "g1", "recovery_exhausted") is Seen.DUPLICATE
+    finally:
+        store.close()
+
+
 # -- incidents ----------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from drflow.approval import Ledger
-from drflow.etcd import Client, EtcdLeaseNotFound, EtcdRefused
+from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
 from orchestrator.gateway import IncidentKind
@@ -187,6 +187,45 @@ def test_seen_events_and_signatures_expire_with_their_leases(shared_etcd: Etcd) 
         assert time.monotonic() < deadline, "the seen event never expired"
         time.sleep(0.25)
     assert store.record_event(eid, "sig-" + eid, "g", "heartbeat") is Seen.NEW
+
+
+def test_an_event_whose_handling_failed_is_taken_again(shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # etcd fails after the event was recorded as seen, before the incident decision (reading
+    # the agent's hold-down): the agent gets a 503 (which does not name etcd's addresses) and
+    # sends the event again, re-signed as its outbox does: the retry is acted on, not refused
+    # as a duplicate.
+    group = f"rep{next(_n)}"
+    with running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url, group)) as gw:
+        store = gw.app.state.gateway.store
+        real = store.join
+        failures = iter([EtcdError(f"etcd at {shared_etcd.url} did not answer /kv/range")])
+
+        def join(g: str, agent: str) -> Any:
+            for exc in failures:
+                raise exc
+            return real(g, agent)
+
+        store.join = join
+        raw = json.dumps(event("recovery_exhausted", group=group)).encode()
+        failed = post(gw.url, raw, now=time.time() - 5)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["reason"] == "state_unavailable"
+        assert shared_etcd.url not in failed.text and "127.0.0.1" not in failed.text
+        retry = post(gw.url, raw)
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["action"] == "failover"
+        assert retry.json()["incident"] == f"failover:{group}:1"
+        assert gw.starter.wait(1, 5)
+        assert post(gw.url, raw, now=time.time() - 10).json()["reason"] == "duplicate"
+
+
+def test_a_forgotten_event_is_new_again_in_etcd(shared_etcd: Etcd) -> None:  # noqa: F811
+    store = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    eid = f"ev-{next(_n)}-{time.time()}"
+    assert store.record_event(eid, "sig-" + eid, "g", "recovery_exhausted") is Seen.NEW
+    store.forget_event(eid, "sig-" + eid)
+    assert store.record_event(eid, "sig-" + eid, "g", "recovery_exhausted") is Seen.NEW
+    assert store.record_event(eid, "other-" + eid, "g", "recovery_exhausted") is Seen.DUPLICATE
 
 
 def test_writes_whose_lease_etcd_lost_take_new_leases(shared_etcd: Etcd) -> None:  # noqa: F811

@@ -38,6 +38,7 @@ from drflow.etcd import (
     KeyValue,
     absent,
     b64,
+    delete_op,
     mod_revision_is,
     put_op,
 )
@@ -58,6 +59,10 @@ _KEEP_CLOSED_S = 7 * 24 * 3600.0
 
 def _json(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
+
+
+def _sig_hash(signature: str) -> str:
+    return hashlib.sha256(signature.encode()).hexdigest()
 
 
 def _guard(key: str, kv: KeyValue | None) -> dict[str, Any]:
@@ -192,7 +197,7 @@ class EtcdGatewayStore(_EtcdState):
     # -- dedupe ---------------------------------------------------------------------------------
 
     def record_event(self, event_id: str, signature: str, group: str, kind: str) -> Seen:
-        sig_key = PREFIX + "sig/" + hashlib.sha256(signature.encode()).hexdigest()
+        sig_key = PREFIX + "sig/" + _sig_hash(signature)
         event_key = PREFIX + "event/" + event_id
         now = time.time()
 
@@ -210,6 +215,11 @@ class EtcdGatewayStore(_EtcdState):
             return Seen.NEW
         seen_sig = int(responses[0].get("response_range", {}).get("count", 0)) if responses else 0
         return Seen.REPLAYED if seen_sig else Seen.DUPLICATE
+
+    def forget_event(self, event_id: str, signature: str) -> None:
+        """Undo record_event: the event was not acted on, so its retry must be taken."""
+        self._etcd.txn([], [delete_op(PREFIX + "sig/" + _sig_hash(signature)),
+                            delete_op(PREFIX + "event/" + event_id)])
 
     def prune(self, events_older_than_s: float, signatures_older_than_s: float) -> None:
         """Nothing to do: seen events and signatures expire with their leases."""

@@ -212,12 +212,28 @@ class GatewayService:
 
         Synchronous on purpose: between the dedupe check and the incident claim nothing else runs
         on the state thread, so concurrent requests cannot interleave there."""
-        seen = self.store.record_event(str(event.event_id), signature, event.group, event.kind.value)
+        event_id = str(event.event_id)
+        seen = self.store.record_event(event_id, signature, event.group, event.kind.value)
         self.metrics.events.labels(event.kind.value, seen.value if seen is not Seen.NEW else "accepted").inc()
         if seen is Seen.REPLAYED:
             raise Rejection(409, "replayed", "replayed request: this signature was already accepted")
         if seen is Seen.DUPLICATE:
             raise Rejection(409, "duplicate", f"duplicate: event {event.event_id} was already received")
+        try:
+            return self._act_on_event(event)
+        except Exception:
+            # The request fails (503 when etcd is out of reach) and the agent sends the event
+            # again: were it still remembered as seen, that retry would be refused as a
+            # duplicate and dropped from the agent's outbox, never acted on.
+            try:
+                self.store.forget_event(event_id, signature)
+            except Exception:
+                log.exception("could not forget event %s after it failed: a retry of it will be "
+                              "refused as a duplicate", event_id)
+            raise
+
+    def _act_on_event(self, event: HealthEvent) -> Accepted:
+        """What accept() does with a new event (on the state thread)."""
         for hook in self.event_hooks:
             try:
                 hook(event)

@@ -111,6 +111,12 @@ class GatewayStore:
             db.execute("INSERT INTO seen_signatures (sig, seen_at) VALUES (?, ?)", (signature, now))
             return Seen.NEW
 
+    def forget_event(self, event_id: str, signature: str) -> None:
+        """Undo record_event: the event was not acted on, so its retry must be taken."""
+        with self._tx() as db:
+            db.execute("DELETE FROM seen_events WHERE event_id = ?", (event_id,))
+            db.execute("DELETE FROM seen_signatures WHERE sig = ?", (signature,))
+
     def prune(self, events_older_than_s: float, signatures_older_than_s: float) -> None:
         now = time.time()
         with self._tx() as db:
