@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
+import sqlite3
 import statistics
 import sys
 import threading
@@ -383,6 +385,32 @@ def test_silent_primary_is_one_incident_within_the_timeout(gw: Gateway) -> None:
     alerts = gw.audit.of("incident.alert")
     assert len(alerts) == 1 and alerts[0]["parameters"]["agent_id"] == STANDBY
     assert len(gw.starter.calls) == 1
+
+
+def test_a_failed_silence_decision_is_tried_again(gw: Gateway) -> None:
+    # Opening the silent primary's incident fails twice (its state file is locked): it is
+    # tried again at the next looks, not given up, and the silent standby is handled anyway.
+    store = gw.app.state.gateway.store
+    real = store.claim_incident
+    claims: list[float] = []
+
+    def claim_incident(*args: Any) -> Any:
+        claims.append(time.monotonic())
+        if len(claims) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args)
+
+    store.claim_incident = claim_incident
+    assert gw.post(event("heartbeat")).status_code == 202
+    assert gw.post(event("heartbeat", agent=STANDBY, role="standby")).status_code == 202
+    assert gw.starter.wait(1, 6), "the silent primary's incident was never opened"
+    assert gw.starter.calls[0][1].kind is IncidentKind.HEARTBEAT_LOST
+    alerts = gw.audit.of("incident.alert")
+    assert [a["parameters"]["agent_id"] for a in alerts] == [STANDBY]
+    # Tried again at the watch's pace (about a second apart), not in a busy loop; then once.
+    assert all(b - a >= 0.5 for a, b in itertools.pairwise(claims)), claims
+    time.sleep(1.5)
+    assert len(claims) == 3 and len(gw.starter.calls) == 1
 
 
 def test_recovery_exhausted_is_one_incident_from_the_first_failure(gw: Gateway) -> None:

@@ -502,18 +502,28 @@ class GatewayService:
             self._adopt_orphans()
         except Exception:
             log.exception("looking for incidents left by a stopped replica failed; continuing")
-        try:
-            for state in self.tracker.overdue(timeout):
+        failed = False
+        for state in self.tracker.overdue(timeout):
+            # One agent's failure (etcd out of reach, most likely) leaves the others handled.
+            try:
                 self._on_silence(state)
+            except Exception:
+                failed = True
+                log.exception("deciding on the silence of agent %s of group %s failed; "
+                              "trying again shortly", state.agent_id, state.group)
+        try:
             if time.monotonic() >= next_prune[0]:
                 next_prune[0] = time.monotonic() + _PRUNE_EVERY_S
                 self.store.prune(self.settings.dedupe_retention_s, self.settings.signature_window_s + 60)
         except Exception:
-            log.exception("heartbeat watch failed; continuing")
+            log.exception("pruning the seen events failed; continuing")
         # Sleep to the next deadline; capped at the timeout so that agents first heard
         # during the sleep (deadline = now + timeout) are never overslept.
         deadline = self.tracker.next_deadline(timeout)
         cap = min(_WATCH_MAX_SLEEP_S, timeout)
+        if failed:
+            # The failed agent's deadline has passed: without this, a busy loop of retries.
+            return cap
         return cap if deadline is None else min(cap, max(0.0, deadline - time.monotonic()))
 
     def _adopt_orphans(self) -> None:
@@ -536,15 +546,17 @@ class GatewayService:
                 self._spawn(self._drive_start(rec.incident, None))
 
     def _on_silence(self, state: AgentState) -> None:
-        state.fired = True
+        """Decide on an agent silent past the timeout; it is marked handled (`fired`) only once
+        decided, so that a failure here is tried again at the next look."""
         # Rows of agents the configuration no longer names (or older gateways let in) stay silent.
         if state.agent_id not in self.settings.known_agents(state.group):
+            state.fired = True
             return
         if self.settings.state_in_etcd:
             heard = self.store.heard(state.group, state.agent_id)
             if heard is not None and self.tracker.heard_elsewhere(state, heard[0]) and (
                     self.tracker.age(state) < self.settings.heartbeat_timeout_s):
-                return
+                return  # heard by another replica lately: not silent yet
             self._adopt_shared_primary(state.group)
         open_rec = self.store.open_incident(state.group)
         silent_for = self.tracker.age(state)
@@ -563,6 +575,7 @@ class GatewayService:
             ("last_heartbeat_at" if state.heard else "watching_since"): last.isoformat(),
         }
         self._act(decision, state.group, IncidentKind.HEARTBEAT_LOST, state.agent_id, evidence, last)
+        state.fired = True
 
     # -- leader keys --------------------------------------------------------------------------
 
