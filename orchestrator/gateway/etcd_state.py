@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -48,6 +49,7 @@ from orchestrator.gateway.roles_decide import RolesRecord
 from orchestrator.gateway.store import Hold, IncidentRecord, IncidentStatus, Seen
 
 T = TypeVar("T")
+log = logging.getLogger("drflow.gateway")
 
 PREFIX = "/drflow/gateway/"
 # A compare-and-set that lost to another replica reads again; this many losses in a row is
@@ -159,6 +161,19 @@ class EtcdGatewayStore(_EtcdState):
         self._put(f"replica/{lease}", {"since": time.time()}, lease)
         self.owner = lease
         return lease
+
+    def close(self) -> None:
+        """Leave as a replica at once (best effort): the others adopt this one's incidents now,
+        not when its lease runs out."""
+        lease, self.owner = self.owner, 0
+        if not lease:
+            return
+        try:
+            self._etcd.revoke(lease)
+        except EtcdLeaseNotFound:
+            pass  # already ran out
+        except EtcdError as exc:  # it runs out on its own within its TTL
+            log.warning("could not end this replica's liveness lease %d: %s", lease, exc)
 
     def keep_replica_alive(self, ttl_s: int) -> bool:
         """Renew this replica's lease; False when it had expired (a new one is taken: what it

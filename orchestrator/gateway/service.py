@@ -165,9 +165,11 @@ class GatewayService:
         self._state_pool.shutdown(wait=False)
 
     def _close_store(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        # With shared state, closing also ends this replica's liveness lease: the others adopt
+        # the incidents it was driving at once rather than after REPLICA_TTL_S.
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     async def in_state(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn` on the state thread (after everything submitted before it)."""
