@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 import sqlite3
 import statistics
@@ -411,6 +412,31 @@ def test_a_failed_silence_decision_is_tried_again(gw: Gateway) -> None:
     assert all(b - a >= 0.5 for a, b in itertools.pairwise(claims)), claims
     time.sleep(1.5)
     assert len(claims) == 3 and len(gw.starter.calls) == 1
+
+
+def test_a_failed_background_task_is_logged(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    async def lease_check() -> None:
+        raise RuntimeError("injected failure")
+
+    async def waits() -> None:
+        await asyncio.sleep(3600)
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "drflow.gateway" and r.exc_info]
+
+    with running_gateway(make_settings(tmp_path / "gw.sqlite")) as gw:
+        service = gw.app.state.gateway
+        service.spawn(lease_check())
+        service.spawn(waits())
+        deadline = time.monotonic() + 5
+        while not logged():
+            assert time.monotonic() < deadline, "the task's failure was never logged"
+            time.sleep(0.02)
+    # Only the failure: the task cancelled by the gateway's stop is no error.
+    assert len(logged()) == 1, [r.getMessage() for r in logged()]
+    assert "lease_check" in logged()[0].getMessage()
+    assert "injected failure" in str(logged()[0].exc_info[1])  # type: ignore[index]
 
 
 def test_recovery_exhausted_is_one_incident_from_the_first_failure(gw: Gateway) -> None:

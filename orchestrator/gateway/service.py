@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +70,13 @@ class Accepted:
         }
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # Nothing awaits these tasks: an error left in one would otherwise go unseen.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        name = getattr(task.get_coro(), "__qualname__", task.get_name())
+        log.error("background task %s failed", name, exc_info=exc)
+
+
 def _utc(value: datetime) -> datetime:
     # Agents may send naive timestamps; they are UTC by contract.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -93,7 +99,6 @@ class GatewayService:
         self._alerter = alerter
         self._store: IncidentState | None = None
         self._state_pool = ThreadPoolExecutor(1, thread_name_prefix="gateway-state")
-        self._state_thread: threading.Thread | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -134,7 +139,6 @@ class GatewayService:
             self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
 
     def _open(self) -> None:
-        self._state_thread = threading.current_thread()
         self._store = open_incident_state(self.settings)
         self.tracker.restore(self.store.agents(), self.store.primaries())
         if isinstance(self._store, EtcdGatewayStore):
@@ -144,7 +148,7 @@ class GatewayService:
             return
         for rec in self.store.unstarted():
             log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
-            self._spawn(self._drive_start(rec.incident, None))
+            self.spawn(self._drive_start(rec.incident, None))
         if self.settings.runs_in_process:
             # Their runs lived in the process that stopped: run them again, same key. The
             # runbooks are idempotent, so a re-run completes what the interrupted one began.
@@ -153,7 +157,7 @@ class GatewayService:
                             rec.incident.idempotency_key)
                 self.store.mark_start_failed(rec.incident.idempotency_key,
                                              "its run was interrupted by a restart")
-                self._spawn(self._drive_start(rec.incident, None))
+                self.spawn(self._drive_start(rec.incident, None))
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task)
@@ -172,9 +176,8 @@ class GatewayService:
             store.close()
 
     async def in_state(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `fn` on the state thread (after everything submitted before it)."""
-        if threading.current_thread() is self._state_thread:
-            return fn(*args, **kwargs)
+        """Run `fn` on the state thread (after everything submitted before it); await it on
+        the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._state_pool, lambda: fn(*args, **kwargs))
 
@@ -200,8 +203,7 @@ class GatewayService:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    _spawn = spawn
+        task.add_done_callback(_log_failure)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -365,7 +367,7 @@ class GatewayService:
         self._record("incident.open", group, {"idempotency_key": incident.idempotency_key,
                                                "kind": kind.value, "agent_id": agent_id},
                      "opened", decision.reason)
-        self._spawn(self._drive_start(incident, decided_at))
+        self.spawn(self._drive_start(incident, decided_at))
         return incident
 
     def replication_evidence(self, group: str, agent_id: str) -> tuple[dict[str, Any], float | None]:
@@ -399,7 +401,7 @@ class GatewayService:
         self._record("incident.alert", alert.group, {"kind": alert.kind, "agent_id": alert.agent_id},
                      "alerted", alert.reason)
         if self._alerter is not None:
-            self._spawn(self._send_alert(self._alerter, alert))
+            self.spawn(self._send_alert(self._alerter, alert))
 
     async def _send_alert(self, alerter: Alerter, alert: Alert) -> None:
         try:
@@ -545,7 +547,7 @@ class GatewayService:
                 self._record("incident.adopt", rec.incident.group, {"idempotency_key": key,
                                                                     "was": rec.status.value},
                              "adopted", "the replica that drove it stopped (its lease expired)")
-                self._spawn(self._drive_start(rec.incident, None))
+                self.spawn(self._drive_start(rec.incident, None))
 
     def _on_silence(self, state: AgentState) -> None:
         """Decide on an agent silent past the timeout; it is marked handled (`fired`) only once
