@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from drflow.approval import Ledger
 from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
-from orchestrator.gateway import IncidentKind
+from orchestrator.gateway import Incident, IncidentKind
 from orchestrator.gateway.etcd_state import PREFIX, EtcdGatewayStore, EtcdLedgerStore
 from orchestrator.gateway.store import Seen
 from tests.test_gateway import (
@@ -228,6 +228,35 @@ def test_a_forgotten_event_is_new_again_in_etcd(shared_etcd: Etcd) -> None:  # n
     assert store.record_event(eid, "other-" + eid, "g", "recovery_exhausted") is Seen.DUPLICATE
 
 
+def test_a_claim_lost_to_another_replica_names_its_incident(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # Between this replica's read of the group and its claim, another replica opens an
+    # incident, and closes it before the answer: the agent is told no failover starts here,
+    # and which incident won.
+    group = f"rep{next(_n)}"
+    other = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url, group)) as gw:
+        store = gw.app.state.gateway.store
+        real = store.claim_incident
+
+        def claim_incident(g: str, *args: Any) -> Any:
+            won = other.claim_incident(g, IncidentKind.HEARTBEAT_LOST, "silent", {}, datetime.now(UTC))
+            assert isinstance(won, Incident)
+            try:
+                return real(g, *args)
+            finally:
+                assert other.close_incident(g, won.idempotency_key, "failed_over", "done")
+
+        store.claim_incident = claim_incident
+        r = gw.post(event("recovery_exhausted", group=group))
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert (body["action"], body["incident"]) == ("none", f"failover:{group}:1"), body
+        assert "claimed elsewhere" in body["reason"]
+        time.sleep(0.2)
+        assert gw.starter.calls == []
+
+
 def test_writes_whose_lease_etcd_lost_take_new_leases(shared_etcd: Etcd) -> None:  # noqa: F811
     client = shared_etcd.client()
     store = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
@@ -262,11 +291,14 @@ def test_concurrent_claims_from_many_replicas_open_one_incident(shared_etcd: Etc
 
     def claim(s: EtcdGatewayStore) -> str | None:
         inc = s.claim_incident(group, IncidentKind.LEASE_EXPIRED, "test", {"agent_id": "x"}, now)
-        return inc.idempotency_key if inc else None
+        return inc.idempotency_key if isinstance(inc, Incident) else None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         keys = list(pool.map(claim, stores * 4))
     assert [k for k in keys if k] == [f"failover:{group}:1"]
+    # The losers learn which incident won.
+    assert stores[0].claim_incident(group, IncidentKind.LEASE_EXPIRED, "test", {}, now) == \
+        f"failover:{group}:1"
     assert stores[3].close_incident(group, f"failover:{group}:1", "done", "test")
     assert not stores[5].close_incident(group, f"failover:{group}:1", "done", "test")
     assert claim(stores[6]) == f"failover:{group}:2"

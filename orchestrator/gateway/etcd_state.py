@@ -275,12 +275,12 @@ class EtcdGatewayStore(_EtcdState):
     # -- incidents ------------------------------------------------------------------------------
 
     def claim_incident(self, group: str, kind: IncidentKind, reason: str,
-                       evidence: dict[str, Any], first_failure_at: datetime) -> Incident | None:
+                       evidence: dict[str, Any], first_failure_at: datetime) -> Incident | str:
         for _ in range(_CAS_TRIES):
             gkv, state = self._load(f"group/{group}")
             state = state or {"epoch": 0, "open_key": None}
             if state.get("open_key"):
-                return None
+                return str(state["open_key"])
             epoch = int(state["epoch"]) + 1
             incident = Incident(group=group, kind=kind, reason=reason, evidence=evidence,
                                 first_failure_at=first_failure_at,

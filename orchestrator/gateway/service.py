@@ -302,22 +302,18 @@ class GatewayService:
             "observed_at": _utc(event.observed_at).isoformat(),
             "details": {k: v for k, v in event.details.items() if k != "role"},
         }
-        incident = self._act(
+        acted = self._act(
             decision, event.group, IncidentKind.RECOVERY_EXHAUSTED, event.agent_id, evidence, min(first)
         )
-        if incident is not None:
+        if isinstance(acted, str):  # it may be closed already: the key still says which
+            return Accepted(str(event.event_id), Decision(
+                Action.NONE, f"group {event.group}: incident {acted} was claimed elsewhere "
+                "meanwhile (by another gateway replica), not starting another failover"), acted)
+        if acted is not None:
             self._failures.pop(key, None)
-        elif decision.action is Action.FAILOVER:
-            # Lost the claim to another replica (shared state) between reading and claiming.
-            open_rec = self.store.open_incident(event.group)
-            if open_rec is not None:
-                decision = Decision(
-                    Action.NONE, f"group {event.group}: incident "
-                    f"{open_rec.incident.idempotency_key} was opened meanwhile by another gateway "
-                    "replica, not starting another failover")
-        if incident is None and open_rec is not None:
-            return Accepted(str(event.event_id), decision, open_rec.incident.idempotency_key)
-        return Accepted(str(event.event_id), decision, incident.idempotency_key if incident else None)
+            return Accepted(str(event.event_id), decision, acted.idempotency_key)
+        return Accepted(str(event.event_id), decision,
+                        open_rec.incident.idempotency_key if open_rec else None)
 
     def _heartbeat(self, group: str, agent_id: str, role: Role | None) -> None:
         changed, primary_changed = self.tracker.heartbeat(group, agent_id, role)
@@ -348,7 +344,9 @@ class GatewayService:
         agent_id: str,
         evidence: dict[str, Any],
         first_failure_at: datetime,
-    ) -> Incident | None:
+    ) -> Incident | str | None:
+        """Carry out a decision: the incident it opened, the key of the one claimed elsewhere
+        since the decision read the state, or None (no incident to open)."""
         if decision.action is Action.ALERT:
             self._raise_alert(Alert(group=group, kind=kind.value, agent_id=agent_id,
                                     reason=decision.reason, evidence=evidence))
@@ -359,10 +357,10 @@ class GatewayService:
         decided_at = time.monotonic()
         evidence = {**evidence, **self.replication_evidence(group, agent_id)[0]}
         incident = self.store.claim_incident(group, kind, decision.reason, evidence, first_failure_at)
-        if incident is None:
-            # Another gateway process sharing the state file claimed it first.
-            log.info("group %s: incident already claimed elsewhere", group)
-            return None
+        if isinstance(incident, str):
+            # Another replica sharing the state (etcd, or the SQLite file) claimed one first.
+            log.info("group %s: incident %s was claimed elsewhere", group, incident)
+            return incident
         log.warning("incident %s opened: %s", incident.idempotency_key, decision.reason)
         self._record("incident.open", group, {"idempotency_key": incident.idempotency_key,
                                                "kind": kind.value, "agent_id": agent_id},
