@@ -93,7 +93,9 @@ def test_a_thousand_duplicate_incident_events_over_two_replicas_start_one_run(pa
     with ThreadPoolExecutor(max_workers=32) as pool:
         codes = list(pool.map(send, bodies))
     time.sleep(0.5)
-    assert min(pair.balancer.connections.values()) >= 10, pair.balancer.connections
+    # Both replicas answered a fair share (a backend never used has no count at all).
+    used = pair.balancer.connections
+    assert all(used[b] >= 10 for b in pair.balancer.backends), used
     assert codes.count(202) == 501 and codes.count(409) == 499, sorted(set(codes))
     assert len(pair.starter.calls) == 1
     assert pair.starter.calls[0][1].idempotency_key == f"failover:{pair.group}:1"
