@@ -812,3 +812,19 @@ def test_replication_evidence_from_primary_heartbeats() -> None:
     assert out["primary_last_lsn"] == 0x3000100
     assert out["primary_lsn_history"] == [[100.0, 0x3000060], [101.0, 0x3000100]]
     assert out["sync_standby_streaming"] is False  # the last report had no sync standby
+
+
+def test_replication_evidence_merged_from_other_replicas_is_pruned() -> None:
+    from orchestrator.gateway.replication import HISTORY_S, ReplicationEvidence
+
+    # An agent only another replica hears: its reports arrive by merge() alone, twenty at a
+    # time, here those of the last ten minutes; what is older than HISTORY_S goes, as with
+    # record().
+    ev = ReplicationEvidence()
+    start = time.time() - 600
+    for t in range(0, 600, 5):
+        points = [[start + t - i * 0.25, 1000 + t] for i in range(20)]
+        ev.merge("g", "a", {"primary_lsn_history": points}, start + t)
+    hist = ev.evidence("g", "a")["primary_lsn_history"]
+    assert hist and min(t for t, _ in hist) >= time.time() - HISTORY_S - 1, len(hist)
+    assert hist[-1][1] == 1595
