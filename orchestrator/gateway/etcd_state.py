@@ -1,6 +1,6 @@
 """The gateway's state in etcd, shared by every replica: any replica can answer any agent or click.
 
-Same methods as the SQLite stores (store.py, roles_store.py, slack_actions.LedgerStore). Every
+Same methods as the SQLite stores (store.py, roles_store.py, ledger_store.py). Every
 change is one etcd transaction guarded by the revision it read, so two replicas racing for the
 same incident, event or ledger cannot both win: the loser reads again and sees the winner's
 write. What only needs to be remembered for a while (seen events and signatures, hold-downs,
@@ -434,7 +434,7 @@ class EtcdRolesStore(_EtcdState):
 
 
 class EtcdLedgerStore(_EtcdState):
-    """Each Slack request's ledger (slack_actions.LedgerStore's methods) in etcd."""
+    """Each Slack request's ledger (ledger_store.LedgerStore's methods) in etcd."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client)

@@ -117,8 +117,8 @@ class GatewayService:
         # When this replica last told the others it heard each agent (shared state only).
         self._noted: dict[tuple[str, str], float] = {}
         self._next_adopt = 0.0
-        # Called on the loop with every new verified event, and after an incident closes
-        # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
+        # Called on the state thread with every new verified event, and after an incident
+        # closes (group, key, outcome, reason); failures are logged, never raised (roles.py).
         self.event_hooks: list[Callable[[HealthEvent], None]] = []
         self.close_hooks: list[Callable[[str, str, str, str], None]] = []
 
