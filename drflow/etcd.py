@@ -60,6 +60,14 @@ class EtcdRefused(EtcdError):
     """etcd answered, and refused the request (as opposed to not answering)."""
 
 
+class EtcdLeaseNotFound(EtcdRefused):
+    """etcd refused a request naming a lease it does not have (expired, or revoked)."""
+
+
+# What etcd 3.4 answers (HTTP 404, gRPC NotFound) for a put, txn or revoke naming such a lease.
+_LEASE_NOT_FOUND = "requested lease not found"
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str
@@ -182,7 +190,8 @@ class Client:
             except (ValueError, OSError):
                 msg = f"HTTP {e.code}"
             # 5xx: this member cannot serve (no leader, stopping): another member may.
-            cls = EtcdError if e.code >= 500 else EtcdRefused
+            cls = EtcdError if e.code >= 500 else (
+                EtcdLeaseNotFound if _LEASE_NOT_FOUND in str(msg) else EtcdRefused)
             raise cls(f"etcd at {endpoint} refused {path}: {msg}") from None
         except (OSError, ValueError) as e:  # timeouts, refused connects, reset streams
             raise EtcdError(f"etcd at {endpoint} did not answer {path} within {timeout:g} s: "

@@ -39,6 +39,8 @@ class RoundRobin:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        elif self._thread.ident is None:  # never started: _run would have closed it
+            self._loop.close()
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -47,6 +49,8 @@ class RoundRobin:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     def __enter__(self) -> RoundRobin:
         return self.start()
@@ -60,11 +64,15 @@ class RoundRobin:
 
     def _run(self, port: int) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", port))
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        self._ready.set()
-        self._loop.run_forever()
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve, "127.0.0.1", port))
+            self.port = int(self._server.sockets[0].getsockname()[1])
+            self._ready.set()
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         backend = next(self._next)
@@ -74,6 +82,9 @@ class RoundRobin:
         except OSError:
             writer.close()
             return
+        except asyncio.CancelledError:  # stopped while connecting: the client is closed too
+            writer.close()
+            raise
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 

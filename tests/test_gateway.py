@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import random
+import sqlite3
 import statistics
 import sys
 import threading
@@ -308,6 +311,19 @@ def test_replays_and_duplicates_are_409_and_act_once(gw: Gateway) -> None:
     assert gw.starter.calls == []
 
 
+def test_a_forgotten_event_is_new_again(tmp_path: Path) -> None:
+    from orchestrator.gateway.store import GatewayStore, Seen
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        assert store.record_event("e1", "sig-1", "g1", "recovery_exhausted") is Seen.NEW
+        store.forget_event("e1", "sig-1")
+        assert store.record_event("e1", "sig-1", "g1", "recovery_exhausted") is Seen.NEW
+        assert store.record_event("e1", "sig-2", "g1", "recovery_exhausted") is Seen.DUPLICATE
+    finally:
+        store.close()
+
+
 # -- incidents ----------------------------------------------------------------------------------------
 
 
@@ -370,6 +386,57 @@ def test_silent_primary_is_one_incident_within_the_timeout(gw: Gateway) -> None:
     alerts = gw.audit.of("incident.alert")
     assert len(alerts) == 1 and alerts[0]["parameters"]["agent_id"] == STANDBY
     assert len(gw.starter.calls) == 1
+
+
+def test_a_failed_silence_decision_is_tried_again(gw: Gateway) -> None:
+    # Opening the silent primary's incident fails twice (its state file is locked): it is
+    # tried again at the next looks, not given up, and the silent standby is handled anyway.
+    store = gw.app.state.gateway.store
+    real = store.claim_incident
+    claims: list[float] = []
+
+    def claim_incident(*args: Any) -> Any:
+        claims.append(time.monotonic())
+        if len(claims) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args)
+
+    store.claim_incident = claim_incident
+    assert gw.post(event("heartbeat")).status_code == 202
+    assert gw.post(event("heartbeat", agent=STANDBY, role="standby")).status_code == 202
+    assert gw.starter.wait(1, 6), "the silent primary's incident was never opened"
+    assert gw.starter.calls[0][1].kind is IncidentKind.HEARTBEAT_LOST
+    alerts = gw.audit.of("incident.alert")
+    assert [a["parameters"]["agent_id"] for a in alerts] == [STANDBY]
+    # Tried again at the watch's pace (about a second apart), not in a busy loop; then once.
+    assert all(b - a >= 0.5 for a, b in itertools.pairwise(claims)), claims
+    time.sleep(1.5)
+    assert len(claims) == 3 and len(gw.starter.calls) == 1
+
+
+def test_a_failed_background_task_is_logged(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    async def lease_check() -> None:
+        raise RuntimeError("injected failure")
+
+    async def waits() -> None:
+        await asyncio.sleep(3600)
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "drflow.gateway" and r.exc_info]
+
+    with running_gateway(make_settings(tmp_path / "gw.sqlite")) as gw:
+        service = gw.app.state.gateway
+        service.spawn(lease_check())
+        service.spawn(waits())
+        deadline = time.monotonic() + 5
+        while not logged():
+            assert time.monotonic() < deadline, "the task's failure was never logged"
+            time.sleep(0.02)
+    # Only the failure: the task cancelled by the gateway's stop is no error.
+    assert len(logged()) == 1, [r.getMessage() for r in logged()]
+    assert "lease_check" in logged()[0].getMessage()
+    assert "injected failure" in str(logged()[0].exc_info[1])  # type: ignore[index]
 
 
 def test_recovery_exhausted_is_one_incident_from_the_first_failure(gw: Gateway) -> None:
@@ -745,3 +812,19 @@ def test_replication_evidence_from_primary_heartbeats() -> None:
     assert out["primary_last_lsn"] == 0x3000100
     assert out["primary_lsn_history"] == [[100.0, 0x3000060], [101.0, 0x3000100]]
     assert out["sync_standby_streaming"] is False  # the last report had no sync standby
+
+
+def test_replication_evidence_merged_from_other_replicas_is_pruned() -> None:
+    from orchestrator.gateway.replication import HISTORY_S, ReplicationEvidence
+
+    # An agent only another replica hears: its reports arrive by merge() alone, twenty at a
+    # time, here those of the last ten minutes; what is older than HISTORY_S goes, as with
+    # record().
+    ev = ReplicationEvidence()
+    start = time.time() - 600
+    for t in range(0, 600, 5):
+        points = [[start + t - i * 0.25, 1000 + t] for i in range(20)]
+        ev.merge("g", "a", {"primary_lsn_history": points}, start + t)
+    hist = ev.evidence("g", "a")["primary_lsn_history"]
+    assert hist and min(t for t, _ in hist) >= time.time() - HISTORY_S - 1, len(hist)
+    assert hist[-1][1] == 1595

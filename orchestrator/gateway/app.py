@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,8 @@ from orchestrator.gateway.service import GatewayService
 from orchestrator.gateway.settings import GatewaySettings
 from orchestrator.gateway.slack_actions import register_slack_actions
 from orchestrator.gateway.status import with_status
+
+log = logging.getLogger("drflow.gateway")
 
 
 class CloseIncident(BaseModel):
@@ -86,10 +89,14 @@ def create_app(
 
     @app.exception_handler(EtcdError)
     async def state_unavailable(request: Request, exc: EtcdError) -> JSONResponse:
-        # Shared state (state_in_etcd) out of reach: nothing was decided; the agent's outbox
-        # keeps the event and tries again, or gives it to another replica.
+        # Shared state (state_in_etcd) out of reach mid-request: the request did not complete
+        # (an event is not kept as seen: accept()); the agent's outbox keeps the event and tries
+        # again, or gives it to another replica. The cause names etcd's addresses: it goes to
+        # the gateway's log, not to the client.
+        log.warning("%s %s: the shared state in etcd failed: %s", request.method,
+                    request.url.path, exc)
         return refused(Rejection(503, "state_unavailable", "the gateway's shared state in etcd "
-                                 f"is out of reach, nothing was recorded; try again: {exc}"),
+                                 "is out of reach; the request was not completed: try again"),
                        request)
 
     @app.exception_handler(RequestValidationError)

@@ -1,6 +1,6 @@
 """The gateway's state in etcd, shared by every replica: any replica can answer any agent or click.
 
-Same methods as the SQLite stores (store.py, roles_store.py, slack_actions.LedgerStore). Every
+Same methods as the SQLite stores (store.py, roles_store.py, ledger_store.py). Every
 change is one etcd transaction guarded by the revision it read, so two replicas racing for the
 same incident, event or ledger cannot both win: the loser reads again and sees the winner's
 write. What only needs to be remembered for a while (seen events and signatures, hold-downs,
@@ -22,20 +22,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from drflow.approval import Ledger
-from drflow.etcd import Client, EtcdError, EtcdRefused, KeyValue, absent, b64, mod_revision_is, put_op
+from drflow.etcd import (
+    Client,
+    EtcdError,
+    EtcdLeaseNotFound,
+    KeyValue,
+    absent,
+    b64,
+    delete_op,
+    mod_revision_is,
+    put_op,
+)
 from orchestrator.gateway.contracts import Incident, IncidentKind
 from orchestrator.gateway.ledger_store import is_stored, ledger_of
 from orchestrator.gateway.roles_decide import RolesRecord
 from orchestrator.gateway.store import Hold, IncidentRecord, IncidentStatus, Seen
+
+T = TypeVar("T")
+log = logging.getLogger("drflow.gateway")
 
 PREFIX = "/drflow/gateway/"
 # A compare-and-set that lost to another replica reads again; this many losses in a row is
@@ -47,6 +61,10 @@ _KEEP_CLOSED_S = 7 * 24 * 3600.0
 
 def _json(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
+
+
+def _sig_hash(signature: str) -> str:
+    return hashlib.sha256(signature.encode()).hexdigest()
 
 
 def _guard(key: str, kv: KeyValue | None) -> dict[str, Any]:
@@ -107,14 +125,16 @@ class _EtcdState:
                                [put_op(PREFIX + k, _json(v), lease) for k, v, lease in puts])
         return ok
 
-    def _with_lease(self, leases: ExpiryLeases, write: Callable[[int], Any]) -> Any:
+    @staticmethod
+    def _with_leases(write: Callable[[], T], *pools: ExpiryLeases) -> T:
+        """`write` (which takes its leases from `pools`); once more with new leases when etcd
+        no longer has one it used (revoked, or lost with a member's state)."""
         try:
-            return write(leases.current())
-        except EtcdRefused as exc:
-            if "lease" not in str(exc):
-                raise
-            leases.forget()
-            return write(leases.current())
+            return write()
+        except EtcdLeaseNotFound:
+            for pool in pools:
+                pool.forget()
+            return write()
 
 
 def _contended(what: str) -> EtcdError:
@@ -141,6 +161,19 @@ class EtcdGatewayStore(_EtcdState):
         self._put(f"replica/{lease}", {"since": time.time()}, lease)
         self.owner = lease
         return lease
+
+    def close(self) -> None:
+        """Leave as a replica at once (best effort): the others adopt this one's incidents now,
+        not when its lease runs out."""
+        lease, self.owner = self.owner, 0
+        if not lease:
+            return
+        try:
+            self._etcd.revoke(lease)
+        except EtcdLeaseNotFound:
+            pass  # already ran out
+        except EtcdError as exc:  # it runs out on its own within its TTL
+            log.warning("could not end this replica's liveness lease %d: %s", lease, exc)
 
     def keep_replica_alive(self, ttl_s: int) -> bool:
         """Renew this replica's lease; False when it had expired (a new one is taken: what it
@@ -179,11 +212,11 @@ class EtcdGatewayStore(_EtcdState):
     # -- dedupe ---------------------------------------------------------------------------------
 
     def record_event(self, event_id: str, signature: str, group: str, kind: str) -> Seen:
-        sig_key = PREFIX + "sig/" + hashlib.sha256(signature.encode()).hexdigest()
+        sig_key = PREFIX + "sig/" + _sig_hash(signature)
         event_key = PREFIX + "event/" + event_id
         now = time.time()
 
-        def write(_: int) -> tuple[bool, list[dict[str, Any]]]:
+        def write() -> tuple[bool, list[dict[str, Any]]]:
             return self._etcd.txn(
                 [absent(sig_key), absent(event_key)],
                 [put_op(sig_key, _json({"event_id": event_id, "at": now}),
@@ -192,18 +225,16 @@ class EtcdGatewayStore(_EtcdState):
                         self._events.current())],
                 [{"request_range": {"key": b64(sig_key), "count_only": True}}])
 
-        try:
-            ok, responses = write(0)
-        except EtcdRefused as exc:  # a lease etcd no longer has: grant new ones, once
-            if "lease" not in str(exc):
-                raise
-            self._signatures.forget()
-            self._events.forget()
-            ok, responses = write(0)
+        ok, responses = self._with_leases(write, self._signatures, self._events)
         if ok:
             return Seen.NEW
         seen_sig = int(responses[0].get("response_range", {}).get("count", 0)) if responses else 0
         return Seen.REPLAYED if seen_sig else Seen.DUPLICATE
+
+    def forget_event(self, event_id: str, signature: str) -> None:
+        """Undo record_event: the event was not acted on, so its retry must be taken."""
+        self._etcd.txn([], [delete_op(PREFIX + "sig/" + _sig_hash(signature)),
+                            delete_op(PREFIX + "event/" + event_id)])
 
     def prune(self, events_older_than_s: float, signatures_older_than_s: float) -> None:
         """Nothing to do: seen events and signatures expire with their leases."""
@@ -232,8 +263,9 @@ class EtcdGatewayStore(_EtcdState):
     def note_heard(self, group: str, agent_id: str, wall: float,
                    replication: dict[str, Any]) -> None:
         """Tell the other replicas when the agent was heard and what it said of replication."""
-        self._with_lease(self._events, lambda lease: self._put(
-            f"heard/{group}/{agent_id}", {"at": wall, "replication": replication}, lease))
+        self._with_leases(lambda: self._put(
+            f"heard/{group}/{agent_id}", {"at": wall, "replication": replication},
+            self._events.current()), self._events)
 
     def heard(self, group: str, agent_id: str) -> tuple[float, dict[str, Any]] | None:
         """(when any replica last heard the agent, its replication reports), if one said so."""
@@ -243,12 +275,12 @@ class EtcdGatewayStore(_EtcdState):
     # -- incidents ------------------------------------------------------------------------------
 
     def claim_incident(self, group: str, kind: IncidentKind, reason: str,
-                       evidence: dict[str, Any], first_failure_at: datetime) -> Incident | None:
+                       evidence: dict[str, Any], first_failure_at: datetime) -> Incident | str:
         for _ in range(_CAS_TRIES):
             gkv, state = self._load(f"group/{group}")
             state = state or {"epoch": 0, "open_key": None}
             if state.get("open_key"):
-                return None
+                return str(state["open_key"])
             epoch = int(state["epoch"]) + 1
             incident = Incident(group=group, kind=kind, reason=reason, evidence=evidence,
                                 first_failure_at=first_failure_at,
@@ -402,7 +434,7 @@ class EtcdRolesStore(_EtcdState):
 
 
 class EtcdLedgerStore(_EtcdState):
-    """Each Slack request's ledger (slack_actions.LedgerStore's methods) in etcd."""
+    """Each Slack request's ledger (ledger_store.LedgerStore's methods) in etcd."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client)
@@ -417,6 +449,7 @@ class EtcdLedgerStore(_EtcdState):
         kv, current = self._load(f"approval/{run_id}")
         if not is_stored(current, before):
             return False
-        return bool(self._with_lease(self._keep, lambda lease: self._txn(
+        return self._with_leases(lambda: self._txn(
             [(f"approval/{run_id}", kv)],
-            [(f"approval/{run_id}", {**asdict(after), "group": group}, lease)])))
+            [(f"approval/{run_id}", {**asdict(after), "group": group}, self._keep.current())]),
+            self._keep)

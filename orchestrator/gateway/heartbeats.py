@@ -22,7 +22,7 @@ class AgentState:
 
 class HeartbeatTracker:
     """Tracks heartbeats per (group, agent); the group's primary is the agent that most recently
-    said `role=primary`. Not thread-safe: used from the gateway's event loop only."""
+    said `role=primary`. Not thread-safe: used from the gateway's state thread only."""
 
     def __init__(
         self,

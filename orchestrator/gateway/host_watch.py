@@ -5,8 +5,8 @@ the primaries' `runtime.connectionState` and their hosts' `runtime.connectionSta
 what it saw with the agent's heartbeat age to `host_watch_decide.judge`. An alert goes through
 the gateway's `_raise_alert` (audited, de-duplicated per hold-down, sent to Slack); a recovery
 is logged and audited. The reads run in one thread per site with a warm session each, bounded
-by socket timeouts and a deadline: a slow or hung vCenter never holds the event loop, where
-failover detection runs, nor another site's reads.
+by socket timeouts and a deadline: a slow or hung vCenter never holds the event loop, nor the
+state thread where failover detection runs, nor another site's reads.
 """
 
 from __future__ import annotations

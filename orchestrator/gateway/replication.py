@@ -44,8 +44,7 @@ class ReplicationEvidence:
         if lsn is not None:
             hist = self._lsns.setdefault(key, deque())
             hist.append((t, lsn))
-            while hist and hist[0][0] < t - HISTORY_S:
-                hist.popleft()
+            _prune(hist, t)
         if sync is not None:
             self._sync[key] = sync
 
@@ -74,6 +73,14 @@ class ReplicationEvidence:
             points.setdefault(float(t), int(lsn))
         hist.clear()
         hist.extend(sorted(points.items()))
+        # Pruned here too: an agent only other replicas hear has no record() to do it.
+        _prune(hist, time.time())
         mine = hist[-1][0] if hist else 0.0
         if "sync_standby_streaming" in other and (key not in self._sync or other_at >= mine):
             self._sync[key] = bool(other["sync_standby_streaming"])
+
+
+def _prune(hist: deque[tuple[float, int]], now: float) -> None:
+    """Drop the reports older than HISTORY_S (oldest first in `hist`)."""
+    while hist and hist[0][0] < now - HISTORY_S:
+        hist.popleft()

@@ -129,7 +129,7 @@ class RolesService:
         return {"group": group, "agent_id": agent_id, "nonce": nonce, "at": time.time(),
                 "evidence": {**ev, "agent_id": agent_id, "last_heard_at": heard}}
 
-    # -- hooks from the gateway service (on its event loop) ----------------------------------
+    # -- hooks from the gateway service (on its state thread) --------------------------------
 
     def on_close(self, group: str, key: str, outcome: str, reason: str) -> None:
         """A failover incident closed: `failed_over` means the group serves from the side that

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +70,13 @@ class Accepted:
         }
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # Nothing awaits these tasks: an error left in one would otherwise go unseen.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        name = getattr(task.get_coro(), "__qualname__", task.get_name())
+        log.error("background task %s failed", name, exc_info=exc)
+
+
 def _utc(value: datetime) -> datetime:
     # Agents may send naive timestamps; they are UTC by contract.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -93,7 +99,6 @@ class GatewayService:
         self._alerter = alerter
         self._store: IncidentState | None = None
         self._state_pool = ThreadPoolExecutor(1, thread_name_prefix="gateway-state")
-        self._state_thread: threading.Thread | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -112,8 +117,8 @@ class GatewayService:
         # When this replica last told the others it heard each agent (shared state only).
         self._noted: dict[tuple[str, str], float] = {}
         self._next_adopt = 0.0
-        # Called on the loop with every new verified event, and after an incident closes
-        # (group, key, outcome, reason); failures are logged, never raised (see roles.py).
+        # Called on the state thread with every new verified event, and after an incident
+        # closes (group, key, outcome, reason); failures are logged, never raised (roles.py).
         self.event_hooks: list[Callable[[HealthEvent], None]] = []
         self.close_hooks: list[Callable[[str, str, str, str], None]] = []
 
@@ -134,7 +139,6 @@ class GatewayService:
             self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
 
     def _open(self) -> None:
-        self._state_thread = threading.current_thread()
         self._store = open_incident_state(self.settings)
         self.tracker.restore(self.store.agents(), self.store.primaries())
         if isinstance(self._store, EtcdGatewayStore):
@@ -144,7 +148,7 @@ class GatewayService:
             return
         for rec in self.store.unstarted():
             log.warning("re-driving the start of incident %s after a restart", rec.incident.idempotency_key)
-            self._spawn(self._drive_start(rec.incident, None))
+            self.spawn(self._drive_start(rec.incident, None))
         if self.settings.runs_in_process:
             # Their runs lived in the process that stopped: run them again, same key. The
             # runbooks are idempotent, so a re-run completes what the interrupted one began.
@@ -153,7 +157,7 @@ class GatewayService:
                             rec.incident.idempotency_key)
                 self.store.mark_start_failed(rec.incident.idempotency_key,
                                              "its run was interrupted by a restart")
-                self._spawn(self._drive_start(rec.incident, None))
+                self.spawn(self._drive_start(rec.incident, None))
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task)
@@ -165,14 +169,15 @@ class GatewayService:
         self._state_pool.shutdown(wait=False)
 
     def _close_store(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        # With shared state, closing also ends this replica's liveness lease: the others adopt
+        # the incidents it was driving at once rather than after REPLICA_TTL_S.
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     async def in_state(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `fn` on the state thread (after everything submitted before it)."""
-        if threading.current_thread() is self._state_thread:
-            return fn(*args, **kwargs)
+        """Run `fn` on the state thread (after everything submitted before it); await it on
+        the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._state_pool, lambda: fn(*args, **kwargs))
 
@@ -198,8 +203,7 @@ class GatewayService:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    _spawn = spawn
+        task.add_done_callback(_log_failure)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -212,12 +216,28 @@ class GatewayService:
 
         Synchronous on purpose: between the dedupe check and the incident claim nothing else runs
         on the state thread, so concurrent requests cannot interleave there."""
-        seen = self.store.record_event(str(event.event_id), signature, event.group, event.kind.value)
+        event_id = str(event.event_id)
+        seen = self.store.record_event(event_id, signature, event.group, event.kind.value)
         self.metrics.events.labels(event.kind.value, seen.value if seen is not Seen.NEW else "accepted").inc()
         if seen is Seen.REPLAYED:
             raise Rejection(409, "replayed", "replayed request: this signature was already accepted")
         if seen is Seen.DUPLICATE:
             raise Rejection(409, "duplicate", f"duplicate: event {event.event_id} was already received")
+        try:
+            return self._act_on_event(event)
+        except Exception:
+            # The request fails (503 when etcd is out of reach) and the agent sends the event
+            # again: were it still remembered as seen, that retry would be refused as a
+            # duplicate and dropped from the agent's outbox, never acted on.
+            try:
+                self.store.forget_event(event_id, signature)
+            except Exception:
+                log.exception("could not forget event %s after it failed: a retry of it will be "
+                              "refused as a duplicate", event_id)
+            raise
+
+    def _act_on_event(self, event: HealthEvent) -> Accepted:
+        """What accept() does with a new event (on the state thread)."""
         for hook in self.event_hooks:
             try:
                 hook(event)
@@ -282,22 +302,18 @@ class GatewayService:
             "observed_at": _utc(event.observed_at).isoformat(),
             "details": {k: v for k, v in event.details.items() if k != "role"},
         }
-        incident = self._act(
+        acted = self._act(
             decision, event.group, IncidentKind.RECOVERY_EXHAUSTED, event.agent_id, evidence, min(first)
         )
-        if incident is not None:
+        if isinstance(acted, str):  # it may be closed already: the key still says which
+            return Accepted(str(event.event_id), Decision(
+                Action.NONE, f"group {event.group}: incident {acted} was claimed elsewhere "
+                "meanwhile (by another gateway replica), not starting another failover"), acted)
+        if acted is not None:
             self._failures.pop(key, None)
-        elif decision.action is Action.FAILOVER:
-            # Lost the claim to another replica (shared state) between reading and claiming.
-            open_rec = self.store.open_incident(event.group)
-            if open_rec is not None:
-                decision = Decision(
-                    Action.NONE, f"group {event.group}: incident "
-                    f"{open_rec.incident.idempotency_key} was opened meanwhile by another gateway "
-                    "replica, not starting another failover")
-        if incident is None and open_rec is not None:
-            return Accepted(str(event.event_id), decision, open_rec.incident.idempotency_key)
-        return Accepted(str(event.event_id), decision, incident.idempotency_key if incident else None)
+            return Accepted(str(event.event_id), decision, acted.idempotency_key)
+        return Accepted(str(event.event_id), decision,
+                        open_rec.incident.idempotency_key if open_rec else None)
 
     def _heartbeat(self, group: str, agent_id: str, role: Role | None) -> None:
         changed, primary_changed = self.tracker.heartbeat(group, agent_id, role)
@@ -328,7 +344,9 @@ class GatewayService:
         agent_id: str,
         evidence: dict[str, Any],
         first_failure_at: datetime,
-    ) -> Incident | None:
+    ) -> Incident | str | None:
+        """Carry out a decision: the incident it opened, the key of the one claimed elsewhere
+        since the decision read the state, or None (no incident to open)."""
         if decision.action is Action.ALERT:
             self._raise_alert(Alert(group=group, kind=kind.value, agent_id=agent_id,
                                     reason=decision.reason, evidence=evidence))
@@ -339,15 +357,15 @@ class GatewayService:
         decided_at = time.monotonic()
         evidence = {**evidence, **self.replication_evidence(group, agent_id)[0]}
         incident = self.store.claim_incident(group, kind, decision.reason, evidence, first_failure_at)
-        if incident is None:
-            # Another gateway process sharing the state file claimed it first.
-            log.info("group %s: incident already claimed elsewhere", group)
-            return None
+        if isinstance(incident, str):
+            # Another replica sharing the state (etcd, or the SQLite file) claimed one first.
+            log.info("group %s: incident %s was claimed elsewhere", group, incident)
+            return incident
         log.warning("incident %s opened: %s", incident.idempotency_key, decision.reason)
         self._record("incident.open", group, {"idempotency_key": incident.idempotency_key,
                                                "kind": kind.value, "agent_id": agent_id},
                      "opened", decision.reason)
-        self._spawn(self._drive_start(incident, decided_at))
+        self.spawn(self._drive_start(incident, decided_at))
         return incident
 
     def replication_evidence(self, group: str, agent_id: str) -> tuple[dict[str, Any], float | None]:
@@ -381,7 +399,7 @@ class GatewayService:
         self._record("incident.alert", alert.group, {"kind": alert.kind, "agent_id": alert.agent_id},
                      "alerted", alert.reason)
         if self._alerter is not None:
-            self._spawn(self._send_alert(self._alerter, alert))
+            self.spawn(self._send_alert(self._alerter, alert))
 
     async def _send_alert(self, alerter: Alerter, alert: Alert) -> None:
         try:
@@ -486,18 +504,28 @@ class GatewayService:
             self._adopt_orphans()
         except Exception:
             log.exception("looking for incidents left by a stopped replica failed; continuing")
-        try:
-            for state in self.tracker.overdue(timeout):
+        failed = False
+        for state in self.tracker.overdue(timeout):
+            # One agent's failure (etcd out of reach, most likely) leaves the others handled.
+            try:
                 self._on_silence(state)
+            except Exception:
+                failed = True
+                log.exception("deciding on the silence of agent %s of group %s failed; "
+                              "trying again shortly", state.agent_id, state.group)
+        try:
             if time.monotonic() >= next_prune[0]:
                 next_prune[0] = time.monotonic() + _PRUNE_EVERY_S
                 self.store.prune(self.settings.dedupe_retention_s, self.settings.signature_window_s + 60)
         except Exception:
-            log.exception("heartbeat watch failed; continuing")
+            log.exception("pruning the seen events failed; continuing")
         # Sleep to the next deadline; capped at the timeout so that agents first heard
         # during the sleep (deadline = now + timeout) are never overslept.
         deadline = self.tracker.next_deadline(timeout)
         cap = min(_WATCH_MAX_SLEEP_S, timeout)
+        if failed:
+            # The failed agent's deadline has passed: without this, a busy loop of retries.
+            return cap
         return cap if deadline is None else min(cap, max(0.0, deadline - time.monotonic()))
 
     def _adopt_orphans(self) -> None:
@@ -517,18 +545,20 @@ class GatewayService:
                 self._record("incident.adopt", rec.incident.group, {"idempotency_key": key,
                                                                     "was": rec.status.value},
                              "adopted", "the replica that drove it stopped (its lease expired)")
-                self._spawn(self._drive_start(rec.incident, None))
+                self.spawn(self._drive_start(rec.incident, None))
 
     def _on_silence(self, state: AgentState) -> None:
-        state.fired = True
+        """Decide on an agent silent past the timeout; it is marked handled (`fired`) only once
+        decided, so that a failure here is tried again at the next look."""
         # Rows of agents the configuration no longer names (or older gateways let in) stay silent.
         if state.agent_id not in self.settings.known_agents(state.group):
+            state.fired = True
             return
         if self.settings.state_in_etcd:
             heard = self.store.heard(state.group, state.agent_id)
             if heard is not None and self.tracker.heard_elsewhere(state, heard[0]) and (
                     self.tracker.age(state) < self.settings.heartbeat_timeout_s):
-                return
+                return  # heard by another replica lately: not silent yet
             self._adopt_shared_primary(state.group)
         open_rec = self.store.open_incident(state.group)
         silent_for = self.tracker.age(state)
@@ -547,6 +577,7 @@ class GatewayService:
             ("last_heartbeat_at" if state.heard else "watching_since"): last.isoformat(),
         }
         self._act(decision, state.group, IncidentKind.HEARTBEAT_LOST, state.agent_id, evidence, last)
+        state.fired = True
 
     # -- leader keys --------------------------------------------------------------------------
 

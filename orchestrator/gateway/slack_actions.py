@@ -28,7 +28,6 @@ from drflow.approval import ACTION_IDS, ClickOutcome, Verdict, answer, decide_cl
 from drflow.signing import SignatureError, parse_timestamp
 from orchestrator.gateway.contracts import AuditSink
 from orchestrator.gateway.intake import JsonLimits, Rejection, clip, load_json, read_body
-from orchestrator.gateway.ledger_store import LedgerStore
 from orchestrator.gateway.service import GatewayService
 from orchestrator.gateway.settings import GatewaySettings
 from orchestrator.gateway.state import LedgerState, open_ledger_state
@@ -309,5 +308,5 @@ def register_slack_actions(app: FastAPI, settings: GatewaySettings, gateway: Gat
     return actions
 
 
-__all__ = ["FlowRuns", "LedgerStore", "PrefectFlowRuns", "RunView", "SlackActions",
+__all__ = ["FlowRuns", "PrefectFlowRuns", "RunView", "SlackActions",
            "parse_click", "register_slack_actions"]

@@ -111,6 +111,12 @@ class GatewayStore:
             db.execute("INSERT INTO seen_signatures (sig, seen_at) VALUES (?, ?)", (signature, now))
             return Seen.NEW
 
+    def forget_event(self, event_id: str, signature: str) -> None:
+        """Undo record_event: the event was not acted on, so its retry must be taken."""
+        with self._tx() as db:
+            db.execute("DELETE FROM seen_events WHERE event_id = ?", (event_id,))
+            db.execute("DELETE FROM seen_signatures WHERE sig = ?", (signature,))
+
     def prune(self, events_older_than_s: float, signatures_older_than_s: float) -> None:
         now = time.time()
         with self._tx() as db:
@@ -168,15 +174,15 @@ class GatewayStore:
         reason: str,
         evidence: dict[str, Any],
         first_failure_at: datetime,
-    ) -> Incident | None:
-        """Open the group's next incident, or return None if one is already open."""
+    ) -> Incident | str:
+        """Open the group's next incident; if one is already open, return its key instead."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT epoch, open_key FROM group_state WHERE grp = ?", (group,)
             ).fetchone()
             epoch, open_key = (0, None) if row is None else (int(row[0]), row[1])
             if open_key is not None:
-                return None
+                return str(open_key)
             epoch += 1
             incident = Incident(
                 group=group, kind=kind, reason=reason, evidence=evidence,
