@@ -23,6 +23,9 @@ log = logging.getLogger("drflow.liveness")
 _current: Liveness | None = None
 _bound: contextvars.ContextVar[Liveness | None] = contextvars.ContextVar("drflow_liveness",
                                                                           default=None)
+Guard = Callable[[], "str | None"]  # why this code no longer owns its work, or None
+_guard: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("drflow_liveness_guard",
+                                                                      default=None)
 
 
 def current() -> Liveness | None:
@@ -31,13 +34,21 @@ def current() -> Liveness | None:
 
 
 @contextmanager
-def using(liveness: Liveness | None) -> Iterator[None]:
-    """Code in this context (a run) holds what it holds on behalf of `liveness`."""
-    token = _bound.set(liveness)
+def using(liveness: Liveness | None, guard: Guard | None = None) -> Iterator[None]:
+    """Code in this context (a run) holds what it holds on behalf of `liveness`; `guard` says
+    whether it still owns its work (a runner frozen past its lease may have lost its run)."""
+    token, gtoken = _bound.set(liveness), _guard.set(guard)
     try:
         yield
     finally:
         _bound.reset(token)
+        _guard.reset(gtoken)
+
+
+def lost_reason() -> str | None:
+    """Why the code running here must stop acting (its work was taken over), or None."""
+    guard = _guard.get()
+    return guard() if guard is not None else None
 
 
 class Liveness:

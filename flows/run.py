@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import Abort
 from prefect.runtime import flow_run
 
+from drflow import liveness
 from drflow.audit import AuditedStep, audited
 from flows.runtime import Runtime
 from tasks.slack import IncidentThread
@@ -51,7 +53,17 @@ class RunbookRun:
     @contextmanager
     def step(self, name: str, target: str,
              params: Mapping[str, Any] | None = None) -> Iterator[AuditedStep]:
-        """Audit before and after; time it; tell the Slack thread how it went and why."""
+        """Audit before and after; time it; tell the Slack thread how it went and why.
+
+        First, on a warm runner: is the run still this runner's? One frozen longer than its
+        liveness lease (a VM stunned by a snapshot) may find that another runner took the run
+        over meanwhile: it stops here, before acting, and leaves the run's state to the other
+        (Prefect's Abort ends the engine without proposing a state)."""
+        lost = liveness.lost_reason()
+        if lost is not None:
+            self.rt.audit.append(self.actor, f"{self.runbook}.abandon", self.group,
+                                 {"before_step": name}, "stopped", reason=lost)
+            raise Abort(lost)
         t = time.monotonic()
         outcome = "failed"
         step: AuditedStep | None = None

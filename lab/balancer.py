@@ -2,6 +2,8 @@
 
 Stands in front of gateway replicas as any simple TCP balancer would (no HTTP awareness, no
 stickiness, no health checks: a dead backend's connections fail and the client tries again).
+With `redispatch`, a connection a backend refuses goes to the next one instead, as a balancer
+with health checks (HAProxy's `option redispatch`) sends nothing to a replica that is down.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from collections.abc import Sequence
 
 
 class RoundRobin:
-    """Listens on 127.0.0.1:`port` (0: any free port) in a thread of its own until stop()."""
+    """Listens on `host`:`port` (0: any free port) in a thread of its own until stop()."""
 
-    def __init__(self, backends: Sequence[tuple[str, int]], port: int = 0) -> None:
+    def __init__(self, backends: Sequence[tuple[str, int]], port: int = 0,
+                 host: str = "127.0.0.1", redispatch: bool = False) -> None:
         self.backends = list(backends)
+        self.host = host
+        self.redispatch = redispatch
         self.connections: Counter[tuple[str, int]] = Counter()
         self._next = itertools.cycle(self.backends)
         self._loop = asyncio.new_event_loop()
@@ -60,13 +65,13 @@ class RoundRobin:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _run(self, port: int) -> None:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._serve, "127.0.0.1", port))
+                asyncio.start_server(self._serve, self.host, port))
             self.port = int(self._server.sockets[0].getsockname()[1])
             self._ready.set()
             self._loop.run_forever()
@@ -75,16 +80,21 @@ class RoundRobin:
             self._loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        backend = next(self._next)
-        self.connections[backend] += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*backend)
-        except OSError:
+        tries = len(self.backends) if self.redispatch else 1
+        for _ in range(tries):
+            backend = next(self._next)
+            self.connections[backend] += 1
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*backend)
+                break
+            except OSError:
+                continue
+            except asyncio.CancelledError:  # stopped while connecting: the client is closed too
+                writer.close()
+                raise
+        else:
             writer.close()
             return
-        except asyncio.CancelledError:  # stopped while connecting: the client is closed too
-            writer.close()
-            raise
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -124,7 +125,13 @@ def main(argv: list[str] | None = None) -> None:
                     "(PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME…).")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     ap.add_argument("--port", type=int, default=4200, help="port to listen on (4200)")
+    ap.add_argument("--no-services", action="store_true",
+                    help="only the API (and UI), as `prefect server start --no-services`: one "
+                         "of several API replicas, the background services running apart "
+                         "(`prefect server services start`)")
     args = ap.parse_args(argv)
+    if args.no_services:
+        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
     import uvicorn
     from prefect.server.api.server import create_app
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     uvicorn.run(
-        RetryUnavailable(create_app(final=True, webserver_only=False)),
+        RetryUnavailable(create_app(final=True, webserver_only=args.no_services)),
         host=args.host, port=args.port,
         timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),
         ws_ping_interval=PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL.value(),

@@ -287,19 +287,38 @@ class WarmRunner:
                              str(incident["idempotency_key"]))
 
     def _execute(self, flow: Flow[..., Any], run: FlowRun) -> None:
+        from prefect.exceptions import Abort
         from prefect.flow_engine import run_flow
 
         from orchestrator.embedded import no_heartbeats
 
         try:
-            with no_heartbeats(), liveness.using(self.liveness):
+            with no_heartbeats(), liveness.using(self.liveness, lambda: self._lost(run.id)):
                 state = run_flow(flow, flow_run=run, return_type="state")
             log.info("run %s (%s): %s %s", run.name, flow.name,
                      getattr(state, "type", "?"), getattr(state, "message", "") or "")
+        except Abort as exc:  # taken over by another runner: its state is theirs now
+            log.error("run %s (%s): stopped: %s", run.name, flow.name, exc)
         except Exception:  # a run's end never ends the runner
             log.exception("run %s (%s) raised", run.name, flow.name)
         finally:
             self._unmark(run.id)
+
+    def _lost(self, run_id: UUID) -> str | None:
+        """Why this runner no longer owns the run (another re-created its mark), or None. When
+        etcd cannot say, the run goes on: a runner cut off from etcd with the others still
+        reaching it is the one case of two executions, and every step is idempotent."""
+        if self.etcd is None:
+            return None
+        try:
+            kv = self.etcd.get_kv(running_key(self.pool, run_id))
+        except EtcdError as exc:
+            log.warning("run %s: cannot check its mark (%s); going on", run_id, exc)
+            return None
+        if kv is not None and kv.value == self._mark_value:
+            return None
+        return (f"runner {self.name} lost run {run_id} (its liveness lease lapsed: frozen or cut "
+                "off for longer than it); another runner has taken it over")
 
     # -- runs of a runner that is gone -------------------------------------------------------
 

@@ -13,6 +13,8 @@ command -v go >/dev/null 2>&1 || missing_debs+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || missing_debs+=(golang-github-vmware-govmomi-dev)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing_debs+=(postgresql)
 command -v etcd >/dev/null 2>&1 || missing_debs+=(etcd-server)
+# Prefect's server in several replicas (the distributed lab) shares its messaging through Redis.
+command -v redis-server >/dev/null 2>&1 || missing_debs+=(redis-server)
 # The lab's sites are network namespaces; its faults are nftables drops.
 command -v ip >/dev/null 2>&1 || missing_debs+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_debs+=(nftables)

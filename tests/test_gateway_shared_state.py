@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from drflow.approval import Ledger
 from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
+from lab.procs import free_port
 from orchestrator.gateway import Incident, IncidentKind
 from orchestrator.gateway.etcd_state import PREFIX, EtcdGatewayStore, EtcdLedgerStore
 from orchestrator.gateway.store import Seen
@@ -416,3 +417,40 @@ class HangingStarter(RecordingStarter):
         self.called.set()
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
+
+
+def test_the_balancer_redispatches_a_refused_connection_only_when_asked() -> None:
+    dead = ("127.0.0.1", free_port())  # nothing listens: refused at once
+
+    def answered(balancer: RoundRobin) -> int:
+        ok = 0
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", balancer.port), timeout=5) as client:
+                client.sendall(b"ping")
+                client.settimeout(2)
+                with suppress(OSError):
+                    ok += client.recv(4) == b"ping"
+        return ok
+
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        stop = threading.Event()
+
+        def echo() -> None:
+            live.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = live.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.sendall(conn.recv(4))
+        t = threading.Thread(target=echo, daemon=True)
+        t.start()
+        try:
+            with RoundRobin([dead, live.getsockname()]) as plain:
+                assert answered(plain) == 3  # every other connection went to the dead one
+            with RoundRobin([dead, live.getsockname()], redispatch=True) as checked:
+                assert answered(checked) == 6
+        finally:
+            stop.set()
+            t.join(5)

@@ -16,8 +16,10 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import Abort
 from prefect.runtime import flow_run
 
+from drflow import liveness
 from drflow.etcd import Client, EtcdError
 from flows.locks import ensure_limit, exclusive
 from orchestrator.warm_runner import WarmRunner, dispatch, dispatch_key, run_id_of
@@ -37,6 +39,7 @@ def noop(i: int) -> int:
 
 
 hang = threading.Event()  # the first attempt of wr-hang waits on it: a runner frozen mid-run
+lost_on_thaw: list[str | None] = []
 
 
 @flow(name="wr-hang", persist_result=False)
@@ -47,6 +50,11 @@ def hangs_first(lock: str) -> int:
     with exclusive(lock):  # held by the frozen attempt, as a failover holds roles-<group>
         if attempt == 1:
             hang.wait(120)
+            # Thawed: a runbook's next step asks first whether the run is still its own.
+            lost = liveness.lost_reason()
+            lost_on_thaw.append(lost)
+            if lost is not None:
+                raise Abort(lost)
     return attempt
 
 
@@ -153,6 +161,12 @@ def test_the_run_of_a_runner_that_is_gone_is_run_again_by_another_with_its_slot(
         took = time.monotonic() - t_lost
         assert Counter(executed)[str(rid)] == 2  # the frozen attempt, and the re-run
         wait_for(lambda: not other[0].running(), 10, "the re-run's thread done")
+        # The frozen runner thaws: it finds the run taken over, stops, and leaves its state.
+        hang.set()
+        wait_for(lambda: not first[0].running(), 10, "the frozen attempt's thread done")
+        assert lost_on_thaw and lost_on_thaw[-1] is not None and "taken it over" in \
+            lost_on_thaw[-1], lost_on_thaw
+        assert _states([rid])[rid] == "COMPLETED"
         # Not the 60-70 s of the dead holder's slot lease running out: released at once.
         assert took < 20, took
     finally:
