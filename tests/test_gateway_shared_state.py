@@ -31,7 +31,9 @@ from lab.procs import free_port
 from orchestrator.gateway import Incident, IncidentKind
 from orchestrator.gateway.etcd_state import PREFIX, EtcdGatewayStore, EtcdLedgerStore
 from orchestrator.gateway.store import Seen
+from tests.harness import wait_for
 from tests.test_gateway import (
+    PRIMARY,
     SECRET,
     STANDBY,
     Gateway,
@@ -41,7 +43,11 @@ from tests.test_gateway import (
     post,
     running_gateway,
 )
-from tests.test_gateway_leases import Etcd, shared_etcd  # noqa: F401  (a module fixture)
+from tests.test_gateway_leases import (  # noqa: F401  (shared_etcd: a module fixture)
+    Etcd,
+    RecordingAlerter,
+    shared_etcd,
+)
 
 _n = iter(range(1, 10_000))
 
@@ -374,6 +380,52 @@ def test_a_frozen_etcd_holds_up_decisions_not_the_gateway(pair: Pair, shared_etc
     assert "etcd" in refused[0].json()["detail"]
     # etcd back: the next event is accepted.
     assert pair.a.post(event("heartbeat", group=pair.group)).status_code == 202
+
+
+def test_a_failure_not_acted_on_for_want_of_etcd_is_told_to_on_call(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # The etcd majority lost with the primary's site: no incident can be opened, so on-call is
+    # told from memory (once), with the way forward that needs no etcd.
+    group = f"rep{next(_n)}"
+    alerter = RecordingAlerter()
+    with running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url, group,
+                                   etcd_timeout_s=0.5), alerter=alerter) as gw:
+        assert gw.post(event("heartbeat", group=group)).status_code == 202  # the primary
+        pid = int(shared_etcd.info["members"][0]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            failed = gw.post(event("recovery_exhausted", group=group))
+            assert failed.status_code == 503, failed.text
+            told = wait_for(lambda: [a for a in alerter.alerts if a.kind == "state_unavailable"],
+                            10, "the alert")
+            # Then silent too (no more heartbeats): still one page, not one per look.
+            time.sleep(2.5)
+            assert gw.starter.calls == []
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # etcd back: the silent primary's incident opens and its failover starts by itself.
+        assert gw.starter.wait(1, 10)
+    assert len([a for a in alerter.alerts if a.kind == "state_unavailable"]) == 1, alerter.alerts
+    assert told[0].agent_id == PRIMARY and told[0].group == group
+    assert f"drflow failover {group} --declare-fenced --reason TEXT" in told[0].reason
+    assert "no failover started" in told[0].reason
+
+
+def test_a_primary_silent_while_etcd_is_out_of_reach_is_told_to_on_call(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    group = f"rep{next(_n)}"
+    alerter = RecordingAlerter()
+    with running_gateway(_settings(tmp_path / "a.sqlite", shared_etcd.url, group,
+                                   etcd_timeout_s=0.5), alerter=alerter) as gw:
+        assert gw.post(event("heartbeat", group=group)).status_code == 202
+        pid = int(shared_etcd.info["members"][0]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            told = wait_for(lambda: [a for a in alerter.alerts if a.kind == "state_unavailable"],
+                            15, "the alert of a silent primary")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert "went silent" in told[0].reason and "--declare-fenced" in told[0].reason
 
 
 @pytest.mark.parametrize("graceful", [True, False], ids=["stopped", "died"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from drflow.events import EventKind
 from orchestrator.gateway.contracts import IncidentKind
 
 
@@ -120,3 +121,28 @@ def decide_incident(
             "start the failover by hand if needed",
         )
     return Decision(Action.FAILOVER, f"group {group}: primary {what}")
+
+
+
+STATE_UNAVAILABLE = "state_unavailable"
+SILENT = "silent"  # what an agent did when its heartbeats stopped
+_FAILURES = {EventKind.RECOVERY_EXHAUSTED.value: "reports its application failed beyond repair",
+             EventKind.RESOURCE_FAILED.value: "reports a failed resource",
+             SILENT: "went silent (no heartbeat within the timeout)"}
+
+
+def unrecorded_failure(group: str, agent_id: str, what: str) -> tuple[str, str] | None:
+    """(alert kind, why) for a failure the gateway could not act on because its shared state
+    (etcd) is out of reach; None when `what` is no failure.
+
+    With the etcd majority lost, no incident can be opened and no failover run starts. If the
+    primary's site is what was lost, nobody would be told: so this goes to on-call straight from
+    memory, with the one way forward that needs no etcd."""
+    seen = _FAILURES.get(what)
+    if seen is None:
+        return None
+    return STATE_UNAVAILABLE, (
+        f"{agent_id} ({group}) {seen}, but this gateway cannot reach its shared state in etcd: "
+        "no incident opened, no failover started. If the primary's site is lost (and etcd with "
+        f"it), fail over by hand once you know the old primary is down: `drflow failover {group} "
+        "--declare-fenced --reason TEXT`. If etcd comes back first, the gateway acts by itself.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from drflow.etcd import Client as EtcdClient
+from drflow.etcd import EtcdError
 from drflow.events import EventKind, HealthEvent
 from orchestrator.gateway.contracts import (
     Alert,
@@ -32,7 +34,15 @@ from orchestrator.gateway.contracts import (
     IncidentStarter,
     append_or_log,
 )
-from orchestrator.gateway.decide import Action, Decision, Role, decide_incident, reported_role
+from orchestrator.gateway.decide import (
+    SILENT,
+    Action,
+    Decision,
+    Role,
+    decide_incident,
+    reported_role,
+    unrecorded_failure,
+)
 from orchestrator.gateway.etcd_state import EtcdGatewayStore
 from orchestrator.gateway.heartbeats import AgentState, HeartbeatTracker
 from orchestrator.gateway.intake import Rejection, clip
@@ -114,6 +124,7 @@ class GatewayService:
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
         # When each (group, agent, alert kind) last alerted (monotonic), to repeat it only rarely.
         self._alerted: dict[tuple[str, str, str], float] = {}
+        self._alert_lock = threading.Lock()
         # When this replica last told the others it heard each agent (shared state only).
         self._noted: dict[tuple[str, str], float] = {}
         self._next_adopt = 0.0
@@ -209,7 +220,21 @@ class GatewayService:
 
     async def accept_event(self, event: HealthEvent, signature: str) -> Accepted:
         """accept() on the state thread."""
-        return await self.in_state(self.accept, event, signature)
+        try:
+            return await self.in_state(self.accept, event, signature)
+        except EtcdError:
+            self._unrecorded(event.group, event.agent_id, event.kind.value)
+            raise
+
+    def _unrecorded(self, group: str, agent_id: str, what: str) -> None:
+        """A failure not acted on because the shared state is out of reach: tell on-call (from
+        memory: nothing here needs etcd), once per agent per hold-down."""
+        if not self.settings.state_in_etcd:
+            return
+        told = unrecorded_failure(group, agent_id, what)
+        if told is not None:
+            self._raise_alert(Alert(group=group, kind=told[0], agent_id=agent_id, reason=told[1],
+                                    evidence={"what": what}))
 
     def accept(self, event: HealthEvent, signature: str) -> Accepted:
         """Record a verified event of a known group and act on it (on the state thread).
@@ -387,13 +412,15 @@ class GatewayService:
 
     def _raise_alert(self, alert: Alert) -> None:
         # One alert per agent and kind per hold-down period: a storm of reports is one page.
+        # (Raised from the state thread, and from the loop when the state is out of reach.)
         key = (alert.group, alert.agent_id, alert.kind)
         now = time.monotonic()
-        last = self._alerted.get(key)
-        if last is not None and now - last < self.settings.incident_hold_down_s:
-            self.metrics.alerts_suppressed.labels(alert.group, alert.kind).inc()
-            return
-        self._alerted[key] = now
+        with self._alert_lock:
+            last = self._alerted.get(key)
+            if last is not None and now - last < self.settings.incident_hold_down_s:
+                self.metrics.alerts_suppressed.labels(alert.group, alert.kind).inc()
+                return
+            self._alerted[key] = now
         log.warning("alert: %s", alert.reason)
         self.metrics.alerts.labels(alert.group, alert.kind).inc()
         self._record("incident.alert", alert.group, {"kind": alert.kind, "agent_id": alert.agent_id},
@@ -509,10 +536,12 @@ class GatewayService:
             # One agent's failure (etcd out of reach, most likely) leaves the others handled.
             try:
                 self._on_silence(state)
-            except Exception:
+            except Exception as exc:
                 failed = True
                 log.exception("deciding on the silence of agent %s of group %s failed; "
                               "trying again shortly", state.agent_id, state.group)
+                if isinstance(exc, EtcdError) and state.role is Role.PRIMARY:
+                    self._unrecorded(state.group, state.agent_id, SILENT)
         try:
             if time.monotonic() >= next_prune[0]:
                 next_prune[0] = time.monotonic() + _PRUNE_EVERY_S
