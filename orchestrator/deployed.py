@@ -24,6 +24,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from orchestrator.gateway.service import GatewayService
 
 log = logging.getLogger("drflow.deployed")
+
+Closer = Callable[[str, str, str, str], Any]  # (group, idempotency key, outcome, reason)
 
 FAILOVER = "failover/failover"
 REPROTECT = "reprotect/reprotect"
@@ -88,6 +91,11 @@ class DeploymentStarter:
         self._warned: set[str] = set()
         self._bad_ids: set[str] = set()
         self.closed: dict[str, tuple[str, str]] = {}  # key → (outcome, reason), for tests/logs
+        # Re-protect runs started here, followed until they end: run id → (group, key).
+        self._reprotects: dict[str, tuple[str, str]] = {}
+        # Told how each re-protect run ended (RolesService.reprotect_finished): one that did not
+        # protect the group is tried again later, as in embedded mode.
+        self.on_reprotect_done: Closer | None = None
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -152,6 +160,8 @@ class DeploymentStarter:
             log.warning("re-protect run %s under key %s ended long ago; starting %s", run.id, key,
                         fresh)
             run = await self._run(self.reprotect, params, fresh, tags)
+        self._reprotects[str(run.id)] = (group, key)
+        self._ensure_watching()
         return str(run.id)
 
     async def _run(self, deployment: str, params: dict[str, Any], key: str,
@@ -187,6 +197,7 @@ class DeploymentStarter:
             while self._service is not None:
                 try:
                     await self.close_finished(client)
+                    await self.follow_reprotects(client)
                 except GatewayStopped:
                     return
                 except Exception:
@@ -230,6 +241,23 @@ class DeploymentStarter:
             self.closed[key] = (outcome, reason)
             closed.append(key)
         return closed
+
+    async def follow_reprotects(self, client: Any) -> list[str]:
+        """Report every followed re-protect run that has ended; returns their keys."""
+        done = []
+        for run_id, (group, key) in list(self._reprotects.items()):
+            run = await client.read_flow_run(UUID(run_id))
+            if run.state is None or not run.state.is_final():
+                continue
+            del self._reprotects[run_id]
+            outcome, reason = outcome_of(run.state.type.value, run.state.message)
+            done.append(key)
+            if self.on_reprotect_done is not None:
+                try:  # a store write (etcd with shared state): not on the event loop
+                    await asyncio.to_thread(self.on_reprotect_done, group, key, outcome, reason)
+                except Exception:
+                    log.exception("could not report the end of re-protect %s", key)
+        return done
 
     def _warn_unclaimed(self, key: str, run: FlowRun, state: Any) -> None:
         waiting = state is None or state.type.value in ("SCHEDULED", "PENDING")

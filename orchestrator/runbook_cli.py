@@ -172,6 +172,8 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         app = create_app(settings, deployed, audit=rt.audit, alerter=alerter)
         deployed.attach(app.state.gateway)  # closes incidents when their runs end
         app.state.roles.starter = deployed
+        # A re-protect run that did not protect the group is tried again later.
+        deployed.on_reprotect_done = app.state.roles.reprotect_finished
         starter: EmbeddedStarter | DeploymentStarter = deployed
     else:
         embedded = EmbeddedStarter(str(config.resolve()))

@@ -60,6 +60,34 @@ def test_a_final_run_older_than_the_incident_is_stale() -> None:
     assert is_stale(crashed, _incident(t + timedelta(minutes=5)))
 
 
+def test_the_end_of_each_reprotect_run_started_is_reported_once(prefect_api: str) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow(name="reprotect-probe")
+    def probe() -> None:
+        pass
+
+    reported: list[tuple[str, ...]] = []
+    starter = DeploymentStarter()
+    starter.on_reprotect_done = lambda *args: reported.append(args)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with get_client() as client:
+            ended = await client.create_flow_run(probe, state=Completed(
+                message="unprotected: the standby did not catch up"))
+            going = await client.create_flow_run(probe, state=Running())
+            starter._reprotects.update({str(ended.id): ("orders", "reprotect:orders:3"),
+                                        str(going.id): ("payments", "reprotect:payments:1")})
+            return (await starter.follow_reprotects(client),
+                    await starter.follow_reprotects(client))
+
+    first, again = asyncio.run(scenario())
+    assert first == ["reprotect:orders:3"] and again == []
+    assert reported == [("orders", "reprotect:orders:3", "unprotected",
+                         "the standby did not catch up")]
+
+
 # -- the distributed lab --------------------------------------------------------------------------
 
 
