@@ -185,10 +185,13 @@ class Client:
             with _OPENER.open(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
+            body: object
             try:
-                msg = json.loads(e.read() or b"{}").get("message") or f"HTTP {e.code}"
+                body = json.loads(e.read() or b"{}")
             except (ValueError, OSError):
-                msg = f"HTTP {e.code}"
+                body = None
+            # Not etcd's own error object (a proxy's page, a list): the status is all we have.
+            msg = (body.get("message") if isinstance(body, dict) else None) or f"HTTP {e.code}"
             # 5xx: this member cannot serve (no leader, stopping): another member may.
             cls = EtcdError if e.code >= 500 else (
                 EtcdLeaseNotFound if _LEASE_NOT_FOUND in str(msg) else EtcdRefused)
@@ -201,6 +204,8 @@ class Client:
             first = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
         except ValueError:
             raise EtcdError(f"etcd at {endpoint} answered {path} with something not JSON") from None
+        if not isinstance(first, dict):
+            raise EtcdError(f"etcd at {endpoint} answered {path} with JSON that is no object")
         if "error" in first:
             err = first["error"]
             msg = err.get("message", err) if isinstance(err, dict) else err

@@ -309,6 +309,29 @@ def test_writes_whose_lease_etcd_lost_take_new_leases(shared_etcd: Etcd) -> None
     assert store.heard("g", "a") is not None
 
 
+def test_an_incident_closes_although_etcd_lost_the_leases_of_closed_ones(
+        shared_etcd: Etcd) -> None:  # noqa: F811
+    client = shared_etcd.client()
+    store = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    group = f"rep{next(_n)}"
+    first = store.claim_incident(group, IncidentKind.HEARTBEAT_LOST, "silent",
+                                 {"agent_id": "pg-a"}, datetime.now(UTC))
+    assert isinstance(first, Incident)
+    assert store.close_incident(group, first.idempotency_key, "failed_over", "ok", hold_down_s=60)
+    closed = client.get_kv(f"{PREFIX}incident/{first.idempotency_key}")
+    hold = client.get_kv(f"{PREFIX}hold/{group}/pg-a")
+    assert closed is not None and hold is not None
+    for lease in {closed.lease, hold.lease}:
+        client.revoke(lease)  # as after etcd lost them: the store's cached leases are stale
+    store.join(group, "pg-a")  # the hold went with its lease
+    second = store.claim_incident(group, IncidentKind.HEARTBEAT_LOST, "silent again",
+                                  {"agent_id": "pg-a"}, datetime.now(UTC))
+    assert isinstance(second, Incident)
+    assert store.close_incident(group, second.idempotency_key, "failed_over", "ok",
+                                hold_down_s=60)
+    assert store.open_incident(group) is None
+
+
 def test_only_a_lost_lease_is_a_lease_refusal(shared_etcd: Etcd) -> None:  # noqa: F811
     # An endpoint whose URL says "lease" refusing for another reason is a plain refusal.
     odd = Client(shared_etcd.url + "/lease")

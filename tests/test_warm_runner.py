@@ -237,3 +237,30 @@ def test_watch_without_a_member_fails_fast() -> None:
     c = Client("http://127.0.0.1:9", timeout=0.5)
     with pytest.raises(EtcdError, match="did not take a watch"):
         next(iter(c.watch("/x/", 1, idle_s=0.5)))
+
+
+def test_an_answer_that_is_no_etcd_object_is_an_etcd_error() -> None:
+    # A proxy or something else on the port: JSON, but not etcd's objects.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            code = 404 if self.path.endswith("/kv/put") else 200
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"[1, 2]")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = Client(f"http://127.0.0.1:{server.server_address[1]}", timeout=2)
+        with pytest.raises(EtcdError, match="refused /kv/put: HTTP 404"):
+            c.put("/x", "1")
+        with pytest.raises(EtcdError, match="no object"):
+            c.get("/x")
+    finally:
+        server.shutdown()

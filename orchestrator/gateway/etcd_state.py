@@ -316,13 +316,23 @@ class EtcdGatewayStore(_EtcdState):
     def close_incident(self, group: str, key: str, outcome: str, reason: str,
                        hold_down_s: float = 0.0) -> bool:
         for _ in range(_CAS_TRIES):
-            gkv, state = self._load(f"group/{group}")
-            if not state or state.get("open_key") != key:
-                return False
-            ikv, row = self._load(f"incident/{key}")
-            now = time.time()
-            puts: list[tuple[str, Any, int]] = [
-                (f"group/{group}", {**state, "open_key": None}, 0)]
+            done = self._close_once(group, key, outcome, reason, hold_down_s)
+            if done is not None:
+                return done
+        raise _contended(f"closing incident {key}")
+
+    def _close_once(self, group: str, key: str, outcome: str, reason: str,
+                    hold_down_s: float) -> bool | None:
+        """One attempt: True closed, False not open (any more), None another replica wrote
+        first (read again)."""
+        gkv, state = self._load(f"group/{group}")
+        if not state or state.get("open_key") != key:
+            return False
+        ikv, row = self._load(f"incident/{key}")
+        now = time.time()
+
+        def write() -> bool:
+            puts: list[tuple[str, Any, int]] = [(f"group/{group}", {**state, "open_key": None}, 0)]
             if row is not None:
                 closed = {**row, "status": IncidentStatus.CLOSED.value, "closed_at": now,
                           "close_outcome": outcome, "close_reason": reason}
@@ -332,9 +342,10 @@ class EtcdGatewayStore(_EtcdState):
                     puts.append((f"hold/{group}/{agent}",
                                  {"key": key, "until": now + hold_down_s, "joined": 0},
                                  self._holds.current()))
-            if self._txn([(f"group/{group}", gkv), (f"incident/{key}", ikv)], puts):
-                return True
-        raise _contended(f"closing incident {key}")
+            return self._txn([(f"group/{group}", gkv), (f"incident/{key}", ikv)], puts)
+
+        # Leases etcd no longer has (lost with a member's state) are replaced, not waited out.
+        return True if self._with_leases(write, self._closed, self._holds) else None
 
     def join(self, group: str, agent_id: str) -> Hold | None:
         for _ in range(_CAS_TRIES):
