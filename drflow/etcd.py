@@ -185,13 +185,13 @@ class Client:
             with _OPENER.open(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            body: object
+            answer: object
             try:
-                body = json.loads(e.read() or b"{}")
+                answer = json.loads(e.read() or b"{}")
             except (ValueError, OSError):
-                body = None
+                answer = None
             # Not etcd's own error object (a proxy's page, a list): the status is all we have.
-            msg = (body.get("message") if isinstance(body, dict) else None) or f"HTTP {e.code}"
+            msg = (answer.get("message") if isinstance(answer, dict) else None) or f"HTTP {e.code}"
             # 5xx: this member cannot serve (no leader, stopping): another member may.
             cls = EtcdError if e.code >= 500 else (
                 EtcdLeaseNotFound if _LEASE_NOT_FOUND in str(msg) else EtcdRefused)
