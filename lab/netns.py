@@ -605,12 +605,45 @@ def sweep_orphans(is_live: Callable[[Path], bool], progress: Callable[[str], Non
 # --- the shared internet address -----------------------------------------------------------------
 
 def ensure_internet() -> str:
-    """Put the internet address on the root namespace's lo (idempotent); 127.0.0.1 on loopback labs."""
+    """Put the internet address on the root namespace's lo (idempotent); 127.0.0.1 on loopback labs.
+
+    The calling process is recorded as a user of the address until it calls release_internet or
+    dies: another process's release (a second test session ending) leaves it in place."""
     if not available()[0]:
         return "127.0.0.1"
     with _global_lock():  # not while release_internet decides to remove it
         _add_to_lo(INTERNET_ADDRESS)
+        _internet_user(register=True)
     return INTERNET_ADDRESS
+
+
+def _internet_user(register: bool) -> bool:
+    """Record (or forget) this process as a user of the internet address; True when another
+    live process still uses it. Call under the global lock."""
+    import psutil
+
+    d = state_dir() / "internet-users"
+    d.mkdir(parents=True, exist_ok=True)
+    me = d / f"{os.getpid()}.json"
+    if register:
+        me.write_text(json.dumps({"pid": os.getpid(),
+                                  "started": psutil.Process().create_time()}))
+    else:
+        me.unlink(missing_ok=True)
+    others = False
+    for f in d.glob("*.json"):
+        if f == me:
+            continue
+        try:
+            rec = json.loads(f.read_text())
+            alive = abs(psutil.Process(int(rec["pid"])).create_time() - float(rec["started"])) < 1
+        except (OSError, ValueError, KeyError, psutil.Error):
+            alive = False
+        if alive:
+            others = True
+        else:
+            f.unlink(missing_ok=True)  # its process is gone (or the pid was reused)
+    return others
 
 
 def _listening(address: str) -> bool:
@@ -626,11 +659,13 @@ def _listening(address: str) -> bool:
 
 
 def release_internet() -> None:
-    """Remove the internet address when no lab topology is left and nothing listens on it."""
+    """This process no longer needs the internet address; remove it when no other live process
+    uses it, no lab topology is left and nothing listens on it."""
     if not _can_manage()[0]:
         return
     with _global_lock():
-        if any(r.get("enabled", True) for r in _records()) or _listening(INTERNET_ADDRESS):
+        if _internet_user(register=False) or any(r.get("enabled", True) for r in _records()) \
+                or _listening(INTERNET_ADDRESS):
             return
         _run(["ip", "addr", "del", f"{INTERNET_ADDRESS}/32", "dev", "lo"], check=False)
 

@@ -629,6 +629,22 @@ def test_internet_address_stays_while_a_lab_exists(net: dict) -> None:
     assert netns.ensure_internet() == netns.INTERNET_ADDRESS  # idempotent
 
 
+@needs_netns
+def test_internet_address_stays_while_another_process_uses_it() -> None:
+    # Two test sessions on one machine: one ending (its release at exit) while the other has
+    # the address but nothing listening on it yet must not take it away.
+    assert netns.ensure_internet() == netns.INTERNET_ADDRESS  # this process: a user
+    code = ("import sys; from lab import netns; netns.ensure_internet(); "
+            "others = netns._internet_user(register=False); netns.release_internet(); "
+            "sys.exit(0 if others else 3)")
+    other = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                           timeout=60)
+    assert other.returncode == 0, "the other process did not see this one using the address"
+    out = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True,
+                         text=True).stdout
+    assert f"{netns.INTERNET_ADDRESS}/32" in out
+
+
 def test_loopback_lab_when_namespaces_are_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRFLOW_LAB_NETNS", "off")
     assert netns.available() == (False, "DRFLOW_LAB_NETNS=off")
