@@ -229,32 +229,31 @@ class WarmRunner:
 
     # -- one run -------------------------------------------------------------------------------
 
-    def take(self, run_id: UUID) -> bool:
-        """Claim the run (PENDING) and execute it in a thread; False when it is not ours to run."""
-        from prefect.exceptions import Abort
-        from prefect.states import Pending
-        from prefect.utilities.engine import propose_state_sync
+    def take(self, run_id: UUID, marked: bool = False) -> bool:
+        """Claim the run and execute it in a thread; False when it is not ours to run.
 
+        Prefect accepts PENDING on a run that has already COMPLETED (checked on 3.9.1), so a
+        runner that read the run as SCHEDULED just before another ran it to the end would run
+        it again. The claim is therefore first this runner's mark, created only if absent (one
+        etcd transaction); the run is read again under the mark and claimed (PENDING) only if
+        still SCHEDULED. `marked`: the caller holds the mark already (adopt)."""
         with self._lock:
-            if run_id in self._seen:
+            if run_id in self._seen and not marked:
                 return False
             self._seen[run_id] = time.time()
-        with self._client() as client:
-            run = client.read_flow_run(run_id)
-            flow = self._flow_of(client, run)
-            if flow is None or run.state is None or not run.state.is_scheduled():
-                return False
-            self._prefetch(flow.name, run)
-            try:
-                state = propose_state_sync(client, Pending(), flow_run_id=run_id)
-            except Abort as exc:  # another runner or worker has it
-                log.info("run %s (%s): taken elsewhere (%s)", run.name, flow.name, exc)
-                return False
-            if not state.is_pending():
-                log.info("run %s (%s): not ours (%s)", run.name, flow.name, state.type.value)
-                return False
-            self._mark(run_id, blind=True)
-            client.update_flow_run(run_id, infrastructure_pid=self.pid)
+        if not marked and not self._mark(run_id):
+            with self._lock:  # another runner holds it: seen again if it comes back
+                self._seen.pop(run_id, None)
+            return False
+        try:
+            claimed = self._claim(run_id)
+        except BaseException:
+            self._unmark(run_id)
+            raise
+        if claimed is None:
+            self._unmark(run_id)
+            return False
+        flow, run = claimed
         log.info("run %s (%s): taken by %s", run.name, flow.name, self.name)
         t = threading.Thread(target=self._execute, args=(flow, run), name=f"flow {run.name}",
                              daemon=True)
@@ -264,6 +263,30 @@ class WarmRunner:
         if self.on_claimed is not None:
             self.on_claimed(run_id)
         return True
+
+    def _claim(self, run_id: UUID) -> tuple[Flow[..., Any], FlowRun] | None:
+        """Move the run from SCHEDULED to PENDING (Prefect's claim, which also settles a race
+        with a plain Prefect worker); (its flow, the run) when this runner now has it."""
+        from prefect.exceptions import Abort
+        from prefect.states import Pending
+        from prefect.utilities.engine import propose_state_sync
+
+        with self._client() as client:
+            run = client.read_flow_run(run_id)
+            flow = self._flow_of(client, run)
+            if flow is None or run.state is None or not run.state.is_scheduled():
+                return None
+            self._prefetch(flow.name, run)
+            try:
+                state = propose_state_sync(client, Pending(), flow_run_id=run_id)
+            except Abort as exc:  # a worker has it
+                log.info("run %s (%s): taken elsewhere (%s)", run.name, flow.name, exc)
+                return None
+            if not state.is_pending():
+                log.info("run %s (%s): not ours (%s)", run.name, flow.name, state.type.value)
+                return None
+            client.update_flow_run(run_id, infrastructure_pid=self.pid)
+        return flow, run
 
     def _flow_of(self, client: SyncPrefectClient, run: FlowRun) -> Flow[..., Any] | None:
         name = self._flow_names.get(run.flow_id)
@@ -322,21 +345,20 @@ class WarmRunner:
 
     # -- runs of a runner that is gone -------------------------------------------------------
 
-    def _mark(self, run_id: UUID, blind: bool) -> bool:
-        """Mark the run as ours under our liveness lease; `blind=False`: only if unmarked."""
+    def _mark(self, run_id: UUID, strict: bool = False) -> bool:
+        """Mark the run as ours under our liveness lease, only if nobody has marked it; False
+        when another runner has. With etcd out of reach: True (a failover must still start on
+        the poll of Prefect), unless `strict` (adopting, which only etcd can make exclusive)."""
         if self.etcd is None or self.liveness is None:
             return True
         key = running_key(self.pool, run_id)
-        value = self._mark_value
         try:
-            if blind:
-                self.etcd.put(key, value, self.liveness.lease)
-                return True
-            ok, _ = self.etcd.txn([absent(key)], [put_op(key, value, self.liveness.lease)])
+            ok, _ = self.etcd.txn([absent(key)],
+                                  [put_op(key, self._mark_value, self.liveness.lease)])
             return ok
         except EtcdError as exc:
             log.warning("run %s: not marked as %s's: %s", run_id, self.name, exc)
-            return blind
+            return not strict
 
     def _unmark(self, run_id: UUID) -> None:
         """Remove our mark of the run (not another runner's that took it since)."""
@@ -350,7 +372,7 @@ class WarmRunner:
     def _remark(self, lease: int) -> None:
         """A new liveness lease: mark our runs again, unless another runner took them."""
         for run_id in self.running():
-            if not self._mark(run_id, blind=False):
+            if not self._mark(run_id, strict=True):
                 log.error("run %s was taken over by another runner while this one was cut off "
                           "from etcd: both may be running it", run_id)
 
@@ -392,16 +414,12 @@ class WarmRunner:
                     or run.state.is_paused():
                 return False
             flow = self._flow_of(client, run)
-            if flow is None or not self._mark(run_id, blind=False):
+            if flow is None or not self._mark(run_id, strict=True):
                 return False  # another runner adopted it (or it is no runbook of ours)
             gone = str(run.infrastructure_pid or "another runner")
             log.warning("run %s (%s): its runner (%s) is gone; running it again here", run.name,
                         flow.name, gone)
             client.set_flow_run_state(run_id, Scheduled(
                 message=f"its runner {gone} was lost; re-run by {self.name}"), force=True)
-        with self._lock:
-            self._seen.pop(run_id, None)
-        if self.take(run_id):
-            return True
-        self._unmark(run_id)  # someone else claimed it as SCHEDULED first: theirs now
-        return False
+        # Under our mark: another runner cannot claim it; a plain worker may (then it is theirs).
+        return self.take(run_id, marked=True)

@@ -177,6 +177,35 @@ def test_the_run_of_a_runner_that_is_gone_is_run_again_by_another_with_its_slot(
             wr.close()
 
 
+def test_a_runner_that_read_a_run_before_another_ran_it_does_not_run_it_again(
+        pool: tuple[str, UUID], shared_etcd: Etcd) -> None:  # noqa: F811
+    # Prefect takes PENDING even on a COMPLETED run: B reads the run as SCHEDULED, A claims,
+    # runs and completes it, then B's claim arrives. B must not run it a second time.
+    name, deployment = pool
+    (a, ta), (b, tb) = [_runner(name, shared_etcd.client(), poll_s=300) for _ in range(2)]
+    try:
+        time.sleep(1.0)
+        (rid,) = _runs(deployment, 1)
+        done = threading.Event()
+        a.on_claimed = lambda _rid: threading.Thread(
+            target=lambda: (wait_for(lambda: _states([rid])[rid] == "COMPLETED", 30, "done"),
+                            done.set()), daemon=True).start()
+        b._prefetch = lambda *_: done.wait(5)  # type: ignore[method-assign]
+        tb_take = threading.Thread(target=b.take, args=(rid,))
+        tb_take.start()
+        time.sleep(0.3)  # B has read the run
+        a.take(rid)
+        tb_take.join(30)
+        wait_for(lambda: _states([rid])[rid] == "COMPLETED" and not a.running()
+                 and not b.running(), 30, "the run done")
+        assert Counter(executed)[str(rid)] == 1, Counter(executed)[str(rid)]
+    finally:
+        for wr, t in ((a, ta), (b, tb)):
+            wr.stop()
+            t.join(10)
+            wr.close()
+
+
 def test_a_run_nobody_pushed_is_found_by_the_poll(pool: tuple[str, UUID]) -> None:
     name, deployment = pool
     wr, t = _runner(name, None, poll_s=0.3)
