@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -386,7 +386,7 @@ def test_a_ledger_changes_only_from_what_was_read(shared_etcd: Etcd) -> None:  #
     assert a.get(run).decided == "approved"
 
 
-# -- the roles record, changed by two replicas at once --------------------------------------------
+# -- the roles record and the primary, changed by two replicas at once ----------------------------
 
 
 class Interleaved:
@@ -499,6 +499,63 @@ def test_a_boot_report_taken_by_two_replicas_at_once_claims_one_reprotect(
     finally:
         a.close()
         b.close()
+
+
+def _heard(gw: Gateway, group: str, agent: str, role: str) -> None:
+    r = gw.post(event("heartbeat", agent=agent, group=group, role=role))
+    assert r.status_code == 202, r.text
+
+
+@contextmanager
+def _replicas(tmp: Path, url: str, group: str) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two replicas on one etcd; nobody goes silent (the heartbeat timeout is long)."""
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(running_gateway(_settings(
+            tmp / f"{n}.sqlite", url, group, heartbeat_timeout_s=60))) for n in "ab")
+        yield a, b
+
+
+def test_a_standby_report_to_a_replica_behind_leaves_the_stored_primary(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # A heard pg-a as the primary; after a failover, B heard pg-b claim it. Then pg-a, now a
+    # standby, says so to A, whose tracker still named pg-a: the primary every replica decides
+    # with stays pg-b, and A takes it.
+    group = f"rep{next(_n)}"
+    shared = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        _heard(a, group, PRIMARY, "primary")
+        _heard(b, group, STANDBY, "primary")
+        assert shared.primary_of(group) == STANDBY
+        _heard(a, group, PRIMARY, "standby")
+        assert shared.primary_of(group) == STANDBY
+        assert a.groups()[group]["primary"] == STANDBY
+        # The stored primary saying it is a standby is forgotten.
+        _heard(b, group, STANDBY, "standby")
+        assert shared.primary_of(group) is None
+
+
+def test_closing_an_incident_forgets_its_agent_only_while_it_is_the_stored_primary(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    group = f"rep{next(_n)}"
+    shared = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        # pg-a failed on A; B heard the promoted pg-b before the incident closed on A.
+        _heard(a, group, PRIMARY, "primary")
+        assert a.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert a.starter.wait(1, 5)
+        _heard(b, group, STANDBY, "primary")
+        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert shared.primary_of(group) == STANDBY
+        assert a.groups()[group]["primary"] == STANDBY
+    group = f"rep{next(_n)}"
+    with _replicas(tmp_path / "again", shared_etcd.url, group) as (a, b):
+        # Only B heard pg-a; its incident closed on A: pg-a is forgotten all the same.
+        _heard(b, group, PRIMARY, "primary")
+        assert b.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert b.starter.wait(1, 5)
+        assert a.groups()[group]["primary"] is None
+        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert shared.primary_of(group) is None
 
 
 def test_state_in_etcd_needs_etcd(tmp_path: Path) -> None:

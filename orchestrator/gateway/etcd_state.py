@@ -244,11 +244,22 @@ class EtcdGatewayStore(_EtcdState):
     def save_agent(self, group: str, agent_id: str, role: str | None) -> None:
         self._put(f"agent/{group}/{agent_id}", {"group": group, "agent_id": agent_id, "role": role})
 
-    def set_primary(self, group: str, agent_id: str | None) -> None:
-        if agent_id is None:
-            self._etcd.delete(PREFIX + f"primary/{group}")
-        else:
-            self._put(f"primary/{group}", {"group": group, "agent_id": agent_id})
+    def set_primary(self, group: str, agent_id: str) -> None:
+        self._put(f"primary/{group}", {"group": group, "agent_id": agent_id})
+
+    def clear_primary(self, group: str, agent_id: str) -> str | None:
+        """Forget `agent_id` as the group's primary unless the shared one is another agent by
+        now (another replica heard that one claim it); the shared primary afterwards."""
+        key = PREFIX + f"primary/{group}"
+        for _ in range(_CAS_TRIES):
+            kv = self._etcd.get_kv(key)
+            current = str(json.loads(kv.value)["agent_id"]) if kv else None
+            if current != agent_id:
+                return current
+            ok, _ = self._etcd.txn([_guard(key, kv)], [delete_op(key)])
+            if ok:
+                return None
+        raise _contended(f"forgetting the primary of group {group}")
 
     def agents(self) -> list[tuple[str, str, str | None]]:
         return [(str(v["group"]), str(v["agent_id"]), v.get("role")) for v in self._prefix("agent/")]
