@@ -324,6 +324,21 @@ def test_a_forgotten_event_is_new_again(tmp_path: Path) -> None:
         store.close()
 
 
+def test_the_stored_primary_is_forgotten_only_while_it_names_the_agent(tmp_path: Path) -> None:
+    from orchestrator.gateway.store import GatewayStore
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        assert store.clear_primary("g1", PRIMARY) is None  # nothing stored: nothing to forget
+        store.set_primary("g1", STANDBY)
+        assert store.clear_primary("g1", PRIMARY) == STANDBY  # another agent's: it stays
+        assert store.primary_of("g1") == STANDBY
+        assert store.clear_primary("g1", STANDBY) is None
+        assert store.primary_of("g1") is None and store.primaries() == {}
+    finally:
+        store.close()
+
+
 # -- incidents ----------------------------------------------------------------------------------------
 
 

@@ -12,9 +12,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +24,25 @@ import httpx
 import pytest
 
 from drflow.approval import Ledger
-from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused
+from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused, KeyValue
+from drflow.events import EventKind, HealthEvent
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
 from lab.procs import free_port
 from orchestrator.gateway import Incident, IncidentKind
-from orchestrator.gateway.etcd_state import PREFIX, EtcdGatewayStore, EtcdLedgerStore
+from orchestrator.gateway.etcd_state import (
+    PREFIX,
+    EtcdGatewayStore,
+    EtcdLedgerStore,
+    EtcdRolesStore,
+)
+from orchestrator.gateway.roles import RolesService
+from orchestrator.gateway.roles_decide import (
+    BOOT_HELD,
+    BOOT_SECOND_PRIMARY,
+    RolesRecord,
+    RolesUpdate,
+)
 from orchestrator.gateway.store import Seen
 from tests.harness import wait_for
 from tests.test_gateway import (
@@ -37,6 +50,7 @@ from tests.test_gateway import (
     SECRET,
     STANDBY,
     Gateway,
+    RecordingAudit,
     RecordingStarter,
     event,
     make_settings,
@@ -370,6 +384,178 @@ def test_a_ledger_changes_only_from_what_was_read(shared_etcd: Etcd) -> None:  #
     assert b.put(run, "g", first, Ledger(approvals=("U1", "U2"), decided="approved",
                                          decided_by=("U1", "U2")))
     assert a.get(run).decided == "approved"
+
+
+# -- the roles record and the primary, changed by two replicas at once ----------------------------
+
+
+class Interleaved:
+    """An etcd client that runs `then` once, right after its first read of `key`: another
+    replica's change lands between this replica's read of the record and its write."""
+
+    def __init__(self, client: Client, key: str, then: Callable[[], None]) -> None:
+        self._client, self._key = client, key
+        self._then: Callable[[], None] | None = then
+
+    def get_kv(self, key: str, serializable: bool = False) -> KeyValue | None:
+        kv = self._client.get_kv(key, serializable)
+        if key == self._key and self._then is not None:
+            then, self._then = self._then, None
+            then()
+        return kv
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def _interleave(roles: RolesService, group: str, then: Callable[[], None]) -> None:
+    """Run `then` once, right after the replica's first read of the group's roles record."""
+    store = roles.store
+    assert isinstance(store, EtcdRolesStore)
+    store._etcd = Interleaved(store._etcd, f"{PREFIX}roles/{group}", then)  # type: ignore[assignment]
+
+
+class NoIncidents:
+    """The gateway and its store, as far as the roles service asks them: no incident is open."""
+
+    def __init__(self) -> None:
+        self.store = self
+
+    def open_incident(self, group: str) -> None:
+        return None
+
+
+def _roles(tmp: Path, url: str, group: str) -> tuple[RolesService, RecordingAudit]:
+    audit = RecordingAudit()
+    return RolesService(_settings(tmp, url, group), NoIncidents(), audit), audit  # type: ignore[arg-type]
+
+
+def _boot(group: str, agent: str, site: str, report: str, **details: Any) -> HealthEvent:
+    return HealthEvent(agent_id=agent, group=group, kind=EventKind.HEARTBEAT,
+                       details={"drflow_boot": report, "site": site, **details})
+
+
+def _brief(rec: RolesRecord) -> dict[str, Any]:
+    return {"primary_site": rec.primary_site, "protected": rec.protected, "seq": rec.seq,
+            "transition": rec.transition}
+
+
+@pytest.mark.parametrize("first", ["report", "correction"])
+def test_roles_changed_on_two_replicas_at_once_both_land(
+        shared_etcd: Etcd, tmp_path: Path, first: str) -> None:  # noqa: F811
+    # A flow reports a switchover to replica A while the prod agent, held at boot by a writable
+    # peer, makes replica B correct a stale record; each lands between the other's read of the
+    # record and its write. Neither is lost, and the one written last is audited as applied to
+    # the other's record.
+    group = f"rep{next(_n)}"
+    a, a_audit = _roles(tmp_path / "a.sqlite", shared_etcd.url, group)
+    b, b_audit = _roles(tmp_path / "b.sqlite", shared_etcd.url, group)
+
+    def report() -> None:
+        a.update(group, RolesUpdate(transition="switchover", reason="switchover begins"))
+
+    def correction() -> None:
+        b.on_event(_boot(group, PRIMARY, "prod", BOOT_HELD, peer_writable=True))
+
+    later, audit, sooner, other = ((a, a_audit, correction, b) if first == "report"
+                                   else (b, b_audit, report, a))
+    between: list[RolesRecord] = []
+
+    def interleave() -> None:
+        sooner()
+        between.append(other.record(group))
+
+    _interleave(later, group, interleave)
+    try:
+        (report if first == "report" else correction)()
+        assert between, "the other replica's change never ran in between"
+        final = a.record(group)
+        assert _brief(final) == {"primary_site": "dr", "protected": False, "seq": 1,
+                                 "transition": "switchover"}
+        assert b.record(group) == final
+        written = audit.of("roles.update")[-1]["parameters"]
+        assert written["before"] == _brief(between[0]) and written["after"] == _brief(final)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("report", [BOOT_HELD, BOOT_SECOND_PRIMARY])
+def test_a_boot_report_taken_by_two_replicas_at_once_claims_one_reprotect(
+        shared_etcd: Etcd, tmp_path: Path, report: str) -> None:  # noqa: F811
+    # The old primary's agent (on dr, the record's standby side) reports at boot twice, to A and
+    # to B, B's report landing between A's read and write: one re-protect run is claimed.
+    group = f"rep{next(_n)}"
+    a, a_audit = _roles(tmp_path / "a.sqlite", shared_etcd.url, group)
+    b, b_audit = _roles(tmp_path / "b.sqlite", shared_etcd.url, group)
+    _interleave(a, group, lambda: b.on_event(_boot(group, STANDBY, "dr", report)))
+    try:
+        a.on_event(_boot(group, STANDBY, "dr", report))
+        claims = [r for au in (a_audit, b_audit) for r in au.of("roles.reprotect")]
+        assert [r["parameters"]["idempotency_key"] for r in claims] == [f"reprotect:{group}:1"]
+        assert claims[0] in b_audit.of("roles.reprotect")  # B's write came first
+        rec = a.record(group)
+        assert (rec.protected, rec.seq, rec.reprotect_key) == (False, 1, f"reprotect:{group}:1")
+    finally:
+        a.close()
+        b.close()
+
+
+def _heard(gw: Gateway, group: str, agent: str, role: str) -> None:
+    r = gw.post(event("heartbeat", agent=agent, group=group, role=role))
+    assert r.status_code == 202, r.text
+
+
+@contextmanager
+def _replicas(tmp: Path, url: str, group: str) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two replicas on one etcd; nobody goes silent (the heartbeat timeout is long)."""
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(running_gateway(_settings(
+            tmp / f"{n}.sqlite", url, group, heartbeat_timeout_s=60))) for n in "ab")
+        yield a, b
+
+
+def test_a_standby_report_to_a_replica_behind_leaves_the_stored_primary(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # A heard pg-a as the primary; after a failover, B heard pg-b claim it. Then pg-a, now a
+    # standby, says so to A, whose tracker still named pg-a: the primary every replica decides
+    # with stays pg-b, and A takes it.
+    group = f"rep{next(_n)}"
+    shared = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        _heard(a, group, PRIMARY, "primary")
+        _heard(b, group, STANDBY, "primary")
+        assert shared.primary_of(group) == STANDBY
+        _heard(a, group, PRIMARY, "standby")
+        assert shared.primary_of(group) == STANDBY
+        assert a.groups()[group]["primary"] == STANDBY
+        # The stored primary saying it is a standby is forgotten.
+        _heard(b, group, STANDBY, "standby")
+        assert shared.primary_of(group) is None
+
+
+def test_closing_an_incident_forgets_its_agent_only_while_it_is_the_stored_primary(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    group = f"rep{next(_n)}"
+    shared = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        # pg-a failed on A; B heard the promoted pg-b before the incident closed on A.
+        _heard(a, group, PRIMARY, "primary")
+        assert a.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert a.starter.wait(1, 5)
+        _heard(b, group, STANDBY, "primary")
+        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert shared.primary_of(group) == STANDBY
+        assert a.groups()[group]["primary"] == STANDBY
+    group = f"rep{next(_n)}"
+    with _replicas(tmp_path / "again", shared_etcd.url, group) as (a, b):
+        # Only B heard pg-a; its incident closed on A: pg-a is forgotten all the same.
+        _heard(b, group, PRIMARY, "primary")
+        assert b.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert b.starter.wait(1, 5)
+        assert a.groups()[group]["primary"] is None
+        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert shared.primary_of(group) is None
 
 
 def test_state_in_etcd_needs_etcd(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_a_failed_reprotect_is_tried_again_after_a_back_off(tmp_path: Path) -> N
     settings = GatewaySettings(webhook_secret=SecretStr("s" * 32), state_path=tmp_path / "gw.db",
                                groups={})
     roles = RolesService(settings, gateway=None, audit=audit)  # type: ignore[arg-type]
-    roles.store.put(started)
+    roles.store.change("g", lambda _: started)
     roles.reprotect_finished("g", "reprotect:g:1", "protected", "")
     assert roles.record("g").reprotect_failures == 0
     roles.reprotect_finished("g", "reprotect:g:1", "failed", "agent unreachable")

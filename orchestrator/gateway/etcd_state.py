@@ -244,11 +244,22 @@ class EtcdGatewayStore(_EtcdState):
     def save_agent(self, group: str, agent_id: str, role: str | None) -> None:
         self._put(f"agent/{group}/{agent_id}", {"group": group, "agent_id": agent_id, "role": role})
 
-    def set_primary(self, group: str, agent_id: str | None) -> None:
-        if agent_id is None:
-            self._etcd.delete(PREFIX + f"primary/{group}")
-        else:
-            self._put(f"primary/{group}", {"group": group, "agent_id": agent_id})
+    def set_primary(self, group: str, agent_id: str) -> None:
+        self._put(f"primary/{group}", {"group": group, "agent_id": agent_id})
+
+    def clear_primary(self, group: str, agent_id: str) -> str | None:
+        """Forget `agent_id` as the group's primary unless the shared one is another agent by
+        now (another replica heard that one claim it); the shared primary afterwards."""
+        key = PREFIX + f"primary/{group}"
+        for _ in range(_CAS_TRIES):
+            kv = self._etcd.get_kv(key)
+            current = str(json.loads(kv.value)["agent_id"]) if kv else None
+            if current != agent_id:
+                return current
+            ok, _ = self._etcd.txn([_guard(key, kv)], [delete_op(key)])
+            if ok:
+                return None
+        raise _contended(f"forgetting the primary of group {group}")
 
     def agents(self) -> list[tuple[str, str, str | None]]:
         return [(str(v["group"]), str(v["agent_id"]), v.get("role")) for v in self._prefix("agent/")]
@@ -406,33 +417,21 @@ class EtcdRolesStore(_EtcdState):
         kv = self._get(f"roles/{group}")
         return None if kv is None else RolesRecord.model_validate_json(kv.value)
 
-    def put(self, rec: RolesRecord) -> None:
-        self._etcd.put(PREFIX + f"roles/{rec.group}", rec.model_dump_json())
-
-    def _cas(self, group: str, kv: KeyValue | None, rec: RolesRecord) -> bool:
-        key = PREFIX + f"roles/{group}"
-        ok, _ = self._etcd.txn([_guard(key, kv)], [put_op(key, rec.model_dump_json())])
-        return ok
-
-    def claim_reprotect(self, group: str, expected: RolesRecord, key: str) -> bool:
-        for _ in range(_CAS_TRIES):
-            kv = self._get(f"roles/{group}")
-            current = RolesRecord.model_validate_json(kv.value) if kv else None
-            if current is not None and current.reprotect_key == key:
-                return False
-            base = current or expected
-            if self._cas(group, kv, base.model_copy(update={"reprotect_key": key})):
-                return True
-        raise _contended(f"claiming the re-protect of group {group}")
-
-    def modify(self, group: str, change: Callable[[RolesRecord], RolesRecord | None]
+    def change(self, group: str, fn: Callable[[RolesRecord | None], RolesRecord | None]
                ) -> RolesRecord | None:
+        """Store what `fn` makes of the stored record (None: there is none yet), only if no
+        other replica wrote it since it was read; otherwise read it again and call `fn` again.
+        The record written, or None when `fn` returned None or what it was given (nothing
+        written)."""
+        key = PREFIX + f"roles/{group}"
         for _ in range(_CAS_TRIES):
-            kv = self._get(f"roles/{group}")
-            if kv is None:
+            kv = self._etcd.get_kv(key)
+            current = RolesRecord.model_validate_json(kv.value) if kv else None
+            new = fn(current)
+            if new is None or new is current:
                 return None
-            new = change(RolesRecord.model_validate_json(kv.value))
-            if new is None or self._cas(group, kv, new):
+            ok, _ = self._etcd.txn([_guard(key, kv)], [put_op(key, new.model_dump_json())])
+            if ok:
                 return new
         raise _contended(f"changing the roles record of group {group}")
 

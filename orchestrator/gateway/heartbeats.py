@@ -70,12 +70,6 @@ class HeartbeatTracker:
             return True
         return False
 
-    def forget_primary(self, group: str, agent_id: str) -> bool:
-        if self._primary.get(group) == agent_id:
-            del self._primary[group]
-            return True
-        return False
-
     def adopt_primary(self, group: str, agent_id: str | None) -> None:
         """Take the group's primary as the shared state knows it (another replica may have
         heard what this one did not)."""

@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Query, Request
@@ -90,11 +91,30 @@ class RolesService:
 
     def record(self, group: str) -> RolesRecord:
         rec = self.store.get(group)
-        if rec is not None:
-            return rec
+        return rec if rec is not None else self._initial(group)
+
+    def _initial(self, group: str) -> RolesRecord:
+        """The record of a group none was stored for: the configured primary serves."""
         policy = self.settings.roster(group)
         home = policy.primary.site if policy.primary else "primary"
         return RolesRecord(group=group, primary_site=home, changed_at=time.time())
+
+    def _change(self, group: str, compute: Callable[[RolesRecord], RolesRecord | None]
+                ) -> tuple[RolesRecord, RolesRecord | None]:
+        """Store what `compute` makes of the group's record as it is when written (the initial
+        record when none is stored): replicas sharing the state each change the record they
+        read, and the store calls `compute` again on the newer record when another one wrote
+        between the read and the write, so neither change is lost. (The record `compute` was
+        last given, the one written or None when it returned None or that record.)"""
+        given: list[RolesRecord] = []
+
+        def fn(current: RolesRecord | None) -> RolesRecord | None:
+            base = current if current is not None else self._initial(group)
+            given[:] = [base]  # the store's last call is the one whose result counts
+            return compute(base)
+
+        written = self.store.change(group, fn)
+        return given[0], written
 
     def view(self, group: str, nonce: str) -> dict[str, Any]:
         """The signed answer to an agent or a flow: roles, both sides, and whether in motion."""
@@ -110,14 +130,13 @@ class RolesService:
                 "in_transition": incident is not None or rec.transition is not None}
 
     def update(self, group: str, upd: RolesUpdate, actor: str = "flow") -> RolesRecord:
-        before = self.record(group)
         policy = self.settings.roster(group)
         known = {n.site for n in (policy.primary, policy.standby) if n}
         if upd.primary_site is not None and known and upd.primary_site not in known:
             raise Rejection(422, "malformed", f"primary_site {upd.primary_site!r} is not a side "
                             f"of group {group} ({', '.join(sorted(known))})")
-        after = apply_update(before, upd, time.time())
-        self.store.put(after)
+        before, after = self._change(group, lambda rec: apply_update(rec, upd, time.time()))
+        assert after is not None, "apply_update always returns a new record"
         self._audit("roles.update", group, {"actor": actor, "before": _brief(before),
                                             "after": _brief(after)}, "ok", after.reason)
         log.warning("group %s roles: %s", group, _brief(after))
@@ -137,7 +156,6 @@ class RolesService:
         twice, changes nothing)."""
         if outcome != "failed_over":
             return
-        rec = self.record(group)
         incident = self.gateway.store.incident(key)
         failed = incident.incident.evidence.get("agent_id") if incident else None
         failed_site = self._site_by_vm(group, failed) if isinstance(failed, str) else None
@@ -149,12 +167,13 @@ class RolesService:
             log.error("group %s failed over (%s) but the failed agent's side is unknown: the "
                       "roles record is left to the flow's report", group, key)
             return
-        after = after_failover(rec, new_site, f"failover {key}: {reason or outcome}", time.time())
-        if after is rec:
+        why = f"failover {key}: {reason or outcome}"
+        before, after = self._change(
+            group, lambda rec: after_failover(rec, new_site, why, time.time()))
+        if after is None:
             return
-        self.store.put(after)
         self._audit("roles.update", group, {"actor": "gateway", "incident": key,
-                                            "before": _brief(rec), "after": _brief(after)},
+                                            "before": _brief(before), "after": _brief(after)},
                     "ok", after.reason)
 
     def on_event(self, event: HealthEvent) -> None:
@@ -170,33 +189,47 @@ class RolesService:
         else:
             site = self.store.agent_site(group, event.agent_id) or self._site_by_vm(
                 group, event.agent_id)
-        rec = self.record(group)
-        corrected = stale_record(rec, self.settings.roster(group), agent_site=site,
-                                 report=report, peer_writable=bool(
-                                     event.details.get("peer_writable")
-                                     or event.details.get("leader_elsewhere")))
-        if corrected is not None:
-            self.store.put(corrected)
+        policy = self.settings.roster(group)
+        peer_writable = bool(event.details.get("peer_writable")
+                             or event.details.get("leader_elsewhere"))
+        incident_open = self.gateway.store.open_incident(group) is not None
+        # What the store's last call of `compute` decided: the call whose record was written.
+        decided: dict[str, Any] = {}
+
+        def compute(rec: RolesRecord) -> RolesRecord | None:
+            """The stale record corrected, then protection lost and the re-protect run of the
+            generation claimed if this report calls for one: decided on, and written as, one
+            record, so that replicas taking reports at once claim each run once."""
+            corrected = stale_record(rec, policy, agent_site=site, report=report,
+                                     peer_writable=peer_writable)
+            now_rec = corrected or rec
+            decision = decide_protection(now_rec, agent_id=event.agent_id, agent_site=site,
+                                         report=report, incident_open=incident_open,
+                                         now=time.time())
+            decided.update(decision=decision, claimed=False)
+            if decision.action is ProtectAction.NONE or decision.key is None:
+                return corrected
+            if now_rec.protected:
+                now_rec = apply_update(now_rec, RolesUpdate(protected=False,
+                                                            reason=decision.reason), time.time())
+            if now_rec.reprotect_key == decision.key:
+                # Started already (decide_protection does not look, for a second primary).
+                return corrected
+            decided["claimed"] = True
+            return now_rec.model_copy(update={"reprotect_key": decision.key})
+
+        before, written = self._change(group, compute)
+        decision: ProtectDecision = decided["decision"]
+        if written is not None and _brief(written) != _brief(before):
             self._audit("roles.update", group, {"actor": f"agent:{event.agent_id}",
-                                                "before": _brief(rec),
-                                                "after": _brief(corrected)},
-                        "ok", corrected.reason)
-            rec = corrected
-        decision = decide_protection(rec, agent_id=event.agent_id, agent_site=site,
-                                     report=report,
-                                     incident_open=self.gateway.store.open_incident(group)
-                                     is not None, now=time.time())
+                                                "before": _brief(before),
+                                                "after": _brief(written)},
+                        "ok", written.reason)
         if report:
             self._audit("roles.boot_report", group,
                         {"agent_id": event.agent_id, "site": site, "report": report,
                          "decision": decision.action.value}, "recorded", decision.reason)
-        if decision.action is ProtectAction.NONE or decision.key is None:
-            return
-        if rec.protected:
-            rec = apply_update(rec, RolesUpdate(protected=False, reason=decision.reason),
-                               time.time())
-            self.store.put(rec)
-        if not self.store.claim_reprotect(group, rec, decision.key):
+        if not decided["claimed"] or decision.key is None:
             return
         self._audit("roles.reprotect", group, {"idempotency_key": decision.key,
                                                "agent_id": event.agent_id,
@@ -214,8 +247,8 @@ class RolesService:
         next report: the group must not stay unprotected because one attempt failed."""
         if outcome == "protected":
             return
-        rec = self.store.modify(
-            group, lambda r: after_reprotect_failed(r, key, outcome, time.time()))
+        _, rec = self._change(group,
+                              lambda r: after_reprotect_failed(r, key, outcome, time.time()))
         if rec is not None:
             self._audit("roles.reprotect", group,
                         {"idempotency_key": key, "failures": rec.reprotect_failures},

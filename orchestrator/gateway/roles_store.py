@@ -28,36 +28,20 @@ class RolesStore(SqliteState):
                                    (group,)).fetchone()
         return None if row is None else RolesRecord.model_validate_json(row[0])
 
-    def put(self, rec: RolesRecord) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
-                       "DO UPDATE SET record = excluded.record", (rec.group, rec.model_dump_json()))
-
-    def claim_reprotect(self, group: str, expected: RolesRecord, key: str) -> bool:
-        """Mark `key` started unless the record changed since `expected` was read."""
+    def change(self, group: str, fn: Callable[[RolesRecord | None], RolesRecord | None]
+               ) -> RolesRecord | None:
+        """Store what `fn` makes of the stored record (None: there is none yet), in one write
+        transaction: no other writer of the file can change the record between the read and
+        the write. The record written, or None when `fn` returned None or what it was given
+        (nothing written)."""
         with self._tx() as db:
             row = db.execute("SELECT record FROM group_roles WHERE grp = ?", (group,)).fetchone()
             current = RolesRecord.model_validate_json(row[0]) if row else None
-            if current is not None and current.reprotect_key == key:
-                return False
-            base = current or expected
-            claimed = base.model_copy(update={"reprotect_key": key})
-            db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
-                       "DO UPDATE SET record = excluded.record", (group, claimed.model_dump_json()))
-            return True
-
-    def modify(self, group: str, change: Callable[[RolesRecord], RolesRecord | None]
-               ) -> RolesRecord | None:
-        """Apply `change` to the stored record in one transaction; the new record, or None when
-        there is none or `change` returned None (nothing written)."""
-        with self._tx() as db:
-            row = db.execute("SELECT record FROM group_roles WHERE grp = ?", (group,)).fetchone()
-            if row is None:
+            new = fn(current)
+            if new is None or new is current:
                 return None
-            new = change(RolesRecord.model_validate_json(row[0]))
-            if new is not None:
-                db.execute("UPDATE group_roles SET record = ? WHERE grp = ?",
-                           (new.model_dump_json(), group))
+            db.execute("INSERT INTO group_roles (grp, record) VALUES (?, ?) ON CONFLICT (grp) "
+                       "DO UPDATE SET record = excluded.record", (group, new.model_dump_json()))
             return new
 
     def agent_site(self, group: str, agent_id: str) -> str | None:

@@ -301,7 +301,7 @@ class GatewayService:
         hold = self.store.join(event.group, event.agent_id) if open_rec is None else None
         if hold is None and role is not None and self.tracker.set_role_claim(
                 event.group, event.agent_id, role):
-            self.store.set_primary(event.group, self.tracker.primary(event.group))
+            self._store_primary(event.group, event.agent_id)
         decision = decide_incident(
             group=event.group, trigger=IncidentKind.RECOVERY_EXHAUSTED, agent_id=event.agent_id,
             role=self.tracker.effective_role(event.group, event.agent_id),
@@ -356,7 +356,7 @@ class GatewayService:
             state = self.tracker.get(group, agent_id)
             self.store.save_agent(group, agent_id, state.role.value if state and state.role else None)
         if primary_changed:
-            self.store.set_primary(group, self.tracker.primary(group))
+            self._store_primary(group, agent_id)
             log.info("group %s: current primary agent is now %s", group, self.tracker.primary(group))
 
     # -- decisions into actions -----------------------------------------------------------------
@@ -404,6 +404,20 @@ class GatewayService:
                 self.replication.merge(group, agent_id, shared[1], shared[0])
                 heard = max(heard or 0.0, shared[0])
         return self.replication.evidence(group, agent_id), heard
+
+    def _store_primary(self, group: str, agent_id: str) -> None:
+        """Store the group's primary after `agent_id`'s role report changed it in the tracker."""
+        primary = self.tracker.primary(group)
+        if primary is not None:
+            # The agent says it is the primary: what it says now, not what this replica
+            # believed before, so it replaces any stored primary (the latest claim wins, as in
+            # the tracker).
+            self.store.set_primary(group, primary)
+            return
+        # The agent says it is no primary. This replica's tracker may be behind the shared
+        # state (another replica may have stored the new primary meanwhile): forget the agent
+        # only if it is the one stored still, and take whichever is.
+        self.tracker.adopt_primary(group, self.store.clear_primary(group, agent_id))
 
     def _adopt_shared_primary(self, group: str) -> None:
         """Before deciding on shared state, take the primary every replica agrees on."""
@@ -491,9 +505,12 @@ class GatewayService:
                 f"(open: {current.incident.idempotency_key if current else 'none'})",
             )
         agent = rec.incident.evidence.get("agent_id")
-        # The failed agent is no longer the primary; the next role=primary heartbeat names the new one.
-        if isinstance(agent, str) and self.tracker.forget_primary(group, agent):
-            self.store.set_primary(group, None)
+        # The failed agent is no longer the primary; the next role=primary heartbeat names the
+        # new one. With shared state, another replica may have heard it already, and this
+        # one's tracker may not know who is stored: the stored primary is forgotten only if it
+        # is the failed agent still, and the tracker takes whichever is stored.
+        if isinstance(agent, str):
+            self.tracker.adopt_primary(group, self.store.clear_primary(group, agent))
         log.warning("incident %s closed (%s): %s", key, outcome, reason)
         self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},
                      "closed", reason or outcome)

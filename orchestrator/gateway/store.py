@@ -135,13 +135,23 @@ class GatewayStore:
                 (group, agent_id, role),
             )
 
-    def set_primary(self, group: str, agent_id: str | None) -> None:
+    def set_primary(self, group: str, agent_id: str) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO group_state (grp, primary_agent) VALUES (?, ?) "
                 "ON CONFLICT (grp) DO UPDATE SET primary_agent = excluded.primary_agent",
                 (group, agent_id),
             )
+
+    def clear_primary(self, group: str, agent_id: str) -> str | None:
+        """Forget `agent_id` as the group's primary unless the stored one is another agent by
+        now (a writer sharing the file named it); the stored primary afterwards."""
+        with self._tx() as db:
+            db.execute("UPDATE group_state SET primary_agent = NULL "
+                       "WHERE grp = ? AND primary_agent = ?", (group, agent_id))
+            row = db.execute("SELECT primary_agent FROM group_state WHERE grp = ?",
+                             (group,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def agents(self) -> list[tuple[str, str, str | None]]:
         rows = self._db.execute("SELECT grp, agent_id, role FROM agents").fetchall()
