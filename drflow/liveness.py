@@ -5,7 +5,7 @@ Other processes read the key to learn whether this one still lives: a warm runne
 runs and the concurrency slots it held (orchestrator/warm_runner.py, flows/locks.py).
 
 `current()` is the identity the runbooks' locks record for their holder: the one a runner binds
-around each run it executes (`using`), else the one registered for the whole process.
+around each run it executes (`using`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from drflow.etcd import Client, EtcdError
 
 log = logging.getLogger("drflow.liveness")
 
-_current: Liveness | None = None
 _bound: contextvars.ContextVar[Liveness | None] = contextvars.ContextVar("drflow_liveness",
                                                                           default=None)
 Guard = Callable[[], "str | None"]  # why this code no longer owns its work, or None
@@ -30,7 +29,7 @@ _guard: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("drflow_li
 
 def current() -> Liveness | None:
     """The liveness of the code running here, if it has one (warm runners' runs do)."""
-    return _bound.get() or _current
+    return _bound.get()
 
 
 @contextmanager
@@ -64,22 +63,16 @@ class Liveness:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, register: bool = True) -> Liveness:
-        global _current
+    def start(self) -> Liveness:
         self._grant()
         self._thread = threading.Thread(target=self._keep, name=f"liveness {self.key}",
                                         daemon=True)
         self._thread.start()
-        if register:
-            _current = self
         return self
 
     def stop(self) -> None:
         """End the lease now: the key and every key bound to the lease go at once."""
-        global _current
         self._stop.set()
-        if _current is self:
-            _current = None
         if self.lease:
             try:
                 self.client.revoke(self.lease)

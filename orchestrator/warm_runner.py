@@ -143,7 +143,7 @@ class WarmRunner:
         threads = [threading.Thread(target=self._poll_loop, name="runner poll", daemon=True)]
         if self.etcd is not None:
             self.liveness = Liveness(self.etcd, RUNNERS_PREFIX + self.name, LIVENESS_TTL_S,
-                                     self.pool).start(register=False)
+                                     self.pool).start()
             self.liveness.on_new_lease = self._remark
             threads += [
                 threading.Thread(target=self._watch_loop, name="runner dispatch watch",
