@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,17 +56,26 @@ class Dist:
         return subprocess.run([DRFLOW, *args], capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **self.child_env}, cwd=REPO)
 
+    def _api(self, method: str, path: str, **kw: Any) -> Any:
+        # Through the balancer a request may reach a Prefect API replica as it dies (the kill
+        # test kills them): sent again, as Prefect's own client does.
+        for attempt in range(3):
+            try:
+                r = httpx.request(method, f"{self.api}{path}", timeout=10, **kw)
+                r.raise_for_status()
+                return r.json()
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
+
     def get(self, path: str) -> Any:
-        r = httpx.get(f"{self.api}{path}", timeout=10)
-        r.raise_for_status()
-        return r.json()
+        return self._api("GET", path)
 
     def runs_of(self, deployment: str) -> list[dict[str, Any]]:
         dep = self.get(f"/deployments/name/{deployment}")
-        r = httpx.post(f"{self.api}/flow_runs/filter", timeout=10,
-                       json={"deployments": {"id": {"any_": [dep["id"]]}}})
-        r.raise_for_status()
-        return list(r.json())
+        return list(self._api("POST", "/flow_runs/filter",
+                              json={"deployments": {"id": {"any_": [dep["id"]]}}}))
 
     def runner_log(self, i: int) -> Path:
         return self.base / f"runner-{i}.log"
