@@ -189,11 +189,14 @@ def decide_fence(v: FenceView) -> FenceDecision:
             return FenceDecision("stop", f"{v.old_vm} still holds its leader lease after "
                                          f"{v.waited_s:.1f} s (renewing: alive); no failover",
                                  outcome="primary_alive")
-        if may_power_off:
-            return FenceDecision("power_off", f"{v.old_vm}'s lease has not expired yet; trying "
-                                              "a power-off meanwhile")
-        return FenceDecision("wait", f"{v.old_vm} still holds its leader lease; waiting for it "
-                                     "to expire")
+        # No power-off while its agent holds the key: the lease lives only while the agent
+        # renews it (and the agent fences itself before it ends when it cannot), so a held key
+        # is a live agent. Silence heard by a slow or cut-off gateway, with a vCenter read that
+        # timed out, once powered off a healthy primary here. A dead one's key is gone within
+        # lease_s, and the lease or a power-off fences it then.
+        return FenceDecision("wait", f"{v.old_vm} still holds its leader lease (its agent "
+                                     "renews it: no power-off of a live primary); waiting for "
+                                     "it to expire")
 
     # The leader key is absent.
     if in_grace:

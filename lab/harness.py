@@ -219,10 +219,10 @@ def throwaway_prefect(database: str = "sqlite", keep_log: Path | None = None) ->
 
 
 def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
-              gateway: bool = True) -> Env:
+              gateway: bool = True, inventory_only: list[str] | None = None) -> Env:
     lab_dir = Path(os.environ.get("DRFLOW_TEST_TMP", "/tmp")) / f"drflow-e2e-{uuid.uuid4().hex[:8]}"
     state = manager.up(lab_dir, groups=groups, replication=replication,
-                       progress=lambda _m: None, agents=agents)
+                       progress=lambda _m: None, agents=agents, inventory_only=inventory_only)
     env = Env(lab_dir, state)
     try:
         if gateway:

@@ -67,10 +67,15 @@ def up(
     replication: str = "sync",
     progress: Progress = print,
     agents: bool = True,
+    inventory_only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build the sites' networks, then start a vcsim per site, etcd (a member per location),
     PostgreSQL pairs, moto, the Slack stand-in and a power bridge per site; write lab.json and
-    drflow.yaml."""
+    drflow.yaml.
+
+    `inventory_only`: more group names whose two VMs exist in the vCenters, with no database or
+    agent in them (`NAME-prod`, `NAME-dr`): for a load generator that speaks for their agents
+    (lab/agent_swarm.py). They are not in lab.json's groups nor in drflow.yaml."""
     if replication not in ("sync", "async"):
         raise LabError(f"--replication must be sync or async, not {replication!r}")
     if groups < 1:
@@ -95,7 +100,8 @@ def up(
     names = group_names(groups)
     t0 = time.monotonic()
     state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {},
-                             "manager_pid": os.getpid(), "complete": False}
+                             "manager_pid": os.getpid(), "complete": False,
+                             "inventory_only": list(inventory_only or [])}
     _write_state(lab_dir, state)  # lets `lab down` clean up even if `up` dies half-way
     try:
         topo = netns.create(lab_dir, progress)
@@ -112,7 +118,8 @@ def up(
             f_etcd = pool.submit(_timed, progress, "etcd", _start_etcd, lab_dir, topo, addr, prefix)
             f_vcs = {
                 site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
-                                  vcsim.start_vcsim, lab_dir, names, 0, 30.0, None, False,
+                                  vcsim.start_vcsim, lab_dir, [*names, *(inventory_only or [])],
+                                  0, 30.0, None, False,
                                   (site,), addr[site]["vcenter"], prefix[f"vcenter-{site}"],
                                   f"vcsim-{site}")
                 for site in SITES

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,25 @@ def test_audit_trail_verifies_and_detects_a_changed_byte(env: Env) -> None:
         assert "record" in (bad.stdout + bad.stderr)
     finally:
         env.start_gateway()
+
+
+def test_a_gateway_frozen_longer_than_the_heartbeat_timeout_opens_nothing(env: Env) -> None:
+    """Its VM stunned (a snapshot) for 5 s: on the thaw, every agent's last heartbeat is 5 s old,
+    but the gateway was the one not listening."""
+    assert env.gateway is not None
+    env.wait_all_heard()
+    time.sleep(2.0)  # past the incidents of the tests before
+    since = time.time()
+    os.kill(env.gateway.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.0)  # heartbeat_timeout_s is 3
+    finally:
+        os.kill(env.gateway.pid, signal.SIGCONT)
+    time.sleep(4.0)
+    later = [r for r in env.audit_records() if datetime.fromisoformat(r.time).timestamp() > since
+             and (r.action == "incident.open" or "silent" in (r.reason or ""))]
+    assert later == [], [(r.action, r.target, r.reason) for r in later]
+    env.wait_all_heard()
 
 
 def test_all_lab_processes_alive_for_the_record(env: Env) -> None:

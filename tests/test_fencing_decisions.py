@@ -64,8 +64,17 @@ def test_a_held_lease_is_waited_for_then_a_live_primary_stops_the_failover() -> 
     assert d.action == "stop" and d.outcome == "primary_alive"
 
 
+def test_no_power_off_while_the_old_primary_holds_its_lease() -> None:
+    # Its agent renews the key: alive, whatever the heartbeats or a vCenter read said.
+    for vm in (ON, VmView(None, error="timeout"), VmView("poweredOn", "notResponding")):
+        d = decide_fence(view(leader=OLD, vm=vm))
+        assert d.action == "wait" and "no power-off of a live primary" in d.reason, (vm, d)
+    d = decide_fence(view(leader=OLD, waited_s=fence_wait_limit(3) + 0.1))
+    assert d.action == "stop" and d.outcome == "primary_alive"
+
+
 def test_power_off_tried_unless_a_stun_is_visible() -> None:
-    assert decide_fence(view(leader=OLD)).action == "power_off"
+    assert decide_fence(view(receiver=STREAMING)).action == "power_off"
     assert decide_fence(view(leader=OLD, vm=STUN)).action == "wait"
     assert decide_fence(view(vm=STUN, receiver=GONE)).action == "wait"
     # A snapshot task on a VM whose host vCenter no longer hears is no visible stun.

@@ -18,6 +18,7 @@ class AgentState:
     last_seen_wall: float  # wall clock of the same moment, for evidence and RTO
     heard: bool  # False when armed from persisted state at gateway start, not by a heartbeat
     fired: bool = False  # silence already handled; cleared by the next heartbeat
+    blind_at_seen: float = 0.0  # the gateway's blind time (blind_time.py) at last_seen
 
 
 class HeartbeatTracker:
@@ -28,18 +29,21 @@ class HeartbeatTracker:
         self,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        blind: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._clock = clock
         self._wall = wall
+        # Seconds the gateway could not hear so far (BlindClock.now): not counted as silence.
+        self._blind = blind
         self._agents: dict[tuple[str, str], AgentState] = {}
         self._primary: dict[str, str] = {}
 
     def restore(self, agents: list[tuple[str, str, str | None]], primaries: dict[str, str]) -> None:
         """Arm every known agent as if heard now: after a restart, silence counts from here."""
-        now, wall = self._clock(), self._wall()
+        now, wall, blind = self._clock(), self._wall(), self._blind()
         for group, agent_id, role in agents:
             self._agents[(group, agent_id)] = AgentState(
-                group, agent_id, Role.parse(role), now, wall, heard=False
+                group, agent_id, Role.parse(role), now, wall, heard=False, blind_at_seen=blind
             )
         self._primary.update(primaries)
 
@@ -52,6 +56,7 @@ class HeartbeatTracker:
             state = AgentState(group, agent_id, role, now, wall, heard=True)
             self._agents[(group, agent_id)] = state
         state.last_seen, state.last_seen_wall, state.heard, state.fired = now, wall, True, False
+        state.blind_at_seen = self._blind()
         if role is not None:
             state.role = role
         return changed, self.set_role_claim(group, agent_id, role)
@@ -104,13 +109,15 @@ class HeartbeatTracker:
         return list(self._agents.values())
 
     def age(self, state: AgentState) -> float:
-        return self._clock() - state.last_seen
+        """Seconds since its last heartbeat that the gateway could hear (its stalls deducted)."""
+        return self._clock() - state.last_seen - (self._blind() - state.blind_at_seen)
 
     def overdue(self, timeout_s: float) -> list[AgentState]:
         """Agents silent for at least `timeout_s` whose silence has not been handled yet."""
-        now = self._clock()
-        return [s for s in self._agents.values() if not s.fired and now - s.last_seen >= timeout_s]
+        return [s for s in self._agents.values() if not s.fired and self.age(s) >= timeout_s]
 
     def next_deadline(self, timeout_s: float) -> float | None:
-        pending = [s.last_seen + timeout_s for s in self._agents.values() if not s.fired]
+        blind = self._blind()
+        pending = [s.last_seen + timeout_s + (blind - s.blind_at_seen)
+                   for s in self._agents.values() if not s.fired]
         return min(pending, default=None)

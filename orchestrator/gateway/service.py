@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from drflow.etcd import Client as EtcdClient
 from drflow.etcd import EtcdError
 from drflow.events import EventKind, HealthEvent
+from orchestrator.gateway.blind_time import BlindClock
 from orchestrator.gateway.contracts import (
     Alert,
     Alerter,
@@ -101,7 +102,8 @@ class GatewayService:
         alerter: Alerter | None = None,
     ) -> None:
         self.settings = settings
-        self.tracker = HeartbeatTracker()
+        self.blind = BlindClock()
+        self.tracker = HeartbeatTracker(blind=self.blind.now)
         self.replication = ReplicationEvidence()
         self.metrics = GatewayMetrics(self.tracker)
         self._starter = starter
@@ -119,6 +121,7 @@ class GatewayService:
         # vCenters (`drflow gateway`); None: hosts are not watched.
         self.host_watch: HostWatcher | None = None
         self._host_task: asyncio.Task[None] | None = None
+        self._blind_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
         self._failures: dict[tuple[str, str], dict[str, datetime]] = {}
@@ -139,6 +142,7 @@ class GatewayService:
         """Open the state, re-arm known agents, re-drive unstarted incidents, start watching."""
         self._loop = asyncio.get_running_loop()
         await self.in_state(self._open)
+        self._blind_task = asyncio.get_running_loop().create_task(self.blind.run())
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         if self.settings.etcd_endpoints:
             client = EtcdClient(self.settings.etcd_endpoints, self.settings.etcd_timeout_s)
@@ -171,8 +175,8 @@ class GatewayService:
                 self.spawn(self._drive_start(rec.incident, None))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task)
-                                 if t is not None)]
+        tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task,
+                                             self._blind_task) if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,206 @@
+"""Scale: 100 protection groups (200 agents) on one gateway, then the loss of a site.
+
+The lab runs `--site-loss` + `--single` groups for real (PostgreSQL pairs, guest agents, prod
+primaries) and the rest as inventory only: their VMs exist in the vCenters (primaries at DR,
+standbys at prod) and lab/agent_swarm.py speaks for their agents on the wire, at the agents'
+cadence: a signed heartbeat per node every second, the primary's leader lease (3 s) renewed
+every second in etcd. One gateway (`drflow gateway`, embedded runs, at the DR site) serves all
+of them, with its host watch reading every primary through the vCenters.
+
+1. Steady for `--steady-s` (600): nothing fails. Any incident opened is a false takeover;
+   the swarm also counts heartbeat gaps over the gateway's timeout (3 s) and lease renewals
+   later than a real agent allows itself before fencing (lease_s - margin = 2.5 s).
+2. Single-group RTO: the prod host of each of `--single` groups is lost (lab fault
+   `host-loss`: silent, its processes killed), one after the other.
+3. Site loss: prod is lost (`site-loss prod`: partitioned, every process there killed, its
+   vCenter and etcd member included): the `--site-loss` groups fail over at once; the
+   inventory-only groups, primary at DR, lose their standby and must not fail over.
+
+RTO: the fault → the first write acknowledged by the new primary, through the group's DNS name
+(lab.harness.Writer). Last line: {"false_takeovers", "single_rto_p50_s", "site_loss_rto_p50_s",
+"site_loss_rto_p95_s", ...} with the swarm's figures and the gateway's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _p(xs: list[float], q: float) -> float:
+    k = sorted(xs)
+    return k[min(len(k) - 1, max(0, round(q * (len(k) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", type=int, default=100, help="protection groups in all")
+    ap.add_argument("--site-loss", type=int, default=20, help="real groups lost with prod")
+    ap.add_argument("--single", type=int, default=3, help="real groups failed over alone first")
+    ap.add_argument("--steady-s", type=float, default=600.0, help="the steady phase's length")
+    args = ap.parse_args()
+    real = args.site_loss + args.single
+    if args.groups < real or args.site_loss < 1 or args.single < 1:
+        ap.error("--groups must cover --site-loss + --single, both at least 1")
+    from lab.harness import throwaway_prefect
+
+    with throwaway_prefect():
+        run(args, real)
+
+
+def run(args: argparse.Namespace, real: int) -> None:
+    import httpx
+    import psutil
+
+    from lab import agent_swarm, faults
+    from lab.harness import Writer, start_env, stop_env, wait_for
+
+    synthetic = [f"load{i + 1:03d}" for i in range(args.groups - real)]
+    print(f"starting a lab: {real} groups with PostgreSQL and agents, {len(synthetic)} "
+          f"inventory-only groups ({2 * len(synthetic)} agents spoken for by the swarm) …",
+          flush=True)
+    t0 = time.monotonic()
+    env = start_env(groups=real, replication="sync", gateway=False, inventory_only=synthetic)
+    swarm = None
+    try:
+        print(f"lab up in {time.monotonic() - t0:.0f} s", flush=True)
+        spec = agent_swarm.configure(env.lab_dir, env.state, synthetic)
+        swarm, figures_path = agent_swarm.start(env.lab_dir, spec)
+
+        def figures() -> dict[str, Any]:
+            return agent_swarm.read_figures(figures_path)
+
+        wait_for(lambda: figures().get("renewals", 0) >= len(synthetic), 60,
+                 "the swarm holding its leader keys")
+        env.start_gateway(timeout=120)
+        env.wait_all_heard(120)
+        def all_heard() -> dict[str, Any] | None:
+            try:  # GET /v1/groups: its first answer waits for every node's probe
+                st = env.groups_status()
+            except httpx.HTTPError:
+                return None
+            return st if all(st.get(n, {}).get("primary") == f"{n}-dr" for n in synthetic) \
+                else None
+
+        status = wait_for(all_heard, 120, "every swarm primary heard by the gateway")
+        print(f"gateway up: {len(status)} groups, every primary heard "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+
+        before = figures()
+        gw = psutil.Process(env.gateway.pid) if env.gateway else None
+        cpu0 = gw.cpu_times() if gw else None
+        steady0, steady_at = time.time(), time.monotonic()
+        while time.monotonic() - steady_at < args.steady_s:
+            time.sleep(min(60.0, args.steady_s - (time.monotonic() - steady_at)))
+            f = figures()
+            print(f"  steady {time.monotonic() - steady_at:.0f} s: incidents "
+                  f"{len(env.audit_records('incident.open'))}, swarm heartbeats "
+                  f"{f.get('heartbeats')} (p99 {f.get('heartbeat_p99_s')} s, longest gap "
+                  f"{f.get('longest_heartbeat_gap_s')} s), renewals {f.get('renewals')} "
+                  f"(longest gap {f.get('longest_renewal_gap_s')} s, deadline misses "
+                  f"{f.get('lease_deadline_misses')})", flush=True)
+        steady_s = time.monotonic() - steady_at
+        cpu_pct = None
+        if gw is not None and cpu0 is not None:
+            c = gw.cpu_times()
+            cpu_pct = round(100 * ((c.user - cpu0.user) + (c.system - cpu0.system)) / steady_s, 1)
+        steady_figures = figures()
+        steady_incidents = [r for r in env.audit_records("incident.open")]
+        print(f"steady phase over: {len(steady_incidents)} incidents, gateway CPU {cpu_pct} % "
+              "of one core", flush=True)
+
+        groups = env.state["groups"]
+        singles, lost_groups = groups[:args.single], groups[args.single:]
+        expected: dict[str, float] = {}  # group -> when it was meant to fail over
+        single_rtos = []
+        for g in singles:
+            w = Writer(env, g["name"]).start()
+            time.sleep(1.0)
+            fault = faults.fail(env.lab_dir, "host-loss", g["primary"]["vm"])
+            expected[g["name"]] = fault.at
+            rto = _rto(env, w, g, fault.at, wait_for)
+            single_rtos.append(rto)
+            print(f"  {g['name']}: host loss → RTO {rto:.2f} s", flush=True)
+
+        writers = {g["name"]: Writer(env, g["name"]).start() for g in lost_groups}
+        time.sleep(2.0)
+        fault = faults.fail(env.lab_dir, "site-loss", "prod")
+        if swarm is not None:
+            swarm.send_signal(signal.SIGUSR1)  # the swarm's prod nodes died with the site
+        for g in lost_groups:
+            expected[g["name"]] = fault.at
+        site_rtos = []
+        for g in lost_groups:
+            rto = _rto(env, writers[g["name"]], g, fault.at, wait_for)
+            site_rtos.append(rto)
+        print("  site loss: RTO " + ", ".join(f"{x:.2f}" for x in sorted(site_rtos)), flush=True)
+        time.sleep(10.0)  # what the loss of their standbys does to the swarm's groups
+        false = [r for r in env.audit_records("incident.open")
+                 if r.target not in expected
+                 or _ts(r.time) < expected[r.target] - 1.0]
+        for r in false:
+            print(f"  FALSE TAKEOVER: {r.target} at {r.time}: {r.reason}", flush=True)
+        end = figures()
+        result = {
+            "false_takeovers": len(false),
+            "single_rto_p50_s": round(statistics.median(single_rtos), 3),
+            "site_loss_rto_p50_s": round(statistics.median(site_rtos), 3),
+            "site_loss_rto_p95_s": round(_p(site_rtos, 0.95), 3),
+            "site_loss_rto_max_s": round(max(site_rtos), 3),
+            "groups": args.groups, "agents": 2 * real + 2 * len(synthetic),
+            "site_loss_groups": len(lost_groups), "steady_s": round(steady_s),
+            "steady_incidents": len(steady_incidents), "gateway_cpu_pct": cpu_pct,
+            "swarm_heartbeat_p99_s": steady_figures.get("heartbeat_p99_s"),
+            "swarm_longest_heartbeat_gap_s": steady_figures.get("longest_heartbeat_gap_s"),
+            # Those before the gateway listened are not counted.
+            "swarm_heartbeat_failures": steady_figures.get("heartbeat_failures", 0)
+            - before.get("heartbeat_failures", 0),
+            "swarm_longest_renewal_gap_s": steady_figures.get("longest_renewal_gap_s"),
+            "swarm_lease_deadline_misses": end.get("lease_deadline_misses"),
+            "swarm_leader_keys_lost": end.get("leader_keys_lost"),
+            "started": steady0,
+        }
+    finally:
+        if swarm is not None and swarm.poll() is None:
+            swarm.terminate()
+            try:
+                swarm.wait(10)
+            except Exception:
+                swarm.kill()
+        stop_env(env)
+    print(json.dumps(result))
+
+
+def _ts(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _rto(env: Any, w: Any, g: dict[str, Any], at: float, wait_for: Any) -> float:
+    """Fault → first write acknowledged by the group's new primary (its DR standby)."""
+    name = g["name"]
+    fin = wait_for(lambda: [r for r in env.audit_records("failover.finish", name)
+                            if _ts(r.time) >= at], 120, f"failover of {name}")[-1]
+    if fin.outcome != "ok":
+        sys.exit(f"{name}: failover did not complete: {fin.outcome}: {fin.reason}")
+    new = (g["standby"]["host"], g["standby"]["port"])
+    ack = wait_for(lambda: w.first_ack_after(at, new), 30, f"a write on {name}'s new primary")
+    w.stop()
+    return float(ack - at)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the lab is taken down on the way
+    main()
