@@ -48,13 +48,15 @@ def main() -> None:
     ap.add_argument("--site-loss", type=int, default=20, help="real groups lost with prod")
     ap.add_argument("--single", type=int, default=3, help="real groups failed over alone first")
     ap.add_argument("--steady-s", type=float, default=600.0, help="the steady phase's length")
+    ap.add_argument("--prefect-db", choices=("postgresql", "sqlite"), default="postgresql",
+                    help="the Prefect server's database (production runs it on PostgreSQL)")
     args = ap.parse_args()
     real = args.site_loss + args.single
     if args.groups < real or args.site_loss < 1 or args.single < 1:
         ap.error("--groups must cover --site-loss + --single, both at least 1")
     from lab.harness import throwaway_prefect
 
-    with throwaway_prefect():
+    with throwaway_prefect(database=args.prefect_db):
         run(args, real)
 
 
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace, real: int) -> None:
         print(f"gateway up: {len(status)} groups, every primary heard "
               f"({time.monotonic() - t0:.0f} s)", flush=True)
 
-        before = figures()
+        swarm.send_signal(signal.SIGUSR2)  # the swarm's figures count from here
+        time.sleep(2.5)  # its next write has them
         gw = psutil.Process(env.gateway.pid) if env.gateway else None
         cpu0 = gw.cpu_times() if gw else None
         steady0, steady_at = time.time(), time.monotonic()
@@ -162,11 +165,12 @@ def run(args: argparse.Namespace, real: int) -> None:
             "steady_incidents": len(steady_incidents), "gateway_cpu_pct": cpu_pct,
             "swarm_heartbeat_p99_s": steady_figures.get("heartbeat_p99_s"),
             "swarm_longest_heartbeat_gap_s": steady_figures.get("longest_heartbeat_gap_s"),
-            # Those before the gateway listened are not counted.
-            "swarm_heartbeat_failures": steady_figures.get("heartbeat_failures", 0)
-            - before.get("heartbeat_failures", 0),
+            "swarm_heartbeats": steady_figures.get("heartbeats"),
+            "swarm_heartbeat_failures": steady_figures.get("heartbeat_failures"),
+            "swarm_heartbeat_gaps_over_timeout": steady_figures.get("heartbeat_gaps"),
             "swarm_longest_renewal_gap_s": steady_figures.get("longest_renewal_gap_s"),
-            "swarm_lease_deadline_misses": end.get("lease_deadline_misses"),
+            "swarm_renewals": steady_figures.get("renewals"),
+            "swarm_lease_deadline_misses": steady_figures.get("lease_deadline_misses"),
             "swarm_leader_keys_lost": end.get("leader_keys_lost"),
             "started": steady0,
         }

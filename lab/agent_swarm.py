@@ -17,7 +17,8 @@ It measures what a real agent would have suffered: a primary whose renewals fell
 `lease_s - margin_s` would have fenced itself (`lease_deadline_misses`), a node whose
 heartbeats were apart by more than `heartbeat_timeout_s` would have looked dead
 (`heartbeat_gaps`). SIGUSR1 loses the site `lose_site` names: its nodes stop, and the
-primaries' heartbeats report no standby from then on. SIGTERM ends it. Its figures are written
+primaries' heartbeats report no standby from then on. SIGUSR2 starts the figures again (a
+measured phase begins). SIGTERM ends it. Its figures are written
 to `out` every 2 s and at the end.
 
     python -m lab.agent_swarm SPEC.json OUT.json
@@ -178,6 +179,15 @@ class Swarm:
 
     # -- loop ---------------------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """Start the figures again (a measured phase begins); counts and maxima only."""
+        for n in self.nodes:
+            n.beats = n.beat_failures = n.renewals = n.renew_failures = 0
+            n.deadline_misses = n.keys_lost = 0
+            n.longest_beat_gap_s = n.longest_renew_gap_s = 0.0
+            n.beat_latencies = []
+        self.started = time.time()
+
     def lose(self) -> None:
         self.site_lost_at = time.time()
         for n in self.nodes:
@@ -317,6 +327,7 @@ def main(argv: list[str]) -> None:
     swarm = Swarm(json.loads(Path(argv[0]).read_text()))
     signal.signal(signal.SIGTERM, lambda *_: swarm.stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: swarm.lose())
+    signal.signal(signal.SIGUSR2, lambda *_: swarm.reset())
     swarm.run(Path(argv[1]))
 
 
