@@ -141,6 +141,10 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+# A runner killed at some moments of a failover has left its re-run waiting 60-70 s (the
+# runner-takeover path; the RTOs printed say which): exactly-once still holds, and is what
+# this test asserts within its time.
+@pytest.mark.timeout(600)
 def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist) -> None:
     seed = int(os.environ.get("DRFLOW_KILL_SEED", str(int(time.time()))))
     rng = random.Random(seed)
