@@ -26,9 +26,28 @@ def listen(clock: Clock, blind: BlindClock, seconds: float) -> None:
         blind.tick()
 
 
-def test_a_stall_of_the_gateway_is_not_counted_as_silence() -> None:
+def running(clock: Clock) -> BlindClock:
+    blind = BlindClock(clock=clock)
+    blind._running = True  # as BlindClock.run does on the loop
+    return blind
+
+
+def test_the_time_before_the_clock_runs_is_no_stall() -> None:
+    """The gateway warms up for seconds between creating the clock and running it: agents armed
+    then must not look silent earlier, nor the clock go backwards when it starts."""
     clock = Clock()
     blind = BlindClock(clock=clock)
+    tracker = HeartbeatTracker(clock=clock, blind=blind.now)
+    clock.t += 6.0
+    assert blind.now() == 0.0
+    tracker.restore([("orders", "orders-prod", "primary")], {"orders": "orders-prod"})
+    [state] = tracker.agents()
+    assert tracker.age(state) == 0.0
+
+
+def test_a_stall_of_the_gateway_is_not_counted_as_silence() -> None:
+    clock = Clock()
+    blind = running(clock)
     tracker = HeartbeatTracker(clock=clock, blind=blind.now)
     tracker.heartbeat("orders", "orders-prod", Role.PRIMARY)
     listen(clock, blind, 0.5)  # the loop ticks on time: no blind time
@@ -49,7 +68,7 @@ def test_a_stall_of_the_gateway_is_not_counted_as_silence() -> None:
 
 def test_short_hiccups_are_not_blind_time_and_a_heartbeat_resets_the_count() -> None:
     clock = Clock()
-    blind = BlindClock(clock=clock)
+    blind = running(clock)
     tracker = HeartbeatTracker(clock=clock, blind=blind.now)
     clock.t += 0.25  # 0.15 s late: under the slack
     assert blind.tick() == 0.0

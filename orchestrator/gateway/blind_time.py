@@ -34,8 +34,13 @@ class BlindClock:
         self._lock = threading.Lock()
         self._total = 0.0
         self._last_tick = clock()
+        # Nothing counts before the loop runs the clock: the gateway's warm-up (seconds) is no
+        # stall, and counting it, then dropping it at the start, would run the clock backwards.
+        self._running = False
 
     def _late(self, now: float) -> float:
+        if not self._running:
+            return 0.0
         late = now - self._last_tick - self.tick_s
         return late if late > self.slack_s else 0.0
 
@@ -58,6 +63,7 @@ class BlindClock:
     async def run(self) -> None:
         with self._lock:
             self._last_tick = self._clock()  # the time before the loop ran is no stall
+            self._running = True
         while True:
             await asyncio.sleep(self.tick_s)
             self.tick()
