@@ -147,6 +147,9 @@ def run(args: argparse.Namespace, real: int) -> None:
             rto = _rto(env, writers[g["name"]], g, fault.at, wait_for)
             site_rtos.append(rto)
         print("  site loss: RTO " + ", ".join(f"{x:.2f}" for x in sorted(site_rtos)), flush=True)
+        for line in _where_the_time_goes(env.audit_records(), {g["name"] for g in lost_groups},
+                                         fault.at):
+            print("    " + line, flush=True)
         time.sleep(10.0)  # what the loss of their standbys does to the swarm's groups
         false = [r for r in env.audit_records("incident.open")
                  if r.target not in expected
@@ -189,6 +192,33 @@ def _ts(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _where_the_time_goes(records: list[Any], groups: set[str], at: float) -> list[str]:
+    """Per step of the groups' failovers: when it started after the fault and how long it
+    took (p50 and max over the groups), from the audit trail."""
+    runs = {r.actor: r.target for r in records
+            if r.action == "failover.start" and r.target in groups and _ts(r.time) >= at}
+    starts: dict[str, list[float]] = {}
+    took: dict[str, list[float]] = {}
+    for r in records:
+        if r.action == "incident.open" and r.target in groups and _ts(r.time) >= at - 1.0:
+            starts.setdefault("incident.open", []).append(_ts(r.time) - at)
+        if r.actor not in runs:
+            continue
+        if r.outcome == "started" or r.action == "failover.start":
+            starts.setdefault(r.action, []).append(_ts(r.time) - at)
+        elif r.duration_s is not None:
+            took.setdefault(r.action, []).append(float(r.duration_s))
+    out = []
+    for action, xs in sorted(starts.items(), key=lambda kv: statistics.median(kv[1])):
+        line = (f"{action}: starts {statistics.median(xs):.2f} s after the fault (max "
+                f"{max(xs):.2f})")
+        if action in took:
+            line += (f", takes {statistics.median(took[action]):.2f} s (max "
+                     f"{max(took[action]):.2f})")
+        out.append(line)
+    return out
 
 
 def _rto(env: Any, w: Any, g: dict[str, Any], at: float, wait_for: Any) -> float:

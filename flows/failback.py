@@ -165,7 +165,7 @@ class _Failback:
             return self.stop("refused", serving.decision.reason)
         if serving.primary is self.home:
             # Home already serves: a resumed run finishes the job, a new one finds it protected.
-            with exclusive(roles_limit(g.name)):
+            with exclusive(roles_limit(g.name), etcd=self.rt.etcd):
                 return self.after_switchover(None, {"resumed": True})
 
         readiness = self.check_home("check the home standby")
@@ -181,7 +181,7 @@ class _Failback:
         # From here on the roles change: never alongside a failover or a re-protect (the gateway
         # starts one when the DR node it sees stopped asks to be re-attached). The wait for a
         # human above holds no roles lock: a failover must never queue behind an approval.
-        with exclusive(roles_limit(g.name)):
+        with exclusive(roles_limit(g.name), etcd=self.rt.etcd):
             readiness = self.check_home("check the home standby again")
             if not readiness.decision.proceed:
                 self.update_request(f"⛔ Approved by {approval.approver}, but "

@@ -86,7 +86,7 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     gateway's evidence); `force` accepts promoting beyond the RPO budget, audited.
     `declare_fenced` (the operator's reason): no fence can be proven, the operator attests it;
     the run asks the group's approvers in Slack first (`drflow failover --declare-fenced`)."""
-    with exclusive(roles_limit(group)):
+    with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
         return _failover(group, dict(incident or {}), force, config_path, declare_fenced,
                          approval_timeout_s)
 

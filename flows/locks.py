@@ -1,6 +1,9 @@
 """The per-group locks that keep runbooks apart, whatever started them (gateway, CLI, worker).
 
-Each is a Prefect global concurrency limit of size 1, the one thing every starter shares:
+With etcd in the config (the production layout, and `drflow up`, which runs one), each is a key
+in etcd under its holder's 3 s lease (flows/etcd_lock.py): a holder that dies, at whatever
+moment, frees it within 3 s. Without etcd, each is a Prefect global concurrency limit of size 1.
+Every starter of one config makes the same choice, so all queue on the same lock. The locks:
 
 - `roles-<group>`: failover and re-protect, the runbooks that change which node is what;
 - `failback-<group>`: failback, apart, because it waits (paused) for a human: a failover must
@@ -8,17 +11,18 @@ Each is a Prefect global concurrency limit of size 1, the one thing every starte
 
 The runbooks take their lock themselves (flows/failover.py, flows/reprotect.py), so `drflow
 failover` on a laptop, the embedded runner of `drflow up` and a deployment run on a worker all
-queue on the same slot. Taking it is re-entrant within one run: the deployment entrypoints
+queue on the same lock. Taking it is re-entrant within one run: the deployment entrypoints
 (orchestrator/entrypoints.py) take it before the runbook's body takes it again.
 
-A holder that dies without releasing (kill -9, OOM) keeps its slot until its lease runs out
-(60 s, Prefect's minimum, and the server's sweep: about 70 s). That wait is not needed when the
-next taker can tell the holder is gone:
+A Prefect slot's holder that dies without releasing (kill -9, OOM) keeps it until its lease
+runs out (60 s, Prefect's minimum, and the server's sweep: about 70 s); so does one killed
+between the server granting the slot and the lease id reaching it, whatever it records. The
+wait is cut short when the next taker can tell the holder is gone:
 - on one machine (the CLI, the embedded runner restarted after a crash), each holder writes its
   lease id, pid and process start time to a small file in the system's temporary directory;
-- across machines, a holder with a liveness key in etcd (a warm runner: drflow/liveness.py)
-  also writes `/drflow/locks/<limit>` = its lease id and liveness key; a taker that finds that
-  liveness key gone releases the lease.
+- a holder with a liveness key in etcd (a warm runner: drflow/liveness.py) also writes
+  `/drflow/locks/<limit>` = its lease id and liveness key; a taker that finds that liveness key
+  gone releases the lease.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+from drflow.etcd import Client as EtcdClient
+from flows.etcd_lock import etcd_exclusive
 
 log = logging.getLogger("drflow.locks")
 
@@ -65,15 +72,25 @@ def held(name: str) -> bool:
 
 
 @contextmanager
-def exclusive(name: str, create: bool = True) -> Iterator[None]:
-    """Hold one slot of the limit `name`, waiting for it; re-entrant within one context.
+def exclusive(name: str, create: bool = True, etcd: EtcdClient | None = None) -> Iterator[None]:
+    """Hold the lock `name`, waiting for it; re-entrant within one context. `etcd`: the config's
+    etcd (the lock is a key there), or None (a Prefect concurrency limit).
 
-    A missing limit is created (size 1) when `create`, else an error: never a silent pass. The
-    lease is short (60 s, Prefect's minimum) so that a runner that dies mid-run frees the slot
-    for the re-run soon; a transient failure to renew it must not kill a failover half-way.
+    A missing Prefect limit is created (size 1) when `create`, else an error: never a silent
+    pass. Its lease is short (60 s, Prefect's minimum) so that a runner that dies mid-run frees
+    the slot for the re-run soon; a transient failure to renew it must not kill a failover
+    half-way.
     """
     if held(name):
         yield
+        return
+    if etcd is not None:
+        with etcd_exclusive(etcd, name):
+            token = _held.set(_held.get() | {name})
+            try:
+                yield
+            finally:
+                _held.reset(token)
         return
     stack = ExitStack()
     try:

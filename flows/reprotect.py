@@ -255,7 +255,8 @@ def _brief_status(status: dict[str, Any] | None) -> dict[str, Any] | None:
 def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bool = False,
               config_path: str | None = None) -> dict[str, Any]:
     """Make the node that does not serve `group` a synchronous (or async) standby again."""
-    with exclusive(roles_limit(group)):  # never alongside a failover, whoever started either
+    # Never alongside a failover, whoever started either.
+    with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
         return _reprotect(group, dict(trigger or {}), fence_first, config_path)
 
 

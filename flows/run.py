@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 
 from drflow import liveness
 from drflow.audit import AuditedStep, audited
+from flows import etcd_lock
 from flows.runtime import Runtime
 from tasks.slack import IncidentThread
 
@@ -57,9 +58,10 @@ class RunbookRun:
 
         First, on a warm runner: is the run still this runner's? One frozen longer than its
         liveness lease (a VM stunned by a snapshot) may find that another runner took the run
-        over meanwhile: it stops here, before acting, and leaves the run's state to the other
+        over meanwhile, and any holder so frozen may find its group's lock taken by another
+        runbook: it stops here, before acting, and leaves the run's state to the other
         (Prefect's Abort ends the engine without proposing a state)."""
-        lost = liveness.lost_reason()
+        lost = liveness.lost_reason() or etcd_lock.lost_reason()
         if lost is not None:
             self.rt.audit.append(self.actor, f"{self.runbook}.abandon", self.group,
                                  {"before_step": name}, "stopped", reason=lost)

@@ -70,8 +70,9 @@ def warm_process(config_path: str) -> None:
             log.warning("warm-up: %s", exc)
     with no_heartbeats():
         warm_up_flow()
-    for g in rt.cfg.groups:  # the runbooks' locks exist before the first incident needs one
-        ensure_limit(roles_limit(g.name))
+    if rt.etcd is None:  # the runbooks' locks are Prefect limits: made before an incident
+        for g in rt.cfg.groups:
+            ensure_limit(roles_limit(g.name))
 
 
 def prefetch_confirm(config_path: str, group: str, incident: dict[str, Any], key: str) -> None:

@@ -75,7 +75,7 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     """Failover of `group` (flows/failover.py), one at a time per group across all workers."""
     # A fresh process spends ~0.4 s fetching secrets: start while the group's slot is taken.
     threading.Thread(target=warm_secrets, args=(config_path,), daemon=True).start()
-    with exclusive(roles_limit(group)):
+    with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
         return reported(failover_flow.fn(group, incident, force, config_path))
 
 
@@ -84,7 +84,7 @@ def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bo
               config_path: str | None = None) -> State[dict[str, Any]]:
     """Re-protect of `group` (flows/reprotect.py), never alongside its failover; then, if the
     group's policy says so, the failback deployment (which waits for approval in Slack)."""
-    with exclusive(roles_limit(group)):
+    with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
         result: dict[str, Any] = reprotect_flow.fn(group, trigger, fence_first, config_path)
     if result.get("outcome") == "protected" and \
             runtime(config_path).cfg.group(group).policy.auto_failback:
@@ -96,5 +96,5 @@ def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bo
 def failback(group: str, requested_by: str = "cli", approval_timeout_s: float | None = None,
              config_path: str | None = None) -> State[dict[str, Any]]:
     """Failback of `group` (flows/failback.py), one at a time per group."""
-    with exclusive(failback_limit(group)):
+    with exclusive(failback_limit(group), etcd=runtime(config_path).etcd):
         return reported(failback_flow.fn(group, requested_by, approval_timeout_s, config_path))

@@ -23,8 +23,8 @@ A runner that dies mid-run (kill -9, its host lost) must not leave a failover ha
 - when such a mark disappears while its run is not final, the runner is gone: the surviving
   runners race to re-create the mark under their own lease (one etcd transaction: one wins), and
   the winner sets the run back to SCHEDULED and executes it again from the start. The runbooks'
-  steps are idempotent (a promotion done is not done twice), and the group's concurrency slot
-  the dead runner held is released by the re-run (flows/locks.py);
+  steps are idempotent (a promotion done is not done twice), and the group's lock the dead
+  runner held lapses with its 3 s lease in etcd (flows/etcd_lock.py);
 - every poll also looks for runs of the pool that are PENDING or RUNNING with no mark (a runner
   that died between its claim and its mark), and adopts them the same way.
 """

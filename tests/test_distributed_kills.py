@@ -141,10 +141,6 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-# A runner killed at some moments of a failover has left its re-run waiting 60-70 s (the
-# runner-takeover path; the RTOs printed say which): exactly-once still holds, and is what
-# this test asserts within its time.
-@pytest.mark.timeout(600)
 def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist) -> None:
     seed = int(os.environ.get("DRFLOW_KILL_SEED", str(int(time.time()))))
     rng = random.Random(seed)
@@ -163,8 +159,10 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
                           f"the incident of {name}", 0.02)[0]
         killed = killers[target](dist, name, delay)
         t_kill = time.time()
+        # Within 30 s whatever was killed: a runner killed while Prefect granted it the group's
+        # slot once left the re-run waiting 60-70 s for the slot's lease to lapse.
         fin = wait_for(lambda n=name: [r for r in env.audit_records("failover.finish", n)
-                                       if r.outcome == "ok"], 120,
+                                       if r.outcome == "ok"], 30,
                        f"the failover of {name} completed after killing the {killed}", 0.2)
         promoted = [r.reason for r in env.audit_records("failover.promote standby",
                                                             g["standby"]["vm"])

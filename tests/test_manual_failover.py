@@ -86,6 +86,7 @@ def _reprotected(env: Env, after: int) -> bool:
 def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
         env: Env) -> None:
     from flows.locks import exclusive, roles_limit
+    from flows.runtime import runtime
 
     g = env.group("orders")
     prod, dr = g["primary"], g["standby"]
@@ -119,7 +120,7 @@ def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
     # The old VM comes back while the test holds the group's lock: the gateway's re-protect run
     # (in the gateway's own process) waits for it, and the old primary stays held down.
     done = len([r for r in env.audit_records("reprotect.finish", "orders") if r.outcome == "ok"])
-    with exclusive(roles_limit("orders")):
+    with exclusive(roles_limit("orders"), etcd=runtime(str(env.config)).etcd):
         vcsim.power_on(env.si(), prod["vm"])
         polls, both = _poll_no_second_writer(env, prod, dr)
         assert env.audit_records("reprotect.start", "orders") == [], \
@@ -134,6 +135,7 @@ def test_manual_failover_moves_the_roles_and_the_old_primary_never_takes_writes(
 def test_after_the_gateway_lost_its_state_the_old_primary_still_never_takes_writes(
         env: Env) -> None:
     from flows.locks import exclusive, roles_limit
+    from flows.runtime import runtime
 
     g = env.group("orders")
     prod, dr = g["primary"], g["standby"]
@@ -143,7 +145,7 @@ def test_after_the_gateway_lost_its_state_the_old_primary_still_never_takes_writ
 
     # Another run holds the group's lock: `drflow failover` waits for it, touching nothing.
     starts = len(env.audit_records("failover.start", "orders"))
-    with exclusive(roles_limit("orders")):
+    with exclusive(roles_limit("orders"), etcd=runtime(str(env.config)).etcd):
         proc = _failover_cli(env)
         time.sleep(8)
         assert proc.poll() is None, "drflow failover did not wait for roles-orders"
@@ -180,6 +182,7 @@ def _in_process_failover_waits_for_the_lock(env: Env) -> None:
 
     from flows.failover import failover
     from flows.locks import exclusive, roles_limit
+    from flows.runtime import runtime
 
     result: dict[str, Any] = {}
 
@@ -188,7 +191,7 @@ def _in_process_failover_waits_for_the_lock(env: Env) -> None:
             result.update(failover("orders", {"reason": "test: healthy primary"},
                                    config_path=str(env.config)))
 
-    with exclusive(roles_limit("orders")):
+    with exclusive(roles_limit("orders"), etcd=runtime(str(env.config)).etcd):
         t = threading.Thread(target=run, daemon=True)
         t.start()
         time.sleep(6)

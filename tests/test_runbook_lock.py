@@ -1,0 +1,167 @@
+"""The runbooks' per-group lock in etcd (flows/etcd_lock.py), on a real etcd with real holder
+processes: one holder at a time; a holder killed at any moment frees it within its lease (3 s),
+where a Prefect slot granted to a client killed before the answer reached it stayed taken
+60-70 s; a holder frozen past its lease either takes it again (nobody took it) or learns it lost
+it (another runbook did), before its next step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drflow.etcd import Client
+from flows import etcd_lock
+from flows.etcd_lock import LOCK_TTL_S, etcd_exclusive, lock_key
+from lab import etcd, procs
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A holder process: takes the lock, says so on stdout, then every 0.1 s prints whether it has
+# lost it, until told to go (stdin closed).
+HOLDER = """
+import sys, threading, time
+sys.path.insert(0, {repo!r})
+from drflow.etcd import Client
+from flows import etcd_lock
+with etcd_lock.etcd_exclusive(Client({url!r}, 1.0), {name!r}):
+    print("held", flush=True)
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    while not done.wait(0.1):
+        print("lost:", etcd_lock.lost_reason(), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    root = Path(tempfile.mkdtemp(prefix="drflow-locktest-", dir="/tmp"))
+    member = etcd.Member("lock-test", "127.0.0.1", [], client_port=procs.free_port(),
+                         peer_port=procs.free_port())
+    info = etcd.start_cluster(root / "etcd", [member])
+    try:
+        yield str(info["members"][0]["client_url"])
+    finally:
+        etcd.stop_cluster(info)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _holder(url: str, name: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO), url=url,
+                                                                 name=name)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "held", line
+    return proc
+
+
+def _take_in_thread(url: str, name: str, out: dict[str, Any]) -> threading.Thread:
+    def take() -> None:
+        t = time.monotonic()
+        with etcd_exclusive(Client(url, 1.0), name):
+            out["waited_s"] = time.monotonic() - t
+    th = threading.Thread(target=take, daemon=True)
+    th.start()
+    return th
+
+
+def test_one_holder_at_a_time_and_the_next_takes_it_on_release(url: str) -> None:
+    proc = _holder(url, "roles-a")
+    out: dict[str, Any] = {}
+    th = _take_in_thread(url, "roles-a", out)
+    time.sleep(1.5)
+    assert th.is_alive() and not out, "took a lock another process holds"
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+    th.join(5)
+    assert not th.is_alive() and out["waited_s"] >= 1.5
+    assert Client(url).get(lock_key("roles-a")) is None  # released, not left to lapse
+
+
+@pytest.mark.parametrize("moment", [0.0, 0.05, 0.5])
+def test_a_holder_killed_at_any_moment_frees_the_lock_within_its_lease(url: str,
+                                                                         moment: float) -> None:
+    name = f"roles-kill-{moment}"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO), url=url,
+                                                                 name=name)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # Killed while it starts, takes or holds the lock: whatever it had done is undone by etcd.
+    deadline = time.monotonic() + 30
+    while Client(url).get(lock_key(name)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(moment)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    killed = time.monotonic()
+    out: dict[str, Any] = {}
+    th = _take_in_thread(url, name, out)
+    th.join(LOCK_TTL_S + 5)
+    assert not th.is_alive(), "the lock of a killed holder was not freed"
+    assert time.monotonic() - killed <= LOCK_TTL_S + 1.5
+
+
+def _lost_lines(proc: subprocess.Popen[str], n: int) -> list[str]:
+    assert proc.stdout is not None
+    return [proc.stdout.readline().strip() for _ in range(n)]
+
+
+def test_a_frozen_holder_nobody_replaced_takes_it_again(url: str) -> None:
+    proc = _holder(url, "roles-frozen-alone")
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(LOCK_TTL_S + 2)
+    assert Client(url).get(lock_key("roles-frozen-alone")) is None  # the lease lapsed
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(2)
+    assert Client(url).get(lock_key("roles-frozen-alone")) is not None  # taken again
+    lines = _lost_lines(proc, 60)
+    assert lines[-1] == "lost: None", lines[-5:]
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+
+
+def test_a_frozen_holder_replaced_meanwhile_learns_it_lost_the_lock(url: str) -> None:
+    proc = _holder(url, "roles-frozen")
+    os.kill(proc.pid, signal.SIGSTOP)
+    out: dict[str, Any] = {}
+    release = threading.Event()
+
+    def other_runbook() -> None:
+        with etcd_exclusive(Client(url, 1.0), "roles-frozen"):
+            out["held"] = True
+            release.wait(30)
+    th = threading.Thread(target=other_runbook, daemon=True)
+    th.start()
+    deadline = time.monotonic() + LOCK_TTL_S + 5
+    while not out and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.get("held"), "the lock of a frozen holder was not free after its lease"
+    # The other runbook may even have ended: the thawed holder must still not carry on.
+    release.set()
+    th.join(5)
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(LOCK_TTL_S)
+    lines = _lost_lines(proc, 40)
+    assert any("lapsed" in ln and "held by" in ln for ln in lines), lines[-5:]
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+
+
+def test_lost_reason_is_none_outside_a_lock() -> None:
+    assert etcd_lock.lost_reason() is None
