@@ -50,13 +50,23 @@ def main() -> None:
     ap.add_argument("--steady-s", type=float, default=600.0, help="the steady phase's length")
     ap.add_argument("--prefect-db", choices=("postgresql", "sqlite"), default="postgresql",
                     help="the Prefect server's database (production runs it on PostgreSQL)")
+    ap.add_argument("--layout", choices=("embedded", "distributed"), default="embedded",
+                    help="embedded: the gateway runs the failovers in its own process (`drflow "
+                         "up`); distributed: `drflow deploy`, warm runners at DR execute them "
+                         "and the gateway runs in `--mode deployment` (production's layout)")
+    ap.add_argument("--runners", type=int, default=2, help="warm runners (distributed)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="record the gateway and the Prefect server with py-spy through the "
+                         "site loss, into DIR (pip install py-spy)")
     args = ap.parse_args()
     real = args.site_loss + args.single
     if args.groups < real or args.site_loss < 1 or args.single < 1:
         ap.error("--groups must cover --site-loss + --single, both at least 1")
     from lab.harness import throwaway_prefect
 
-    with throwaway_prefect(database=args.prefect_db):
+    with throwaway_prefect(database=args.prefect_db,
+                           keep_log=Path(args.profile) / "prefect-server.log"
+                           if args.profile else None):
         run(args, real)
 
 
@@ -74,6 +84,7 @@ def run(args: argparse.Namespace, real: int) -> None:
     t0 = time.monotonic()
     env = start_env(groups=real, replication="sync", gateway=False, inventory_only=synthetic)
     swarm = None
+    dist = None
     try:
         print(f"lab up in {time.monotonic() - t0:.0f} s", flush=True)
         spec = agent_swarm.configure(env.lab_dir, env.state, synthetic)
@@ -84,7 +95,11 @@ def run(args: argparse.Namespace, real: int) -> None:
 
         wait_for(lambda: figures().get("renewals", 0) >= len(synthetic), 60,
                  "the swarm holding its leader keys")
-        env.start_gateway(timeout=120)
+        if args.layout == "distributed":
+            dist = _start_runners(env, args.runners)
+            dist.start_gateway()
+        else:
+            env.start_gateway(timeout=120)
         env.wait_all_heard(120)
         def all_heard() -> dict[str, Any] | None:
             try:  # GET /v1/groups: its first answer waits for every node's probe
@@ -134,9 +149,29 @@ def run(args: argparse.Namespace, real: int) -> None:
             rto = _rto(env, w, g, fault.at, wait_for)
             single_rtos.append(rto)
             print(f"  {g['name']}: host loss → RTO {rto:.2f} s", flush=True)
+            for line in _where_the_time_goes(env.audit_records(), {g["name"]}, fault.at):
+                print("    " + line, flush=True)
 
         writers = {g["name"]: Writer(env, g["name"]).start() for g in lost_groups}
+        spies = []
+        if args.profile:
+            import subprocess
+
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            server = [p.pid for p in psutil.process_iter(["cmdline"])
+                      if "orchestrator.prefect_server" in " ".join(p.info["cmdline"] or [])]
+            for name, pid in [("gateway", gw.pid if gw else None),
+                              ("prefect-server", server[0] if server else None)]:
+                if pid is not None:
+                    spies.append(subprocess.Popen(
+                        ["py-spy", "record", "-p", str(pid), "-r", "50", "-d", "25", "-f", "raw",
+                         "-o", str(Path(args.profile) / f"{name}.raw"), "--nonblocking",
+                         "--idle", "--threads"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(2.0)
+        cpu_at_loss = _cpu_by_part(gw.pid if gw else None, swarm.pid if swarm else None)
+        pressure_at_loss = _pressure()
+        loss_at = time.monotonic()
         fault = faults.fail(env.lab_dir, "site-loss", "prod")
         if swarm is not None:
             swarm.send_signal(signal.SIGUSR1)  # the swarm's prod nodes died with the site
@@ -147,6 +182,20 @@ def run(args: argparse.Namespace, real: int) -> None:
             rto = _rto(env, writers[g["name"]], g, fault.at, wait_for)
             site_rtos.append(rto)
         print("  site loss: RTO " + ", ".join(f"{x:.2f}" for x in sorted(site_rtos)), flush=True)
+        used = _cpu_by_part(gw.pid if gw else None, swarm.pid if swarm else None, cpu_at_loss)
+        span = time.monotonic() - loss_at
+        stalled = {k: (v - pressure_at_loss[k]) / 1e6 / span for k, v in _pressure().items()}
+        print("  the machine meanwhile: " + ", ".join(
+            f"{k} {100 * v:.0f} % of the time" for k, v in stalled.items()), flush=True)
+        print(f"  CPU of the machine's {psutil.cpu_count()} cores from the loss to the last "
+              f"write ({span:.1f} s), in cores: " + ", ".join(
+                  f"{k} {v / span:.2f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1])),
+              flush=True)
+        for spy in spies:
+            spy.wait(60)
+        if spies:
+            print(f"  profiles through the site loss (py-spy, collapsed stacks, idle included): "
+                  f"{args.profile}/", flush=True)
         for line in _where_the_time_goes(env.audit_records(), {g["name"] for g in lost_groups},
                                          fault.at):
             print("    " + line, flush=True)
@@ -184,6 +233,8 @@ def run(args: argparse.Namespace, real: int) -> None:
                 swarm.wait(10)
             except Exception:
                 swarm.kill()
+        if dist is not None:
+            _stop_runners(dist)
         stop_env(env)
     print(json.dumps(result))
 
@@ -192,6 +243,86 @@ def _ts(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _start_runners(env: Any, runners: int) -> Any:
+    """`drflow deploy` on the benchmark's Prefect server and `runners` warm runners at DR."""
+    import tempfile
+
+    from lab.distributed import BIN, Dist, deploy_and_start_runners
+
+    base = Path(tempfile.mkdtemp(prefix="drflow-scale-", dir="/tmp"))
+    child_env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"],
+                 "PREFECT_HOME": str(base / "client-home"), "PREFECT_LOGGING_LEVEL": "WARNING",
+                 "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    d = Dist(env, os.environ["PREFECT_API_URL"], child_env, base)
+    deploy_and_start_runners(d, runners, timeout=600)
+    print(f"deployed; {runners} warm runners take the runs", flush=True)
+    return d
+
+
+def _stop_runners(d: Any) -> None:
+    import shutil
+
+    from lab.distributed import stop_worker
+
+    for proc in d.runners:
+        stop_worker(proc)
+    shutil.rmtree(d.base, ignore_errors=True)
+
+
+def _pressure() -> dict[str, float]:
+    """Linux's pressure stall totals (µs): some task waiting for CPU, for I/O; and the CPU time
+    the hypervisor gave elsewhere (steal, in µs of one core)."""
+    out: dict[str, float] = {}
+    for res in ("cpu", "io"):
+        try:
+            line = Path(f"/proc/pressure/{res}").read_text().splitlines()[0]
+            out[f"{res}-starved (some task waiting)"] = float(line.rsplit("total=", 1)[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    try:
+        steal = int(Path("/proc/stat").read_text().splitlines()[0].split()[8])
+        out["stolen by the hypervisor (one core)"] = steal * 1e6 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def _cpu_by_part(gateway: int | None, swarm: int | None,
+                 since: dict[int, tuple[str, float]] | None = None) -> Any:
+    """CPU seconds of every process, by lab part; with `since` (an earlier call's snapshot),
+    what each part used in between (processes alive at both)."""
+    import psutil
+
+    now: dict[int, tuple[str, float]] = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            t = p.info["cpu_times"]
+            used = t.user + t.system if t else 0.0
+        except (psutil.Error, TypeError):
+            continue
+        name = p.info["name"] or ""
+        part = ("gateway" if p.pid == gateway else "agent swarm" if p.pid == swarm
+                else "this benchmark (writers)" if p.pid == os.getpid()
+                else "postgres" if name.startswith("postgres")
+                else "warm runners" if " runner " in f" {cmd} "
+                else "prefect server" if "prefect" in cmd
+                else "guest agents" if "agents" in cmd
+                else "etcd" if name.startswith("etcd")
+                else "vcsim" if "vcsim" in cmd
+                else "other")
+        if part == "other":
+            part = f"other: {name}"
+        now[p.pid] = (part, used)
+    if since is None:
+        return now
+    by: dict[str, float] = {}
+    for pid, (part, used) in now.items():
+        if pid in since:
+            by[part] = by.get(part, 0.0) + used - since[pid][1]
+    return by
 
 
 def _where_the_time_goes(records: list[Any], groups: set[str], at: float) -> list[str]:

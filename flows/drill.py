@@ -29,6 +29,7 @@ from drflow.config import DrillConfig, GroupConfig
 from drflow.dns import resolve_endpoint
 from flows import drill_decisions
 from flows.decisions import Decision
+from flows.prefect_results import RESULTS
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import drill_checks, errors, pg_copy, vsphere
@@ -54,7 +55,7 @@ class _State:
     copied_at: float | None = None  # monotonic time the copy of the standby was complete
 
 
-@flow(name="drill", log_prints=False, persist_result=False)
+@flow(name="drill", log_prints=False, persist_result=False, result_storage=RESULTS)
 def drill(group: str, config_path: str | None = None,
           raise_on_failure: bool = True) -> dict[str, Any]:
     """Drill group `group` in an isolated bubble and report RTO and RPO; production untouched.

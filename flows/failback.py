@@ -39,6 +39,7 @@ from drflow.config import GroupConfig, NodeConfig
 from flows.cutover import point_dns_and_verify
 from flows.decisions import Decision
 from flows.locks import exclusive, roles_limit
+from flows.prefect_results import RESULTS
 from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_gateway
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
@@ -133,7 +134,7 @@ def approval_blocks(group: str, run_id: str, text: str, title: str | None = None
 # -- the flow -----------------------------------------------------------------------------------
 
 
-@flow(name="failback", log_prints=False, persist_result=False)
+@flow(name="failback", log_prints=False, persist_result=False, result_storage=RESULTS)
 def failback(group: str, requested_by: str = "cli", approval_timeout_s: float | None = None,
              config_path: str | None = None) -> dict[str, Any]:
     """Move `group` home after approval in Slack; a planned switchover, zero data loss."""

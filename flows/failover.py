@@ -47,6 +47,7 @@ from flows.fencing import (
     takeover_outcome,
 )
 from flows.locks import exclusive, roles_limit
+from flows.prefect_results import RESULTS
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import etcd as etcd_task
@@ -78,7 +79,7 @@ def _first_failure_epoch(incident: dict[str, Any]) -> float:
     return time.time()
 
 
-@flow(name="failover", log_prints=False, persist_result=False)
+@flow(name="failover", log_prints=False, persist_result=False, result_storage=RESULTS)
 def failover(group: str, incident: dict[str, Any] | None = None, force: bool = False,
              config_path: str | None = None, declare_fenced: str | None = None,
              approval_timeout_s: float | None = None) -> dict[str, Any]:

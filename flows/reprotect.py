@@ -25,6 +25,7 @@ from drflow.config import GroupConfig, NodeConfig
 from drflow.control import ControlError
 from flows.decisions import AppCheck, Decision
 from flows.locks import exclusive, roles_limit
+from flows.prefect_results import RESULTS
 from flows.run import RunbookRun
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
@@ -251,7 +252,7 @@ def _brief_status(status: dict[str, Any] | None) -> dict[str, Any] | None:
 # -- the flow -----------------------------------------------------------------------------------
 
 
-@flow(name="reprotect", log_prints=False, persist_result=False)
+@flow(name="reprotect", log_prints=False, persist_result=False, result_storage=RESULTS)
 def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bool = False,
               config_path: str | None = None) -> dict[str, Any]:
     """Make the node that does not serve `group` a synchronous (or async) standby again."""

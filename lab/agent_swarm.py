@@ -268,6 +268,7 @@ def configure(lab_dir: Path, state: dict[str, Any], names: list[str]) -> dict[st
     standbys at prod, the lab's policy) and return the swarm's spec for them."""
     import yaml
 
+    from lab.agents import lease_section
     from lab.labconfig import lab_config
 
     cfg = lab_config(lab_dir, state)
@@ -288,7 +289,9 @@ def configure(lab_dir: Path, state: dict[str, Any], names: list[str]) -> dict[st
         + yaml.safe_dump(cfg, sort_keys=False))
     return {"webhook_secret": state["secrets"]["webhook"],
             "gateway_urls": [state["gateway"]["url"] + "/v1/events"],
-            "etcd": list(state["etcd"]["endpoints"]), "heartbeat_s": 1,
+            # Its primaries are all at DR: their renewals go to DR's member first, as a real
+            # agent's do (lab/agents.lease_section), and do not wait on prod's when it is lost.
+            "etcd": lease_section(state, "dr")["etcd"], "heartbeat_s": 1,
             "heartbeat_timeout_s": cfg["gateway"]["heartbeat_timeout_s"],
             "lease_s": model["policy"]["lease_s"], "margin_s": 0.5, "lose_site": "prod",
             "groups": groups}

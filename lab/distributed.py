@@ -273,6 +273,19 @@ def stop_distributed(d: Dist) -> None:
     shutil.rmtree(d.base, ignore_errors=True)
 
 
+def deploy_and_start_runners(d: Dist, runners: int, timeout: float = 120) -> None:
+    """`drflow deploy` of the lab's config, then `runners` warm runners, started together."""
+    out = d.run("deploy", "--config", str(d.env.config), "--prefect-yaml",
+                str(REPO / "prefect.yaml"), timeout=timeout)
+    d.deploy_out = out.stdout + out.stderr
+    if out.returncode != 0:
+        raise RuntimeError(f"drflow deploy failed:\n{d.deploy_out}")
+    for i in range(runners):
+        d._spawn_runner(i)
+    for i in range(runners):
+        d._wait_runner(i)
+
+
 def start_distributed(groups: int = 2, runners: int = 2, worker: bool = False,
                       prepare: Callable[[Env], None] | None = None,
                       replica: bool = False, prefect_replicas: int = 1) -> Dist:
@@ -318,15 +331,7 @@ def start_distributed(groups: int = 2, runners: int = 2, worker: bool = False,
             start_server_ha(d, db_url, prefect_replicas)
         else:
             start_server(d, db_url)
-        out = d.run("deploy", "--config", str(env.config), "--prefect-yaml",
-                    str(REPO / "prefect.yaml"))
-        d.deploy_out = out.stdout + out.stderr
-        if out.returncode != 0:
-            raise RuntimeError(f"drflow deploy failed:\n{d.deploy_out}")
-        for i in range(runners):
-            d._spawn_runner(i)
-        for i in range(runners):
-            d._wait_runner(i)
+        deploy_and_start_runners(d, runners)
         if worker:
             d.start_worker()
         d.start_gateway()

@@ -23,6 +23,7 @@ from flows import confirm_prefetch
 from flows.failback import failback
 from flows.failover import APP_CHECK_S, VM_READ_S, failed_and_target, failover
 from flows.locks import ensure_limit, roles_limit
+from flows.prefect_results import RESULTS
 from flows.reprotect import reprotect
 from flows.runtime import runtime
 from orchestrator.gateway.contracts import Incident
@@ -53,7 +54,7 @@ def no_heartbeats() -> Iterator[None]:
         yield
 
 
-@flow(name="warm-up", persist_result=False)
+@flow(name="warm-up", persist_result=False, result_storage=RESULTS)
 def warm_up_flow() -> str:
     return "warm"
 

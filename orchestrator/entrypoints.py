@@ -33,6 +33,7 @@ from flows.locks import (  # noqa: F401 - LimitMissing, limit_names: re-exported
     limit_names,
     roles_limit,
 )
+from flows.prefect_results import RESULTS
 from flows.reprotect import reprotect as reprotect_flow
 from flows.runtime import runtime
 
@@ -69,7 +70,7 @@ def reported(result: dict[str, Any]) -> State[dict[str, Any]]:
     return Completed(message=f"{outcome}: {reason}"[:1000], data=result)
 
 
-@flow(name="failover", log_prints=False, persist_result=False)
+@flow(name="failover", log_prints=False, persist_result=False, result_storage=RESULTS)
 def failover(group: str, incident: dict[str, Any] | None = None, force: bool = False,
              config_path: str | None = None) -> State[dict[str, Any]]:
     """Failover of `group` (flows/failover.py), one at a time per group across all workers."""
@@ -79,7 +80,7 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
         return reported(failover_flow.fn(group, incident, force, config_path))
 
 
-@flow(name="reprotect", log_prints=False, persist_result=False)
+@flow(name="reprotect", log_prints=False, persist_result=False, result_storage=RESULTS)
 def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bool = False,
               config_path: str | None = None) -> State[dict[str, Any]]:
     """Re-protect of `group` (flows/reprotect.py), never alongside its failover; then, if the
@@ -92,7 +93,7 @@ def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bo
     return reported(result)
 
 
-@flow(name="failback", log_prints=False, persist_result=False)
+@flow(name="failback", log_prints=False, persist_result=False, result_storage=RESULTS)
 def failback(group: str, requested_by: str = "cli", approval_timeout_s: float | None = None,
              config_path: str | None = None) -> State[dict[str, Any]]:
     """Failback of `group` (flows/failback.py), one at a time per group."""
