@@ -35,6 +35,11 @@ TAKEN_PREFIX = "/drflow/runbook-locks-taken/"  # who took each lock last (no lea
 LOCK_TTL_S = 3  # a dead holder's lock is free this long after its last renewal
 RETRY_S = 0.1  # between two attempts to take a held lock
 WAITING_LOG_S = 30.0  # how often a waiter says what it waits for
+UNREACHABLE_S = 1.5  # etcd answering nothing this long: the lock cannot be taken there
+
+
+class EtcdLockUnavailable(EtcdError):
+    """No etcd member answered the lock's requests for `UNREACHABLE_S` (no majority, cut off)."""
 
 _held: contextvars.ContextVar[tuple[HeldLock, ...]] = contextvars.ContextVar(
     "drflow_etcd_locks_held", default=())
@@ -129,9 +134,11 @@ def _holder() -> str:
 
 
 @contextmanager
-def etcd_exclusive(client: Client, name: str, ttl_s: int = LOCK_TTL_S) -> Iterator[HeldLock]:
-    """Hold the lock `name`, waiting for it as long as it takes (etcd errors are retried: a
-    runbook without etcd's quorum could not take over a leader key either)."""
+def etcd_exclusive(client: Client, name: str, ttl_s: int = LOCK_TTL_S,
+                   unreachable_s: float = UNREACHABLE_S) -> Iterator[HeldLock]:
+    """Hold the lock `name`, waiting for it as long as another holder has it. EtcdLockUnavailable
+    when etcd answers nothing for `unreachable_s` (longer than an election): the caller decides
+    what then (flows/locks.py takes Prefect's limit instead)."""
     from prefect.runtime import flow_run
 
     value = json.dumps({"holder": _holder(), "run": str(flow_run.get_id() or ""),
@@ -139,14 +146,22 @@ def etcd_exclusive(client: Client, name: str, ttl_s: int = LOCK_TTL_S) -> Iterat
     lock = HeldLock(client, name, value, ttl_s)
     waited_since = time.monotonic()
     said_at = 0.0
+    silent_since: float | None = None
     try:
         while True:
+            attempt_at = time.monotonic()
             try:
                 if not lock.lease:
                     lock.grant()
                 holder = lock.try_take()
+                silent_since = None
             except EtcdError as exc:
                 holder = f"etcd out of reach ({exc})"
+                silent_since = silent_since or attempt_at
+                if time.monotonic() - silent_since >= unreachable_s:
+                    raise EtcdLockUnavailable(
+                        f"the lock {name} cannot be taken in etcd: no member answered for "
+                        f"{unreachable_s:g} s ({exc})") from None
             if holder is None:
                 break
             now = time.monotonic()

@@ -2,7 +2,9 @@
 
 With etcd in the config (the production layout, and `drflow up`, which runs one), each is a key
 in etcd under its holder's 3 s lease (flows/etcd_lock.py): a holder that dies, at whatever
-moment, frees it within 3 s. Without etcd, each is a Prefect global concurrency limit of size 1.
+moment, frees it within 3 s. Without etcd, or when no etcd member answers for 1.5 s (no
+majority: an attested failover must still run), each is a Prefect global concurrency limit of
+size 1.
 Every starter of one config makes the same choice, so all queue on the same lock. The locks:
 
 - `roles-<group>`: failover and re-protect, the runbooks that change which node is what;
@@ -41,7 +43,7 @@ from uuid import UUID
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
 from drflow.etcd import Client as EtcdClient
-from flows.etcd_lock import etcd_exclusive
+from flows.etcd_lock import EtcdLockUnavailable, etcd_exclusive
 
 log = logging.getLogger("drflow.locks")
 
@@ -85,13 +87,21 @@ def exclusive(name: str, create: bool = True, etcd: EtcdClient | None = None) ->
         yield
         return
     if etcd is not None:
-        with etcd_exclusive(etcd, name):
+        in_etcd = ExitStack()
+        try:
+            in_etcd.enter_context(etcd_exclusive(etcd, name))
+        except EtcdLockUnavailable as exc:
+            # etcd without a majority is when an attested failover (--declare-fenced) must
+            # still run: Prefect's limit is the lock then.
+            log.error("%s; taking Prefect's concurrency limit %s instead", exc, name)
+        else:
             token = _held.set(_held.get() | {name})
             try:
-                yield
+                with in_etcd:
+                    yield
             finally:
                 _held.reset(token)
-        return
+            return
     stack = ExitStack()
     try:
         stack.enter_context(_slot(name))

@@ -165,3 +165,13 @@ def test_a_frozen_holder_replaced_meanwhile_learns_it_lost_the_lock(url: str) ->
 
 def test_lost_reason_is_none_outside_a_lock() -> None:
     assert etcd_lock.lost_reason() is None
+
+
+def test_with_no_etcd_member_answering_the_lock_says_so_instead_of_waiting() -> None:
+    """No majority (here: nobody listens) is when an attested failover must still run: the
+    caller is told within `unreachable_s` and takes Prefect's limit instead (flows/locks.py)."""
+    t = time.monotonic()
+    with pytest.raises(etcd_lock.EtcdLockUnavailable, match="no member answered"), \
+            etcd_exclusive(Client("http://127.0.0.1:9", 0.3), "roles-nowhere", unreachable_s=1.0):
+        pass
+    assert 1.0 <= time.monotonic() - t < 3.0

@@ -161,7 +161,7 @@ class HostWatcher:
         self.read_timeout_s = read_timeout_s
         self.readers = {site: SiteReader(site, vc, call_timeout_s) for site, vc in vcenters.items()}
         # Daemon threads: a read hung in a frozen vCenter must not hold the gateway's exit.
-        self._pools = {site: DaemonWorker(f"host-watch-{site}") for site in self.readers}
+        self._workers = {site: DaemonWorker(f"host-watch-{site}") for site in self.readers}
         self._pending: dict[str, tuple[asyncio.Future[dict[str, VmRead]], float]] = {}
         self._alerting: dict[tuple[str, str], str] = {}  # (group, vm) -> kind alerted
         self._said: dict[tuple[str, str], tuple[Any, ...]] = {}  # last state logged
@@ -177,9 +177,9 @@ class HostWatcher:
                     log.exception("the host watch round failed; continuing")
                 await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
         finally:
-            for site, pool in self._pools.items():
-                pool.submit(self.readers[site].drop)  # logging out may hang: never wait for it
-                pool.shutdown()
+            for site, worker in self._workers.items():
+                worker.submit(self.readers[site].drop)  # logging out may hang: never wait for it
+                worker.shutdown()
 
     def targets(self, gw: WatchedGateway) -> dict[str, list[tuple[str, str]]]:
         """{site: [(group, primary VM)]} from the agents' role reports and the configuration."""
@@ -217,7 +217,7 @@ class HostWatcher:
         pending = self._pending.get(site)
         if pending is not None and not pending[0].done():
             return {}, f"its previous read has not ended after {time.monotonic() - pending[1]:.0f} s"
-        future = asyncio.wrap_future(self._pools[site].submit(self.readers[site].read, vms))
+        future = asyncio.wrap_future(self._workers[site].submit(self.readers[site].read, vms))
         self._pending[site] = (future, time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.read_timeout_s), None
