@@ -41,6 +41,7 @@ UNREACHABLE_S = 1.5  # etcd answering nothing this long: the lock cannot be take
 class EtcdLockUnavailable(EtcdError):
     """No etcd member answered the lock's requests for `UNREACHABLE_S` (no majority, cut off)."""
 
+
 _held: contextvars.ContextVar[tuple[HeldLock, ...]] = contextvars.ContextVar(
     "drflow_etcd_locks_held", default=())
 
@@ -64,6 +65,7 @@ class HeldLock:
         self.client, self.name, self.key, self.value = client, name, lock_key(name), value
         self.ttl_s = ttl_s
         self.lease = 0
+        self.held = False  # taken once (a waiter's lapsed lease is only replaced)
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._keep, name=f"lock {name}", daemon=True)
@@ -80,6 +82,7 @@ class HeldLock:
             [absent(self.key), *([value_is(taken, self.value)] if again else [])],
             [put_op(self.key, self.value, self.lease), put_op(taken, self.value)])
         if ok:
+            self.held = True
             return None
         return self.client.get(self.key) or ("" if not again else "a runbook that has ended")
 
@@ -107,6 +110,8 @@ class HeldLock:
         """The lease ran out (this process frozen, or cut off from etcd, for longer than the
         TTL): take the key again under a new lease, unless another holder has it now."""
         self.lease, _ = self.client.grant(self.ttl_s)
+        if not self.held:  # still waiting: the wait goes on under the new lease
+            return
         holder = self.try_take(again=True)
         if holder is None:
             log.warning("lock %s: its lease lapsed; taken again (nobody took it meanwhile)",

@@ -28,13 +28,15 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A holder process: takes the lock, says so on stdout, then every 0.1 s prints whether it has
-# lost it, until told to go (stdin closed).
+# A holder process: says "taking", takes the lock, says so on stdout, then every 0.1 s prints
+# whether it has lost it, until told to go (stdin closed).
 HOLDER = """
 import sys, threading, time
 sys.path.insert(0, {repo!r})
 from drflow.etcd import Client
 from flows import etcd_lock
+import prefect.runtime  # imported by the lock: before "taking", not while it waits
+print("taking", flush=True)
 with etcd_lock.etcd_exclusive(Client({url!r}, 1.0), {name!r}):
     print("held", flush=True)
     done = threading.Event()
@@ -64,6 +66,7 @@ def _holder(url: str, name: str) -> subprocess.Popen[str]:
                                                                  name=name)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "taking"
     line = proc.stdout.readline()
     assert line.strip() == "held", line
     return proc
@@ -175,3 +178,26 @@ def test_with_no_etcd_member_answering_the_lock_says_so_instead_of_waiting() -> 
             etcd_exclusive(Client("http://127.0.0.1:9", 0.3), "roles-nowhere", unreachable_s=1.0):
         pass
     assert 1.0 <= time.monotonic() - t < 3.0
+
+
+def test_a_waiter_frozen_past_its_lease_still_takes_the_lock_and_keeps_it(url: str) -> None:
+    name = "roles-frozen-waiter"
+    first = _holder(url, name)
+    waiter = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO), url=url,
+                                                                   name=name)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert waiter.stdout is not None and waiter.stdout.readline().strip() == "taking"
+    time.sleep(1.0)  # waiting, under its lease
+    os.kill(waiter.pid, signal.SIGSTOP)
+    time.sleep(LOCK_TTL_S + 2)
+    os.kill(waiter.pid, signal.SIGCONT)
+    time.sleep(1.5)  # its keeper has found the lease lapsed
+    assert first.stdin is not None
+    first.stdin.close()
+    first.wait(10)
+    assert waiter.stdout.readline().strip() == "held"
+    lines = _lost_lines(waiter, 30)
+    assert set(lines) == {"lost: None"}, lines[-3:]
+    assert waiter.stdin is not None
+    waiter.stdin.close()
+    waiter.wait(10)

@@ -128,7 +128,9 @@ def test_two_runners_take_pushed_runs_at_once_and_each_run_once(
         assert waits[-1] < 60.0, waits
         counts = Counter(executed)
         assert all(counts[str(r)] == 1 for r in ids), counts
-        assert all(not wr.running() for wr, _ in runners)
+        # A run's thread ends just after its COMPLETED state is written.
+        wait_for(lambda: all(not wr.running() for wr, _ in runners), 10,
+                 "the runners' run threads ended", 0.1)
     finally:
         for wr, t in runners:
             wr.stop()
