@@ -86,22 +86,33 @@ def exclusive(name: str, create: bool = True, etcd: EtcdClient | None = None) ->
     if held(name):
         yield
         return
-    if etcd is not None:
-        in_etcd = ExitStack()
-        try:
-            in_etcd.enter_context(etcd_exclusive(etcd, name))
-        except EtcdLockUnavailable as exc:
-            # etcd without a majority is when an attested failover (--declare-fenced) must
-            # still run: Prefect's limit is the lock then.
-            log.error("%s; taking Prefect's concurrency limit %s instead", exc, name)
-        else:
-            token = _held.set(_held.get() | {name})
-            try:
-                with in_etcd:
-                    yield
-            finally:
-                _held.reset(token)
-            return
+    stack = _in_etcd(etcd, name) if etcd is not None else None
+    if stack is None:
+        stack = _prefect_slot(name, create)
+    token = _held.set(_held.get() | {name})
+    try:
+        with stack:
+            yield
+    finally:
+        _held.reset(token)
+
+
+def _in_etcd(etcd: EtcdClient, name: str) -> ExitStack | None:
+    """The lock `name` taken in etcd; None when no member answers (then Prefect's limit)."""
+    stack = ExitStack()
+    try:
+        stack.enter_context(etcd_exclusive(etcd, name))
+    except EtcdLockUnavailable as exc:
+        # etcd without a majority is when an attested failover (--declare-fenced) must still
+        # run: Prefect's limit is the lock then.
+        log.error("%s; taking Prefect's concurrency limit %s instead", exc, name)
+        return None
+    return stack
+
+
+def _prefect_slot(name: str, create: bool) -> ExitStack:
+    """A slot of the Prefect limit `name` taken (the limit made first when missing and
+    `create`)."""
     stack = ExitStack()
     try:
         stack.enter_context(_slot(name))
@@ -116,12 +127,7 @@ def exclusive(name: str, create: bool = True, etcd: EtcdClient | None = None) ->
         except ConcurrencySlotAcquisitionError as again:
             raise LimitMissing(f"cannot take a slot of the concurrency limit {name!r}: "
                                f"{again}") from again
-    token = _held.set(_held.get() | {name})
-    try:
-        with stack:
-            yield
-    finally:
-        _held.reset(token)
+    return stack
 
 
 LEASE_S = 60.0
