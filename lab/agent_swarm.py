@@ -107,6 +107,21 @@ class Swarm:
         return {"resources": {"postgres": "ok"}, "roles": {"postgres": n.role}, "postgres": pg}
 
     def _post(self, n: Node, body: bytes) -> int:
+        reused = n.conn is not None
+        try:
+            try:
+                return self._post_once(n, body)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                if not reused:
+                    raise
+            # As agents/outbox.py: the gateway closed the idle keep-alive connection as this beat
+            # was sent, which says nothing about the gateway: once more on a fresh connection.
+            return self._post_once(n, body)
+        except (OSError, http.client.HTTPException):
+            n.url_index = (n.url_index + 1) % len(n.urls)  # as the agents' outbox does
+            raise
+
+    def _post_once(self, n: Node, body: bytes) -> int:
         url = urlsplit(n.urls[n.url_index])
         if n.conn is None:
             n.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80,
@@ -120,7 +135,6 @@ class Swarm:
         except (OSError, http.client.HTTPException):
             n.conn.close()
             n.conn = None
-            n.url_index = (n.url_index + 1) % len(n.urls)  # as the agents' outbox does
             raise
 
     def beat(self, n: Node, now: float) -> None:

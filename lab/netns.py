@@ -604,16 +604,23 @@ def sweep_orphans(is_live: Callable[[Path], bool], progress: Callable[[str], Non
 
 # --- the shared internet address -----------------------------------------------------------------
 
-def ensure_internet() -> str:
+_pinned = False  # this process keeps the address until release_internet(unpin=True)
+
+
+def ensure_internet(pin: bool = False) -> str:
     """Put the internet address on the root namespace's lo (idempotent); 127.0.0.1 on loopback labs.
 
     The calling process is recorded as a user of the address until it calls release_internet or
-    dies: another process's release (a second test session ending) leaves it in place."""
+    dies: another process's release (a second test session ending) leaves it in place. `pin`: a
+    process that serves there for its whole life (a test session's Prefect server) keeps it
+    through its own labs going down, until release_internet(unpin=True)."""
+    global _pinned
     if not available()[0]:
         return "127.0.0.1"
     with _global_lock():  # not while release_internet decides to remove it
         _add_to_lo(INTERNET_ADDRESS)
         _internet_user(register=True)
+        _pinned = _pinned or pin
     return INTERNET_ADDRESS
 
 
@@ -658,14 +665,16 @@ def _listening(address: str) -> bool:
     return False
 
 
-def release_internet() -> None:
-    """This process no longer needs the internet address; remove it when no other live process
-    uses it, no lab topology is left and nothing listens on it."""
+def release_internet(unpin: bool = False) -> None:
+    """This process no longer needs the internet address (unless pinned and not `unpin`); remove
+    it when no live process uses it, no lab topology is left and nothing listens on it."""
+    global _pinned
     if not _can_manage()[0]:
         return
     with _global_lock():
-        if _internet_user(register=False) or any(r.get("enabled", True) for r in _records()) \
-                or _listening(INTERNET_ADDRESS):
+        _pinned = _pinned and not unpin
+        if _pinned or _internet_user(register=False) \
+                or any(r.get("enabled", True) for r in _records()) or _listening(INTERNET_ADDRESS):
             return
         _run(["ip", "addr", "del", f"{INTERNET_ADDRESS}/32", "dev", "lo"], check=False)
 

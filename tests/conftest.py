@@ -23,9 +23,10 @@ def _free_port() -> int:
 def _internet_address() -> str:
     from lab import netns
 
-    # Removed at exit unless a lab or a listener (another session's) still uses it.
-    atexit.register(netns.release_internet)
-    return netns.ensure_internet()
+    # Kept while this session runs (its Prefect server may start after its last lab went down);
+    # removed at exit unless a lab or a listener (another session's) still uses it.
+    atexit.register(netns.release_internet, unpin=True)
+    return netns.ensure_internet(pin=True)
 
 
 # Prefect reads its settings when first imported, so the API URL is fixed here, before any test

@@ -141,6 +141,24 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def _explain(d: Dist, group: str) -> None:
+    """What a failover that did not complete left behind: its runs, the audit, the runners'
+    marks and the group's lock in etcd, the runners' logs."""
+    for r in _failover_runs(d, group):
+        print(f"run {r['name']}: {r['state']['type']} {r['state'].get('message')!r} "
+              f"pid {r.get('infrastructure_pid')}")
+    for rec in d.env.audit_records(None, group):
+        print(f"audit {rec.time} {rec.action} {rec.outcome} {rec.reason!r}")
+    try:
+        _, kvs = Client(d.env.state["etcd"]["endpoints"], 2.0).get_prefix("/drflow/r")
+        for kv in kvs:
+            print(f"etcd {kv.key} = {kv.value!r} (lease {kv.lease})")
+    except EtcdError as exc:
+        print(f"etcd: {exc}")
+    for i in range(len(d.runners)):
+        print(f"--- runner {i} log (end) ---\n{d.runner_log(i).read_text()[-4000:]}")
+
+
 def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist) -> None:
     seed = int(os.environ.get("DRFLOW_KILL_SEED", str(int(time.time()))))
     rng = random.Random(seed)
@@ -161,9 +179,13 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
         t_kill = time.time()
         # Within 30 s whatever was killed: a runner killed while Prefect granted it the group's
         # slot once left the re-run waiting 60-70 s for the slot's lease to lapse.
-        fin = wait_for(lambda n=name: [r for r in env.audit_records("failover.finish", n)
-                                       if r.outcome == "ok"], 30,
-                       f"the failover of {name} completed after killing the {killed}", 0.2)
+        try:
+            fin = wait_for(lambda n=name: [r for r in env.audit_records("failover.finish", n)
+                                           if r.outcome == "ok"], 30,
+                           f"the failover of {name} completed after killing the {killed}", 0.2)
+        except TimeoutError:
+            _explain(dist, name)
+            raise
         promoted = [r.reason for r in env.audit_records("failover.promote standby",
                                                             g["standby"]["vm"])
                     if r.outcome == "ok"]
