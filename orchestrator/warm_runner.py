@@ -113,6 +113,7 @@ class WarmRunner:
         self._flow_names: dict[UUID, str] = {}
         self._seen: dict[UUID, float] = {}  # run id → when claimed or refused (not tried again)
         self._runs: dict[UUID, threading.Thread] = {}
+        self._taking: set[UUID] = set()  # being claimed by a take() under way
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.liveness: Liveness | None = None
@@ -171,7 +172,15 @@ class WarmRunner:
 
     def running(self) -> list[UUID]:
         with self._lock:
-            return [rid for rid, t in self._runs.items() if t.is_alive()]
+            return self.running_unlocked()
+
+    def running_unlocked(self) -> list[UUID]:
+        return [rid for rid, t in self._runs.items() if t.is_alive()]
+
+    def _busy(self) -> set[UUID]:
+        """Runs this runner executes, claims or adopts now."""
+        with self._lock:
+            return {*self.running_unlocked(), *self._taking}
 
     def _watch_loop(self, prefix: str, on_event: Callable[[str, str], None]) -> None:
         assert self.etcd is not None
@@ -241,25 +250,32 @@ class WarmRunner:
             if run_id in self._seen and not marked:
                 return False
             self._seen[run_id] = time.time()
-        if not marked and not self._mark(run_id):
-            with self._lock:  # another runner holds it: seen again if it comes back
-                self._seen.pop(run_id, None)
-            return False
+            added = run_id not in self._taking  # not when adopt() holds it for this call
+            self._taking.add(run_id)
         try:
-            claimed = self._claim(run_id)
-        except BaseException:
-            self._unmark(run_id)
-            raise
-        if claimed is None:
-            self._unmark(run_id)
-            return False
-        flow, run = claimed
-        log.info("run %s (%s): taken by %s", run.name, flow.name, self.name)
-        t = threading.Thread(target=self._execute, args=(flow, run), name=f"flow {run.name}",
-                             daemon=True)
-        with self._lock:
-            self._runs[run_id] = t
-        t.start()
+            if not marked and not self._mark(run_id):
+                with self._lock:  # another runner holds it: seen again if it comes back
+                    self._seen.pop(run_id, None)
+                return False
+            try:
+                claimed = self._claim(run_id)
+            except BaseException:
+                self._unmark(run_id)
+                raise
+            if claimed is None:
+                self._unmark(run_id)
+                return False
+            flow, run = claimed
+            log.info("run %s (%s): taken by %s", run.name, flow.name, self.name)
+            t = threading.Thread(target=self._execute, args=(flow, run), name=f"flow {run.name}",
+                                 daemon=True)
+            with self._lock:
+                self._runs[run_id] = t
+            t.start()
+        finally:
+            if added:
+                with self._lock:
+                    self._taking.discard(run_id)
         if self.on_claimed is not None:
             self.on_claimed(run_id)
         return True
@@ -377,7 +393,8 @@ class WarmRunner:
                           "from etcd: both may be running it", run_id)
 
     def _unmarked(self, client: SyncPrefectClient) -> list[UUID]:
-        """Runs of the pool PENDING or RUNNING for a while with no runner's mark."""
+        """Runs of the pool PENDING or RUNNING for a while with no runner's mark (or only this
+        runner's, on a run it does not execute)."""
         if self.etcd is None:
             return []
         from prefect.client.schemas.filters import (
@@ -396,16 +413,29 @@ class WarmRunner:
         if not runs:
             return []
         _, kvs = self.etcd.get_prefix(f"{RUNNING_PREFIX}{self.pool}/")
-        marked = {run_id_of(kv.key) for kv in kvs}
+        # A mark of this runner's on a run none of its threads executes marks nothing.
+        marked = {run_id_of(kv.key) for kv in kvs if kv.value != self._mark_value}
         now = time.time()
+        busy = self._busy()
         return [r.id for r in runs
-                if r.id not in marked and r.id not in self.running()
+                if r.id not in marked and r.id not in busy
                 and str(r.infrastructure_pid or "").startswith(PID_PREFIX)  # not a worker's
                 and r.state is not None and r.state.timestamp is not None
                 and now - r.state.timestamp.timestamp() > UNMARKED_GRACE_S]
 
     def adopt(self, run_id: UUID) -> bool:
         """Run again, from the start, a run whose runner is gone; False if it is not ours to."""
+        with self._lock:
+            if run_id in self._taking or run_id in self.running_unlocked():
+                return False  # this runner has it already (an adoption under way, or its run)
+            self._taking.add(run_id)
+        try:
+            return self._adopt(run_id)
+        finally:
+            with self._lock:
+                self._taking.discard(run_id)
+
+    def _adopt(self, run_id: UUID) -> bool:
         from prefect.states import Scheduled
 
         with self._client() as client:
@@ -414,12 +444,27 @@ class WarmRunner:
                     or run.state.is_paused():
                 return False
             flow = self._flow_of(client, run)
-            if flow is None or not self._mark(run_id, strict=True):
+            if flow is None or not (self._mark(run_id, strict=True) or self._ours_idle(run_id)):
                 return False  # another runner adopted it (or it is no runbook of ours)
             gone = str(run.infrastructure_pid or "another runner")
             log.warning("run %s (%s): its runner (%s) is gone; running it again here", run.name,
                         flow.name, gone)
-            client.set_flow_run_state(run_id, Scheduled(
-                message=f"its runner {gone} was lost; re-run by {self.name}"), force=True)
+            try:
+                client.set_flow_run_state(run_id, Scheduled(
+                    message=f"its runner {gone} was lost; re-run by {self.name}"), force=True)
+            except BaseException:
+                # Our mark on a run we do not execute would keep every runner from adopting it.
+                self._unmark(run_id)
+                raise
         # Under our mark: another runner cannot claim it; a plain worker may (then it is theirs).
         return self.take(run_id, marked=True)
+
+    def _ours_idle(self, run_id: UUID) -> bool:
+        """The run carries this runner's mark but no thread of it executes the run (an adoption
+        that failed half way, an API error after the mark): ours to adopt again."""
+        if self.etcd is None or run_id in self._busy():
+            return False
+        try:
+            return self.etcd.get(running_key(self.pool, run_id)) == self._mark_value
+        except EtcdError:
+            return False

@@ -9,9 +9,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -175,6 +177,53 @@ def test_the_run_of_a_runner_that_is_gone_is_run_again_by_another_with_its_slot(
     finally:
         hang.set()
         for wr, t in runners:
+            wr.stop()
+            t.join(10)
+            wr.close()
+
+
+def test_an_adoption_cut_short_by_an_api_error_is_tried_again_not_left_marked(
+        prefect_api: str, shared_etcd: Etcd) -> None:  # noqa: F811
+    # The survivor marks the lost runner's run, then Prefect fails to set it SCHEDULED (an API
+    # replica restarting: produced here by one failing call). Its mark must not stay on a run it
+    # does not execute: every runner would take the run as someone's, and nobody would run it.
+    name = f"wr-pool-{next(_n)}"
+    deployment = _deployment(name, "wr-hang")
+    lock = f"wr-lock-{next(_n)}"
+    ensure_limit(lock)
+    first = _runner(name, shared_etcd.client(), poll_s=300)
+    other = _runner(name, shared_etcd.client(), poll_s=1.0)
+    hang.clear()
+    failed: list[str] = []
+    real_client = other[0]._client
+
+    @contextmanager
+    def flaky() -> Iterator[Any]:
+        with real_client() as client:
+            real_set = client.set_flow_run_state
+
+            def set_state(*args: Any, **kwargs: Any) -> Any:
+                if not failed:
+                    failed.append("once")
+                    raise httpx.ConnectError("the API replica went away")
+                return real_set(*args, **kwargs)
+            client.set_flow_run_state = set_state  # type: ignore[method-assign]
+            yield client
+    try:
+        time.sleep(1.0)
+        (rid,) = _runs(deployment, 1, lock=lock)
+        assert first[0].take(rid)
+        wait_for(lambda: Counter(executed)[str(rid)] == 1, 30, "the first attempt started")
+        other[0]._client = flaky  # type: ignore[method-assign]
+        first[0].stop()
+        assert first[0].liveness is not None
+        first[0].liveness.stop()  # lost: its mark lapses with its lease
+        wait_for(lambda: _states([rid])[rid] == "COMPLETED", 40, "the run completed elsewhere")
+        assert failed == ["once"], "the adoption never met the failing call"
+        assert Counter(executed)[str(rid)] == 2
+    finally:
+        hang.set()
+        for wr, t in (first, other):
             wr.stop()
             t.join(10)
             wr.close()
