@@ -11,6 +11,11 @@ A holder frozen longer than the TTL (a VM stunned by a snapshot, a process stopp
 lease lapsed when it thaws: it takes the key again if nobody took it meanwhile (even briefly);
 otherwise it has lost the lock, and `lost_reason()` says so to the runbook's next step, which
 stops before acting.
+
+A holder that cannot renew because no member answers (etcd without a majority) cannot prove it
+still holds the key once its TTL has passed; meanwhile another runbook, finding etcd silent, takes
+Prefect's limit of the same name instead (flows/locks.py). So `unproven()` tells the runbook's
+next step to take that limit too before acting: while etcd is out, both queue on Prefect's.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 
 from drflow.etcd import Client, EtcdError, absent, delete_op, put_op, value_is
 
@@ -50,6 +55,11 @@ def lock_key(name: str) -> str:
     return LOCK_PREFIX + name
 
 
+def held_locks() -> tuple[HeldLock, ...]:
+    """The etcd locks the code running here holds."""
+    return _held.get()
+
+
 def lost_reason() -> str | None:
     """Why the code running here no longer holds one of its locks, or None."""
     for lock in _held.get():
@@ -67,6 +77,8 @@ class HeldLock:
         self.lease = 0
         self.held = False  # taken once (a waiter's lapsed lease is only replaced)
         self.lost: str | None = None
+        self.renewed_at = time.monotonic()  # the last answer proving the lease alive
+        self.backup: ExitStack | None = None  # Prefect's limit, taken while etcd was out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._keep, name=f"lock {name}", daemon=True)
 
@@ -83,8 +95,14 @@ class HeldLock:
             [put_op(self.key, self.value, self.lease), put_op(taken, self.value)])
         if ok:
             self.held = True
+            self.renewed_at = time.monotonic()
             return None
         return self.client.get(self.key) or ("" if not again else "a runbook that has ended")
+
+    def unproven(self) -> bool:
+        """Held, but no member has confirmed the lease for longer than its TTL: etcd is out of
+        reach, and another runbook may have taken Prefect's limit in its place."""
+        return self.held and time.monotonic() - self.renewed_at > self.ttl_s
 
     def release(self) -> None:
         self._stop.set()
@@ -93,12 +111,15 @@ class HeldLock:
         if self.lease:
             with suppress(EtcdError):  # it lapses within the TTL anyway
                 self.client.revoke(self.lease)
+        if self.backup is not None:
+            self.backup.close()
 
     def _keep(self) -> None:
         every = max(self.ttl_s / 3, 0.2)
         while not self._stop.wait(every):
             try:
                 if self.client.keepalive(self.lease, timeout=every) > 0:
+                    self.renewed_at = time.monotonic()
                     continue
                 if self._stop.is_set():
                     return

@@ -43,7 +43,7 @@ from uuid import UUID
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
 from drflow.etcd import Client as EtcdClient
-from flows.etcd_lock import EtcdLockUnavailable, etcd_exclusive
+from flows.etcd_lock import EtcdLockUnavailable, etcd_exclusive, held_locks
 
 log = logging.getLogger("drflow.locks")
 
@@ -95,6 +95,25 @@ def exclusive(name: str, create: bool = True, etcd: EtcdClient | None = None) ->
             yield
     finally:
         _held.reset(token)
+
+
+def back_unproven_locks() -> list[str]:
+    """Before a runbook's step: each etcd lock this run holds whose lease no member has confirmed
+    for longer than its TTL (etcd lost its majority) is backed by Prefect's limit of the same
+    name, waiting for it: whoever found etcd silent since took that limit instead. Returns why,
+    for each lock so backed (for the audit trail)."""
+    why = []
+    for lock in held_locks():
+        if lock.backup is not None or lock.lost is not None or not lock.unproven():
+            continue
+        log.error("lock %s: etcd has not confirmed its lease for over %d s; taking Prefect's "
+                  "concurrency limit %s as well before the next step", lock.name, lock.ttl_s,
+                  lock.name)
+        lock.backup = _prefect_slot(lock.name, create=True)
+        why.append(f"etcd did not confirm the lock {lock.name} for over {lock.ttl_s} s (no "
+                   f"majority?): Prefect's concurrency limit {lock.name} taken as well, as "
+                   "any runbook taking the lock while etcd is out does")
+    return why
 
 
 def _in_etcd(etcd: EtcdClient, name: str) -> ExitStack | None:

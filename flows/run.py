@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from drflow import liveness
 from drflow.audit import AuditedStep, audited
-from flows import etcd_lock
+from flows import etcd_lock, locks
 from flows.runtime import Runtime
 from tasks.slack import IncidentThread
 
@@ -60,12 +60,17 @@ class RunbookRun:
         liveness lease (a VM stunned by a snapshot) may find that another runner took the run
         over meanwhile, and any holder so frozen may find its group's lock taken by another
         runbook: it stops here, before acting, and leaves the run's state to the other
-        (Prefect's Abort ends the engine without proposing a state)."""
+        (Prefect's Abort ends the engine without proposing a state). A lock etcd has stopped
+        confirming (no majority) is backed by Prefect's limit here, as a runbook that took it
+        while etcd was out holds that instead (flows/locks.py)."""
         lost = liveness.lost_reason() or etcd_lock.lost_reason()
         if lost is not None:
             self.rt.audit.append(self.actor, f"{self.runbook}.abandon", self.group,
                                  {"before_step": name}, "stopped", reason=lost)
             raise Abort(lost)
+        for why in locks.back_unproven_locks():
+            self.rt.audit.append(self.actor, f"{self.runbook}.lock", self.group,
+                                 {"before_step": name}, "ok", reason=why)
         t = time.monotonic()
         outcome = "failed"
         step: AuditedStep | None = None

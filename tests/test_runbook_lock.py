@@ -201,3 +201,48 @@ def test_a_waiter_frozen_past_its_lease_still_takes_the_lock_and_keeps_it(url: s
     assert waiter.stdin is not None
     waiter.stdin.close()
     waiter.wait(10)
+
+
+def test_a_holder_etcd_stops_confirming_queues_on_prefects_limit_with_whoever_took_it_then(
+        prefect_api: str, tmp_path: Path) -> None:
+    """etcd loses its majority while A holds the lock; B, finding etcd silent, takes Prefect's
+    limit instead (an attested failover must run). A cannot prove its key any more: its next
+    step takes Prefect's limit too, so it waits for B instead of acting beside it."""
+    from flows.locks import back_unproven_locks, exclusive
+
+    member = etcd.Member("lock-outage", "127.0.0.1", [], client_port=procs.free_port(),
+                         peer_port=procs.free_port())
+    info = etcd.start_cluster(tmp_path / "etcd", [member])
+    url = str(info["members"][0]["client_url"])
+    name = f"roles-outage-{os.getpid()}-{time.monotonic_ns()}"
+    at: dict[str, Any] = {}
+    a_held, etcd_gone = threading.Event(), threading.Event()
+
+    def a() -> None:
+        with exclusive(name, etcd=Client(url, 1.0)):
+            a_held.set()
+            etcd_gone.wait(30)
+            time.sleep(LOCK_TTL_S + 1.0)  # its lease unconfirmed for longer than the TTL
+            at["why"] = back_unproven_locks()  # what its next step does first
+            at["a_next_step"] = time.monotonic()
+
+    def b() -> None:
+        with exclusive(name, etcd=Client(url, 1.0)):  # etcd silent: Prefect's limit
+            at["b_in"] = time.monotonic()
+            time.sleep(LOCK_TTL_S + 4.0)  # past the moment A's next step comes
+            at["b_out"] = time.monotonic()
+
+    ta = threading.Thread(target=a, daemon=True)
+    ta.start()
+    try:
+        assert a_held.wait(30), "A did not take the lock in etcd"
+    finally:
+        etcd.stop_cluster(info)
+    etcd_gone.set()
+    tb = threading.Thread(target=b, daemon=True)
+    tb.start()
+    ta.join(60)
+    tb.join(60)
+    assert not ta.is_alive() and not tb.is_alive()
+    assert at["b_in"] < at["b_out"] <= at["a_next_step"], at
+    assert len(at["why"]) == 1 and "Prefect's concurrency limit" in at["why"][0], at["why"]
