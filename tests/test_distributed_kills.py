@@ -48,14 +48,16 @@ def dist() -> Iterator[Dist]:
         stop_distributed(d)
 
 
-def _failover_runs(d: Dist, group: str) -> list[dict[str, Any]]:
-    return [r for r in d.runs_of("failover/failover") if r["parameters"]["group"] == group]
+def _failover_runs(d: Dist, group: str, since: float = 0.0) -> list[dict[str, Any]]:
+    """The group's failover runs created at `since` (time.time()) or later."""
+    return [r for r in d.runs_of("failover/failover") if r["parameters"]["group"] == group
+            and _ts(r["created"]) >= since]
 
 
-def _kill_runner(d: Dist, group: str, delay: float) -> str:
+def _kill_runner(d: Dist, group: str, delay: float, since: float) -> str:
     """SIGKILL the runner executing the group's failover, `delay` s after it claimed it."""
     def claimed() -> int | None:
-        runs = _failover_runs(d, group)
+        runs = _failover_runs(d, group, since)
         pid = str(runs[0].get("infrastructure_pid") or "") if runs else ""
         if not pid.startswith("drflow-runner@"):
             return None
@@ -70,7 +72,7 @@ def _kill_runner(d: Dist, group: str, delay: float) -> str:
     return f"runner {i} (pid {pid})"
 
 
-def _kill_gateway(d: Dist, group: str, delay: float) -> str:
+def _kill_gateway(d: Dist, group: str, delay: float, since: float) -> str:
     """SIGKILL the gateway that opened the incident (the DR site's), `delay` s after it did."""
     time.sleep(delay)
     gw = d.env.gateway
@@ -94,14 +96,14 @@ def _etcd_leader_site(d: Dist) -> str:
     raise AssertionError("no etcd member says it leads")
 
 
-def _kill_etcd_leader(d: Dist, group: str, delay: float) -> str:
+def _kill_etcd_leader(d: Dist, group: str, delay: float, since: float) -> str:
     site = _etcd_leader_site(d)
     time.sleep(delay)
     faults.fail(d.env.lab_dir, "etcd-down", site)
     return f"etcd member at {site} (the leader)"
 
 
-def _kill_prefect_api(d: Dist, group: str, delay: float) -> str:
+def _kill_prefect_api(d: Dist, group: str, delay: float, since: float) -> str:
     """SIGKILL one of the two Prefect API replicas (the balancer sends nothing more to it)."""
     time.sleep(delay)
     i = random.randrange(len(d.api_servers))
@@ -150,6 +152,10 @@ def _explain(d: Dist, group: str) -> None:
     for rec in d.env.audit_records(None, group):
         print(f"audit {rec.time} {rec.action} {rec.outcome} {rec.reason!r}")
     try:
+        print(f"gateway: {d.env.groups_status().get(group)}")
+    except httpx.HTTPError as exc:
+        print(f"gateway: {exc}")
+    try:
         _, kvs = Client(d.env.state["etcd"]["endpoints"], 2.0).get_prefix("/drflow/r")
         for kv in kvs:
             print(f"etcd {kv.key} = {kv.value!r} (lease {kv.lease})")
@@ -171,17 +177,32 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
     for n, g in enumerate(env.state["groups"]):
         name, target = g["name"], TARGETS[n % len(TARGETS)]
         delay = rng.uniform(0.0, 0.6)
+        # A part started again (a Prefect API replica, an etcd member) can starve a healthy
+        # agent of CPU on two cores long enough to open an incident, whose run then finds its
+        # primary alive: let it end first, so that this power-off gets an incident of its own.
+        wait_for(lambda: not any((v.get("open_incident") or {}).get("status") == "open"
+                                 for v in env.groups_status().values()), 60,
+                 "no incident open before the next power-off", 0.2)
         t_off = time.time()
         vcsim.power_off(si, g["primary"]["vm"])
-        opened = wait_for(lambda n=name: env.audit_records("incident.open", n), 20,
-                          f"the incident of {name}", 0.02)[0]
-        killed = killers[target](dist, name, delay)
+        # Only what this power-off caused: on two cores, a healthy agent starved of CPU for 3 s
+        # can open an incident of its own earlier, whose run finds the primary alive and stops.
+        try:
+            opened = wait_for(lambda n=name, t=t_off: [
+                r for r in env.audit_records("incident.open", n) if _ts(r.time) >= t], 20,
+                f"the incident of {name}", 0.02)[0]
+        except TimeoutError:
+            _explain(dist, name)
+            raise
+        earlier = [r for r in env.audit_records("failover.finish", name) if _ts(r.time) < t_off]
+        killed = killers[target](dist, name, delay, t_off)
         t_kill = time.time()
         # Within 30 s whatever was killed: a runner killed while Prefect granted it the group's
         # slot once left the re-run waiting 60-70 s for the slot's lease to lapse.
         try:
-            fin = wait_for(lambda n=name: [r for r in env.audit_records("failover.finish", n)
-                                           if r.outcome == "ok"], 30,
+            fin = wait_for(lambda n=name, t=t_off: [
+                r for r in env.audit_records("failover.finish", n)
+                if r.outcome == "ok" and _ts(r.time) >= t], 30,
                            f"the failover of {name} completed after killing the {killed}", 0.2)
         except TimeoutError:
             _explain(dist, name)
@@ -193,7 +214,7 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
         dns = {(r.parameters or {}).get("host")
                for r in env.audit_records("failover.point DNS at the new primary",
                                           g["dns"]["record"]) if r.outcome == "ok"}
-        runs = _failover_runs(dist, name)
+        runs = _failover_runs(dist, name, t_off)
         wait_for(lambda n=name: env.writable(env.group(n)["standby"]), 10, "the new primary")
         timelines = _new_timelines(dist, g)
         rows.append((name, target, killed, round(t_kill - _ts(opened.time), 2),
@@ -202,6 +223,9 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
               f"flow RTO {rows[-1][4]} s, power-off → finish {rows[-1][5]} s; {len(fin)} "
               f"finish, {timelines} promotion ({', '.join(promoted)}), {len(runs)} run, "
               f"DNS → {sorted(dns)}", flush=True)
+        for r in earlier:  # seen, and it must not have acted (timelines below says it too)
+            print(f"  before the power-off: {r.action} {r.outcome}: {r.reason}", flush=True)
+        assert all(r.outcome != "ok" for r in earlier), earlier
         assert len(fin) == 1, fin
         # One promotion: one new timeline. A runner killed between the promotion and its audit
         # record leaves it to the re-run, which finds "already a primary".
