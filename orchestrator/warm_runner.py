@@ -461,8 +461,9 @@ class WarmRunner:
 
     def _ours_idle(self, run_id: UUID) -> bool:
         """The run carries this runner's mark but no thread of it executes the run (an adoption
-        that failed half way, an API error after the mark): ours to adopt again."""
-        if self.etcd is None or run_id in self._busy():
+        that failed half way, an API error after the mark): ours to adopt again. Called by
+        adopt, which holds the run in `_taking` itself: only a thread executing it counts."""
+        if self.etcd is None or run_id in self.running():
             return False
         try:
             return self.etcd.get(running_key(self.pool, run_id)) == self._mark_value

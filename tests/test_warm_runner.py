@@ -229,6 +229,41 @@ def test_an_adoption_cut_short_by_an_api_error_is_tried_again_not_left_marked(
             wr.close()
 
 
+def test_a_runners_own_mark_on_a_run_it_does_not_execute_does_not_keep_the_run_from_it(
+        pool: tuple[str, UUID], shared_etcd: Etcd) -> None:  # noqa: F811
+    # An adoption that died between its mark and its run (the runner's thread, not the
+    # runner) leaves this runner's mark on a RUNNING run nobody executes: its poll must see the
+    # run as unmarked and adopt it, not take the mark for someone's.
+    from prefect.states import Running
+
+    from drflow.liveness import Liveness
+    from orchestrator.warm_runner import PID_PREFIX, RUNNERS_PREFIX, UNMARKED_GRACE_S
+
+    name, deployment = pool
+    (rid,) = _runs(deployment, 1)
+
+    async def orphan() -> None:
+        async with get_client() as client:
+            await client.set_flow_run_state(rid, Running(), force=True)
+            await client.update_flow_run(rid, infrastructure_pid=f"{PID_PREFIX}gone:1")
+    asyncio.run(orphan())
+    wr = WarmRunner("unused.yaml", name, shared_etcd.client(), poll_s=300,
+                    name=f"{name}-{next(_n)}")
+    wr.flows = {"wr-noop": noop}
+    wr.liveness = Liveness(shared_etcd.client(), RUNNERS_PREFIX + wr.name, 3, name).start()
+    try:
+        assert wr._mark(rid)  # the half-done adoption's mark
+        time.sleep(UNMARKED_GRACE_S + 0.5)
+        with wr._client() as client:
+            assert wr._unmarked(client) == [rid]
+        assert wr.adopt(rid)
+        wait_for(lambda: _states([rid])[rid] == "COMPLETED", 30, "the run completed")
+        assert Counter(executed)[str(rid)] == 1
+    finally:
+        wr.join(10)
+        wr.close()
+
+
 def test_a_runner_that_read_a_run_before_another_ran_it_does_not_run_it_again(
         pool: tuple[str, UUID], shared_etcd: Etcd) -> None:  # noqa: F811
     # Prefect takes PENDING even on a COMPLETED run: B reads the run as SCHEDULED, A claims,
