@@ -190,7 +190,7 @@ class Outbox:
             self._conn.close()
 
 
-class _Http:
+class KeepAliveHttp:
     """One keep-alive connection to the receiver (stdlib: keeps the agent small)."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
@@ -253,7 +253,7 @@ class Sender:
         self.outbox = outbox
         self._secret = secret
         self._urls = [url, *also]
-        self._https = [_Http(u, timeout_s) for u in self._urls]
+        self._https = [KeepAliveHttp(u, timeout_s) for u in self._urls]
         self._current = 0
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -292,7 +292,7 @@ class Sender:
         return self._urls[self._current]
 
     @property
-    def _http(self) -> _Http:
+    def _http(self) -> KeepAliveHttp:
         return self._https[self._current]
 
     def _next_receiver(self, why: str) -> None:

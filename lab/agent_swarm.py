@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from agents.outbox import KeepAliveHttp
 from drflow.etcd import Client, EtcdError, absent, put_op
 from drflow.leader_keys import Leader, leader_key
 from drflow.signing import sign_headers
@@ -55,7 +55,7 @@ class Node:
     site: str
     peer: str
     urls: list[str]
-    conn: http.client.HTTPConnection | None = None
+    https: list[KeepAliveHttp] = field(default_factory=list)  # one per URL, as an agent's
     url_index: int = 0
     last_beat_ok: float | None = None
     beats: int = 0
@@ -90,7 +90,9 @@ class Swarm:
             for role, other in (("primary", "standby"), ("standby", "primary")):
                 self.nodes.append(Node(group=g["name"], agent_id=g[role]["vm"], role=role,
                                        site=g[role]["site"], peer=g[other]["vm"],
-                                       urls=list(spec["gateway_urls"])))
+                                       urls=list(spec["gateway_urls"]),
+                                       https=[KeepAliveHttp(u, 3.0)
+                                              for u in spec["gateway_urls"]]))
         self.started = time.time()
 
     # -- heartbeats ---------------------------------------------------------------------------
@@ -107,34 +109,15 @@ class Swarm:
         return {"resources": {"postgres": "ok"}, "roles": {"postgres": n.role}, "postgres": pg}
 
     def _post(self, n: Node, body: bytes) -> int:
-        reused = n.conn is not None
+        """One signed POST on the node's keep-alive connection, with the agents' own sender (a
+        beat sent as the gateway closes an idle connection goes again on a fresh one); on to
+        the next URL after a failure, as the agents' outbox does."""
+        headers = sign_headers(self.secret, body)
         try:
-            try:
-                return self._post_once(n, body)
-            except (ConnectionError, http.client.RemoteDisconnected):
-                if not reused:
-                    raise
-            # As agents/outbox.py: the gateway closed the idle keep-alive connection as this beat
-            # was sent, which says nothing about the gateway: once more on a fresh connection.
-            return self._post_once(n, body)
+            status, _ = n.https[n.url_index].post(body, headers)
+            return status
         except (OSError, http.client.HTTPException):
-            n.url_index = (n.url_index + 1) % len(n.urls)  # as the agents' outbox does
-            raise
-
-    def _post_once(self, n: Node, body: bytes) -> int:
-        url = urlsplit(n.urls[n.url_index])
-        if n.conn is None:
-            n.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80,
-                                                timeout=3.0)
-        headers = {"Content-Type": "application/json", **sign_headers(self.secret, body)}
-        try:
-            n.conn.request("POST", url.path or "/", body, headers)
-            resp = n.conn.getresponse()
-            resp.read()
-            return resp.status
-        except (OSError, http.client.HTTPException):
-            n.conn.close()
-            n.conn = None
+            n.url_index = (n.url_index + 1) % len(n.urls)
             raise
 
     def beat(self, n: Node, now: float) -> None:

@@ -172,15 +172,15 @@ class WarmRunner:
 
     def running(self) -> list[UUID]:
         with self._lock:
-            return self.running_unlocked()
+            return self._running_unlocked()
 
-    def running_unlocked(self) -> list[UUID]:
+    def _running_unlocked(self) -> list[UUID]:
         return [rid for rid, t in self._runs.items() if t.is_alive()]
 
     def _busy(self) -> set[UUID]:
         """Runs this runner executes, claims or adopts now."""
         with self._lock:
-            return {*self.running_unlocked(), *self._taking}
+            return {*self._running_unlocked(), *self._taking}
 
     def _watch_loop(self, prefix: str, on_event: Callable[[str, str], None]) -> None:
         assert self.etcd is not None
@@ -426,7 +426,7 @@ class WarmRunner:
     def adopt(self, run_id: UUID) -> bool:
         """Run again, from the start, a run whose runner is gone; False if it is not ours to."""
         with self._lock:
-            if run_id in self._taking or run_id in self.running_unlocked():
+            if run_id in self._taking or run_id in self._running_unlocked():
                 return False  # this runner has it already (an adoption under way, or its run)
             self._taking.add(run_id)
         try:
