@@ -101,9 +101,11 @@ class Gateway:
         out: dict[str, Any] = httpx.get(self.url + "/v1/groups", timeout=5).json()
         return out
 
-    def close(self, key: str, group: str = "g1") -> httpx.Response:
-        return self.post({"idempotency_key": key, "reason": "test done"},
-                         path=f"/v1/groups/{group}/incident/close")
+    def close(self, key: str, group: str = "g1", outcome: str | None = None) -> httpx.Response:
+        body = {"idempotency_key": key, "reason": "test done"}
+        if outcome is not None:
+            body["outcome"] = outcome
+        return self.post(body, path=f"/v1/groups/{group}/incident/close")
 
 
 def _roster() -> GroupRoster:
@@ -552,9 +554,10 @@ def test_closing_the_incident_opens_the_next_epoch(gw: Gateway) -> None:
     assert gw.close("failover:g1:1", group="nope").status_code == 404
     assert gw.groups()["g1"]["open_incident"]["idempotency_key"] == "failover:g1:1"
 
-    closed = gw.close("failover:g1:1")
+    closed = gw.close("failover:g1:1", outcome="failed_over")
     assert closed.status_code == 200, closed.text
-    assert closed.json() == {"closed": "failover:g1:1", "outcome": "closed", "run_id": "run-1"}
+    assert closed.json() == {"closed": "failover:g1:1", "outcome": "failed_over",
+                             "run_id": "run-1"}
     assert gw.close("failover:g1:1").status_code == 409
     view = gw.groups()["g1"]
     assert view["open_incident"] is None and view["primary"] is None
@@ -569,7 +572,23 @@ def test_closing_the_incident_opens_the_next_epoch(gw: Gateway) -> None:
     assert rec.status.value == "closed" and rec.run_id == "run-2"
     assert gw.groups()["g1"]["open_incident"] is None
     closes = gw.audit.of("incident.close")
-    assert [c["parameters"]["outcome"] for c in closes] == ["closed", "failed_over"]
+    assert [c["parameters"]["outcome"] for c in closes] == ["failed_over", "failed_over"]
+
+
+def test_an_incident_closed_without_a_promotion_leaves_its_primary_failed_over_next_time(
+        gw: Gateway) -> None:
+    # The primary's failure was not confirmed (it re-acquired its lease): it still serves, and
+    # its next failure is a failover, not "not the known primary".
+    assert gw.post(event("heartbeat")).status_code == 202
+    assert gw.post(event("recovery_exhausted")).status_code == 202
+    assert gw.starter.wait(1, 2)
+    assert gw.close("failover:g1:1", outcome="reacquired").status_code == 200
+    assert gw.groups()["g1"]["primary"] == PRIMARY
+    assert gw.post(event("heartbeat", role=None)).status_code == 202  # then silence
+    assert gw.starter.wait(2, 5)
+    incident = gw.starter.calls[1][1]
+    assert incident.kind is IncidentKind.HEARTBEAT_LOST and incident.idempotency_key == \
+        "failover:g1:2", incident
 
 
 def test_a_failed_start_is_retried_with_the_same_key(tmp_path: Path) -> None:

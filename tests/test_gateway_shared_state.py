@@ -26,6 +26,7 @@ import pytest
 from drflow.approval import Ledger
 from drflow.etcd import Client, EtcdError, EtcdLeaseNotFound, EtcdRefused, KeyValue
 from drflow.events import EventKind, HealthEvent
+from drflow.leader_keys import Leader, leader_key
 from drflow.signing import sign_headers
 from lab.balancer import RoundRobin
 from lab.procs import free_port
@@ -544,7 +545,7 @@ def test_closing_an_incident_forgets_its_agent_only_while_it_is_the_stored_prima
         assert a.post(event("recovery_exhausted", group=group)).status_code == 202
         assert a.starter.wait(1, 5)
         _heard(b, group, STANDBY, "primary")
-        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert a.close(f"failover:{group}:1", group, outcome="failed_over").status_code == 200
         assert shared.primary_of(group) == STANDBY
         assert a.groups()[group]["primary"] == STANDBY
     group = f"rep{next(_n)}"
@@ -554,8 +555,52 @@ def test_closing_an_incident_forgets_its_agent_only_while_it_is_the_stored_prima
         assert b.post(event("recovery_exhausted", group=group)).status_code == 202
         assert b.starter.wait(1, 5)
         assert a.groups()[group]["primary"] is None
-        assert a.close(f"failover:{group}:1", group).status_code == 200
+        assert a.close(f"failover:{group}:1", group, outcome="failed_over").status_code == 200
         assert shared.primary_of(group) is None
+
+
+def test_a_primary_closed_without_a_promotion_stays_the_stored_primary(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # pg-a's beats go to A; its incident (it fenced itself, then re-acquired its lease) closed
+    # on B without a promotion. pg-a still serves: every replica still decides with it as the
+    # primary, so its death is failed over.
+    group = f"rep{next(_n)}"
+    shared = EtcdGatewayStore(Client(shared_etcd.url), 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        _heard(a, group, PRIMARY, "primary")
+        assert b.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert b.starter.wait(1, 5)
+        assert b.close(f"failover:{group}:1", group, outcome="reacquired").status_code == 200
+        assert shared.primary_of(group) == PRIMARY
+        _heard(a, group, PRIMARY, "primary")
+        assert b.groups()[group]["primary"] == PRIMARY
+
+
+def test_a_primary_a_replica_still_believed_in_is_stored_again_by_its_beats(
+        shared_etcd: Etcd, tmp_path: Path) -> None:  # noqa: F811
+    # A heard pg-a as the primary; after a failover B heard pg-b claim it, and the incident
+    # closed. A failback makes pg-a the primary again, and its beats go to A, whose tracker
+    # never stopped naming it: they store it again, or a death of pg-a would be judged against
+    # pg-b (alert only). A stale claim, against a leader key naming another, stores nothing.
+    group = f"rep{next(_n)}"
+    etcd = Client(shared_etcd.url)
+    shared = EtcdGatewayStore(etcd, 60, 60, 60)
+    with _replicas(tmp_path, shared_etcd.url, group) as (a, b):
+        _heard(a, group, PRIMARY, "primary")
+        assert a.post(event("recovery_exhausted", group=group)).status_code == 202
+        assert a.starter.wait(1, 5)
+        _heard(b, group, STANDBY, "primary")
+        assert b.close(f"failover:{group}:1", group, outcome="failed_over").status_code == 200
+        assert shared.primary_of(group) == STANDBY
+        etcd.put(leader_key(group), Leader(STANDBY).encode())
+        time.sleep(0.7)  # past A's note interval, and a read of the leader keys
+        _heard(a, group, PRIMARY, "primary")  # pg-a fenced, reporting its last role
+        assert shared.primary_of(group) == STANDBY
+        etcd.put(leader_key(group), Leader(PRIMARY).encode())  # failed back
+        time.sleep(0.7)
+        _heard(a, group, PRIMARY, "primary")
+        assert shared.primary_of(group) == PRIMARY
+        etcd.delete(leader_key(group))
 
 
 def test_state_in_etcd_needs_etcd(tmp_path: Path) -> None:

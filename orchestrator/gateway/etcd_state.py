@@ -272,11 +272,16 @@ class EtcdGatewayStore(_EtcdState):
         return str(v["agent_id"]) if v else None
 
     def note_heard(self, group: str, agent_id: str, wall: float,
-                   replication: dict[str, Any]) -> None:
-        """Tell the other replicas when the agent was heard and what it said of replication."""
-        self._with_leases(lambda: self._put(
-            f"heard/{group}/{agent_id}", {"at": wall, "replication": replication},
-            self._events.current()), self._events)
+                   replication: dict[str, Any], primary: bool = False) -> None:
+        """Tell the other replicas when the agent was heard and what it said of replication;
+        with `primary`, that it is the group's primary too (in the same write)."""
+        def write() -> None:
+            puts: list[tuple[str, Any, int]] = [(f"heard/{group}/{agent_id}", {
+                "at": wall, "replication": replication}, self._events.current())]
+            if primary:
+                puts.append((f"primary/{group}", {"group": group, "agent_id": agent_id}, 0))
+            self._txn([], puts)
+        self._with_leases(write, self._events)
 
     def heard(self, group: str, agent_id: str) -> tuple[float, dict[str, Any]] | None:
         """(when any replica last heard the agent, its replication reports), if one said so."""

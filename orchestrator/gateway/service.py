@@ -354,8 +354,15 @@ class GatewayService:
             if now - self._noted.get((group, agent_id), -1e9) >= min(
                     0.5, self.settings.heartbeat_timeout_s / 3):
                 self._noted[(group, agent_id)] = now
+                # A primary's beats say so to the shared state too, as this replica's tracker
+                # believes it: another replica may have forgotten it there (a standby report,
+                # an incident closed) while this one's tracker, unchanged, would never store
+                # it again, and every replica decides a silence by the stored primary.
                 self.store.note_heard(group, agent_id, time.time(),
-                                      self.replication.shared(group, agent_id))
+                                      self.replication.shared(group, agent_id),
+                                      primary=role is Role.PRIMARY and not primary_changed
+                                      and self.tracker.primary(group) == agent_id
+                                      and not self._leader_is_another(group, agent_id))
         if changed:
             state = self.tracker.get(group, agent_id)
             self.store.save_agent(group, agent_id, state.role.value if state and state.role else None)
@@ -422,6 +429,14 @@ class GatewayService:
         # state (another replica may have stored the new primary meanwhile): forget the agent
         # only if it is the one stored still, and take whichever is.
         self.tracker.adopt_primary(group, self.store.clear_primary(group, agent_id))
+
+    def _leader_is_another(self, group: str, agent_id: str) -> bool:
+        """The group's leader key, as last read, names another agent: `agent_id`'s claim to be
+        the primary is stale (a fenced old primary still reporting its last role)."""
+        snap = self.leases.last if self.leases is not None else None
+        keys = snap.groups.get(group) if snap is not None else None
+        leader = keys.leader.leader if keys is not None and keys.leader is not None else None
+        return leader is not None and leader.agent_id != agent_id
 
     def _adopt_shared_primary(self, group: str) -> None:
         """Before deciding on shared state, take the primary every replica agrees on."""
@@ -509,11 +524,13 @@ class GatewayService:
                 f"(open: {current.incident.idempotency_key if current else 'none'})",
             )
         agent = rec.incident.evidence.get("agent_id")
-        # The failed agent is no longer the primary; the next role=primary heartbeat names the
-        # new one. With shared state, another replica may have heard it already, and this
-        # one's tracker may not know who is stored: the stored primary is forgotten only if it
-        # is the failed agent still, and the tracker takes whichever is stored.
-        if isinstance(agent, str):
+        # After a failover the failed agent is no longer the primary; the next role=primary
+        # heartbeat names the new one. With shared state, another replica may have heard it
+        # already, and this one's tracker may not know who is stored: the stored primary is
+        # forgotten only if it is the failed agent still, and the tracker takes whichever is
+        # stored. Any other outcome (reacquired, thawed, not fenced, refused, a crashed run)
+        # promoted nobody: the agent stays the primary, and its next death is failed over.
+        if isinstance(agent, str) and outcome == "failed_over":
             self.tracker.adopt_primary(group, self.store.clear_primary(group, agent))
         log.warning("incident %s closed (%s): %s", key, outcome, reason)
         self._record("incident.close", group, {"idempotency_key": key, "outcome": outcome},

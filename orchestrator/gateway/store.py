@@ -169,7 +169,7 @@ class GatewayStore:
         return None if row is None or row[0] is None else str(row[0])
 
     def note_heard(self, group: str, agent_id: str, wall: float,
-                   replication: dict[str, Any]) -> None:
+                   replication: dict[str, Any], primary: bool = False) -> None:
         """Nothing to share: this file belongs to one replica."""
 
     def heard(self, group: str, agent_id: str) -> tuple[float, dict[str, Any]] | None:
