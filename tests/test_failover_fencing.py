@@ -22,6 +22,7 @@ import yaml
 from drflow.dns import resolve_endpoint
 from drflow.etcd import Client
 from drflow.leader_keys import Leader, leader_key
+from flows.etcd_lock import UNREACHABLE_S
 from lab import faults
 from lab.labconfig import STUN_GRACE_S
 from lab.slack_standin import SlackLab
@@ -241,7 +242,9 @@ def test_no_fence_provable_stops_naming_declare_fenced_then_attested_fails_over(
             stopped_in = time.monotonic() - t0
             assert result["outcome"] == "not_fenced", result
             assert f"drflow failover {name} --declare-fenced --reason TEXT" in result["reason"]
-            assert stopped_in < 6, stopped_in
+            # Its parts: the runbook lock waits out UNREACHABLE_S for an etcd member before it
+            # queues on Prefect's limit instead, then the hung vCenter's and etcd's timeouts.
+            assert stopped_in < 6 + UNREACHABLE_S, stopped_in
             slack = SlackLab(env.state["slack"]["url"].removesuffix("/api/"))
             assert any("--declare-fenced" in m.get("text", "") for m in slack.messages())
             assert not env.writable(standby)
