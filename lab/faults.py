@@ -102,18 +102,22 @@ class Lab:
         return list(data.get("services", {}).get(vm, []))
 
     def vm_processes(self, vm: str) -> list[psutil.Process]:
-        """Every running process of the VM: its services' process trees."""
+        """Every running process of the VM: its services' process trees, and whatever else
+        runs in its network namespace (programs started through guest operations)."""
         from lab.power_bridge import running_pid
 
-        found: list[psutil.Process] = []
+        found: dict[int, psutil.Process] = {}
         for svc in self.services(vm):
             pid = running_pid(Path(svc["pidfile"]))
             if pid is None:
                 continue
             with contextlib.suppress(psutil.NoSuchProcess):
                 root = psutil.Process(pid)
-                found += [root, *root.children(recursive=True)]
-        return found
+                found |= {p.pid: p for p in [root, *root.children(recursive=True)]}
+        for pid in netns.host_processes(self.topo, vm) if "network" in self.state else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.setdefault(pid, psutil.Process(pid))
+        return list(found.values())
 
     def log(self, fault: Fault) -> Fault:
         with open(self.dir / "faults.jsonl", "a") as f:

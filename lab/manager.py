@@ -22,6 +22,10 @@ from lab.labconfig import write_drflow_yaml
 
 GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
 DEFAULT_DIR = Path(os.environ.get("DRFLOW_LAB_DIR", "/tmp/drflow-lab"))
+# Guest operations (vSphere's, through the site's vCenter): the login of every lab VM, and the
+# directories that are each VM's own (anything else in a guest is the machine's, shared).
+GUEST_USER = "root"
+GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow")
 
 
 class LabError(Exception):
@@ -114,6 +118,12 @@ def up(
         hosts = {(f"{name}-{site}" if name in (*names, "vcenter", "etcd") else name): (site, a)
                  for site in (*SITES, "witness") for name, a in addr[site].items()}
         prefix = {h: netns.add_host(topo, site, h, a) for h, (site, a) in hosts.items()}
+        guest_password = os.urandom(12).hex()
+        _write_secret(secrets_dir / "guest_password", guest_password)
+        state["guest"] = {"user": GUEST_USER, "password": guest_password, "dirs": list(GUEST_DIRS)}
+        for site in SITES:
+            _write_guests(lab_dir, site, {f"{n}-{site}": prefix[f"{n}-{site}"] for n in names},
+                          guest_password)
         with ThreadPoolExecutor(max_workers=6 + groups) as pool:
             f_etcd = pool.submit(_timed, progress, "etcd", _start_etcd, lab_dir, topo, addr, prefix)
             f_vcs = {
@@ -121,7 +131,7 @@ def up(
                                   vcsim.start_vcsim, lab_dir, [*names, *(inventory_only or [])],
                                   0, 30.0, None, False,
                                   (site,), addr[site]["vcenter"], prefix[f"vcenter-{site}"],
-                                  f"vcsim-{site}")
+                                  f"vcsim-{site}", lab_dir / f"guests-{site}.json")
                 for site in SITES
             }
             f_moto = pool.submit(_timed, progress, "moto server", aws.start_moto, lab_dir, 30.0,
@@ -261,6 +271,17 @@ def _sweep_etcd_data() -> None:
     for d in Path("/dev/shm").glob("drflow-etcd-*"):
         if not (netns.state_dir() / f"{d.name.removeprefix('drflow-etcd-')}.json").exists():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_guests(lab_dir: Path, site: str, vms: dict[str, list[str]], password: str) -> None:
+    """What the site's vCenter needs for guest operations: each VM's network namespace, its
+    private directories (under `<lab>/vms/<vm>`) and the guest login (lab/vcsim/guest.go)."""
+    entries = {vm: {"prefix": argv, "root": str(lab_dir / "vms" / vm), "dirs": list(GUEST_DIRS),
+                    "user": GUEST_USER, "password": password} for vm, argv in vms.items()}
+    path = lab_dir / f"guests-{site}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f, indent=1)
 
 
 def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, str]]:

@@ -512,6 +512,11 @@ def _pids_in(names: list[str]) -> list[int]:
     return sorted(pids)
 
 
+def host_processes(topo: Topology, name: str) -> list[int]:
+    """PIDs running in one host's network namespace (a VM: whatever runs in it)."""
+    return _pids_in([topo.host_netns(name)]) if topo.enabled else []
+
+
 def processes_in(topo: Topology, location: str) -> list[int]:
     """PIDs whose network namespace is that location's (core too) or one of its hosts'."""
     if not topo.enabled:

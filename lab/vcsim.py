@@ -47,8 +47,11 @@ def cache_dir() -> Path:
 
 
 def build_launcher() -> Path:
-    """Build the vcsim launcher once per version of main.go and return the cached binary."""
-    digest = hashlib.sha256(LAUNCHER_SOURCE.read_bytes()).hexdigest()[:16]
+    """Build the vcsim launcher once per version of its sources and return the cached binary."""
+    sha = hashlib.sha256()
+    for source in sorted(LAUNCHER_SOURCE.parent.glob("*.go")):
+        sha.update(source.name.encode() + b"\0" + source.read_bytes())
+    digest = sha.hexdigest()[:16]
     out_dir = cache_dir()
     binary = out_dir / f"vcsim-lab-{digest}"
     if os.access(binary, os.X_OK):
@@ -67,7 +70,9 @@ def build_launcher() -> Path:
             env["GOCACHE"] = str(out_dir / "go-build")
         try:
             done = subprocess.run(
-                [go, "build", "-o", str(tmp), LAUNCHER_SOURCE.name], cwd=LAUNCHER_SOURCE.parent,
+                [go, "build", "-o", str(tmp), *sorted(p.name for p in
+                                                      LAUNCHER_SOURCE.parent.glob("*.go"))],
+                cwd=LAUNCHER_SOURCE.parent,
                 env=env, capture_output=True, text=True, timeout=600, check=False,
             )
             if done.returncode != 0:
@@ -110,7 +115,8 @@ def _locked(path: Path) -> Iterator[None]:
 def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float = 30.0,
                 twins: list[str] | None = None, tls: bool = False,
                 sites: Sequence[str] = SITES, listen: str = "127.0.0.1",
-                prefix: Sequence[str] = (), name: str = "vcsim") -> dict[str, Any]:
+                prefix: Sequence[str] = (), name: str = "vcsim",
+                guests: Path | None = None) -> dict[str, Any]:
     """Start vcsim detached with the lab inventory and return how to reach it.
 
     `port=0` lets the launcher pick a free port itself (no race with other tests). `twins`:
@@ -118,7 +124,8 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
     certificate. `sites`: the datacenters served (production has a vCenter per site); `listen`:
     the address served on; `prefix`: an argv prefix to run the launcher with (e.g.
     `["ip", "netns", "exec", NS]`); `name` names its info and log files, so that two vcsims can
-    share one lab directory.
+    share one lab directory. `guests`: the JSON file of the VMs that take guest operations
+    (their namespace, directories and login; lab/vcsim/guest.go), read at every call.
     """
     if not groups:
         raise ValueError("start_vcsim needs at least one protection group name")
@@ -145,6 +152,8 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
         argv += ["-twins", ",".join(twins)]
     if tls:
         argv.append("-tls")
+    if guests is not None:
+        argv += ["-guests", str(Path(guests).resolve())]
     proc = procs.spawn(argv, log=log, env={"TMPDIR": str(tmp)})
     deadline = time.monotonic() + timeout
     while not info_path.exists():

@@ -79,6 +79,7 @@ func main() {
 	verbose := flag.Bool("verbose", false, "keep the property collector's per-call log lines")
 	twins := flag.String("twins", "", "comma-separated VM names created in every datacenter alike")
 	useTLS := flag.Bool("tls", false, "serve HTTPS with a self-signed certificate")
+	guests := flag.String("guests", "", "JSON file naming each VM's namespace, directories and guest login (guest operations)")
 	flag.Parse()
 	if !*verbose {
 		// A power bridge long-polls WaitForUpdatesEx: vcsim would log each call, every second.
@@ -93,7 +94,8 @@ func main() {
 		os.Exit(2)
 	}
 	opts := options{port: *port, listen: *listen, sites: sites, groups: splitGroups(*groups),
-		twins: splitGroups(*twins), infoPath: *infoPath, isolated: *isolated, tls: *useTLS}
+		twins: splitGroups(*twins), infoPath: *infoPath, isolated: *isolated, tls: *useTLS,
+		guests: *guests}
 	if err := run(opts); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim-lab:", err)
 		os.Exit(1)
@@ -108,6 +110,7 @@ type options struct {
 	infoPath      string
 	isolated      string
 	tls           bool
+	guests        string
 }
 
 func parseSites(s string) ([]string, error) {
@@ -204,6 +207,7 @@ func run(o options) error {
 	s.Server.Config.Handler = f.front(s.Server.Config.Handler)
 	registerDisableMethodHook(m.Service)
 	f.register(m.Service)
+	registerGuestOperations(m.Service, o.guests, o.tls)
 
 	ctx := context.Background()
 	c, err := govmomi.NewClient(ctx, s.URL, true) // insecure: our own self-signed certificate

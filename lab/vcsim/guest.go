@@ -1,0 +1,493 @@
+package main
+
+// Guest operations (GuestOperationsManager's file and process managers) for the lab's VMs, which
+// vcsim 0.24 offers only for VMs backed by docker containers. A lab VM is a network namespace
+// (its address, its site) plus a few private directories: a program started in it runs in that
+// namespace, in a mount namespace of its own where the VM's directories (`dirs`, e.g.
+// /opt/drflow) are bind-mounted from the VM's root in the lab directory, so two VMs' files never
+// meet. File transfers read and write those directories; any other guest path is refused, as a
+// guest user without the right to it would be. Who may log in, and where each VM lives, comes
+// from the -guests file (re-read at every call: the lab writes it after the launcher starts).
+// What vCenter does for real and is kept here: no guest operation on a VM that is off or whose
+// host is lost (GuestOperationsUnavailable: VMware Tools is not running), InvalidGuestLogin for
+// bad credentials, a transfer URL with "*" for the host (the client substitutes the address it
+// reached vCenter at), programs run through the guest's shell, exited programs listed with their
+// exit code for a while, and every program of a VM killed when the VM powers off.
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+const guestTransferPath = "/drflow/guestFile"
+
+// guestVM is one VM of the -guests file.
+type guestVM struct {
+	Prefix   []string `json:"prefix"` // argv entering the VM's network namespace
+	Root     string   `json:"root"`   // the VM's private directories live under here
+	Dirs     []string `json:"dirs"`   // guest directories that are the VM's own
+	User     string   `json:"user"`
+	Password string   `json:"password"`
+}
+
+type guestProc struct {
+	info types.GuestProcessInfo
+	vm   types.ManagedObjectReference
+	cmd  *exec.Cmd
+}
+
+type guestLab struct {
+	path string // the -guests file
+	mu   sync.Mutex
+	// transfers: one-shot tokens → (VM, guest path, host path, upload?)
+	transfers map[string]transfer
+	procs     map[int64]*guestProc
+	seq       int64
+}
+
+type transfer struct {
+	host    string
+	upload  bool
+	mode    os.FileMode
+	expires time.Time
+}
+
+const transferTTL = 10 * time.Minute
+
+func newGuestLab(path string) *guestLab {
+	return &guestLab{path: path, transfers: map[string]transfer{}, procs: map[int64]*guestProc{}}
+}
+
+func (g *guestLab) load() (map[string]guestVM, error) {
+	if g.path == "" {
+		return map[string]guestVM{}, nil
+	}
+	raw, err := os.ReadFile(g.path)
+	if os.IsNotExist(err) {
+		return map[string]guestVM{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]guestVM{}
+	if err := json.Unmarshal(raw, &out); err != nil {
+		return nil, fmt.Errorf("%s: %w", g.path, err)
+	}
+	return out, nil
+}
+
+// guest finds the VM's entry and checks that guest operations can run and the login is good.
+// The fault is a Fault body's payload; callers wrap it in their own response type.
+func (g *guestLab) guest(ctx *simulator.Context, ref types.ManagedObjectReference,
+	auth types.BaseGuestAuthentication) (*simulator.VirtualMachine, guestVM, *soap.Fault) {
+	obj := ctx.Map.Get(ref)
+	vm, ok := obj.(*simulator.VirtualMachine)
+	if !ok {
+		return nil, guestVM{}, simulator.Fault("", &types.ManagedObjectNotFound{Obj: ref})
+	}
+	var state types.VirtualMachinePowerState
+	var conn types.VirtualMachineConnectionState
+	ctx.Map.WithLock(vm, func() {
+		state, conn = vm.Runtime.PowerState, vm.Runtime.ConnectionState
+	})
+	if state != types.VirtualMachinePowerStatePoweredOn || conn != types.VirtualMachineConnectionStateConnected {
+		return nil, guestVM{}, simulator.Fault(fmt.Sprintf(
+			"guest operations on %s are unavailable: VMware Tools is not running (%s, %s)",
+			vm.Name, state, conn), &types.GuestOperationsUnavailable{})
+	}
+	vms, err := g.load()
+	if err != nil {
+		return nil, guestVM{}, simulator.Fault(err.Error(), &types.SystemError{Reason: err.Error()})
+	}
+	entry, ok := vms[vm.Name]
+	if !ok {
+		return nil, guestVM{}, simulator.Fault(fmt.Sprintf(
+			"guest operations on %s are unavailable: VMware Tools is not installed", vm.Name),
+			&types.GuestOperationsUnavailable{})
+	}
+	login, ok := auth.(*types.NamePasswordAuthentication)
+	if !ok || login.Username != entry.User || login.Password != entry.Password {
+		return nil, guestVM{}, simulator.Fault("Failed to authenticate with the guest operating system "+
+			"using the supplied credentials.", &types.InvalidGuestLogin{})
+	}
+	return vm, entry, nil
+}
+
+// hostPath maps a guest path into the VM's own directories, or refuses it.
+func hostPath(entry guestVM, guestPath string) (string, *soap.Fault) {
+	clean := filepath.Clean(guestPath)
+	if !filepath.IsAbs(clean) {
+		return "", simulator.Fault("guest path must be absolute: "+guestPath,
+			&types.InvalidArgument{InvalidProperty: "guestFilePath"})
+	}
+	for _, d := range entry.Dirs {
+		if clean == d || strings.HasPrefix(clean, strings.TrimSuffix(d, "/")+"/") {
+			return filepath.Join(entry.Root, clean), nil
+		}
+	}
+	return "", simulator.Fault(fmt.Sprintf("permission denied: %s (the guest user may write only "+
+		"under %s)", guestPath, strings.Join(entry.Dirs, ", ")), &types.GuestPermissionDenied{})
+}
+
+// resolve is guest() and hostPath() together: the host path of a guest path in a VM that takes
+// guest operations from this login.
+func (g *guestLab) resolve(ctx *simulator.Context, ref types.ManagedObjectReference,
+	auth types.BaseGuestAuthentication, guestPath string) (string, *soap.Fault) {
+	_, entry, fault := g.guest(ctx, ref, auth)
+	if fault != nil {
+		return "", fault
+	}
+	return hostPath(entry, guestPath)
+}
+
+func (g *guestLab) token(t transfer) string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.seq++
+	tok := fmt.Sprintf("%d-%d", time.Now().UnixNano(), g.seq)
+	g.transfers[tok] = t
+	return tok
+}
+
+func transferURL(tok string) string {
+	scheme := "http"
+	if simulatorTLS {
+		scheme = "https"
+	}
+	// "*": the client puts in the address it reached vCenter at (as for a real ESXi host).
+	return (&url.URL{Scheme: scheme, Host: "*", Path: guestTransferPath,
+		RawQuery: url.Values{"token": []string{tok}}.Encode()}).String()
+}
+
+var simulatorTLS bool
+
+// ---- the file manager ----------------------------------------------------------------------
+
+type guestFiles struct {
+	mo.GuestFileManager
+	lab *guestLab
+}
+
+func fileFault(msg, file string, fault types.BaseMethodFault) *soap.Fault {
+	return simulator.Fault(msg+": "+file, fault)
+}
+
+func (m *guestFiles) InitiateFileTransferToGuest(ctx *simulator.Context,
+	req *types.InitiateFileTransferToGuest) soap.HasFault {
+	body := new(methods.InitiateFileTransferToGuestBody)
+	p, fault := m.lab.resolve(ctx, req.Vm, req.Auth, req.GuestFilePath)
+	if _, err := os.Stat(p); fault == nil && err == nil && !req.Overwrite {
+		fault = fileFault("file exists", req.GuestFilePath,
+			&types.FileAlreadyExists{FileFault: types.FileFault{File: req.GuestFilePath}})
+	}
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	mode := os.FileMode(0o644)
+	if a, ok := req.FileAttributes.(*types.GuestPosixFileAttributes); ok && a.Permissions != 0 {
+		mode = os.FileMode(a.Permissions) & os.ModePerm
+	}
+	tok := m.lab.token(transfer{host: p, upload: true, mode: mode, expires: time.Now().Add(transferTTL)})
+	body.Res = &types.InitiateFileTransferToGuestResponse{Returnval: transferURL(tok)}
+	return body
+}
+
+func (m *guestFiles) InitiateFileTransferFromGuest(ctx *simulator.Context,
+	req *types.InitiateFileTransferFromGuest) soap.HasFault {
+	body := new(methods.InitiateFileTransferFromGuestBody)
+	p, fault := m.lab.resolve(ctx, req.Vm, req.Auth, req.GuestFilePath)
+	st, err := os.Stat(p)
+	if fault == nil && (err != nil || st.IsDir()) {
+		fault = fileFault("file not found", req.GuestFilePath,
+			&types.FileNotFound{FileFault: types.FileFault{File: req.GuestFilePath}})
+	}
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	tok := m.lab.token(transfer{host: p, expires: time.Now().Add(transferTTL)})
+	body.Res = &types.InitiateFileTransferFromGuestResponse{
+		Returnval: types.FileTransferInformation{Size: st.Size(), Url: transferURL(tok),
+			Attributes: &types.GuestPosixFileAttributes{Permissions: int64(st.Mode().Perm()),
+				GuestFileAttributes: types.GuestFileAttributes{ModificationTime: types.NewTime(st.ModTime())}}}}
+	return body
+}
+
+func (m *guestFiles) MakeDirectoryInGuest(ctx *simulator.Context, req *types.MakeDirectoryInGuest) soap.HasFault {
+	body := new(methods.MakeDirectoryInGuestBody)
+	p, fault := m.lab.resolve(ctx, req.Vm, req.Auth, req.DirectoryPath)
+	if fault == nil {
+		var err error
+		if req.CreateParentDirectories {
+			err = os.MkdirAll(p, 0o755)
+		} else {
+			err = os.Mkdir(p, 0o755)
+		}
+		if err != nil {
+			fault = fileFault(err.Error(), req.DirectoryPath,
+				&types.FileAlreadyExists{FileFault: types.FileFault{File: req.DirectoryPath}})
+		}
+	}
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	body.Res = &types.MakeDirectoryInGuestResponse{}
+	return body
+}
+
+func (m *guestFiles) DeleteFileInGuest(ctx *simulator.Context, req *types.DeleteFileInGuest) soap.HasFault {
+	body := new(methods.DeleteFileInGuestBody)
+	p, fault := m.lab.resolve(ctx, req.Vm, req.Auth, req.FilePath)
+	if fault == nil && os.Remove(p) != nil {
+		fault = fileFault("file not found", req.FilePath,
+			&types.FileNotFound{FileFault: types.FileFault{File: req.FilePath}})
+	}
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	body.Res = &types.DeleteFileInGuestResponse{}
+	return body
+}
+
+// serveTransfer is the URL a transfer hands out: PUT writes the file, GET reads it; once each.
+func (g *guestLab) serveTransfer(w http.ResponseWriter, r *http.Request) {
+	tok := r.URL.Query().Get("token")
+	g.mu.Lock()
+	t, ok := g.transfers[tok]
+	delete(g.transfers, tok)
+	g.mu.Unlock()
+	if !ok || time.Now().After(t.expires) {
+		http.Error(w, "unknown or expired transfer", http.StatusNotFound)
+		return
+	}
+	switch {
+	case t.upload && r.Method == http.MethodPut:
+		if err := os.MkdirAll(filepath.Dir(t.host), 0o755); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		tmp, err := os.CreateTemp(filepath.Dir(t.host), ".upload-")
+		if err == nil {
+			_, err = io.Copy(tmp, r.Body)
+			if cerr := tmp.Close(); err == nil {
+				err = cerr
+			}
+			if err == nil {
+				err = os.Chmod(tmp.Name(), t.mode)
+			}
+			if err == nil {
+				err = os.Rename(tmp.Name(), t.host)
+			}
+			if err != nil {
+				_ = os.Remove(tmp.Name())
+			}
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	case !t.upload && r.Method == http.MethodGet:
+		http.ServeFile(w, r, t.host)
+	default:
+		http.Error(w, "wrong method for this transfer", http.StatusMethodNotAllowed)
+	}
+}
+
+// ---- the process manager -------------------------------------------------------------------
+
+type guestProcesses struct {
+	mo.GuestProcessManager
+	lab *guestLab
+}
+
+// shellQuote quotes s for /bin/sh.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func (m *guestProcesses) StartProgramInGuest(ctx *simulator.Context, req *types.StartProgramInGuest) soap.HasFault {
+	body := new(methods.StartProgramInGuestBody)
+	vm, entry, fault := m.lab.guest(ctx, req.Vm, req.Auth)
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	spec := req.Spec.GetGuestProgramSpec()
+	if !filepath.IsAbs(spec.ProgramPath) {
+		body.Fault_ = simulator.Fault("programPath must be absolute: "+spec.ProgramPath,
+			&types.InvalidArgument{InvalidProperty: "programPath"})
+		return body
+	}
+	// The VM's directories are bind-mounted over the guest paths in a mount namespace of the
+	// program's own; then the guest's shell runs the program with its arguments.
+	var mounts []string
+	for _, d := range entry.Dirs {
+		src := filepath.Join(entry.Root, d)
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			body.Fault_ = simulator.Fault(err.Error(), &types.SystemError{Reason: err.Error()})
+			return body
+		}
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			body.Fault_ = simulator.Fault(err.Error(), &types.SystemError{Reason: err.Error()})
+			return body
+		}
+		mounts = append(mounts, fmt.Sprintf("mount --bind %s %s", shellQuote(src), shellQuote(d)))
+	}
+	program := shellQuote(spec.ProgramPath) + " " + spec.Arguments
+	script := strings.Join(append(mounts, "exec /bin/sh -c "+shellQuote(program)), " && ")
+	argv := append(append([]string{}, entry.Prefix...),
+		"unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Dir = "/"
+	if spec.WorkingDirectory != "" {
+		cmd.Dir = spec.WorkingDirectory
+		if p, f := hostPath(entry, spec.WorkingDirectory); f == nil {
+			cmd.Dir = p // the namespace's mounts do not exist yet for the chdir
+		}
+	}
+	cmd.Env = append([]string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		spec.EnvVariables...)
+	devnull, _ := os.Open(os.DevNull)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, nil, nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		body.Fault_ = simulator.Fault(err.Error(), &types.FileNotFound{
+			FileFault: types.FileFault{File: spec.ProgramPath}})
+		return body
+	}
+	pid := int64(cmd.Process.Pid)
+	p := &guestProc{vm: vm.Self, cmd: cmd, info: types.GuestProcessInfo{
+		Name: filepath.Base(spec.ProgramPath), Pid: pid, Owner: entry.User,
+		CmdLine: strings.TrimSpace(spec.ProgramPath + " " + spec.Arguments), StartTime: time.Now()}}
+	m.lab.mu.Lock()
+	m.lab.procs[pid] = p
+	m.lab.mu.Unlock()
+	go func() {
+		err := cmd.Wait()
+		_ = devnull.Close()
+		code := int32(0)
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = int32(ee.ExitCode())
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				code = int32(128 + ws.Signal())
+			}
+		}
+		end := time.Now()
+		m.lab.mu.Lock()
+		p.info.EndTime, p.info.ExitCode = &end, code
+		m.lab.mu.Unlock()
+		log.Printf("drflow-guest: %s: program %d (%s) ended with %d", vm.Name, pid, p.info.Name, code)
+	}()
+	log.Printf("drflow-guest: %s: started program %d: %s", vm.Name, pid, p.info.CmdLine)
+	body.Res = &types.StartProgramInGuestResponse{Returnval: pid}
+	return body
+}
+
+func (m *guestProcesses) ListProcessesInGuest(ctx *simulator.Context, req *types.ListProcessesInGuest) soap.HasFault {
+	body := new(methods.ListProcessesInGuestBody)
+	vm, _, fault := m.lab.guest(ctx, req.Vm, req.Auth)
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	want := map[int64]bool{}
+	for _, pid := range req.Pids {
+		want[pid] = true
+	}
+	var out []types.GuestProcessInfo
+	m.lab.mu.Lock()
+	for pid, p := range m.lab.procs {
+		if p.vm == vm.Self && (len(want) == 0 || want[pid]) {
+			out = append(out, p.info)
+		}
+	}
+	m.lab.mu.Unlock()
+	body.Res = &types.ListProcessesInGuestResponse{Returnval: out}
+	return body
+}
+
+func (m *guestProcesses) TerminateProcessInGuest(ctx *simulator.Context, req *types.TerminateProcessInGuest) soap.HasFault {
+	body := new(methods.TerminateProcessInGuestBody)
+	vm, _, fault := m.lab.guest(ctx, req.Vm, req.Auth)
+	if fault != nil {
+		body.Fault_ = fault
+		return body
+	}
+	m.lab.mu.Lock()
+	p, ok := m.lab.procs[req.Pid]
+	m.lab.mu.Unlock()
+	if !ok || p.vm != vm.Self {
+		body.Fault_ = simulator.Fault("no such process: "+strconv.FormatInt(req.Pid, 10),
+			&types.GuestProcessNotFound{Pid: req.Pid})
+		return body
+	}
+	_ = syscall.Kill(-int(req.Pid), syscall.SIGKILL)
+	body.Res = &types.TerminateProcessInGuestResponse{}
+	return body
+}
+
+// reap kills every program of a VM that is no longer on (powered off, or its host lost): a
+// program cannot outlive its VM's power. Exited programs are forgotten after 5 minutes.
+func (g *guestLab) reap() {
+	for range time.Tick(200 * time.Millisecond) {
+		g.mu.Lock()
+		procs := make([]*guestProc, 0, len(g.procs))
+		for pid, p := range g.procs {
+			if p.info.EndTime != nil && time.Since(*p.info.EndTime) > 5*time.Minute {
+				delete(g.procs, pid)
+				continue
+			}
+			if p.info.EndTime == nil {
+				procs = append(procs, p)
+			}
+		}
+		g.mu.Unlock()
+		for _, p := range procs {
+			vm, ok := simulator.Map.Get(p.vm).(*simulator.VirtualMachine)
+			on := false
+			if ok {
+				simulator.Map.WithLock(vm, func() {
+					on = vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn
+				})
+			}
+			if !on {
+				_ = syscall.Kill(-int(p.info.Pid), syscall.SIGKILL)
+			}
+		}
+	}
+}
+
+// registerGuestOperations replaces vcsim's guest file and process managers with the lab's.
+func registerGuestOperations(svc *simulator.Service, path string, useTLS bool) {
+	simulatorTLS = useTLS
+	g := newGuestLab(path)
+	// The references vcsim gives its own managers (GuestOperationsManager.init).
+	files := types.ManagedObjectReference{Type: "GuestFileManager", Value: "guestOperationsFileManager"}
+	procs := types.ManagedObjectReference{Type: "GuestProcessManager", Value: "guestOperationsProcessManager"}
+	simulator.Map.Put(&guestFiles{GuestFileManager: mo.GuestFileManager{Self: files}, lab: g})
+	simulator.Map.Put(&guestProcesses{GuestProcessManager: mo.GuestProcessManager{Self: procs}, lab: g})
+	svc.Handle(guestTransferPath, http.HandlerFunc(g.serveTransfer))
+	go g.reap()
+}

@@ -1,0 +1,125 @@
+"""vSphere guest operations on the lab: files into a VM and programs run in it, through the site's
+vCenter, in the VM's own address and directories; refused as vCenter refuses them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from pydantic import SecretStr
+
+from lab import faults, manager, vcsim
+from tasks.vsphere import find_vm
+from tasks.vsphere_guest import (
+    GuestError,
+    GuestLogin,
+    download,
+    processes,
+    start_program,
+    terminate,
+    upload,
+    wait_exit,
+)
+from tests.harness import new_lab_dir, wait_for
+
+pytestmark = pytest.mark.lab
+
+PROBE = b"""#!/bin/sh
+# Where am I: my addresses, my argument and environment, and what this VM's directory holds.
+ip -4 -o addr show | awk '{print $4}' > /var/lib/drflow/where
+echo "arg=$1 env=$PROBE_ENV" >> /var/lib/drflow/where
+ls /opt/drflow >> /var/lib/drflow/where
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[dict[str, Any]]:
+    d = new_lab_dir("drflow-guest-")
+    state = manager.up(d, groups=1, replication="sync", progress=lambda _m: None, agents=False)
+    try:
+        yield state
+    finally:
+        faults.heal(d)
+        manager.down(d, progress=lambda _m: None)
+
+
+def _site(lab: dict[str, Any], site: str) -> tuple[Any, str]:
+    vc = lab["vcenters"][site]
+    return vcsim.connect(vc["url"], vc["user"], vc["password"]), vc["url"]
+
+
+def _login(lab: dict[str, Any], password: str | None = None) -> GuestLogin:
+    return GuestLogin(lab["guest"]["user"], SecretStr(password or lab["guest"]["password"]))
+
+
+def test_a_file_pushed_into_a_vm_runs_there_in_its_address_and_directories(
+        lab: dict[str, Any]) -> None:
+    g = lab["groups"][0]
+    si, url = _site(lab, "prod")
+    vm, login = find_vm(si, g["primary"]["vm"]), _login(lab)
+    upload(si, url, vm, login, PROBE, "/opt/drflow/probe.sh", mode=0o755)
+    upload(si, url, vm, login, b"x", "/var/lib/drflow/.keep")
+    pid = start_program(si, vm, login, "/opt/drflow/probe.sh", "hello",
+                        env={"PROBE_ENV": "set"})
+    assert wait_exit(si, vm, login, pid, 10) == 0
+    where = download(si, url, vm, login, "/var/lib/drflow/where").decode()
+    assert f"{g['primary']['host']}/" in where, where  # the VM's address, not the machine's
+    assert "arg=hello env=set" in where and "probe.sh" in where, where
+    # The files are the VM's own: in its directory of the lab, not the DR VM's, not the machine's.
+    lab_dir = Path(lab["dir"])
+    assert (lab_dir / "vms" / g["primary"]["vm"] / "opt/drflow/probe.sh").stat().st_mode & 0o777 \
+        == 0o755
+    assert not (lab_dir / "vms" / g["standby"]["vm"] / "opt/drflow/probe.sh").exists()
+    assert not Path("/opt/drflow/probe.sh").exists()
+    [proc] = processes(si, vm, login, [pid])
+    assert proc.exit_code == 0 and "probe.sh hello" in proc.cmdline
+
+
+def test_guest_operations_are_refused_as_vcenter_refuses_them(lab: dict[str, Any]) -> None:
+    g = lab["groups"][0]
+    si, url = _site(lab, "prod")
+    vm = find_vm(si, g["primary"]["vm"])
+    wrong = "not-the-guest-password"
+    with pytest.raises(GuestError, match="refused the login") as bad:
+        upload(si, url, vm, _login(lab, wrong), b"x", "/opt/drflow/x")
+    assert wrong not in str(bad.value) and lab["guest"]["password"] not in str(bad.value)
+    with pytest.raises(GuestError, match="may not do it"):
+        upload(si, url, vm, _login(lab), b"x", "/usr/local/bin/x")
+    with pytest.raises(GuestError, match="no such file"):
+        download(si, url, vm, _login(lab), "/var/lib/drflow/never-written")
+
+
+def test_a_vm_powered_off_takes_its_programs_with_it(lab: dict[str, Any]) -> None:
+    g = lab["groups"][0]
+    si, _ = _site(lab, "dr")
+    vm, login = find_vm(si, g["standby"]["vm"]), _login(lab)
+    pid = start_program(si, vm, login, "/bin/sleep", "300")
+    assert psutil.pid_exists(pid)
+    stopped = start_program(si, vm, login, "/bin/sleep", "300")
+    terminate(si, vm, login, stopped)
+    assert wait_exit(si, vm, login, stopped, 5) == 128 + 9
+    faults.fail(Path(lab["dir"]), "power-off", g["standby"]["vm"])
+    try:
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
+                 psutil.STATUS_ZOMBIE, 5, "the program gone with its VM's power")
+        with pytest.raises(GuestError, match="Tools is not running"):
+            start_program(si, vm, login, "/bin/true")
+    finally:
+        task = vm.PowerOnVM_Task()
+        deadline = time.monotonic() + 30
+        while task.info.state not in ("success", "error") and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def test_a_guest_crash_kills_what_guest_operations_started(lab: dict[str, Any]) -> None:
+    g = lab["groups"][0]
+    si, _ = _site(lab, "prod")
+    vm, login = find_vm(si, g["primary"]["vm"]), _login(lab)
+    pid = start_program(si, vm, login, "/bin/sleep", "300")
+    fault = faults.fail(Path(lab["dir"]), "guest-crash", g["primary"]["vm"])
+    assert fault.detail["killed"] >= 2, fault  # PostgreSQL's tree and the program
+    assert wait_exit(si, vm, login, pid, 5) == 128 + 9
