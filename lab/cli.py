@@ -31,12 +31,17 @@ def up(
     agents: bool = typer.Option(
         True, "--agents/--no-agents",
         help="Run a guest agent in each lab VM (reporting to the gateway URL in lab.json)."),
+    unprotected: list[str] = typer.Option(
+        [], "--unprotected", metavar="NAME",
+        help="Also a lone database to protect: VM NAME-prod with PostgreSQL, no agent, no "
+             "standby, no DNS record, not in drflow.yaml (repeat for more)."),
 ) -> None:
     """Start the lab and write DIR/lab.json (endpoints, credentials) and DIR/drflow.yaml."""
     from lab import manager
 
     try:
-        manager.up(lab_dir, groups, replication, progress=console.print, agents=agents)
+        manager.up(lab_dir, groups, replication, progress=console.print, agents=agents,
+                   unprotected=unprotected)
     except manager.LabError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc

@@ -87,7 +87,12 @@ class Lab:
             for role in ("primary", "standby"):
                 if g[role]["vm"] == vm:
                     return dict(g[role])
-        known = sorted(g[r]["vm"] for g in self.state.get("groups", []) for r in ("primary", "standby"))
+        for lone in self.state.get("unprotected", []):
+            if lone["vm"] == vm:
+                return dict(lone)
+        known = sorted([*(g[r]["vm"] for g in self.state.get("groups", [])
+                          for r in ("primary", "standby")),
+                        *(lone["vm"] for lone in self.state.get("unprotected", []))])
         raise FaultError(f"no lab VM named {vm!r}; the lab's VMs: {', '.join(known)}")
 
     def site_of(self, vm: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ DEFAULT_DIR = Path(os.environ.get("DRFLOW_LAB_DIR", "/tmp/drflow-lab"))
 # directories that are each VM's own (anything else in a guest is the machine's, shared).
 GUEST_USER = "root"
 GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow")
+TEMPLATE_VM = "drflow-pg-template"  # at DR: what a standby VM is created from
 
 
 class LabError(Exception):
@@ -72,6 +74,7 @@ def up(
     progress: Progress = print,
     agents: bool = True,
     inventory_only: list[str] | None = None,
+    unprotected: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build the sites' networks, then start a vcsim per site, etcd (a member per location),
     PostgreSQL pairs, moto, the Slack stand-in and a power bridge per site; write lab.json and
@@ -79,7 +82,12 @@ def up(
 
     `inventory_only`: more group names whose two VMs exist in the vCenters, with no database or
     agent in them (`NAME-prod`, `NAME-dr`): for a load generator that speaks for their agents
-    (lab/agent_swarm.py). They are not in lab.json's groups nor in drflow.yaml."""
+    (lab/agent_swarm.py). They are not in lab.json's groups nor in drflow.yaml.
+
+    `unprotected`: names of lone databases, what `drflow protect` starts from: VM `NAME-prod`
+    in prod only, its PostgreSQL primary with no standby, no agent, no DNS record, not in
+    drflow.yaml (lab.json's `unprotected`). DR has a host and an address kept for its standby,
+    and the template VM (`TEMPLATE_VM`) to create it from."""
     if replication not in ("sync", "async"):
         raise LabError(f"--replication must be sync or async, not {replication!r}")
     if groups < 1:
@@ -102,6 +110,12 @@ def up(
     secrets_dir.mkdir(mode=0o700)
 
     names = group_names(groups)
+    lone = list(unprotected or [])
+    clash = sorted(set(lone) & set([*names, *(inventory_only or [])])) or sorted(
+        {n for n in lone if lone.count(n) > 1})
+    if clash:
+        raise LabError(f"--unprotected {', '.join(clash)}: the name is taken (a protection group "
+                       "or another --unprotected); choose another")
     t0 = time.monotonic()
     state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {},
                              "manager_pid": os.getpid(), "complete": False,
@@ -112,26 +126,31 @@ def up(
         state["network"] = topo.to_dict()
         _write_state(lab_dir, state)
         internet = netns.ensure_internet() if topo.enabled else "127.0.0.1"
-        addr = _addresses(topo, names)
+        addr = _addresses(topo, [*names, *lone])
         # Every host (VM, vCenter, orchestrator, witness) its own network stack behind its
         # site's router: whatever a program binds, its packets carry its host's address.
-        hosts = {(f"{name}-{site}" if name in (*names, "vcenter", "etcd") else name): (site, a)
-                 for site in (*SITES, "witness") for name, a in addr[site].items()}
+        hosts = {(f"{name}-{site}" if name in (*names, *lone, "vcenter", "etcd") else name): (site, a)
+                 for site in (*SITES, "witness") for name, a in addr[site].items()
+                 if not (site == "dr" and name in lone)}  # DR's is for a standby not made yet
         prefix = {h: netns.add_host(topo, site, h, a) for h, (site, a) in hosts.items()}
         guest_password = os.urandom(12).hex()
         _write_secret(secrets_dir / "guest_password", guest_password)
         state["guest"] = {"user": GUEST_USER, "password": guest_password, "dirs": list(GUEST_DIRS)}
         for site in SITES:
-            _write_guests(lab_dir, site, {f"{n}-{site}": prefix[f"{n}-{site}"] for n in names},
+            _write_guests(lab_dir, site, {vm: prefix[vm] for vm in
+                                          [f"{n}-{site}" for n in [*names, *lone]] if vm in prefix},
                           guest_password)
         with ThreadPoolExecutor(max_workers=6 + groups) as pool:
             f_etcd = pool.submit(_timed, progress, "etcd", _start_etcd, lab_dir, topo, addr, prefix)
             f_vcs = {
                 site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
-                                  vcsim.start_vcsim, lab_dir, [*names, *(inventory_only or [])],
+                                  functools.partial(
+                                      vcsim.start_vcsim, guests=lab_dir / f"guests-{site}.json",
+                                      lone=lone, template=TEMPLATE_VM if site == "dr" else None),
+                                  lab_dir, [*names, *(inventory_only or [])],
                                   0, 30.0, None, False,
                                   (site,), addr[site]["vcenter"], prefix[f"vcenter-{site}"],
-                                  f"vcsim-{site}", lab_dir / f"guests-{site}.json")
+                                  f"vcsim-{site}")
                 for site in SITES
             }
             f_moto = pool.submit(_timed, progress, "moto server", aws.start_moto, lab_dir, 30.0,
@@ -147,15 +166,21 @@ def up(
                 )
                 for n in names
             }
+            f_lone = {n: pool.submit(_timed, progress, f"lone PostgreSQL {n}-prod (unprotected)",
+                                     postgres.create_single, lab_dir / "pg", n,
+                                     (addr["prod"][n], tuple(prefix[f"{n}-prod"])))
+                      for n in lone}
             vcs = {site: _record(state, f"vcsim-{site}", f) for site, f in f_vcs.items()}
             moto = _record(state, "moto", f_moto)
             slack = _record(state, "slack", f_slack)
             pairs = {n: f.result() for n, f in f_pairs.items()}
+            singles = {n: f.result() for n, f in f_lone.items()}
             state["etcd"] = f_etcd.result()
         state["postgres"] = {
             n: {"primary": postgres.describe(p), "standby": postgres.describe(s)}
             for n, (p, s) in pairs.items()
         }
+        state["postgres_unprotected"] = {n: postgres.describe(i) for n, i in singles.items()}
         _write_state(lab_dir, state)
 
         db_user, db_password = postgres.client_credentials(lab_dir / "pg")
@@ -203,6 +228,9 @@ def up(
             groups=[
                 _group_entry(n, p, s, vms, aws_info) for n, (p, s) in pairs.items()
             ],
+            unprotected=[_lone_entry(n, i, vms, addr["dr"][n], vcs["dr"]["hosts"])
+                         for n, i in singles.items()],
+            template={"vm": vcs["dr"]["template"], "datacenter": "dr"},
             # The orchestrator (gateway, Prefect, runbooks) runs at the DR site, as in production.
             orchestrator={"site": "dr", "address": addr["dr"]["orchestrator"],
                           "netns_prefix": prefix["orchestrator"]},
@@ -214,6 +242,8 @@ def up(
                              "netns_prefix": prefix["gateway"]},
         )
         services = _services(lab_dir, state, pairs, agents, prefix)
+        for n, inst in singles.items():
+            services[f"{n}-prod"] = [{**postgres.service_spec(inst), "netns": prefix[f"{n}-prod"]}]
         for site in SITES:
             site_services = {vm: specs for vm, specs in services.items() if vm.endswith(f"-{site}")}
             state["processes"][f"power_bridge-{site}"] = _start_bridge(
@@ -344,6 +374,19 @@ def _group_entry(name: str, primary: postgres.Instance, standby: postgres.Instan
     }
 
 
+def _lone_entry(name: str, inst: postgres.Instance, vms: dict[str, Any], dr_address: str,
+                dr_hosts: dict[str, list[str]]) -> dict[str, Any]:
+    """lab.json's record of a lone database: its VM, and what DR keeps for its standby."""
+    vm = f"{name}-prod"
+    esx = vms.get(vm, {}).get("esx_host")
+    # The same slot of DR's cluster as its prod host's (esx-prod-NN → esx-dr-NN).
+    dr_esx = esx.replace("esx-prod-", "esx-dr-") if isinstance(esx, str) else None
+    return {"name": name, "vm": vm, "datacenter": "prod", "esx_host": esx, "host": inst.host,
+            "port": inst.port, "datadir": str(inst.datadir),
+            "standby": {"vm": f"{name}-dr", "datacenter": "dr", "address": dr_address,
+                        "esx_host": dr_esx if dr_esx in dr_hosts.get("dr", []) else None}}
+
+
 def bridge_state_path(lab_dir: Path, site: str) -> Path:
     return lab_dir / f"bridge-{site}.json"
 
@@ -451,6 +494,10 @@ def status(lab_dir: Path = DEFAULT_DIR) -> list[tuple[str, bool, str]]:
             inst = postgres.Instance.from_dict(pair[role])
             ok, detail = postgres.health(inst)
             rows.append((f"{name} {role} {inst.host}:{inst.port}", ok, detail))
+    for name, single in state.get("postgres_unprotected", {}).items():
+        inst = postgres.Instance.from_dict(single)
+        ok, detail = postgres.health(inst)
+        rows.append((f"{name} unprotected {inst.host}:{inst.port}", ok, detail))
     return rows
 
 
@@ -483,6 +530,8 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
     for pair in state.get("postgres", {}).values():
         for role in ("primary", "standby"):
             postgres.kill_hard(postgres.Instance.from_dict(pair[role]))
+    for single in state.get("postgres_unprotected", {}).values():
+        postgres.kill_hard(postgres.Instance.from_dict(single))
     _kill_strays(lab_dir)
     if (lab_dir / "etcd").is_symlink():  # its data on tmpfs (_start_etcd)
         shutil.rmtree((lab_dir / "etcd").resolve(), ignore_errors=True)

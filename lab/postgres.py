@@ -365,6 +365,34 @@ def create_pair(base_dir: Path, group: str, sync: bool, timeout: float = 60.0,
     return primary, standby
 
 
+def create_single(base_dir: Path, name: str, node: tuple[str, tuple[str, ...]] = (HOST, ()),
+                  timeout: float = 60.0) -> Instance:
+    """Create and start `<name>-prod`, a lone primary with no standby (what `drflow protect`
+    starts from): no synchronous standby named, the client role set."""
+    if not _NAME.match(name):
+        raise PostgresLabError(f"name {name!r}: use letters, digits, '-' and '_' (max 41)")
+    base_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_traversable(base_dir)
+    gdir = base_dir.resolve() / name
+    try:
+        gdir.mkdir(mode=0o700)
+    except FileExistsError:
+        raise PostgresLabError(f"{gdir} already exists: destroy it first or use another base_dir") \
+            from None
+    give_to_pg(gdir)
+    client_credentials(base_dir)
+    inst = _new_instance(gdir / "prod", f"{name}-prod", "primary", *node)
+    try:
+        subprocess.run(["cp", "-a", str(template_dir()), str(inst.datadir)], check=True)
+        start(inst, timeout=timeout)
+        _set_client_role(inst, *client_credentials(base_dir))
+    except BaseException:
+        kill_hard(inst)
+        shutil.rmtree(gdir, ignore_errors=True)
+        raise
+    return inst
+
+
 def _new_instance(home: Path, name: str, role: str, host: str = HOST,
                   netns_prefix: tuple[str, ...] = ()) -> Instance:
     home.mkdir(mode=0o700)

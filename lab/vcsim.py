@@ -116,7 +116,8 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
                 twins: list[str] | None = None, tls: bool = False,
                 sites: Sequence[str] = SITES, listen: str = "127.0.0.1",
                 prefix: Sequence[str] = (), name: str = "vcsim",
-                guests: Path | None = None) -> dict[str, Any]:
+                guests: Path | None = None, lone: Sequence[str] = (),
+                template: str | None = None) -> dict[str, Any]:
     """Start vcsim detached with the lab inventory and return how to reach it.
 
     `port=0` lets the launcher pick a free port itself (no race with other tests). `twins`:
@@ -126,6 +127,8 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
     `["ip", "netns", "exec", NS]`); `name` names its info and log files, so that two vcsims can
     share one lab directory. `guests`: the JSON file of the VMs that take guest operations
     (their namespace, directories and login; lab/vcsim/guest.go), read at every call.
+    `lone`: names whose VM `NAME-prod` exists in prod only (a database not protected yet; its
+    host exists at every site); `template`: a VM template created in dr.
     """
     if not groups:
         raise ValueError("start_vcsim needs at least one protection group name")
@@ -154,6 +157,10 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
         argv.append("-tls")
     if guests is not None:
         argv += ["-guests", str(Path(guests).resolve())]
+    if lone:
+        argv += ["-lone", ",".join(lone)]
+    if template:
+        argv += ["-template", template]
     proc = procs.spawn(argv, log=log, env={"TMPDIR": str(tmp)})
     deadline = time.monotonic() + timeout
     while not info_path.exists():
@@ -180,6 +187,7 @@ def start_vcsim(lab_dir: Path, groups: list[str], port: int = 0, timeout: float 
         "isolated_portgroup": served["isolated_portgroup"],
         "isolated_vswitch": served["isolated_vswitch"],
         "twins": served.get("twins") or [],
+        "template": served.get("template"),
         "log": str(log),
         "info_path": str(info_path),
     }

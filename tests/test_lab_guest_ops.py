@@ -12,7 +12,7 @@ import psutil
 import pytest
 from pydantic import SecretStr
 
-from lab import faults, manager, vcsim
+from lab import faults, manager, postgres, vcsim
 from tasks.vsphere import find_vm
 from tasks.vsphere_guest import (
     GuestError,
@@ -39,7 +39,8 @@ ls /opt/drflow >> /var/lib/drflow/where
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict[str, Any]]:
     d = new_lab_dir("drflow-guest-")
-    state = manager.up(d, groups=1, replication="sync", progress=lambda _m: None, agents=False)
+    state = manager.up(d, groups=1, replication="sync", progress=lambda _m: None, agents=False,
+                       unprotected=["crm"])
     try:
         yield state
     finally:
@@ -77,6 +78,32 @@ def test_a_file_pushed_into_a_vm_runs_there_in_its_address_and_directories(
     assert not Path("/opt/drflow/probe.sh").exists()
     [proc] = processes(si, vm, login, [pid])
     assert proc.exit_code == 0 and "probe.sh hello" in proc.cmdline
+
+
+def test_a_lone_database_vm_serves_at_prod_with_a_template_to_protect_it_at_dr(
+        lab: dict[str, Any]) -> None:
+    [lone] = lab["unprotected"]
+    assert (lone["name"], lone["vm"], lone["standby"]["vm"]) == ("crm", "crm-prod", "crm-dr")
+    inst = lab["postgres_unprotected"]["crm"]
+    assert (inst["host"], inst["port"]) == (lone["host"], lone["port"])
+    with postgres.admin_conn(postgres.Instance.from_dict(inst)) as c:
+        assert c.execute("select not pg_is_in_recovery()").fetchone() == (True,)
+        assert c.execute("show synchronous_standby_names").fetchone() == ("",)
+    si, url = _site(lab, "prod")
+    vm = find_vm(si, "crm-prod")
+    assert vm.runtime.powerState == "poweredOn" and vm.runtime.host.name == lone["esx_host"]
+    si_dr, _ = _site(lab, "dr")
+    with pytest.raises(LookupError):
+        find_vm(si_dr, "crm-dr")  # protect creates it
+    template = find_vm(si_dr, lab["template"]["vm"])
+    assert template.config.template and template.runtime.powerState == "poweredOff"
+    assert lone["standby"]["esx_host"] == lone["esx_host"].replace("esx-prod-", "esx-dr-")
+    # It takes guest operations like any lab VM, in its own address.
+    login = _login(lab)
+    upload(si, url, vm, login, PROBE, "/opt/drflow/probe.sh", mode=0o755)
+    upload(si, url, vm, login, b"x", "/var/lib/drflow/.keep")
+    assert wait_exit(si, vm, login, start_program(si, vm, login, "/opt/drflow/probe.sh"), 10) == 0
+    assert f"{lone['host']}/" in download(si, url, vm, login, "/var/lib/drflow/where").decode()
 
 
 def test_guest_operations_are_refused_as_vcenter_refuses_them(lab: dict[str, Any]) -> None:

@@ -65,6 +65,7 @@ type info struct {
 	IsolatedPortgroup string              `json:"isolated_portgroup"`
 	IsolatedVswitch   string              `json:"isolated_vswitch"`
 	Twins             []string            `json:"twins"`
+	Template          string              `json:"template,omitempty"`
 }
 
 var knownSites = []string{"prod", "dr"}
@@ -79,6 +80,8 @@ func main() {
 	verbose := flag.Bool("verbose", false, "keep the property collector's per-call log lines")
 	twins := flag.String("twins", "", "comma-separated VM names created in every datacenter alike")
 	useTLS := flag.Bool("tls", false, "serve HTTPS with a self-signed certificate")
+	lone := flag.String("lone", "", "comma-separated VMs NAME-prod created in prod only (no DR twin): lone databases to protect")
+	template := flag.String("template", "", "name of a VM template created in dr (powered off, marked as a template)")
 	guests := flag.String("guests", "", "JSON file naming each VM's namespace, directories and guest login (guest operations)")
 	flag.Parse()
 	if !*verbose {
@@ -95,7 +98,7 @@ func main() {
 	}
 	opts := options{port: *port, listen: *listen, sites: sites, groups: splitGroups(*groups),
 		twins: splitGroups(*twins), infoPath: *infoPath, isolated: *isolated, tls: *useTLS,
-		guests: *guests}
+		guests: *guests, lone: splitGroups(*lone), template: *template}
 	if err := run(opts); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim-lab:", err)
 		os.Exit(1)
@@ -111,6 +114,8 @@ type options struct {
 	isolated      string
 	tls           bool
 	guests        string
+	lone          []string
+	template      string
 }
 
 func parseSites(s string) ([]string, error) {
@@ -167,7 +172,7 @@ func run(o options) error {
 	// One cluster per datacenter (vSphere HA restarts VMs within a cluster): a host per group,
 	// one for the twins if any, and the spare.
 	m.Cluster = 1
-	m.ClusterHost = len(o.groups) + 1
+	m.ClusterHost = len(o.groups) + len(o.lone) + 1
 	if len(o.twins) > 0 {
 		m.ClusterHost++
 	}
@@ -275,7 +280,7 @@ func buildInventory(ctx context.Context, c *govmomi.Client, o options, f *faults
 				name = "esx-" + site + "-spare"
 				out.SpareHosts[site] = name
 				f.setSpare(site, ref)
-			case n == len(o.groups):
+			case n == len(o.groups)+len(o.lone):
 				name = "esx-" + site + "-twins"
 			}
 			renameHost(hosts[n], name)
@@ -284,13 +289,31 @@ func buildInventory(ctx context.Context, c *govmomi.Client, o options, f *faults
 		}
 		for n, g := range o.groups {
 			name := g + "-" + site
-			if err := createVM(ctx, c, folders.VmFolder, pool, hosts[n], name); err != nil {
+			if err := createVM(ctx, c, folders.VmFolder, pool, hosts[n], name, true); err != nil {
 				return fmt.Errorf("create VM %s: %w", name, err)
 			}
 			out.VMs[name] = vmInfo{Datacenter: site, EsxHost: out.Hosts[site][n]}
 		}
+		// A lone VM's host exists at every site: where its standby will be created at DR.
+		for k, g := range o.lone {
+			n := len(o.groups) + k
+			if site != "prod" {
+				continue
+			}
+			name := g + "-" + site
+			if err := createVM(ctx, c, folders.VmFolder, pool, hosts[n], name, true); err != nil {
+				return fmt.Errorf("create VM %s: %w", name, err)
+			}
+			out.VMs[name] = vmInfo{Datacenter: site, EsxHost: out.Hosts[site][n]}
+		}
+		if site == "dr" && o.template != "" {
+			if err := createTemplate(ctx, c, folders.VmFolder, pool, hosts[len(hosts)-1], o.template); err != nil {
+				return fmt.Errorf("create template %s: %w", o.template, err)
+			}
+			out.Template = o.template
+		}
 		for _, name := range o.twins {
-			if err := createVM(ctx, c, folders.VmFolder, pool, hosts[len(o.groups)], name); err != nil {
+			if err := createVM(ctx, c, folders.VmFolder, pool, hosts[len(o.groups)+len(o.lone)], name, true); err != nil {
 				return fmt.Errorf("create VM %s in %s: %w", name, site, err)
 			}
 		}
@@ -307,7 +330,7 @@ func buildInventory(ctx context.Context, c *govmomi.Client, o options, f *faults
 }
 
 func (o options) hostCount() int {
-	n := len(o.groups) + 1
+	n := len(o.groups) + len(o.lone) + 1
 	if len(o.twins) > 0 {
 		n++
 	}
@@ -356,7 +379,13 @@ func giveUplink(host *object.HostSystem) {
 }
 
 func createVM(ctx context.Context, c *govmomi.Client, folder *object.Folder, pool *object.ResourcePool,
-	host *object.HostSystem, name string) error {
+	host *object.HostSystem, name string, powerOn bool) error {
+	_, err := newVM(ctx, c, folder, pool, host, name, powerOn)
+	return err
+}
+
+func newVM(ctx context.Context, c *govmomi.Client, folder *object.Folder, pool *object.ResourcePool,
+	host *object.HostSystem, name string, powerOn bool) (*object.VirtualMachine, error) {
 	// Same hardware as the simulator's default VMs: one disk, a CD-ROM and one NIC on "VM Network".
 	config := types.VirtualMachineConfigSpec{
 		Name:    name,
@@ -366,15 +395,15 @@ func createVM(ctx context.Context, c *govmomi.Client, folder *object.Folder, poo
 	var devices object.VirtualDeviceList
 	scsi, err := devices.CreateSCSIController("pvscsi")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ide, err := devices.CreateIDEController()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cdrom, err := devices.CreateCdrom(ide.(*types.VirtualIDEController))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	disk := devices.CreateDisk(scsi.(types.BaseVirtualController), types.ManagedObjectReference{},
 		config.Files.VmPathName+" "+path.Join(name, "disk1.vmdk"))
@@ -384,18 +413,31 @@ func createVM(ctx context.Context, c *govmomi.Client, folder *object.Folder, poo
 	nic.Backing = &backing
 	devices = append(devices, scsi, cdrom, disk, &nic)
 	if config.DeviceChange, err = devices.ConfigSpec(types.VirtualDeviceConfigSpecOperationAdd); err != nil {
-		return err
+		return nil, err
 	}
 	task, err := folder.CreateVM(ctx, config, pool, host)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	res, err := task.WaitForResult(ctx, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	vm := object.NewVirtualMachine(c.Client, res.Result.(types.ManagedObjectReference))
-	return waitTask(vm.PowerOn(ctx))
+	if !powerOn {
+		return vm, nil
+	}
+	return vm, waitTask(vm.PowerOn(ctx))
+}
+
+// createTemplate makes the VM template new VMs are cloned from (a database server image).
+func createTemplate(ctx context.Context, c *govmomi.Client, folder *object.Folder, pool *object.ResourcePool,
+	host *object.HostSystem, name string) error {
+	vm, err := newVM(ctx, c, folder, pool, host, name, false)
+	if err != nil {
+		return err
+	}
+	return vm.MarkAsTemplate(ctx)
 }
 
 // addIsolatedPortgroup adds, on each host, a vSwitch without any physical NIC and a port group on
