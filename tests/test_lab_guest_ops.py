@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 import pytest
 from pydantic import SecretStr
+from pyVmomi import vim
 
 from lab import faults, manager, postgres, vcsim
 from tasks.vsphere import find_vm
@@ -150,3 +151,44 @@ def test_a_guest_crash_kills_what_guest_operations_started(lab: dict[str, Any]) 
     fault = faults.fail(Path(lab["dir"]), "guest-crash", g["primary"]["vm"])
     assert fault.detail["killed"] >= 2, fault  # PostgreSQL's tree and the program
     assert wait_exit(si, vm, login, pid, 5) == 128 + 9
+
+
+def _wait(task: Any) -> Any:
+    deadline = time.monotonic() + 30
+    while task.info.state not in ("success", "error"):
+        assert time.monotonic() < deadline, "vCenter task did not end"
+        time.sleep(0.05)
+    assert task.info.state == "success", task.info.error
+    return task.info.result
+
+
+def test_a_vm_cloned_from_the_template_lands_on_the_host_asked_with_its_address(
+        lab: dict[str, Any]) -> None:
+    [lone] = lab["unprotected"]
+    want = lone["standby"]
+    si, _ = _site(lab, "dr")
+    template = find_vm(si, lab["template"]["vm"])
+    hosts = {h.name: h for h in si.content.viewManager.CreateContainerView(
+        si.content.rootFolder, [vim.HostSystem], True).view}
+    host = hosts[want["esx_host"]]
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(host=host, pool=host.parent.resourcePool),
+                            powerOn=False, template=False)
+    clone = _wait(template.CloneVM_Task(folder=template.parent, name="probe-dr", spec=spec))
+    try:
+        assert clone.runtime.host.name == want["esx_host"]  # not the template's host
+        _wait(clone.ReconfigVM_Task(vim.vm.ConfigSpec(numCPUs=2, memoryMB=2048)))
+        ident = vim.vm.customization.LinuxPrep(hostName=vim.vm.customization.FixedName(
+            name="probe-dr"), domain="lab")
+        nic = vim.vm.customization.AdapterMapping(adapter=vim.vm.customization.IPSettings(
+            ip=vim.vm.customization.FixedIp(ipAddress=want["address"]),
+            subnetMask="255.255.255.0"))
+        _wait(clone.CustomizeVM_Task(vim.vm.customization.Specification(
+            identity=ident, globalIPSettings=vim.vm.customization.GlobalIPSettings(),
+            nicSettingMap=[nic])))
+        _wait(clone.PowerOnVM_Task())
+        wait_for(lambda: clone.guest.ipAddress == want["address"], 5, "the customized address")
+        assert (clone.config.hardware.numCPU, clone.config.hardware.memoryMB) == (2, 2048)
+    finally:
+        if clone.runtime.powerState == "poweredOn":
+            _wait(clone.PowerOffVM_Task())
+        _wait(clone.Destroy_Task())

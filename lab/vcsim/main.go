@@ -209,7 +209,7 @@ func run(o options) error {
 	// In front of the SOAP endpoint: power operations on a VM whose host is lost hang or fail
 	// there, without holding the simulator's lock on the VM (the property collector takes it too).
 	// Swapped before any client knows the address: the server reads the handler per request.
-	s.Server.Config.Handler = f.front(s.Server.Config.Handler)
+	s.Server.Config.Handler = placeClones(f.front(s.Server.Config.Handler))
 	registerDisableMethodHook(m.Service)
 	f.register(m.Service)
 	registerGuestOperations(m.Service, o.guests, o.tls)
@@ -923,6 +923,11 @@ func (f *faults) moveVM(vm *simulator.VirtualMachine, from, to types.ManagedObje
 		f.home[vm.Self] = from
 	}
 	f.mu.Unlock()
+	placeVM(vm, from, to, powerOff)
+}
+
+// placeVM moves the VM from one host's list to another's and points its runtime at the new one.
+func placeVM(vm *simulator.VirtualMachine, from, to types.ManagedObjectReference, powerOff bool) {
 	if h, ok := simulator.Map.Get(from).(*simulator.HostSystem); ok {
 		simulator.Map.WithLock(h, func() {
 			var kept []types.ManagedObjectReference
