@@ -68,6 +68,13 @@ def _api_version(host: str, port: int, path: str, https: bool,
 def vm_names(si: Any, root: Any) -> Iterator[tuple[str, Any]]:
     """(name, VM) of every VM under folder `root`, in one PropertyCollector round trip (not one
     per VM), paged as vCenter pages it."""
+    for vm, props in vm_properties(si, root, ["name"]):
+        yield str(props["name"]), vm
+
+
+def vm_properties(si: Any, root: Any, paths: list[str]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(VM, {path: value}) of every VM under folder `root`, in one PropertyCollector round trip,
+    paged as vCenter pages it; a property that is unset is absent from the dict."""
     content = si.RetrieveContent()
     view = content.viewManager.CreateContainerView(root, [vim.VirtualMachine], True)
     try:
@@ -75,12 +82,12 @@ def vm_names(si: Any, root: Any) -> Iterator[tuple[str, Any]]:
         spec = pc.FilterSpec(
             objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
                 name="view", type=vim.view.ContainerView, path="view", skip=False)])],
-            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name"], all=False)],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=paths, all=False)],
         )
         result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
         while result is not None:
             for obj in result.objects:
-                yield next(str(p.val) for p in obj.propSet if p.name == "name"), obj.obj
+                yield obj.obj, {p.name: p.val for p in obj.propSet or []}
             if not result.token:
                 break
             result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)

@@ -18,15 +18,11 @@ from typing import Any
 import psutil
 
 from lab import agents as lab_agents
-from lab import aws, etcd, netns, postgres, procs, slack_standin, vcsim
+from lab import aws, etcd, guests, netns, postgres, procs, slack_standin, vcsim
 from lab.labconfig import write_drflow_yaml
 
 GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
 DEFAULT_DIR = Path(os.environ.get("DRFLOW_LAB_DIR", "/tmp/drflow-lab"))
-# Guest operations (vSphere's, through the site's vCenter): the login of every lab VM, and the
-# directories that are each VM's own (anything else in a guest is the machine's, shared).
-GUEST_USER = "root"
-GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow")
 TEMPLATE_VM = "drflow-pg-template"  # at DR: what a standby VM is created from
 
 
@@ -135,17 +131,18 @@ def up(
         prefix = {h: netns.add_host(topo, site, h, a) for h, (site, a) in hosts.items()}
         guest_password = os.urandom(12).hex()
         _write_secret(secrets_dir / "guest_password", guest_password)
-        state["guest"] = {"user": GUEST_USER, "password": guest_password, "dirs": list(GUEST_DIRS)}
+        state["guest"] = {"user": guests.GUEST_USER, "password": guest_password,
+                          "dirs": list(guests.GUEST_DIRS)}
         for site in SITES:
-            _write_guests(lab_dir, site, {vm: prefix[vm] for vm in
-                                          [f"{n}-{site}" for n in [*names, *lone]] if vm in prefix},
-                          guest_password)
+            guests.write(lab_dir, site, {vm: prefix[vm] for vm in
+                                         [f"{n}-{site}" for n in [*names, *lone]] if vm in prefix},
+                         guest_password)
         with ThreadPoolExecutor(max_workers=6 + groups) as pool:
             f_etcd = pool.submit(_timed, progress, "etcd", _start_etcd, lab_dir, topo, addr, prefix)
             f_vcs = {
                 site: pool.submit(_timed, progress, f"vCenter {site} (vcsim, {addr[site]['vcenter']})",
                                   functools.partial(
-                                      vcsim.start_vcsim, guests=lab_dir / f"guests-{site}.json",
+                                      vcsim.start_vcsim, guests=guests.path(lab_dir, site),
                                       lone=lone, template=TEMPLATE_VM if site == "dr" else None),
                                   lab_dir, [*names, *(inventory_only or [])],
                                   0, 30.0, None, False,
@@ -248,6 +245,10 @@ def up(
             site_services = {vm: specs for vm, specs in services.items() if vm.endswith(f"-{site}")}
             state["processes"][f"power_bridge-{site}"] = _start_bridge(
                 lab_dir, site, vcenters[site], site_services, topo.exec_prefix(site))
+        if topo.enabled:
+            _write_state(lab_dir, state)  # what the provisioners read
+            for site in SITES:
+                state["processes"][f"provisioner-{site}"] = _start_provisioner(lab_dir, site)
         if agents:
             for specs in services.values():
                 for spec in specs:
@@ -301,17 +302,6 @@ def _sweep_etcd_data() -> None:
     for d in Path("/dev/shm").glob("drflow-etcd-*"):
         if not (netns.state_dir() / f"{d.name.removeprefix('drflow-etcd-')}.json").exists():
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _write_guests(lab_dir: Path, site: str, vms: dict[str, list[str]], password: str) -> None:
-    """What the site's vCenter needs for guest operations: each VM's network namespace, its
-    private directories (under `<lab>/vms/<vm>`) and the guest login (lab/vcsim/guest.go)."""
-    entries = {vm: {"prefix": argv, "root": str(lab_dir / "vms" / vm), "dirs": list(GUEST_DIRS),
-                    "user": GUEST_USER, "password": password} for vm, argv in vms.items()}
-    path = lab_dir / f"guests-{site}.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
 
 
 def _addresses(topo: netns.Topology, names: list[str]) -> dict[str, dict[str, str]]:
@@ -426,6 +416,17 @@ def _start_bridge(lab_dir: Path, site: str, vcenter: dict[str, Any],
     return proc.pid
 
 
+def _start_provisioner(lab_dir: Path, site: str) -> int:
+    """The site's cabling for VMs created later (lab/provisioner.py). In the root namespace: a
+    namespace made under `ip netns exec` is mounted in that command's private mount namespace
+    only, and is unusable outside it."""
+    log = lab_dir / "logs" / f"provisioner-{site}.log"
+    proc = procs.spawn([sys.executable, "-m", "lab.provisioner",
+                        "--lab", str(lab_dir), "--site", site], log)
+    _wait_log(log, "provisioning new VMs", 15.0, proc)
+    return proc.pid
+
+
 def write_bridge_services(lab_dir: Path, site: str, vcenter: dict[str, Any],
                           services: dict[str, list[dict[str, Any]]]) -> None:
     """(Re)write what a site's power bridge binds to each VM; it re-reads the file on change."""
@@ -443,9 +444,9 @@ def _wait_log(log: Path, needle: str, timeout: float, proc: Any) -> None:
         if log.exists() and needle in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            raise LabError(f"power bridge exited early; see {log}:\n{log.read_text()[-2000:]}")
+            raise LabError(f"{log.stem} exited early; see {log}:\n{log.read_text()[-2000:]}")
         time.sleep(0.05)
-    raise LabError(f"power bridge did not start within {timeout:.0f} s; see {log}")
+    raise LabError(f"{log.stem} did not start within {timeout:.0f} s; see {log}")
 
 
 def _write_secret(path: Path, value: str) -> None:

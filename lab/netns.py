@@ -452,6 +452,13 @@ def add_host(topo: Topology, location: str, name: str, address: str) -> list[str
     return prefix
 
 
+def remove_host(topo: Topology, name: str) -> None:
+    """Take a host's namespace away (its veth and its route at the site go with it); a host that
+    is not there is fine."""
+    if topo.enabled and (_NETNS_DIR / topo.host_netns(name)).exists():
+        _ip_batch([f"netns del {topo.host_netns(name)}"], force=True)
+
+
 def host_prefix(topo: Topology, name: str) -> list[str]:
     """argv prefix that runs a program inside a host added before ([] on loopback)."""
     if not topo.enabled:

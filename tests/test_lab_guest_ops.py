@@ -162,11 +162,23 @@ def _wait(task: Any) -> Any:
     return task.info.result
 
 
-def test_a_vm_cloned_from_the_template_lands_on_the_host_asked_with_its_address(
+UNIT = b"""[Unit]
+Description=what boots with the VM
+
+[Service]
+Environment=WHO=unit
+ExecStart=/bin/sh -c 'echo "booted as $WHO" >> /var/lib/drflow/boots; exec sleep 300'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_a_vm_cloned_from_the_template_is_cabled_at_its_address_and_boots_its_units(
         lab: dict[str, Any]) -> None:
     [lone] = lab["unprotected"]
     want = lone["standby"]
-    si, _ = _site(lab, "dr")
+    si, url = _site(lab, "dr")
     template = find_vm(si, lab["template"]["vm"])
     hosts = {h.name: h for h in si.content.viewManager.CreateContainerView(
         si.content.rootFolder, [vim.HostSystem], True).view}
@@ -174,6 +186,8 @@ def test_a_vm_cloned_from_the_template_lands_on_the_host_asked_with_its_address(
     spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(host=host, pool=host.parent.resourcePool),
                             powerOn=False, template=False)
     clone = _wait(template.CloneVM_Task(folder=template.parent, name="probe-dr", spec=spec))
+    topo = manager.topology(lab)
+    assert topo is not None
     try:
         assert clone.runtime.host.name == want["esx_host"]  # not the template's host
         _wait(clone.ReconfigVM_Task(vim.vm.ConfigSpec(numCPUs=2, memoryMB=2048)))
@@ -188,7 +202,49 @@ def test_a_vm_cloned_from_the_template_lands_on_the_host_asked_with_its_address(
         _wait(clone.PowerOnVM_Task())
         wait_for(lambda: clone.guest.ipAddress == want["address"], 5, "the customized address")
         assert (clone.config.hardware.numCPU, clone.config.hardware.memoryMB) == (2, 2048)
+        # The site cables it: guest operations reach it, in its address.
+        login = _login(lab)
+
+        def cabled() -> bool:
+            try:
+                upload(si, url, clone, login, PROBE, "/opt/drflow/probe.sh", mode=0o755)
+            except GuestError:
+                return False
+            return True
+
+        wait_for(cabled, 5, "the new VM cabled (guest operations reach it)")
+        upload(si, url, clone, login, UNIT, "/etc/systemd/system/probe.service")
+        assert wait_exit(si, clone, login, start_program(
+            si, clone, login, "/bin/sh", "-c 'mkdir -p /var/lib/drflow /etc/systemd/system/"
+            "multi-user.target.wants && ln -sf /etc/systemd/system/probe.service "
+            "/etc/systemd/system/multi-user.target.wants/ && /opt/drflow/probe.sh'"), 10) == 0, \
+            _journal(lab, "probe-dr")
+        assert f"{want['address']}/" in download(si, url, clone, login,
+                                                  "/var/lib/drflow/where").decode()
+        # Its enabled unit starts at each power-on, not before.
+        with pytest.raises(GuestError):
+            download(si, url, clone, login, "/var/lib/drflow/boots")
+        _wait(clone.PowerOffVM_Task())
+        _wait(clone.PowerOnVM_Task())
+        wait_for(lambda: _read(si, url, clone, login, "/var/lib/drflow/boots") == "booted as unit\n",
+                 5, "the enabled unit run at boot")
     finally:
         if clone.runtime.powerState == "poweredOn":
             _wait(clone.PowerOffVM_Task())
         _wait(clone.Destroy_Task())
+    # Gone from vCenter: its host goes too.
+    wait_for(lambda: not Path(f"/run/netns/{topo.host_netns('probe-dr')}").exists(), 5,
+             "the destroyed VM's namespace removed")
+
+
+def _read(si: Any, url: str, vm: Any, login: GuestLogin, path: str) -> str | None:
+    try:
+        return download(si, url, vm, login, path).decode()
+    except GuestError:
+        return None
+
+
+def _journal(lab: dict[str, Any], vm: str) -> str:
+    """What the VM's programs printed (the lab keeps it; a guest's Tools would not)."""
+    log = Path(lab["dir"]) / "vms" / vm / "journal" / "programs.log"
+    return log.read_text(errors="replace")[-2000:] if log.exists() else "(no output)"

@@ -52,6 +52,18 @@ type guestProc struct {
 	info types.GuestProcessInfo
 	vm   types.ManagedObjectReference
 	cmd  *exec.Cmd
+	boot time.Time // the VM's boot it runs in: a power cycle since ends it
+}
+
+// powerOf is whether the VM is on, and when it last booted.
+func powerOf(vm *simulator.VirtualMachine) (on bool, boot time.Time) {
+	simulator.Map.WithLock(vm, func() {
+		on = vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn
+		if vm.Summary.Runtime.BootTime != nil {
+			boot = *vm.Summary.Runtime.BootTime
+		}
+	})
+	return on, boot
 }
 
 type guestLab struct {
@@ -61,6 +73,7 @@ type guestLab struct {
 	transfers map[string]transfer
 	procs     map[int64]*guestProc
 	seq       int64
+	booted    map[string]time.Time // VM → the boot whose units were started
 }
 
 type transfer struct {
@@ -73,7 +86,8 @@ type transfer struct {
 const transferTTL = 10 * time.Minute
 
 func newGuestLab(path string) *guestLab {
-	return &guestLab{path: path, transfers: map[string]transfer{}, procs: map[int64]*guestProc{}}
+	return &guestLab{path: path, transfers: map[string]transfer{}, procs: map[int64]*guestProc{},
+		booted: map[string]time.Time{}}
 }
 
 func (g *guestLab) load() (map[string]guestVM, error) {
@@ -340,53 +354,79 @@ func (m *guestProcesses) StartProgramInGuest(ctx *simulator.Context, req *types.
 			&types.InvalidArgument{InvalidProperty: "programPath"})
 		return body
 	}
-	// The VM's directories are bind-mounted over the guest paths in a mount namespace of the
-	// program's own; then the guest's shell runs the program with its arguments.
-	var mounts []string
-	for _, d := range entry.Dirs {
-		src := filepath.Join(entry.Root, d)
-		if err := os.MkdirAll(src, 0o755); err != nil {
-			body.Fault_ = simulator.Fault(err.Error(), &types.SystemError{Reason: err.Error()})
-			return body
-		}
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			body.Fault_ = simulator.Fault(err.Error(), &types.SystemError{Reason: err.Error()})
-			return body
-		}
-		mounts = append(mounts, fmt.Sprintf("mount --bind %s %s", shellQuote(src), shellQuote(d)))
-	}
-	program := shellQuote(spec.ProgramPath) + " " + spec.Arguments
-	script := strings.Join(append(mounts, "exec /bin/sh -c "+shellQuote(program)), " && ")
-	argv := append(append([]string{}, entry.Prefix...),
-		"unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script)
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Dir = "/"
-	if spec.WorkingDirectory != "" {
-		cmd.Dir = spec.WorkingDirectory
-		if p, f := hostPath(entry, spec.WorkingDirectory); f == nil {
-			cmd.Dir = p // the namespace's mounts do not exist yet for the chdir
-		}
-	}
-	cmd.Env = append([]string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		spec.EnvVariables...)
-	devnull, _ := os.Open(os.DevNull)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, nil, nil
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	// Tools discards a program's output; the lab keeps it for whoever debugs a test.
+	pid, err := m.lab.start(vm, entry, shellQuote(spec.ProgramPath)+" "+spec.Arguments,
+		spec.WorkingDirectory, spec.EnvVariables, filepath.Join(entry.Root, "journal", "programs.log"))
+	if err != nil {
 		body.Fault_ = simulator.Fault(err.Error(), &types.FileNotFound{
 			FileFault: types.FileFault{File: spec.ProgramPath}})
 		return body
 	}
+	body.Res = &types.StartProgramInGuestResponse{Returnval: pid}
+	return body
+}
+
+// start runs a shell command line in the VM: in its network namespace, with its directories
+// bind-mounted over the guest paths in a mount namespace of the program's own. Its output goes
+// to logPath ("" for none).
+func (g *guestLab) start(vm *simulator.VirtualMachine, entry guestVM, command, cwd string,
+	env []string, logPath string) (int64, error) {
+	var mounts []string
+	for _, d := range entry.Dirs {
+		src := filepath.Join(entry.Root, d)
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			return 0, err
+		}
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return 0, err
+		}
+		mounts = append(mounts, fmt.Sprintf("mount --bind %s %s", shellQuote(src), shellQuote(d)))
+	}
+	script := strings.Join(append(mounts, "exec /bin/sh -c "+shellQuote(command)), " && ")
+	argv := append(append([]string{}, entry.Prefix...),
+		"unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Dir = "/"
+	if cwd != "" {
+		cmd.Dir = cwd
+		if p, f := hostPath(entry, cwd); f == nil {
+			cmd.Dir = p // the namespace's mounts do not exist yet for the chdir
+		}
+	}
+	cmd.Env = append([]string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, env...)
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, err
+	}
+	out := devnull
+	if logPath != "" {
+		if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
+			return 0, err
+		}
+		if out, err = os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644); err != nil {
+			return 0, err
+		}
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		_ = devnull.Close()
+		_ = out.Close()
+		return 0, err
+	}
 	pid := int64(cmd.Process.Pid)
-	p := &guestProc{vm: vm.Self, cmd: cmd, info: types.GuestProcessInfo{
-		Name: filepath.Base(spec.ProgramPath), Pid: pid, Owner: entry.User,
-		CmdLine: strings.TrimSpace(spec.ProgramPath + " " + spec.Arguments), StartTime: time.Now()}}
-	m.lab.mu.Lock()
-	m.lab.procs[pid] = p
-	m.lab.mu.Unlock()
+	_, boot := powerOf(vm)
+	name := strings.Trim(strings.Fields(command + " x")[0], "'")
+	p := &guestProc{vm: vm.Self, cmd: cmd, boot: boot, info: types.GuestProcessInfo{
+		Name: filepath.Base(name), Pid: pid, Owner: entry.User,
+		CmdLine: strings.TrimSpace(strings.Replace(command, shellQuote(name), name, 1)), StartTime: time.Now()}}
+	g.mu.Lock()
+	g.procs[pid] = p
+	g.mu.Unlock()
 	go func() {
 		err := cmd.Wait()
 		_ = devnull.Close()
+		_ = out.Close()
 		code := int32(0)
 		if ee, ok := err.(*exec.ExitError); ok {
 			code = int32(ee.ExitCode())
@@ -395,14 +435,13 @@ func (m *guestProcesses) StartProgramInGuest(ctx *simulator.Context, req *types.
 			}
 		}
 		end := time.Now()
-		m.lab.mu.Lock()
+		g.mu.Lock()
 		p.info.EndTime, p.info.ExitCode = &end, code
-		m.lab.mu.Unlock()
+		g.mu.Unlock()
 		log.Printf("drflow-guest: %s: program %d (%s) ended with %d", vm.Name, pid, p.info.Name, code)
 	}()
 	log.Printf("drflow-guest: %s: started program %d: %s", vm.Name, pid, p.info.CmdLine)
-	body.Res = &types.StartProgramInGuestResponse{Returnval: pid}
-	return body
+	return pid, nil
 }
 
 func (m *guestProcesses) ListProcessesInGuest(ctx *simulator.Context, req *types.ListProcessesInGuest) soap.HasFault {
@@ -448,10 +487,94 @@ func (m *guestProcesses) TerminateProcessInGuest(ctx *simulator.Context, req *ty
 	return body
 }
 
-// reap kills every program of a VM that is no longer on (powered off, or its host lost): a
-// program cannot outlive its VM's power. Exited programs are forgotten after 5 minutes.
+// boot does at a VM's power-on what its systemd would: every unit enabled in the VM's
+// /etc/systemd/system/multi-user.target.wants (a unit file, or a link to one) has its
+// ExecStart= lines run, with its Environment= and WorkingDirectory=, output appended to
+// <root>/journal/<unit>.log. The lab's own VMs, on before the launcher first looks, are left
+// alone (their services are the power bridge's); a VM cabled later boots once it has an entry.
+func (g *guestLab) boot(first bool) {
+	vms, err := g.load()
+	if err != nil {
+		return
+	}
+	for _, e := range simulator.Map.All("VirtualMachine") {
+		vm, ok := e.(*simulator.VirtualMachine)
+		if !ok {
+			continue
+		}
+		var name string
+		simulator.Map.WithLock(vm, func() { name = vm.Name })
+		on, boot := powerOf(vm)
+		entry, known := vms[name]
+		if !on || !known {
+			delete(g.booted, name)
+			continue
+		}
+		if last, ok := g.booted[name]; ok && last.Equal(boot) {
+			continue
+		}
+		g.booted[name] = boot
+		if !first {
+			g.startUnits(vm, entry)
+		}
+	}
+}
+
+func (g *guestLab) startUnits(vm *simulator.VirtualMachine, entry guestVM) {
+	wants := filepath.Join(entry.Root, "/etc/systemd/system/multi-user.target.wants")
+	links, _ := os.ReadDir(wants)
+	for _, l := range links {
+		if !strings.HasSuffix(l.Name(), ".service") {
+			continue
+		}
+		unit := filepath.Join(wants, l.Name())
+		if target, err := os.Readlink(unit); err == nil {
+			if !filepath.IsAbs(target) {
+				target = filepath.Join("/etc/systemd/system/multi-user.target.wants", target)
+			}
+			p, fault := hostPath(entry, target)
+			if fault != nil {
+				log.Printf("drflow-guest: %s: unit %s links outside the VM (%s): not started", vm.Name, l.Name(), target)
+				continue
+			}
+			unit = p
+		}
+		raw, err := os.ReadFile(unit)
+		if err != nil {
+			log.Printf("drflow-guest: %s: unit %s: %v", vm.Name, l.Name(), err)
+			continue
+		}
+		var execs, env []string
+		cwd := ""
+		for _, line := range strings.Split(string(raw), "\n") {
+			line = strings.TrimSpace(line)
+			switch {
+			case strings.HasPrefix(line, "ExecStart="):
+				execs = append(execs, strings.TrimLeft(strings.TrimPrefix(line, "ExecStart="), "-@+!"))
+			case strings.HasPrefix(line, "Environment="):
+				env = append(env, strings.Fields(strings.ReplaceAll(strings.TrimPrefix(line, "Environment="), `"`, ""))...)
+			case strings.HasPrefix(line, "WorkingDirectory="):
+				cwd = strings.TrimPrefix(line, "WorkingDirectory=")
+			}
+		}
+		journal := filepath.Join(entry.Root, "journal", strings.TrimSuffix(l.Name(), ".service")+".log")
+		for _, command := range execs {
+			if _, err := g.start(vm, entry, command, cwd, env, journal); err != nil {
+				log.Printf("drflow-guest: %s: unit %s did not start: %v", vm.Name, l.Name(), err)
+			} else {
+				log.Printf("drflow-guest: %s: booted unit %s", vm.Name, l.Name())
+			}
+		}
+	}
+}
+
+// reap kills every program of a VM that is no longer on, or was powered off and on since it
+// started: a program cannot outlive its VM's power. Exited programs are forgotten after 5 minutes.
 func (g *guestLab) reap() {
+	first := true
 	for range time.Tick(200 * time.Millisecond) {
+		g.boot(first)
+		first = false
 		g.mu.Lock()
 		procs := make([]*guestProc, 0, len(g.procs))
 		for pid, p := range g.procs {
@@ -466,13 +589,11 @@ func (g *guestLab) reap() {
 		g.mu.Unlock()
 		for _, p := range procs {
 			vm, ok := simulator.Map.Get(p.vm).(*simulator.VirtualMachine)
-			on := false
+			on, boot := false, time.Time{}
 			if ok {
-				simulator.Map.WithLock(vm, func() {
-					on = vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn
-				})
+				on, boot = powerOf(vm)
 			}
-			if !on {
+			if !on || !boot.Equal(p.boot) {
 				_ = syscall.Kill(-int(p.info.Pid), syscall.SIGKILL)
 			}
 		}
