@@ -7,6 +7,7 @@ query); nothing is guessed from defaults when the system can say.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,11 +64,24 @@ class PgInstance:
 # -- finding postmasters ----------------------------------------------------------------------
 
 
+def _net_namespace(pid: int | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def find_postmasters() -> list[psutil.Process]:
-    """Running postmasters: `postgres` processes whose parent is not a `postgres` process."""
+    """Running postmasters: `postgres` processes whose parent is not a `postgres` process, in
+    this machine's own network: one in another network namespace (a container) serves other
+    addresses than this VM's, and is not this agent's to watch."""
     found = []
+    own = _net_namespace("self")
     for p in psutil.process_iter(["name", "ppid"]):
         if p.info["name"] not in _PG_NAMES:
+            continue
+        if own is not None and _net_namespace(p.pid) not in (own, None):
             continue
         try:
             parent = psutil.Process(p.info["ppid"]).name() if p.info["ppid"] else ""

@@ -248,3 +248,25 @@ def _journal(lab: dict[str, Any], vm: str) -> str:
     """What the VM's programs printed (the lab keeps it; a guest's Tools would not)."""
     log = Path(lab["dir"]) / "vms" / vm / "journal" / "programs.log"
     return log.read_text(errors="replace")[-2000:] if log.exists() else "(no output)"
+
+
+def test_the_agent_pushed_into_a_lone_vm_discovers_its_database(lab: dict[str, Any]) -> None:
+    import json
+
+    from orchestrator import agent_bundle, agent_push
+
+    [lone] = lab["unprotected"]
+    si, url = _site(lab, "prod")
+    guest = agent_push.Guest(si, url, find_vm(si, lone["vm"]), _login(lab))
+    t0 = time.monotonic()
+    agent_push.install(guest, agent_bundle.build())
+    agent_push.install(guest, agent_bundle.build())  # again: the same
+    pushed = time.monotonic() - t0
+    found = json.loads(agent_push.agent(guest, "discover --json --pg-user postgres"))
+    print(f"\npushed twice in {pushed:.1f} s")
+    # Its own database only: the other lab VMs' servers run on this machine, not in this VM.
+    [inst] = found["instances"]
+    assert (inst["port"], inst["role"], inst["datadir"]) == (lone["port"], "primary",
+                                                             lone["datadir"]), inst
+    assert lone["host"] in inst["listen"]
+    assert {r["type"] for r in found["resources"]} >= {"postgres", "volume", "ip"}

@@ -1,0 +1,98 @@
+"""Put the guest agent into a running VM through vSphere guest operations, and run it there.
+
+Every step is idempotent: the bundle is unpacked again over itself, files are overwritten, a
+command run twice does the same. A command's output comes back through a file in the guest
+(Tools returns only the exit code).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agent_bundle import ENTRY, INSTALL_DIR, python_tag
+from tasks.vsphere_guest import (
+    GuestError,
+    GuestLogin,
+    download,
+    start_program,
+    upload,
+    wait_exit,
+)
+
+SHELL = "/bin/sh"
+WORK_DIR = "/var/lib/drflow"
+_n = itertools.count(1)
+
+# Prints what the guest's python3 is, as agent_bundle.python_tag() says it for this machine.
+_PY_TAG = ("import platform,sys; print(f'{sys.implementation.name}-{sys.version_info.major}."
+           "{sys.version_info.minor}-{platform.machine()}')")
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One VM as guest operations reach it."""
+
+    si: Any
+    vcenter_url: str
+    vm: Any
+    login: GuestLogin
+    verify_tls: bool = True
+
+    @property
+    def name(self) -> str:
+        return str(self.vm.name)
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    output: str
+
+
+def run(guest: Guest, command: str, timeout: float = 60.0) -> Ran:
+    """Run a shell command line in the guest; its exit code and output (stdout and stderr)."""
+    out = f"{WORK_DIR}/.drflow-run-{next(_n)}.out"
+    pid = start_program(guest.si, guest.vm, guest.login, SHELL,
+                        f"-c {shlex.quote(f'mkdir -p {WORK_DIR} && ({command}) > {out} 2>&1')}")
+    code = wait_exit(guest.si, guest.vm, guest.login, pid, timeout)
+    try:
+        output = download(guest.si, guest.vcenter_url, guest.vm, guest.login, out,
+                          guest.verify_tls).decode(errors="replace")
+    except GuestError:
+        output = ""  # the shell could not even create it: the exit code says why
+    return Ran(code, output)
+
+
+def check(guest: Guest, command: str, what: str, timeout: float = 60.0) -> str:
+    """run(), raising GuestError naming `what` and the output when it fails."""
+    ran = run(guest, command, timeout)
+    if ran.code != 0:
+        raise GuestError(f"{what} on VM {guest.name} failed (exit {ran.code}): "
+                         f"{ran.output.strip()[-800:] or 'no output'}")
+    return ran.output
+
+
+def install(guest: Guest, bundle: Path, progress: Callable[[str], None] = lambda _m: None) -> None:
+    """Unpack the agent bundle at INSTALL_DIR, after checking the guest can run it."""
+    found = check(guest, f"python3 -c {shlex.quote(_PY_TAG)}", "checking the guest's python3")
+    if found.strip() != python_tag():
+        raise GuestError(f"VM {guest.name} has python3 {found.strip() or 'missing'}; the agent "
+                         f"bundle is for {python_tag()}: install that Python in the guest, or "
+                         "build the bundle on a machine of the guest's kind")
+    progress(f"copying the agent ({bundle.stat().st_size / 1e6:.1f} MB) into {guest.name}")
+    target = f"{INSTALL_DIR}/{bundle.name}"
+    upload(guest.si, guest.vcenter_url, guest.vm, guest.login, bundle.read_bytes(), target,
+           mode=0o600, verify_tls=guest.verify_tls)
+    check(guest, f"tar -xzf {shlex.quote(target)} -C {INSTALL_DIR} && rm -f {shlex.quote(target)}",
+          "unpacking the agent")
+
+
+def agent(guest: Guest, args: str, timeout: float = 60.0) -> str:
+    """Run the installed agent CLI in the guest (`drflow-agent ARGS`); its output."""
+    return check(guest, f"{INSTALL_DIR}/{ENTRY} {args}", f"drflow-agent {args.split()[0]}",
+                 timeout)
