@@ -270,3 +270,41 @@ def test_the_agent_pushed_into_a_lone_vm_discovers_its_database(lab: dict[str, A
                                                              lone["datadir"]), inst
     assert lone["host"] in inst["listen"]
     assert {r["type"] for r in found["resources"]} >= {"postgres", "volume", "ip"}
+
+
+def test_a_standby_vm_is_created_from_the_template_once_and_removed(lab: dict[str, Any]) -> None:
+    from tasks.vsphere import VCenter
+    from tasks.vsphere_provision import ProvisionError, VmSpec, create_from_template, destroy
+
+    [lone] = lab["unprotected"]
+    want = lone["standby"]
+    vc_info = lab["vcenters"]["dr"]
+    vc = VCenter(vc_info["url"], vc_info["user"], SecretStr(vc_info["password"]), "dr")
+    spec = VmSpec(name=want["vm"], template=lab["template"]["vm"], host=want["esx_host"], cpus=2,
+                  memory_mb=1024, address=want["address"], prefix_len=24)
+    with pytest.raises(ProvisionError, match="no VM template 'nope'"):
+        create_from_template(vc, VmSpec(**{**spec.__dict__, "template": "nope"}))
+    with pytest.raises(ProvisionError, match="no ESXi host named 'esx-nowhere'"):
+        create_from_template(vc, VmSpec(**{**spec.__dict__, "host": "esx-nowhere"}))
+    topo = manager.topology(lab)
+    assert topo is not None
+    try:
+        t0 = time.monotonic()
+        vm = create_from_template(vc, spec)
+        made = time.monotonic() - t0
+        again = create_from_template(vc, spec)  # a re-run finds it done
+        assert again._moId == vm._moId
+        assert (vm.runtime.host.name, vm.guest.ipAddress) == (want["esx_host"], want["address"])
+        assert (vm.config.hardware.numCPU, vm.config.hardware.memoryMB) == (2, 1024)
+        print(f"\nstandby VM made in {made:.2f} s")
+        si, url = _site(lab, "dr")
+        guest = find_vm(si, want["vm"])
+        wait_for(lambda: _read(si, url, guest, _login(lab), "/etc/drflow/none") is None and
+                 Path(f"/run/netns/{topo.host_netns(want['vm'])}").exists(), 5, "cabled")
+        with pytest.raises(ProvisionError, match="runs with address"):
+            create_from_template(vc, VmSpec(**{**spec.__dict__, "address": "198.18.0.99"}))
+    finally:
+        assert destroy(vc, want["vm"])
+    assert not destroy(vc, want["vm"])  # nothing left to remove
+    wait_for(lambda: not Path(f"/run/netns/{topo.host_netns(want['vm'])}").exists(), 5,
+             "the removed VM's namespace gone")
