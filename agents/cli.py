@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +23,9 @@ log = logging.getLogger("agents")
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="agent.yaml to run"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    pidfile: Path | None = typer.Option(
+        None, "--pidfile", help="write this process's pid here while it runs (what stops or "
+                                "restarts it: `kill $(cat FILE)`)"),
 ) -> None:
     """Watch the configured resources, repair them in place, report to the gateway.
 
@@ -34,7 +39,7 @@ def run(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config)
-        _run(cfg)
+        _run(cfg, pidfile)
     except (ConfigError, SecretError, _SetupError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -44,7 +49,7 @@ class _SetupError(Exception):
     """The agent could not start (outbox, control API, driver); the message says why."""
 
 
-def _run(cfg: Any) -> None:
+def _run(cfg: Any, pidfile: Path | None = None) -> None:
     import sqlite3
 
     from agents.outbox import Outbox, Sender, SenderAlreadyRunning
@@ -89,9 +94,15 @@ def _run(cfg: Any) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if pidfile is not None:  # after the outbox's lock: the pid of the agent that runs, not of one refused
+        pidfile.write_text(f"{os.getpid()}\n")
     try:
         agent.run()
     finally:
+        if pidfile is not None:
+            with contextlib.suppress(OSError):
+                if pidfile.read_text().strip() == str(os.getpid()):
+                    pidfile.unlink()
         if lease is not None:
             lease.stop()  # no revoke: PostgreSQL keeps serving (docs/fencing.md rule 6)
         if gate is not None:

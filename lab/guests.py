@@ -13,7 +13,10 @@ from typing import Any
 
 GUEST_USER = "root"
 # The directories that are each VM's own (the rest of a guest's file system is the machine's).
-GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow", "/etc/systemd/system")
+# /run/systemd too: empty, so that a guest sees no systemd running (the lab's boot starts the
+# enabled units, lab/vcsim/guest.go), never the machine's own.
+GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow", "/etc/systemd/system",
+              "/run/systemd")
 
 
 def path(lab_dir: Path, site: str) -> Path:

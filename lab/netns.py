@@ -452,10 +452,17 @@ def add_host(topo: Topology, location: str, name: str, address: str) -> list[str
     return prefix
 
 
-def remove_host(topo: Topology, name: str) -> None:
-    """Take a host's namespace away (its veth and its route at the site go with it); a host that
-    is not there is fine."""
-    if topo.enabled and (_NETNS_DIR / topo.host_netns(name)).exists():
+def remove_host(topo: Topology, name: str, address: str) -> None:
+    """Take a host's namespace and its link at the site away (its route goes with the link); a
+    host that is not there is fine. The link is deleted by name: a namespace some process still
+    holds outlives `netns del`, and so would its veth, whose name the address's next host needs."""
+    if not topo.enabled:
+        return
+    location = topo.location_of(address)
+    if location is not None:
+        _ip_batch([f"link del {topo.host_link(address, False)}"], ns=topo.netns(location),
+                  force=True)
+    if (_NETNS_DIR / topo.host_netns(name)).exists():
         _ip_batch([f"netns del {topo.host_netns(name)}"], force=True)
 
 

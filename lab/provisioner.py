@@ -75,7 +75,7 @@ class Provisioner:
             self._save()
             log.info("%s: cabled at %s (%s)", name, address, " ".join(prefix))
         for name in [n for n in self.cabled if n not in seen]:
-            netns.remove_host(self.topo, name)
+            netns.remove_host(self.topo, name, self.cabled[name])
             guests.remove(self.lab_dir, self.site, name)
             del self.cabled[name]
             self._save()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from orchestrator.agent_bundle import ENTRY, INSTALL_DIR, python_tag
 from tasks.vsphere_guest import (
     GuestError,
@@ -96,3 +98,54 @@ def agent(guest: Guest, args: str, timeout: float = 60.0) -> str:
     """Run the installed agent CLI in the guest (`drflow-agent ARGS`); its output."""
     return check(guest, f"{INSTALL_DIR}/{ENTRY} {args}", f"drflow-agent {args.split()[0]}",
                  timeout)
+
+
+CONFIG = "/etc/drflow/agent.yaml"
+UNIT = "/etc/systemd/system/drflow-agent.service"
+PIDFILE = f"{WORK_DIR}/agent.pid"
+_WANTS = "/etc/systemd/system/multi-user.target.wants"
+_RUN = f"{INSTALL_DIR}/{ENTRY} run --config {CONFIG} --pidfile {PIDFILE}"
+
+
+def unit_file() -> str:
+    """The agent's systemd unit: started at boot, restarted when it dies."""
+    return (
+        "[Unit]\nDescription=drflow guest agent\nAfter=network-online.target\n"
+        "Wants=network-online.target\n\n"
+        f"[Service]\nExecStart={_RUN}\nPIDFile={PIDFILE}\nRestart=always\nRestartSec=1\n\n"
+        "[Install]\nWantedBy=multi-user.target\n")
+
+
+def write_file(guest: Guest, path: str, data: bytes, mode: int = 0o644) -> None:
+    upload(guest.si, guest.vcenter_url, guest.vm, guest.login, data, path, mode=mode,
+           verify_tls=guest.verify_tls)
+
+
+# Stops the agent its pidfile names, and waits (up to 10 s) for it to be gone.
+_STOP = (f"if [ -s {PIDFILE} ]; then p=$(cat {PIDFILE}); kill $p 2>/dev/null; i=0; "
+         f"while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; fi")
+
+
+def write_secrets(guest: Guest, secrets: dict[str, SecretStr]) -> None:
+    """The agent's secret files (guest path → value), mode 0600."""
+    for path, value in secrets.items():
+        write_file(guest, path, value.get_secret_value().encode(), 0o600)
+
+
+def enable_service(guest: Guest, config: str | None = None) -> None:
+    """Write the agent's config (None: written in the guest already, by `discover --write`),
+    install and enable its unit, and (re)start it: under systemd when the guest runs it, else
+    directly (at the next boot, the enabled unit starts it)."""
+    if config is not None:
+        write_file(guest, CONFIG, config.encode(), 0o600)
+    write_file(guest, UNIT, unit_file().encode())
+    check(guest, f"mkdir -p {_WANTS} && ln -sf {UNIT} {_WANTS}/ && "
+                 "if [ -d /run/systemd/system ]; then "
+                 "systemctl daemon-reload && systemctl restart drflow-agent; "
+                 f"else {_STOP}; nohup {_RUN} >> {WORK_DIR}/agent.log 2>&1 & fi",
+          "starting the agent")
+
+
+def agent_running(guest: Guest) -> bool:
+    """The agent's pidfile names a live process."""
+    return run(guest, f"[ -s {PIDFILE} ] && kill -0 $(cat {PIDFILE})").code == 0

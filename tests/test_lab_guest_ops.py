@@ -132,8 +132,7 @@ def test_a_vm_powered_off_takes_its_programs_with_it(lab: dict[str, Any]) -> Non
     assert wait_exit(si, vm, login, stopped, 5) == 128 + 9
     faults.fail(Path(lab["dir"]), "power-off", g["standby"]["vm"])
     try:
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
-                 psutil.STATUS_ZOMBIE, 5, "the program gone with its VM's power")
+        wait_for(lambda: not _alive(pid), 5, "the program gone with its VM's power")
         with pytest.raises(GuestError, match="Tools is not running"):
             start_program(si, vm, login, "/bin/true")
     finally:
@@ -308,3 +307,59 @@ def test_a_standby_vm_is_created_from_the_template_once_and_removed(lab: dict[st
     assert not destroy(vc, want["vm"])  # nothing left to remove
     wait_for(lambda: not Path(f"/run/netns/{topo.host_netns(want['vm'])}").exists(), 5,
              "the removed VM's namespace gone")
+
+
+def test_the_pushed_agent_runs_as_a_service_and_comes_back_with_its_vm(
+        lab: dict[str, Any]) -> None:
+    from drflow.control import ControlClient
+    from drflow.signing import control_secret
+    from lab.procs import free_port
+    from orchestrator import agent_bundle, agent_push
+
+    [lone] = lab["unprotected"]
+    si, url = _site(lab, "prod")
+    vm = find_vm(si, lone["vm"])
+    guest = agent_push.Guest(si, url, vm, _login(lab))
+    agent_push.install(guest, agent_bundle.build())
+    master = lab["secrets"]["control"]
+    listen = f"{lone['host']}:{free_port()}"
+    agent_push.write_secrets(guest, {
+        "/etc/drflow/webhook": SecretStr(lab["secrets"]["webhook"]),
+        "/etc/drflow/db_password": SecretStr(lab["database"]["password"]),
+        "/etc/drflow/control_secret": SecretStr(
+            control_secret(master.encode(), lone["vm"]).decode())})
+    agent_push.agent(guest, (
+        f"discover --write {agent_push.CONFIG} --agent-id {lone['vm']} --group crm "
+        f"--gateway-url {lab['gateway']['url']}/v1/events --secret-ref file:/etc/drflow/webhook "
+        f"--outbox /var/lib/drflow/outbox.sqlite --pg-user {lab['database']['user']} "
+        f"--pg-password-ref file:/etc/drflow/db_password --control-listen {listen} "
+        "--control-secret-ref file:/etc/drflow/control_secret"))
+    client = ControlClient.for_agent(f"http://{listen}/v1/control", SecretStr(master), lone["vm"],
+                                     timeout_s=2)
+
+    def answers() -> Any:
+        try:
+            return client.call("status")
+        except Exception:
+            return None
+
+    agent_push.enable_service(guest)
+    agent_push.enable_service(guest)  # again: restarted, one agent
+    status = wait_for(answers, 15, "the agent's control API answering")
+    assert (status["role"], status["port"]) == ("primary", lone["port"]), status
+    assert agent_push.agent_running(guest)
+    assert _read(si, url, vm, _login(lab), "/etc/drflow/db_password") is not None
+    # Its VM power-cycled: it died with the power, and its unit starts it at boot.
+    first = int(_read(si, url, vm, _login(lab), agent_push.PIDFILE) or 0)
+    _wait(vm.PowerOffVM_Task())
+    wait_for(lambda: not _alive(first), 2, "the agent gone with its VM's power")
+    _wait(vm.PowerOnVM_Task())
+    wait_for(answers, 15, "the agent back after the power cycle")
+    assert int(_read(si, url, vm, _login(lab), agent_push.PIDFILE) or 0) not in (0, first)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -52,7 +52,6 @@ type guestProc struct {
 	info types.GuestProcessInfo
 	vm   types.ManagedObjectReference
 	cmd  *exec.Cmd
-	boot time.Time // the VM's boot it runs in: a power cycle since ends it
 }
 
 // powerOf is whether the VM is on, and when it last booted.
@@ -74,6 +73,7 @@ type guestLab struct {
 	procs     map[int64]*guestProc
 	seq       int64
 	booted    map[string]time.Time // VM → the boot whose units were started
+	seenBoot  map[string]time.Time // VM → its boot when last seen on
 }
 
 type transfer struct {
@@ -87,7 +87,7 @@ const transferTTL = 10 * time.Minute
 
 func newGuestLab(path string) *guestLab {
 	return &guestLab{path: path, transfers: map[string]transfer{}, procs: map[int64]*guestProc{},
-		booted: map[string]time.Time{}}
+		booted: map[string]time.Time{}, seenBoot: map[string]time.Time{}}
 }
 
 func (g *guestLab) load() (map[string]guestVM, error) {
@@ -136,6 +136,16 @@ func (g *guestLab) guest(ctx *simulator.Context, ref types.ManagedObjectReferenc
 		return nil, guestVM{}, simulator.Fault(fmt.Sprintf(
 			"guest operations on %s are unavailable: VMware Tools is not installed", vm.Name),
 			&types.GuestOperationsUnavailable{})
+	}
+	// Tools answers once the guest has booted (its enabled units started), not before.
+	_, boot := powerOf(vm)
+	g.mu.Lock()
+	booted := g.booted[vm.Name]
+	g.mu.Unlock()
+	if !booted.Equal(boot) {
+		return nil, guestVM{}, simulator.Fault(fmt.Sprintf(
+			"guest operations on %s are unavailable: VMware Tools is not running yet (booting)",
+			vm.Name), &types.GuestOperationsUnavailable{})
 	}
 	login, ok := auth.(*types.NamePasswordAuthentication)
 	if !ok || login.Username != entry.User || login.Password != entry.Password {
@@ -415,9 +425,8 @@ func (g *guestLab) start(vm *simulator.VirtualMachine, entry guestVM, command, c
 		return 0, err
 	}
 	pid := int64(cmd.Process.Pid)
-	_, boot := powerOf(vm)
 	name := strings.Trim(strings.Fields(command + " x")[0], "'")
-	p := &guestProc{vm: vm.Self, cmd: cmd, boot: boot, info: types.GuestProcessInfo{
+	p := &guestProc{vm: vm.Self, cmd: cmd, info: types.GuestProcessInfo{
 		Name: filepath.Base(name), Pid: pid, Owner: entry.User,
 		CmdLine: strings.TrimSpace(strings.Replace(command, shellQuote(name), name, 1)), StartTime: time.Now()}}
 	g.mu.Lock()
@@ -493,30 +502,23 @@ func (m *guestProcesses) TerminateProcessInGuest(ctx *simulator.Context, req *ty
 // <root>/journal/<unit>.log. The lab's own VMs, on before the launcher first looks, are left
 // alone (their services are the power bridge's); a VM cabled later boots once it has an entry.
 func (g *guestLab) boot(first bool) {
-	vms, err := g.load()
-	if err != nil {
-		return
-	}
-	for _, e := range simulator.Map.All("VirtualMachine") {
-		vm, ok := e.(*simulator.VirtualMachine)
-		if !ok {
-			continue
-		}
-		var name string
-		simulator.Map.WithLock(vm, func() { name = vm.Name })
-		on, boot := powerOf(vm)
-		entry, known := vms[name]
+	for _, v := range g.vms() {
+		vm, name, on, boot, entry, known := v.vm, v.name, v.on, v.boot, v.entry, v.known
+		g.mu.Lock()
+		last, done := g.booted[name]
 		if !on || !known {
 			delete(g.booted, name)
+		}
+		g.mu.Unlock()
+		if !on || !known || (done && last.Equal(boot)) {
 			continue
 		}
-		if last, ok := g.booted[name]; ok && last.Equal(boot) {
-			continue
-		}
-		g.booted[name] = boot
 		if !first {
 			g.startUnits(vm, entry)
 		}
+		g.mu.Lock()
+		g.booted[name] = boot // Tools answers from here
+		g.mu.Unlock()
 	}
 }
 
@@ -568,36 +570,158 @@ func (g *guestLab) startUnits(vm *simulator.VirtualMachine, entry guestVM) {
 	}
 }
 
-// reap kills every program of a VM that is no longer on, or was powered off and on since it
-// started: a program cannot outlive its VM's power. Exited programs are forgotten after 5 minutes.
+// reap kills whatever runs in a VM that is off, and whatever started in it before its last
+// power-on (a power cycle, however short): nothing outlives its VM's power, be it a program
+// started through guest operations, one it left behind, or a service. Runs before boot in each
+// tick, so the units boot starts are not taken for leftovers. Exited programs are forgotten
+// after 5 minutes.
 func (g *guestLab) reap() {
 	first := true
 	for range time.Tick(200 * time.Millisecond) {
+		g.killLeftovers()
 		g.boot(first)
 		first = false
 		g.mu.Lock()
-		procs := make([]*guestProc, 0, len(g.procs))
 		for pid, p := range g.procs {
 			if p.info.EndTime != nil && time.Since(*p.info.EndTime) > 5*time.Minute {
 				delete(g.procs, pid)
-				continue
-			}
-			if p.info.EndTime == nil {
-				procs = append(procs, p)
 			}
 		}
 		g.mu.Unlock()
-		for _, p := range procs {
-			vm, ok := simulator.Map.Get(p.vm).(*simulator.VirtualMachine)
-			on, boot := false, time.Time{}
-			if ok {
-				on, boot = powerOf(vm)
-			}
-			if !on || !boot.Equal(p.boot) {
-				_ = syscall.Kill(-int(p.info.Pid), syscall.SIGKILL)
+	}
+}
+
+// labVM is one VM of the simulator as the lab sees it at one tick.
+type labVM struct {
+	vm    *simulator.VirtualMachine
+	name  string
+	on    bool
+	boot  time.Time
+	entry guestVM
+	known bool // in the -guests file
+}
+
+func (g *guestLab) vms() []labVM {
+	entries, err := g.load()
+	if err != nil {
+		return nil
+	}
+	var out []labVM
+	for _, e := range simulator.Map.All("VirtualMachine") {
+		vm, ok := e.(*simulator.VirtualMachine)
+		if !ok {
+			continue
+		}
+		v := labVM{vm: vm}
+		simulator.Map.WithLock(vm, func() { v.name = vm.Name })
+		v.on, v.boot = powerOf(vm)
+		v.entry, v.known = entries[v.name]
+		out = append(out, v)
+	}
+	return out
+}
+
+func (g *guestLab) killLeftovers() {
+	var byNS map[nsID][]nsProc
+	for _, v := range g.vms() {
+		name, entry, on, boot := v.name, v.entry, v.on, v.boot
+		if !v.known || len(entry.Prefix) == 0 {
+			continue
+		}
+		ns, ok := netnsID("/run/netns/" + entry.Prefix[len(entry.Prefix)-1])
+		if !ok {
+			continue
+		}
+		// A boot seen before is not news; one seen for the first time is news only if an
+		// earlier one of the VM was seen (the lab starts its VMs' processes while the launcher
+		// creates the VMs: those are no leftovers).
+		last, seen := g.seenBoot[name]
+		g.seenBoot[name] = boot
+		if !on {
+			delete(g.seenBoot, name)
+		}
+		if on && (!seen || last.Equal(boot)) {
+			continue
+		}
+		if byNS == nil {
+			byNS = processesByNetns() // only when a VM went off or rebooted
+		}
+		for _, p := range byNS[ns] {
+			// Clock ticks are 10 ms: a process started right at power-on is not a leftover.
+			if !on || p.start.Before(boot.Add(-20*time.Millisecond)) {
+				if syscall.Kill(p.pid, syscall.SIGKILL) == nil {
+					log.Printf("drflow-guest: %s: killed pid %d (the VM's power went)", name, p.pid)
+				}
 			}
 		}
 	}
+}
+
+type nsID struct{ dev, ino uint64 }
+
+type nsProc struct {
+	pid   int
+	start time.Time
+}
+
+func netnsID(path string) (nsID, bool) {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil {
+		return nsID{}, false
+	}
+	return nsID{uint64(st.Dev), st.Ino}, true
+}
+
+// processesByNetns lists every process with its network namespace and start time.
+func processesByNetns() map[nsID][]nsProc {
+	out := map[nsID][]nsProc{}
+	btime := bootTime()
+	entries, err := os.ReadDir("/proc")
+	if err != nil || btime.IsZero() {
+		return out
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		ns, ok := netnsID("/proc/" + e.Name() + "/ns/net")
+		if !ok {
+			continue // gone, or a zombie: it holds no namespace
+		}
+		raw, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		fields := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+1:]))
+		if len(fields) < 20 {
+			continue
+		}
+		ticks, err := strconv.ParseInt(fields[19], 10, 64) // starttime, field 22 of stat
+		if err != nil {
+			continue
+		}
+		start := btime.Add(time.Duration(ticks) * 10 * time.Millisecond) // USER_HZ = 100
+		out[ns] = append(out[ns], nsProc{pid, start})
+	}
+	return out
+}
+
+// bootTime is when the machine booted, to 10 ms (/proc/stat's btime is whole seconds).
+func bootTime() time.Time {
+	raw, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return time.Time{}
+	}
+	fields := strings.Fields(string(raw))
+	if len(fields) == 0 {
+		return time.Time{}
+	}
+	up, err := strconv.ParseFloat(fields[0], 64)
+	if err != nil {
+		return time.Time{}
+	}
+	return time.Now().Add(-time.Duration(up * float64(time.Second)))
 }
 
 // registerGuestOperations replaces vcsim's guest file and process managers with the lab's.
