@@ -212,8 +212,16 @@ class WarmRunner:
     def _on_mark(self, kind: str, key: str) -> None:
         run_id = run_id_of(key)
         if kind == "DELETE" and run_id is not None and run_id not in self.running():
-            threading.Thread(target=self.adopt, args=(run_id,), name=f"adopt {run_id}",
+            threading.Thread(target=self._adopt_logged, args=(run_id,), name=f"adopt {run_id}",
                              daemon=True).start()
+
+    def _adopt_logged(self, run_id: UUID) -> None:
+        """adopt() on a thread of its own: a failure is a log line, and the poll tries again."""
+        try:
+            self.adopt(run_id)
+        except Exception as exc:
+            log.warning("adopting run %s failed (%s: %s); the next poll tries again", run_id,
+                        type(exc).__name__, exc)
 
     def _poll_loop(self) -> None:
         beat_at = 0.0

@@ -216,7 +216,10 @@ def test_etcd_gone_standby_streaming_keeps_serving(cluster: dict[str, Any], pair
         write(primary, root)
         assert pg.is_running(primary) and h.h.state == "failsafe" and not h.h.fences
     wait_for(lambda: h.h.state == "held", LEASE_S + 2, "renewals again")
-    assert h.reports("drflow_lease") == ["acquired", "failsafe"]
+    # A thawed etcd may fail one more renewal on a loaded machine: failsafe again, never a fence.
+    reports = h.reports("drflow_lease")
+    assert reports[:2] == ["acquired", "failsafe"] and set(reports[2:]) <= {"failsafe"}, reports
+    assert not h.h.fences
     write(primary, root)
 
 
