@@ -51,7 +51,6 @@ type guestVM struct {
 type guestProc struct {
 	info types.GuestProcessInfo
 	vm   types.ManagedObjectReference
-	cmd  *exec.Cmd
 }
 
 // powerOf is whether the VM is on, and when it last booted.
@@ -426,7 +425,7 @@ func (g *guestLab) start(vm *simulator.VirtualMachine, entry guestVM, command, c
 	}
 	pid := int64(cmd.Process.Pid)
 	name := strings.Trim(strings.Fields(command + " x")[0], "'")
-	p := &guestProc{vm: vm.Self, cmd: cmd, info: types.GuestProcessInfo{
+	p := &guestProc{vm: vm.Self, info: types.GuestProcessInfo{
 		Name: filepath.Base(name), Pid: pid, Owner: entry.User,
 		CmdLine: strings.TrimSpace(strings.Replace(command, shellQuote(name), name, 1)), StartTime: time.Now()}}
 	g.mu.Lock()
@@ -501,8 +500,8 @@ func (m *guestProcesses) TerminateProcessInGuest(ctx *simulator.Context, req *ty
 // ExecStart= lines run, with its Environment= and WorkingDirectory=, output appended to
 // <root>/journal/<unit>.log. The lab's own VMs, on before the launcher first looks, are left
 // alone (their services are the power bridge's); a VM cabled later boots once it has an entry.
-func (g *guestLab) boot(first bool) {
-	for _, v := range g.vms() {
+func (g *guestLab) boot(vms []labVM, first bool) {
+	for _, v := range vms {
 		vm, name, on, boot, entry, known := v.vm, v.name, v.on, v.boot, v.entry, v.known
 		g.mu.Lock()
 		last, done := g.booted[name]
@@ -578,8 +577,9 @@ func (g *guestLab) startUnits(vm *simulator.VirtualMachine, entry guestVM) {
 func (g *guestLab) reap() {
 	first := true
 	for range time.Tick(200 * time.Millisecond) {
-		g.killLeftovers()
-		g.boot(first)
+		vms := g.vms() // one read of the -guests file and the inventory per tick
+		g.killLeftovers(vms)
+		g.boot(vms, first)
 		first = false
 		g.mu.Lock()
 		for pid, p := range g.procs {
@@ -621,9 +621,9 @@ func (g *guestLab) vms() []labVM {
 	return out
 }
 
-func (g *guestLab) killLeftovers() {
+func (g *guestLab) killLeftovers(vms []labVM) {
 	var byNS map[nsID][]nsProc
-	for _, v := range g.vms() {
+	for _, v := range vms {
 		name, entry, on, boot := v.name, v.entry, v.on, v.boot
 		if !v.known || len(entry.Prefix) == 0 {
 			continue
