@@ -14,9 +14,10 @@ from typing import Any
 GUEST_USER = "root"
 # The directories that are each VM's own (the rest of a guest's file system is the machine's).
 # /run/systemd too: empty, so that a guest sees no systemd running (the lab's boot starts the
-# enabled units, lab/vcsim/guest.go), never the machine's own.
+# enabled units, lab/vcsim/guest.go), never the machine's own. /var/lib/postgresql: where a
+# standby made by `drflow protect` keeps its data.
 GUEST_DIRS = ("/opt/drflow", "/etc/drflow", "/var/lib/drflow", "/etc/systemd/system",
-              "/run/systemd")
+              "/run/systemd", "/var/lib/postgresql")
 
 
 def path(lab_dir: Path, site: str) -> Path:

@@ -219,10 +219,12 @@ def throwaway_prefect(database: str = "sqlite", keep_log: Path | None = None) ->
 
 
 def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
-              gateway: bool = True, inventory_only: list[str] | None = None) -> Env:
+              gateway: bool = True, inventory_only: list[str] | None = None,
+              unprotected: list[str] | None = None) -> Env:
     lab_dir = Path(os.environ.get("DRFLOW_TEST_TMP", "/tmp")) / f"drflow-e2e-{uuid.uuid4().hex[:8]}"
     state = manager.up(lab_dir, groups=groups, replication=replication,
-                       progress=lambda _m: None, agents=agents, inventory_only=inventory_only)
+                       progress=lambda _m: None, agents=agents, inventory_only=inventory_only,
+                       unprotected=unprotected)
     env = Env(lab_dir, state)
     try:
         if gateway:
@@ -324,6 +326,58 @@ class Writer:
         with self.env.connect(host, port) as c:
             present = {r[0] for r in c.execute("select id from drflow_writes").fetchall()}
         return [w for w in acked if w not in present]
+
+
+class ServerWriter:
+    """One connection to one server inserting a unique id every 10 ms (no DNS, no reconnect):
+    what was acknowledged, and what failed."""
+
+    def __init__(self, env: Env, host: str, port: int) -> None:
+        self.env, self.host, self.port = env, host, port
+        self.acked: list[str] = []
+        self.refused: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="server-writer")
+
+    def start(self) -> ServerWriter:
+        with self.env.connect(self.host, self.port) as c:
+            c.execute("create table if not exists drflow_writes (id text primary key)")
+        self._thread.start()
+        wait_for(lambda: len(self.acked) >= 5, 10, "the writer's first writes")
+        return self
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception), self.env.connect(self.host, self.port,
+                                                              timeout=2) as c:
+            c.execute("set statement_timeout = 10000")
+            while not self._stop.is_set():
+                wid = uuid.uuid4().hex
+                try:
+                    c.execute("insert into drflow_writes (id) values (%s)", (wid,))
+                    self.acked.append(wid)
+                except Exception:
+                    self.refused.append(wid)
+                    if c.closed:
+                        return
+                time.sleep(0.01)
+
+    def stop(self, join_s: float = 0.0) -> None:
+        """Stop writing; a connection to a silent server may hang: `join_s` bounds the wait."""
+        self._stop.set()
+        self._thread.join(join_s)
+
+    def lost(self, host: str, port: int) -> list[str]:
+        """Acknowledged ids missing at host:port once a standby replayed what it flushed (a
+        sync commit waits for the flush, not the replay: up to 10 s for that)."""
+        acked = list(self.acked)
+        deadline = time.monotonic() + 10
+        while True:
+            with self.env.connect(host, port) as c:
+                have = {r[0] for r in c.execute("select id from drflow_writes").fetchall()}
+            missing = [w for w in acked if w not in have]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
 
 
 def takes_write(env: Env, node: dict[str, Any], timeout_s: float = 1.0) -> bool:

@@ -149,3 +149,9 @@ def enable_service(guest: Guest, config: str | None = None) -> None:
 def agent_running(guest: Guest) -> bool:
     """The agent's pidfile names a live process."""
     return run(guest, f"[ -s {PIDFILE} ] && kill -0 $(cat {PIDFILE})").code == 0
+
+
+# Stops the agent and takes away everything the push put in the guest (its data included).
+REMOVE = (f"if [ -d /run/systemd/system ]; then systemctl disable --now drflow-agent || true; "
+          f"else {_STOP}; fi; rm -f {_WANTS}/drflow-agent.service {UNIT} {CONFIG} && "
+          f"rm -rf {INSTALL_DIR}/* /etc/drflow/* {WORK_DIR}/*")

@@ -186,9 +186,15 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         app.state.roles.starter = ReprotectStarter(str(config.resolve()),
                                                    on_done=app.state.roles.reprotect_finished)
         starter = embedded
+    from orchestrator.gateway.reload import ConfigReloader
     from orchestrator.gateway.status import GroupStatusProvider
 
-    app.state.group_status = GroupStatusProvider(rt.cfg, rt.audit)  # GET /v1/groups: status
+    group_status = GroupStatusProvider(rt.cfg, rt.audit)
+    app.state.group_status = group_status  # GET /v1/groups: status
+    # Groups added to or removed from the file are served without a restart (reload.py).
+    reloader = ConfigReloader(rt.path, rt.cfg)
+    reloader.hooks += [group_status.use_config, lambda _cfg: _rewarm(rt.path)]
+    app.state.gateway.config_watch = reloader
     from orchestrator.gateway.host_watch import HostWatcher
 
     # The primaries' ESXi hosts as vCenter sees them: a host lost while its VM serves is an
@@ -223,6 +229,8 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         console.print(line)
     drills = DrillScheduler(crons, run_drill(str(config.resolve())))
     drills.start()
+    if mode != Mode.deployment:
+        reloader.hooks.append(lambda cfg: _drills_changed(crons, schedules(cfg)))
     try:
         from orchestrator.gateway.http_server import server_config
 
@@ -230,6 +238,33 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         uvicorn.Server(server_config(app, settings, host, port)).run()
     finally:
         drills.stop()
+
+
+def _rewarm(config_path: str) -> None:
+    """After a reload, what the start warmed up, for added groups too: their secrets resolved
+    now rather than at their first incident (and scrubbed by the audit trail the gateway shares
+    with the runbooks), their runbooks' locks made when they are Prefect limits."""
+    from flows.locks import ensure_limit, roles_limit
+    from flows.runtime import runtime
+
+    try:
+        rt = runtime(config_path)
+        _ = rt.secret_values, rt.audit
+        if rt.etcd is None:
+            for g in rt.cfg.groups:
+                ensure_limit(roles_limit(g.name))
+    except Exception as exc:
+        logging.getLogger("drflow.gateway.reload").warning(
+            "warming up the reloaded configuration failed (the runbooks do it when they need "
+            "it): %s: %s", type(exc).__name__, exc)
+
+
+def _drills_changed(started: dict[str, str], now: dict[str, str]) -> None:
+    # The scheduler keeps the schedules it started with; a changed one would be missed quietly.
+    if now != started:
+        logging.getLogger("drflow.drills").warning(
+            "drill schedules changed in the configuration: they take effect when drflow "
+            "restarts (scheduled now: %s)", ", ".join(sorted(started)) or "none")
 
 
 def failover_cmd(

@@ -15,6 +15,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing_debs+=(postgresql
 command -v etcd >/dev/null 2>&1 || missing_debs+=(etcd-server)
 # Prefect's server in several replicas (the distributed lab) shares its messaging through Redis.
 command -v redis-server >/dev/null 2>&1 || missing_debs+=(redis-server)
+# The protect wizard is tested in a real terminal.
+command -v tmux >/dev/null 2>&1 || missing_debs+=(tmux)
 # The lab's sites are network namespaces; its faults are nftables drops.
 command -v ip >/dev/null 2>&1 || missing_debs+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_debs+=(nftables)

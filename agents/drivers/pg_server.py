@@ -209,11 +209,18 @@ class PgServer:
         os.replace(tmp, path)
 
     def _owner(self) -> tuple[int, int]:
-        for p in (self.datadir, self.datadir.parent):
-            with contextlib.suppress(FileNotFoundError):
-                st = p.stat()
-                return st.st_uid, st.st_gid
-        pw = pwd.getpwnam(self.run_as) if self.run_as else pwd.getpwuid(os.geteuid())
+        """Who owns the data directory: its present owner, else the user the server runs as
+        (a first base backup's parent may well be root's), else the parent's owner."""
+        with contextlib.suppress(FileNotFoundError):
+            st = self.datadir.stat()
+            return st.st_uid, st.st_gid
+        if self.run_as:
+            pw = pwd.getpwnam(self.run_as)
+            return pw.pw_uid, pw.pw_gid
+        with contextlib.suppress(FileNotFoundError):
+            st = self.datadir.parent.stat()
+            return st.st_uid, st.st_gid
+        pw = pwd.getpwuid(os.geteuid())
         return pw.pw_uid, pw.pw_gid
 
 

@@ -21,7 +21,7 @@ from orchestrator.gateway.intake import (
     JsonLimits,
     Rejection,
     authenticate,
-    clip,
+    check_member,
     parse_event,
     parse_model,
     read_body,
@@ -115,18 +115,7 @@ def create_app(
             sig = authenticate(secret, request.headers, body, settings.signature_window_s)
             require_json(request.headers)
             event = parse_event(body, limits)
-            if event.group not in settings.groups:
-                raise Rejection(
-                    404, "unknown_group",
-                    f"unknown protection group {clip(event.group)}: add it to the configuration "
-                    "or fix the agent's group",
-                )
-            if event.agent_id not in settings.known_agents(event.group):
-                raise Rejection(
-                    403, "unknown_agent",
-                    f"agent {clip(event.agent_id)} is not a node of group {event.group} (agents "
-                    "are the VM names of the group's nodes in the configuration)",
-                )
+            check_member(settings, event.group, event.agent_id)
             accepted = await service.accept_event(event, sig)
         except Rejection as rejection:
             return refused(rejection, request)

@@ -20,13 +20,12 @@ def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) 
 
     `state_path` is the gateway's SQLite file (the config has no state directory); `overrides`
     set any other GatewaySettings field (max_body_bytes, …)."""
+    groups, rosters = group_settings(cfg)
     fields: dict[str, Any] = {
         "webhook_secret": cfg.secret(cfg.gateway.webhook_secret),
         "heartbeat_timeout_s": cfg.gateway.heartbeat_timeout_s,
-        "groups": {g.name: GroupPolicy(auto_failover=g.policy.auto_failover) for g in cfg.groups},
-        "rosters": {g.name: GroupRoster(
-            approvers=list(g.policy.approvers), approvals_required=g.policy.approvals_required,
-            primary=_node(g.primary), standby=_node(g.standby)) for g in cfg.groups},
+        "groups": groups,
+        "rosters": rosters,
         "slack_signing_secret": _slack_secret(cfg),
         "state_path": state_path,
     }
@@ -35,6 +34,15 @@ def settings_from_config(cfg: DrflowConfig, state_path: Path, **overrides: Any) 
         fields["etcd_timeout_s"] = cfg.etcd.timeout_s
         fields["state_in_etcd"] = cfg.gateway.shared_state
     return GatewaySettings(**{**fields, **overrides})
+
+
+def group_settings(cfg: DrflowConfig) -> tuple[dict[str, GroupPolicy], dict[str, GroupRoster]]:
+    """Each group's policy and roster as the gateway keeps them (no secret is resolved)."""
+    groups = {g.name: GroupPolicy(auto_failover=g.policy.auto_failover) for g in cfg.groups}
+    rosters = {g.name: GroupRoster(
+        approvers=list(g.policy.approvers), approvals_required=g.policy.approvals_required,
+        primary=_node(g.primary), standby=_node(g.standby)) for g in cfg.groups}
+    return groups, rosters
 
 
 def _slack_secret(cfg: DrflowConfig) -> SecretStr | None:

@@ -92,6 +92,12 @@ class HeartbeatTracker:
         state.last_seen_wall, state.fired = wall, False
         return True
 
+    def retain(self, keep: Callable[[str, str], bool]) -> None:
+        """Forget the agents (and primaries) for which `keep(group, agent_id)` is False: those of
+        groups the configuration no longer names."""
+        self._agents = {k: s for k, s in self._agents.items() if keep(*k)}
+        self._primary = {g: a for g, a in self._primary.items() if keep(g, a)}
+
     def primary(self, group: str) -> str | None:
         return self._primary.get(group)
 

@@ -181,6 +181,12 @@ class HostWatcher:
                 worker.submit(self.readers[site].drop)  # logging out may hang: never wait for it
                 worker.shutdown()
 
+    def retain(self, keep: Callable[[str, str], bool]) -> None:
+        """Forget what was alerted or logged of VMs for which `keep(group, vm)` is False (on the
+        state thread, where `act` runs): a group added again starts afresh."""
+        self._alerting = {k: v for k, v in self._alerting.items() if keep(*k)}
+        self._said = {k: v for k, v in self._said.items() if keep(*k)}
+
     def targets(self, gw: WatchedGateway) -> dict[str, list[tuple[str, str]]]:
         """{site: [(group, primary VM)]} from the agents' role reports and the configuration."""
         out: dict[str, list[tuple[str, str]]] = {}

@@ -21,6 +21,7 @@ from drflow.signing import (
     signature,
     verify,
 )
+from orchestrator.gateway.settings import GatewaySettings
 
 
 class Rejection(Exception):
@@ -186,3 +187,15 @@ def parse_model(model: type[BaseModel], body: bytes, what: str,
 def parse_event(body: bytes, limits: JsonLimits | None = None) -> HealthEvent:
     event: HealthEvent = parse_model(HealthEvent, body, "event body", limits)
     return event
+
+
+def check_member(settings: GatewaySettings, group: str, agent_id: str) -> None:
+    """Refuse an event of a group the configuration does not name, or from an agent that is not
+    one of the group's nodes (the configuration as reloaded last)."""
+    if group not in settings.groups:
+        raise Rejection(404, "unknown_group", f"unknown protection group {clip(group)}: add it to "
+                        "the configuration or fix the agent's group")
+    if agent_id not in settings.known_agents(group):
+        raise Rejection(403, "unknown_agent", f"agent {clip(agent_id)} is not a node of group "
+                        f"{group} (agents are the VM names of the group's nodes in the "
+                        "configuration)")

@@ -12,6 +12,7 @@ expiry); it is counted and logged once per outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -94,6 +95,13 @@ class LeaseWatcher:
         self.failing_since: float | None = None  # wall clock of the outage's first failure
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="etcd-watch")
 
+    def set_groups(self, groups: Collection[str]) -> None:
+        """Watch these groups from the next read on (the configuration was reloaded)."""
+        for gone in set(self.groups) - set(groups):
+            with contextlib.suppress(KeyError):  # never read: no such label
+                self.metrics.leader_key_present.remove(gone)
+        self.groups = list(groups)
+
     def read(self) -> Snapshot:
         """One blocking read of every group's keys (runs in the watcher's thread)."""
         revision, kvs = self.client.get_prefix(PREFIX)
@@ -135,10 +143,16 @@ class LeaseWatcher:
         self.error, self.failing_since = None, None
         self.metrics.etcd_up.set(1)
         before, self.last = self.last, snap
+        watched = set(self.groups)
         for group, keys in snap.groups.items():
+            if group not in watched:  # removed from the configuration while this read ran
+                continue
             self.metrics.leader_key_present.labels(group).set(1 if keys.leader else 0)
-            prev = before.groups[group].leader if before is not None else None
-            change = leader_change(prev, keys.leader, learned=before is not None)
+            # A group added since the last read: this read only teaches what exists, as the
+            # first read after start does.
+            known = before.groups.get(group) if before is not None else None
+            prev = known.leader if known is not None else None
+            change = leader_change(prev, keys.leader, learned=known is not None)
             if change is Change.VANISHED:
                 assert prev is not None
                 try:

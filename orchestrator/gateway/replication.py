@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from drflow.lsn import lsn_int
@@ -47,6 +48,11 @@ class ReplicationEvidence:
             _prune(hist, t)
         if sync is not None:
             self._sync[key] = sync
+
+    def retain(self, keep: Callable[[str, str], bool]) -> None:
+        """Forget the reports of agents for which `keep(group, agent_id)` is False."""
+        self._lsns = {k: v for k, v in self._lsns.items() if keep(*k)}
+        self._sync = {k: v for k, v in self._sync.items() if keep(*k)}
 
     def evidence(self, group: str, agent_id: str) -> dict[str, Any]:
         key = (group, agent_id)

@@ -46,17 +46,18 @@ from orchestrator.gateway.decide import (
 )
 from orchestrator.gateway.etcd_state import EtcdGatewayStore
 from orchestrator.gateway.heartbeats import AgentState, HeartbeatTracker
-from orchestrator.gateway.intake import Rejection, clip
+from orchestrator.gateway.intake import Rejection, check_member, clip
 from orchestrator.gateway.lease_decide import LeaderSeen, agent_lease_alert, decide_lease_expired
 from orchestrator.gateway.leases import LeaseWatcher
 from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.replication import ReplicationEvidence
-from orchestrator.gateway.settings import GatewaySettings
+from orchestrator.gateway.settings import GatewaySettings, GroupPolicy, GroupRoster
 from orchestrator.gateway.state import IncidentState, open_incident_state
 from orchestrator.gateway.store import IncidentRecord, IncidentStatus, Seen
 
 if TYPE_CHECKING:  # its pyVmomi is loaded only where hosts are watched
     from orchestrator.gateway.host_watch import HostWatcher
+    from orchestrator.gateway.reload import ConfigReloader
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -121,6 +122,10 @@ class GatewayService:
         # vCenters (`drflow gateway`); None: hosts are not watched.
         self.host_watch: HostWatcher | None = None
         self._host_task: asyncio.Task[None] | None = None
+        # Applies groups added to or removed from drflow.yaml while running (reload.py): set
+        # before start() by whoever knows the file (`drflow gateway`); None: read once.
+        self.config_watch: ConfigReloader | None = None
+        self._reload_task: asyncio.Task[None] | None = None
         self._blind_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Earliest unrecovered failure per (group, agent) and resource: RTO starts there.
@@ -152,6 +157,8 @@ class GatewayService:
             self._lease_task = asyncio.get_running_loop().create_task(self.leases.run())
         if self.host_watch is not None:
             self._host_task = asyncio.get_running_loop().create_task(self.host_watch.run(self))
+        if self.config_watch is not None:
+            self._reload_task = asyncio.get_running_loop().create_task(self.config_watch.run(self))
 
     def _open(self) -> None:
         self._store = open_incident_state(self.settings)
@@ -176,7 +183,8 @@ class GatewayService:
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *(t for t in (self._watcher, self._lease_task, self._host_task,
-                                             self._blind_task) if t is not None)]
+                                             self._blind_task, self._reload_task)
+                                 if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -245,6 +253,9 @@ class GatewayService:
 
         Synchronous on purpose: between the dedupe check and the incident claim nothing else runs
         on the state thread, so concurrent requests cannot interleave there."""
+        # Checked again here: a reload (applied on this thread) may have removed the group since
+        # the request was let in.
+        check_member(self.settings, event.group, event.agent_id)
         event_id = str(event.event_id)
         seen = self.store.record_event(event_id, signature, event.group, event.kind.value)
         self.metrics.events.labels(event.kind.value, seen.value if seen is not Seen.NEW else "accepted").inc()
@@ -656,6 +667,8 @@ class GatewayService:
     def _on_lease_vanished(self, group: str, seen: LeaderSeen, absent_at: float,
                            revision: int) -> None:
         """A leader key read present, then absent (on the state thread)."""
+        if group not in self.settings.groups:  # removed by a reload since the read
+            return
         self._adopt_shared_primary(group)
         open_rec = self.store.open_incident(group)
         decision = decide_lease_expired(
@@ -682,6 +695,49 @@ class GatewayService:
             return
         self._act(decision, group, IncidentKind.LEASE_EXPIRED, holder, evidence,
                   datetime.fromtimestamp(first, UTC))
+
+    # -- configuration reload -----------------------------------------------------------------
+
+    def apply_groups(self, groups: dict[str, GroupPolicy], rosters: dict[str, GroupRoster]) -> None:
+        """Serve these groups from now on (a reloaded configuration; on the state thread).
+
+        The settings object is shared with the HTTP handlers, the roles and Slack services: its
+        groups and rosters are replaced, never changed in place, so a reader sees one version or
+        the other. What this replica remembers of agents no group names any more is forgotten
+        (they leave /v1/groups and /metrics); the shared store keeps its records, which other
+        replicas may still use."""
+        added = [g for g in groups if g not in self.settings.groups]
+        # Rosters first: a group is never listed without its nodes, so an event of a group just
+        # added is never refused as coming from an unknown agent.
+        self.settings.rosters = rosters
+        self.settings.groups = groups
+
+        def keep(group: str, agent_id: str) -> bool:
+            return group in self.settings.groups and agent_id in self.settings.known_agents(group)
+
+        self.tracker.retain(keep)
+        self.replication.retain(keep)
+        self._failures = {k: v for k, v in self._failures.items() if keep(*k)}
+        self._noted = {k: v for k, v in self._noted.items() if keep(*k)}
+        with self._alert_lock:
+            self._alerted = {k: v for k, v in self._alerted.items() if keep(k[0], k[1])}
+        if self.leases is not None:
+            self.leases.set_groups(list(groups))
+        if self.host_watch is not None:
+            self.host_watch.retain(keep)
+        if added:
+            try:
+                self._rearm(added, keep)
+            except Exception:  # the groups are served already; their silence counts from a beat
+                log.exception("re-arming the stored agents of groups %s failed", ", ".join(added))
+
+    def _rearm(self, added: list[str], keep: Callable[[str, str], bool]) -> None:
+        """Arm the agents the state remembers of groups just added, as a start does: a group
+        removed and added again is watched from its stored primary on, not from scratch."""
+        agents = [a for a in self.store.agents() if a[0] in added and keep(a[0], a[1])]
+        primaries = {g: a for g, a in self.store.primaries().items()
+                     if g in added and keep(g, a)}
+        self.tracker.restore(agents, primaries)
 
     # -- views and audit ------------------------------------------------------------------------
 

@@ -261,29 +261,38 @@ class GroupStatusProvider:
                 self.digest.refresh()
             except Exception as exc:  # status without history beats no status
                 audit_error = f"audit trail unavailable: {type(exc).__name__}: {exc}"
-        jobs = [(g, n) for g in self.cfg.groups for n in (g.primary, g.standby)]
+        cfg = self.cfg  # one version throughout, though use_config may swap it meanwhile
+        jobs = [(g, n) for g in cfg.groups for n in (g.primary, g.standby)]
         with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
-            keys = pool.submit(self._read_keys)
+            keys = pool.submit(self._read_keys, cfg)
             states = list(pool.map(lambda job: self._probe(*job), jobs))
             snap, etcd_error = keys.result()
         out: dict[str, dict[str, Any]] = {}
-        for i, g in enumerate(self.cfg.groups):
+        for i, g in enumerate(cfg.groups):
             nodes = states[2 * i: 2 * i + 2]
-            leases = None if self.cfg.etcd is None else keys_view(snap, g.name, etcd_error)
+            leases = None if cfg.etcd is None else keys_view(snap, g.name, etcd_error)
             out[g.name] = self._group(g, nodes, audit_error, leases)
         return out
 
-    def _read_keys(self) -> tuple[Snapshot | None, str | None]:
+    def use_config(self, cfg: DrflowConfig) -> None:
+        """Report on the groups of a reloaded configuration from the next refresh on (until
+        then, the last status: a group just added shows none yet)."""
+        self.cfg = cfg
+        self._passwords = {}  # a group's database password reference may have changed
+        if self._cache is not None:
+            self._cache = (float("-inf"), self._cache[1])
+
+    def _read_keys(self, cfg: DrflowConfig) -> tuple[Snapshot | None, str | None]:
         """Every group's leader and sync keys in one read; (None, why) when etcd cannot answer."""
-        if self.cfg.etcd is None:
+        if cfg.etcd is None:
             return None, None
-        client = EtcdClient([str(u) for u in self.cfg.etcd.endpoints],
-                            min(self.cfg.etcd.timeout_s, self.timeout_s))
+        client = EtcdClient([str(u) for u in cfg.etcd.endpoints],
+                            min(cfg.etcd.timeout_s, self.timeout_s))
         try:
             revision, kvs = client.get_prefix(PREFIX)
         except EtcdError as exc:
             return None, str(exc)
-        return parse(revision, kvs, [g.name for g in self.cfg.groups], time.time()), None
+        return parse(revision, kvs, [g.name for g in cfg.groups], time.time()), None
 
     async def snapshot(self) -> dict[str, dict[str, Any]]:
         """A recent `collect()`: fresh within ttl_s, else the last one while a new one runs
