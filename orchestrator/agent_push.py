@@ -126,6 +126,17 @@ _STOP = (f"if [ -s {PIDFILE} ]; then p=$(cat {PIDFILE}); kill $p 2>/dev/null; i=
          f"while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; fi")
 
 
+def read_file(guest: Guest, path: str) -> bytes | None:
+    """A file's content in the guest; None when there is no such file."""
+    try:
+        return download(guest.si, guest.vcenter_url, guest.vm, guest.login, path,
+                        guest.verify_tls)
+    except GuestError as exc:
+        if "no such file" in str(exc):
+            return None
+        raise
+
+
 def write_secrets(guest: Guest, secrets: dict[str, SecretStr]) -> None:
     """The agent's secret files (guest path → value), mode 0600."""
     for path, value in secrets.items():

@@ -201,8 +201,8 @@ class Protection:
                 raise ProtectError(
                     f"step {i}/{len(STEPS)} ({step}) failed: {self.rt.scrub(str(exc))}\n"
                     "Fix what it names and run the same command again: finished steps are "
-                    f"checked, not redone. `drflow protect --rollback --group {self.req.group}` "
-                    "removes what this protection made.") from None
+                    f"checked, not redone. `drflow protect {self.req.vm} --config {self.config} "
+                    "--rollback` removes what this protection made.") from None
             figures["steps"][step] = round(time.monotonic() - t0, 2)
             if step not in self.record.done:
                 self.record.done.append(step)
@@ -285,8 +285,11 @@ class Protection:
             DB_PASSWORD: self.rt.secret(SecretRef(ref=self.req.db_password_ref))})
         import yaml
 
-        agent_push.enable_service(
-            guest, yaml.safe_dump(agent_config(node, peer, common), sort_keys=False))
+        text = yaml.safe_dump(agent_config(node, peer, common), sort_keys=False)
+        if agent_push.read_file(guest, agent_push.CONFIG) == text.encode() and \
+                agent_push.agent_running(guest):
+            return  # a re-run: the agent runs with this very config already
+        agent_push.enable_service(guest, text)
 
     def _wait_control(self, node: Node, timeout_s: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -302,10 +305,11 @@ class Protection:
                            f"its log: /var/lib/drflow/agent.log in {node.vm}")
 
     def _seed(self, seen: Observed) -> None:
+        """The standby first, the primary's agent last: until a standby streams, a primary
+        agent holding the lease would fence production on an etcd outage with nothing to fail
+        over to. And the primary waits for its standby only once that standby streams."""
         p, s, r = seen.primary, seen.standby, self.req
         common = self._common(seen)
-        self.progress(f"  the agents: {p.vm} and {s.vm} run theirs as a service")
-        self._start_agent(p, s, common)
         sguest = self._guest(s.site, s.vm)
         home = os.path.dirname(s.datadir)
         agent_push.check(sguest, f"install -d -o postgres -g postgres -m 0700 {shlex.quote(home)}",
@@ -314,8 +318,8 @@ class Protection:
             agent_push.write_file(sguest, f.path, f.text.encode(), 0o644)
             agent_push.check(sguest, f"chown postgres:postgres {shlex.quote(f.path)}",
                              f"giving {f.path} to postgres")
+        self.progress(f"  {s.vm}: the agent runs as a service")
         self._start_agent(s, p, common)
-        self._wait_control(p)
         self._wait_control(s)
         db = self._db(p.address, p.port)
         view = primary_view(db)
@@ -325,6 +329,7 @@ class Protection:
             result = self._client(s, timeout_s=3600).call(
                 "rewind_to", source_host=p.address, source_port=p.port)
             self.progress(f"  {s.vm}: {result.get('action')} in {result.get('seconds')} s")
+        wait_streaming(db, s.vm, 600, caught_up=True)
         if r.replication == "sync":
             want = sync_setting([s.vm])
             if view.sync_names != want:
@@ -333,8 +338,11 @@ class Protection:
                     _save(self.config, r.group, self.record)
                 set_sync_names.fn(db, want)
         rep, _view, _waited = wait_streaming(db, s.vm, 600, caught_up=True,
-                                            sync=r.replication == "sync")
+                                             sync=r.replication == "sync")
         self.progress(f"  {s.vm} streams ({rep.sync_state}), caught up")
+        self.progress(f"  {p.vm}: the agent runs as a service, holding the group's lease")
+        self._start_agent(p, s, common)
+        self._wait_control(p)
 
     def _dns(self, seen: Observed) -> None:
         r, p = self.req, seen.primary

@@ -124,8 +124,8 @@ def plan(p: Primary, dr: DrSite, ask: Ask, known: Known) -> Plan:
         return out
     made = "finish" if dr.vm_exists else "clone"
     out.steps = [
-        Step("push the agent", f"copy drflow's agent into {p.vm} through VMware Tools, install "
-             "it as a service and start it"),
+        Step("push the agent", f"copy drflow's agent into {p.vm} through VMware Tools (it "
+             "starts as a service once the standby streams)"),
         Step("discover", f"read PostgreSQL {p.version or '?'} on {p.vm}:{p.port} (data "
              f"{p.datadir}, {_gb(p.data_bytes)}) and its resources through the agent"),
         Step("create the standby VM", f"{made} {ask.standby_vm} at {dr.site} from the template, "
@@ -134,7 +134,7 @@ def plan(p: Primary, dr: DrSite, ask: Ask, known: Known) -> Plan:
         Step("seed and cluster", f"copy {_gb(p.data_bytes)} from {p.vm} into {ask.standby_vm} "
              f"(base backup through the agents), stream {ask.replication}"
              + (f", name it in {p.vm}'s synchronous_standby_names" if ask.replication == "sync"
-                else "") + ", wait until it caught up"),
+                else "") + f", wait until it caught up; start {p.vm}'s agent"),
         Step("DNS", f"create (or check) {ask.dns_record} → {p.address or p.vm}"),
         Step("config", f"add group {ask.group} to drflow.yaml (its comments kept), check it, "
              "and have the running orchestrator take it"),

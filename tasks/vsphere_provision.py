@@ -16,7 +16,7 @@ from typing import Any
 
 from pyVmomi import vim
 
-from tasks.vsphere import VCenter, connect, datacenter_named, vms_by_name, wait_task
+from tasks.vsphere import TaskFailed, VCenter, connect, datacenter_named, vms_by_name, wait_task
 
 
 class ProvisionError(RuntimeError):
@@ -101,8 +101,13 @@ def create_from_template(vc: VCenter, spec: VmSpec, timeout_s: float = 300.0) ->
         if (hw.numCPU, hw.memoryMB) != (spec.cpus, spec.memory_mb):
             wait_task(vm.ReconfigVM_Task(vim.vm.ConfigSpec(numCPUs=spec.cpus,
                                                            memoryMB=spec.memory_mb)), timeout_s)
-        with contextlib.suppress(vim.fault.CustomizationPending):
+        try:
             wait_task(vm.CustomizeVM_Task(_customization(spec)), timeout_s)
+        except vim.fault.CustomizationPending:
+            pass  # an earlier run's customization waits for the first power-on: fine
+        except TaskFailed as exc:
+            if not isinstance(exc.fault, vim.fault.CustomizationPending):
+                raise
         with contextlib.suppress(vim.fault.InvalidPowerState):
             wait_task(vm.PowerOnVM_Task(), timeout_s)
     deadline = time.monotonic() + timeout_s

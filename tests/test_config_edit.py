@@ -56,3 +56,16 @@ def test_a_change_that_would_not_load_is_refused_and_writes_nothing(cfg: Path) -
     assert "port" in str(err.value)
     assert cfg.read_text() == COMMENTED
     assert not cfg.with_name("drflow.yaml.bak").exists()
+
+
+def test_a_file_written_by_pyyaml_keeps_its_list_style(cfg: Path) -> None:
+    """`- item` under its key, as PyYAML (and `drflow lab up`) write lists: kept so."""
+    import yaml
+
+    text = yaml.safe_dump(yaml.safe_load(COMMENTED), sort_keys=False)
+    cfg.write_text(text)
+    add_group(cfg, CRM)
+    assert cfg.read_text().startswith(text.rstrip("\n"))
+    assert "\n- name: crm\n" in cfg.read_text()
+    assert remove_group(cfg, "crm")
+    assert cfg.read_text() == text

@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def env(prefect_api: str) -> Iterator[Env]:
-    e = start_env(groups=1, replication="sync", gateway=False, unprotected=["crm", "hr"])
+    e = start_env(groups=1, replication="sync", gateway=False, unprotected=["crm", "hr", "pay"])
     try:
         e.start_gateway("up", timeout=120)
         e.wait_all_heard()
@@ -184,3 +185,108 @@ def test_rollback_leaves_vsphere_dns_and_the_config_as_before(env: Env) -> None:
         c.execute("create table if not exists after_rollback (i int)")
     # The gateway lets the group go: no failover of a group that is no longer protected.
     wait_for(lambda: "hr" not in env.groups_status(), 10, "the gateway dropping hr")
+
+
+def _failed_at(r: subprocess.CompletedProcess[str], step: int, name: str, *hints: str) -> None:
+    assert r.returncode == 1, r.stderr + r.stdout
+    assert f"step {step}/7 ({name}) failed" in r.stderr, r.stderr
+    for hint in hints:
+        assert hint in r.stderr, r.stderr
+
+
+def test_a_failure_at_each_step_is_named_a_rerun_continues_and_rollback_undoes_it(
+        env: Env) -> None:
+    from drflow.dns import point_record
+
+    u = _lone(env, "pay")
+    g = env.state["groups"][0]
+    zone = g["dns"]["zone_id"]
+    before = (env.config.read_bytes(), _dr_vms(env), _record(env, "pay"))
+    # The standby goes on the host of the protected group's standby, to lose that host below.
+    host = ["--standby-host", g["standby"]["esx_host"]]
+    # 1. The guest refuses the login.
+    r = _protect(env, "pay", "--yes", *host, "--guest-password-ref", "file:/etc/hostname")
+    _failed_at(r, 1, "push the agent", "refused the login of 'root'",
+               "run the same command again")
+    # 2. The database asked for is not this VM's: the agent in it finds no such server.
+    r = _protect(env, "pay", "--yes", *host, "--address", g["primary"]["host"],
+                 "--port", str(g["primary"]["port"]))
+    _failed_at(r, 2, "discover", "is not a database of this VM", "check `--address`")
+    # 3. The DR host is lost to vCenter while the standby is made on it.
+    faults.fail(env.lab_dir, "mgmt-loss", g["standby"]["vm"], not_responding_after=0.5)
+    time.sleep(1)
+    try:
+        r = _protect(env, "pay", "--yes", *host)
+        _failed_at(r, 3, "create the standby VM")
+    finally:
+        faults.heal(env.lab_dir)
+    # 4. The primary's pg_hba.conf lets no replication in from the standby's address.
+    hba = Path(u["datadir"]) / "pg_hba.conf"
+    kept = hba.read_text()
+    hba.write_text(f"host replication all {u['standby']['address']}/32 reject\n" + kept)
+    with env.connect(u["host"], u["port"]) as c:
+        c.execute("select pg_reload_conf()")
+    try:
+        r = _protect(env, "pay", "--yes", *host)
+        _failed_at(r, 4, "seed and cluster", "pg_hba.conf")
+    finally:
+        hba.write_text(kept)
+        with env.connect(u["host"], u["port"]) as c:
+            c.execute("select pg_reload_conf()")
+    # 5. The record clients use points somewhere else.
+    record = "pay.db.lab.drflow.internal."
+    point_record(env.route53(), zone, record, "198.18.0.99", u["port"])
+    r = _protect(env, "pay", "--yes", *host)
+    _failed_at(r, 5, "DNS", "points at 198.18.0.99", "choose another record")
+    point_record(env.route53(), zone, record, u["host"], u["port"])  # the operator fixes it
+    # 6. No orchestrator runs to take the group.
+    env.stop_gateway()
+    try:
+        r = _protect(env, "pay", "--yes", *host)
+        _failed_at(r, 6, "config", "has not heard", "`drflow up`")
+    finally:
+        env.start_gateway("up", timeout=120)
+    # 7. The drill cannot pass: its work directory is where PostgreSQL may not enter.
+    private = env.lab_dir / "private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    kept_config = env.config.read_text()
+    env.config.write_text(kept_config.replace(f"work_dir: {env.lab_dir / 'drill'}",
+                                              f"work_dir: {private / 'drill'}"))
+    assert env.config.read_text() != kept_config
+    try:
+        r = _protect(env, "pay", "--yes", *host)
+        _failed_at(r, 7, "prove it", "did not pass", "cannot enter")
+    finally:
+        env.config.write_text(kept_config)
+    r = _protect(env, "pay", "--yes", *host)
+    assert r.returncode == 0, r.stderr
+    assert env.audit_records("drill.finish", "pay")[-1].outcome == "passed"
+    r = _protect(env, "pay", "--yes", *host, "--rollback")
+    assert r.returncode == 0, r.stderr
+    import difflib
+
+    diff = "".join(difflib.unified_diff(before[0].decode().splitlines(True),
+                                        env.config.read_text().splitlines(True)))
+    assert diff == "", diff + r.stdout
+    assert _dr_vms(env) == before[1]
+
+
+def test_unprotect_after_a_failover_leaves_the_serving_side_serving_alone(env: Env) -> None:
+    """crm failed over above: its DR side serves. Unprotected, it keeps serving and no longer
+    waits for a standby; the group is out of the config and the gateway; no agent runs."""
+    u = _lone(env, "crm")
+    standby = u["standby"]
+    assert "crm" in env.groups_status(), "crm is protected by the test above"
+    argv = [*env.orchestrator_prefix, DRFLOW, "unprotect", "crm", "--config", str(env.config),
+            "--guest-password-ref", f"file:{env.lab_dir / 'secrets' / 'guest_password'}", "--yes"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "group crm removed" in r.stdout and f"the agent removed from {standby['vm']}" in r.stdout
+    assert "name: crm" not in env.config.read_text()
+    assert "crm" not in env.groups_status()
+    with env.connect(standby["address"], u["port"]) as c:
+        assert c.execute("show synchronous_standby_names").fetchone() == ("",)
+        c.execute("create table after_unprotect (i int)")
+    assert standby["vm"] in _dr_vms(env)  # kept, with its data, unless --remove-standby
+    time.sleep(4)  # longer than the heartbeat timeout: nothing may follow
+    assert len(env.audit_records("failover.start", "crm")) == 1

@@ -8,6 +8,7 @@ file's mode kept, and the previous version beside it as `<file>.bak`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.util import load_yaml_guess_indent
 
 from drflow.config.loader import parse_config
 
@@ -25,10 +27,17 @@ class EditError(ValueError):
     """The change was refused; the file is unchanged."""
 
 
-def _yaml() -> YAML:
-    y = YAML()  # round-trip: comments and order survive
+def _yaml(text: str) -> YAML:
+    """A round-trip YAML (comments and order survive) writing lists indented as `text` does:
+    `- item` under its key (PyYAML's way) or indented beneath it."""
+    seq, offset = 4, 2
+    with contextlib.suppress(Exception):
+        _data, guessed, guessed_bsi = load_yaml_guess_indent(text)
+        if guessed is not None:
+            seq, offset = guessed, guessed_bsi or 0
+    y = YAML()
     y.preserve_quotes = True
-    y.indent(mapping=2, sequence=4, offset=2)
+    y.indent(mapping=2, sequence=seq, offset=offset)
     y.width = 4096
     return y
 
@@ -44,9 +53,9 @@ def _groups(doc: Any, path: Path) -> CommentedSeq:
     return groups
 
 
-def _write(path: Path, doc: Any) -> str:
+def _write(path: Path, doc: Any, original: str) -> str:
     buf = io.StringIO()
-    _yaml().dump(doc, buf)
+    _yaml(original).dump(doc, buf)
     text = buf.getvalue()
     try:
         parse_config(text, str(path))
@@ -70,18 +79,20 @@ def _write(path: Path, doc: Any) -> str:
 
 def add_group(path: Path, group: dict[str, Any]) -> str:
     """Append `group` (as drflow.yaml spells a group) to the file's groups; the new text."""
-    doc = _yaml().load(path.read_text())
+    original = path.read_text()
+    doc = _yaml(original).load(original)
     groups = _groups(doc, path)
     name = group.get("name")
     if any(isinstance(g, dict) and g.get("name") == name for g in groups):
         raise EditError(f"{path} already has a group named {name!r}: nothing was written")
     groups.append(group)
-    return _write(path, doc)
+    return _write(path, doc, original)
 
 
 def remove_group(path: Path, name: str) -> bool:
     """Remove the group called `name`; False (and nothing written) if there is none."""
-    doc = _yaml().load(path.read_text())
+    original = path.read_text()
+    doc = _yaml(original).load(original)
     groups = _groups(doc, path)
     keep = [i for i, g in enumerate(groups) if not (isinstance(g, dict) and g.get("name") == name)]
     if len(keep) == len(groups):
@@ -89,5 +100,5 @@ def remove_group(path: Path, name: str) -> bool:
     for i in reversed(range(len(groups))):
         if i not in keep:
             del groups[i]
-    _write(path, doc)
+    _write(path, doc, original)
     return True
