@@ -235,12 +235,17 @@ def _dr_choices(cfg: DrflowConfig, site: str) -> tuple[list[str], list[str]]:
 def _drill(config: Path, state_dir: Path) -> Any:
     from orchestrator.cli_common import need_prefect
 
-    need_prefect(state_dir)
+    api = need_prefect(state_dir)
 
     def run(group: str) -> dict[str, Any]:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         from flows.drill import drill
 
-        return dict(drill(group, config_path=str(config), raise_on_failure=False))
+        # Prefect read its settings when protect's modules imported it, before the API was
+        # resolved: without this the drill would run on a temporary server nobody looks at.
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            return dict(drill(group, config_path=str(config), raise_on_failure=False))
 
     return run
 

@@ -5,6 +5,8 @@ other group. And what it refuses, and what `--rollback` leaves."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 import time
 import uuid
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from drflow.dns import resolve_endpoint
@@ -37,8 +40,8 @@ def _lone(env: Env, name: str) -> dict[str, Any]:
     return next(u for u in env.state["unprotected"] if u["name"] == name)
 
 
-def _protect(env: Env, name: str, *extra: str, timeout: float = 300) -> \
-        subprocess.CompletedProcess[str]:
+def _protect(env: Env, name: str, *extra: str, timeout: float = 300,
+             prefect_api_url: str | None = None) -> subprocess.CompletedProcess[str]:
     u = _lone(env, name)
     argv = [*env.orchestrator_prefix, DRFLOW, "protect", u["vm"], "--config", str(env.config),
             "--state-dir", str(env.state_dir), "--address", u["host"], "--port", str(u["port"]),
@@ -46,7 +49,13 @@ def _protect(env: Env, name: str, *extra: str, timeout: float = 300) -> \
             "--standby-host", u["standby"]["esx_host"],
             "--guest-password-ref", f"file:{env.lab_dir / 'secrets' / 'guest_password'}",
             *extra]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    # As on an operator's shell: Prefect found through `drflow up`'s record in --state-dir, and a
+    # Prefect home of its own (the session's would hold the orchestrator's database itself).
+    environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environ["PREFECT_HOME"] = str(env.lab_dir / "operator-prefect-home")
+    if prefect_api_url:
+        environ["PREFECT_API_URL"] = prefect_api_url
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environ)
 
 
 def _dr_vms(env: Env) -> set[str]:
@@ -108,6 +117,10 @@ def test_a_lone_vm_protected_under_a_steady_writer_then_fails_over(env: Env) -> 
     heard = env.groups_status()["crm"]
     assert {a["agent_id"] for a in heard["agents"]} == {u["vm"], standby["vm"]}
     assert env.audit_records("drill.finish", "crm")[-1].outcome == "passed"
+    # The proving drill's run is in the orchestrator's Prefect, not a temporary one.
+    run_id = json.loads(r.stdout.strip().splitlines()[-1])["drill"]["run_id"]
+    api = json.loads((env.state_dir / "prefect-api.json").read_text())["api_url"]
+    assert httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).status_code == 200
     assert writer.refused == []
     assert len(writer.acked) > 50
     assert writer.lost(standby["address"], u["port"]) == []
@@ -239,10 +252,15 @@ def test_a_failure_at_each_step_is_named_a_rerun_continues_and_rollback_undoes_i
     r = _protect(env, "pay", "--yes", *host)
     _failed_at(r, 5, "DNS", "points at 198.18.0.99", "choose another record")
     point_record(env.route53(), zone, record, u["host"], u["port"])  # the operator fixes it
-    # 6. No orchestrator runs to take the group.
+    # 6. No orchestrator runs to take the group. Found through --state-dir, that is known before
+    # anything changes; with PREFECT_API_URL exported, only when the gateway is waited for.
     env.stop_gateway()
     try:
         r = _protect(env, "pay", "--yes", *host)
+        assert r.returncode == 2 and "no Prefect API" in r.stderr, r.stderr
+        assert "start the orchestrator with `drflow up" in r.stderr
+        assert "[1/7]" not in r.stderr
+        r = _protect(env, "pay", "--yes", *host, prefect_api_url=os.environ["PREFECT_API_URL"])
         _failed_at(r, 6, "config", "has not heard", "`drflow up`")
     finally:
         env.start_gateway("up", timeout=120)
