@@ -38,6 +38,7 @@ from drflow.audit import (
     verify_export,
 )
 from drflow.audit.records import record_hash
+from drflow.audit.sqlite_store import SQLiteAuditStore
 from lab import procs
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
@@ -776,3 +777,24 @@ def test_cli_export_to_s3(store: AuditStore, db: Path, s3_endpoint: str) -> None
     out = _cli("export", "--url", f"sqlite:///{db}", "--to", "s3://no-such-bucket/x",
                "--endpoint-url", s3_endpoint, env=creds)
     assert out.returncode == 1 and "NoSuchBucket" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_verifying_in_the_appending_process_loses_no_record_of_another(tmp_path: Path) -> None:
+    """The gateway's console verifies the trail in the process whose runbooks append to it,
+    while other processes append too. A verification that opened and closed the file dropped
+    this process's SQLite locks on it: records were lost."""
+    path = tmp_path / "audit.db"
+    store = SQLiteAuditStore(path)
+    store.append("gateway", "a", "t", {}, "ok", "")
+    other = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
+             "from drflow.audit.sqlite_store import SQLiteAuditStore as S; "
+             f"S({str(path)!r}).append('runner', 'b', 't', {{}}, 'ok', '')")
+    for _ in range(3):
+        assert store.verify().ok
+        store.append("gateway", "a", "t", {}, "ok", "")
+        subprocess.run([sys.executable, "-c", other], check=True, timeout=60)
+    assert store.head()[0] == 7
+    with sqlite3.connect(path) as c:
+        assert c.execute("select count(*) from audit_records").fetchone()[0] == 7
+    assert store.verify().ok
+    store.close()

@@ -90,6 +90,27 @@ class _Pending:
     done: bool = False
 
 
+# (pid, device, inode) → a read-only descriptor of that file, kept while the process lives.
+_HEADER_FDS: dict[tuple[int, int, int], int] = {}
+_HEADER_FDS_LOCK = threading.Lock()
+
+
+def _header_fd(path: Path) -> int:
+    """A descriptor of `path` for reading its header, opened once per file and never closed.
+
+    Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    own included: a verification that opened and closed the file in a process that appends
+    to it (the gateway, whose console verifies the trail) would take the WAL's locks from
+    under the writer, and other processes would stop seeing its records."""
+    st = os.stat(path)
+    key = (os.getpid(), st.st_dev, st.st_ino)
+    with _HEADER_FDS_LOCK:
+        fd = _HEADER_FDS.get(key)
+        if fd is None:
+            fd = _HEADER_FDS[key] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+
 class SQLiteAuditStore(SqlAuditStore):
     """Audit records in one SQLite file; safe for many threads and processes appending at once."""
 
@@ -228,8 +249,7 @@ class SQLiteAuditStore(SqlAuditStore):
         connection so that nothing cached hides what is on disk."""
         if not self.path.exists():
             return VerifyResult(False, 0, None, f"no audit database at {self.path}")
-        with open(self.path, "rb") as f:
-            header = f.read(100)
+        header = self._header()
         if len(header) < 100 or not header.startswith(_MAGIC):
             return VerifyResult(False, 0, None, "not an SQLite database: the file header is "
                                 "damaged or this is not an audit file")
@@ -242,6 +262,10 @@ class SQLiteAuditStore(SqlAuditStore):
             return self._verify_with(conn, expected_head)
         finally:
             conn.close()
+
+    def _header(self) -> bytes:
+        """The file's first 100 bytes (see `_header_fd`)."""
+        return os.pread(_header_fd(self.path), 100, 0)
 
     def _verify_with(self, conn: sqlite3.Connection,
                      expected_head: tuple[int, str] | None) -> VerifyResult:
