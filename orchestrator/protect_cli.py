@@ -104,6 +104,12 @@ def protect(
     create the DNS record, add the group to the config, prove it with a drill. Each step is
     checked before it acts: after a failure, run the same command again.
     Exit status: 0 protected, 1 a step failed, 2 refused (nothing changed)."""
+    if not (dry_run or rollback or no_drill):
+        from orchestrator.cli_common import need_prefect
+
+        # Before Prefect is first imported (orchestrator.protect does): it reads its API address
+        # once, and a drill run without it would go to a temporary server nobody looks at.
+        need_prefect(state_dir)
     from orchestrator.protect import ProtectError, Protection, Request, load_record
 
     cfg = _config(config)
@@ -176,7 +182,7 @@ def protect(
         return
     if ask and not typer.confirm("Protect it?", default=False):
         raise _fail("not confirmed; nothing was changed", EXIT_REFUSED)
-    drill = None if no_drill else _drill(config, state_dir)
+    drill = None if no_drill else _drill(config)
     try:
         figures = p.run(seen, drill)
     except ProtectError as exc:
@@ -232,20 +238,11 @@ def _dr_choices(cfg: DrflowConfig, site: str) -> tuple[list[str], list[str]]:
     return hosts, templates
 
 
-def _drill(config: Path, state_dir: Path) -> Any:
-    from orchestrator.cli_common import need_prefect
-
-    api = need_prefect(state_dir)
-
+def _drill(config: Path) -> Any:
     def run(group: str) -> dict[str, Any]:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
         from flows.drill import drill
 
-        # Prefect read its settings when protect's modules imported it, before the API was
-        # resolved: without this the drill would run on a temporary server nobody looks at.
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            return dict(drill(group, config_path=str(config), raise_on_failure=False))
+        return dict(drill(group, config_path=str(config), raise_on_failure=False))
 
     return run
 

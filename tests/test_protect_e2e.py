@@ -120,7 +120,8 @@ def test_a_lone_vm_protected_under_a_steady_writer_then_fails_over(env: Env) -> 
     # The proving drill's run is in the orchestrator's Prefect, not a temporary one.
     run_id = json.loads(r.stdout.strip().splitlines()[-1])["drill"]["run_id"]
     api = json.loads((env.state_dir / "prefect-api.json").read_text())["api_url"]
-    assert httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).status_code == 200
+    run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+    assert run.status_code == 200 and run.json()["name"].startswith("drill crm "), run.text
     assert writer.refused == []
     assert len(writer.acked) > 50
     assert writer.lost(standby["address"], u["port"]) == []
