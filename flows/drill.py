@@ -30,7 +30,7 @@ from drflow.dns import resolve_endpoint
 from flows import drill_decisions
 from flows.decisions import Decision
 from flows.prefect_results import RESULTS
-from flows.run import RunbookRun
+from flows.run import RunbookRun, final_state, minute_key
 from flows.runtime import Runtime, runtime
 from tasks import drill_checks, errors, pg_copy, vsphere
 from tasks.postgres import Db
@@ -70,6 +70,7 @@ def drill(group: str, config_path: str | None = None,
     st = _State(drill_id=drill_id, clone_prefix=f"{g.standby.vm}-drill-")
     started_at = datetime.now(UTC)
     run = RunbookRun(rt, "drill", group, title=f"DR drill of {group}")
+    run.label(minute_key(started_at), g.standby.site)
     run.start(f"🧪 *{group}*: DR drill {drill_id} started — bubble on {dc.isolated_portgroup!r} "
               f"at site {g.standby.site}; production is not touched.",
               {"drill_id": drill_id, "standby": g.standby.vm, "portgroup": dc.isolated_portgroup,
@@ -102,7 +103,14 @@ def drill(group: str, config_path: str | None = None,
     figures = _report(run, g, st, outcome, reason, started_at)
     if outcome != "passed" and raise_on_failure:
         raise DrillFailed(f"drill of {group} {outcome}: {reason}")
-    return figures
+    return final_state(drill.fn, figures, drill_message(figures))
+
+
+def drill_message(f: dict[str, Any]) -> str:
+    """The drill run's final message: the outcome with its RTO and RPO, then why."""
+    bytes_ = f" / {f['rpo_bytes']} bytes" if f.get("rpo_bytes") is not None else ""
+    return (f"{f['outcome']}: RTO {_num(f.get('rto_s'))} s, RPO {_num(f.get('rpo_s'))} s"
+            f"{bytes_}; {f['reason']}")
 
 
 def _decide(step: Any, d: Decision) -> None:

@@ -41,7 +41,7 @@ from flows.decisions import Decision
 from flows.locks import exclusive, roles_limit
 from flows.prefect_results import RESULTS
 from flows.reprotect import ReprotectStopped, agent_of, observe, protect, tell_gateway
-from flows.run import RunbookRun
+from flows.run import RunbookRun, end_expired_pause, final_state, md, minute_key
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
 from tasks import etcd
@@ -139,7 +139,8 @@ def failback(group: str, requested_by: str = "cli", approval_timeout_s: float | 
              config_path: str | None = None) -> dict[str, Any]:
     """Move `group` home after approval in Slack; a planned switchover, zero data loss."""
     rt = runtime(config_path)
-    return _Failback(rt, rt.cfg.group(group)).run(requested_by, approval_timeout_s)
+    return final_state(failback.fn,
+                       _Failback(rt, rt.cfg.group(group)).run(requested_by, approval_timeout_s))
 
 
 class _Failback:
@@ -154,6 +155,7 @@ class _Failback:
 
     def run(self, requested_by: str, approval_timeout_s: float | None) -> dict[str, Any]:
         g, run = self.g, self.run_
+        run.label(minute_key(), self.home.site)
         run.start(f"↩️ *{g.name}*: failback to {self.home.vm} ({self.home.site}) requested by "
                   f"{requested_by}.", {"requested_by": requested_by, "home": self.home.vm,
                                        "dr": self.dr.vm})
@@ -194,7 +196,7 @@ class _Failback:
     def stop(self, outcome: str, why: str, **figures: Any) -> dict[str, Any]:
         self.run_.finish(outcome, f"⚠️ *{self.g.name}*: failback {outcome} — {why}",
                          {"outcome": outcome, **figures},
-                         f"# Failback of {self.g.name}: {outcome}\n\n{why}\n\n"
+                         f"# Failback of {self.g.name}: {outcome}\n\n{md(why)}\n\n"
                          + self.run_.steps_table())
         return {"outcome": outcome, "reason": why, "group": self.g.name, **figures}
 
@@ -237,11 +239,13 @@ class _Failback:
             self.request_channel = str(resp.get("channel") or rt.slack.channel)
             s.result = {"message_ts": self.request_ts}
             s.reason = f"approval requested from {who}"
-        with run.step("wait for approval", g.name, {"timeout_s": timeout_s}) as s:
+        with run.step("wait for approval", g.name, {"timeout_s": timeout_s},
+                      as_task=False) as s:
             try:
                 answer = pause_flow_run(wait_for_input=ApprovalInput,
                                         timeout=max(1, math.ceil(timeout_s)), poll_interval=1)
             except FlowPauseTimeout:
+                end_expired_pause()
                 s.outcome = "refused"
                 s.reason = f"no decision within {timeout_s:.0f} s"
                 self.update_request(f"⌛ No decision within {_duration(timeout_s)}: the "
@@ -360,8 +364,11 @@ class _Failback:
                     f"{dr.vm} → first write through DNS); {tail}")
         self.update_request(headline)
         run.finish("ok", headline, {**figures, "approver": who},
-                   f"# Failback of {g.name}\n\n{headline}\n\n" + run.steps_table())
-        return {"outcome": "failed_back", "group": g.name, "approver": who, **figures}
+                   f"# Failback of {g.name}\n\n{md(headline)}\n\n" + run.steps_table())
+        summary = (f"home on {home.vm} ({home.site}), approved by {who}; {pause}"
+                   + ("" if "not_protected" not in figures else "; not yet protected"))
+        return {"outcome": "failed_back", "reason": summary, "group": g.name, "approver": who,
+                **figures}
 
     def restart(self, agent: agents.AgentRef) -> None:
         """Put the DR primary back in service after an aborted switchover (nothing changed)."""

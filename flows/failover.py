@@ -48,7 +48,7 @@ from flows.fencing import (
 )
 from flows.locks import exclusive, roles_limit
 from flows.prefect_results import RESULTS
-from flows.run import RunbookRun
+from flows.run import RunbookRun, end_expired_pause, final_state, md, run_name, run_tags
 from flows.runtime import Runtime, runtime
 from tasks import etcd as etcd_task
 from tasks import gateway as gw
@@ -88,8 +88,19 @@ def failover(group: str, incident: dict[str, Any] | None = None, force: bool = F
     `declare_fenced` (the operator's reason): no fence can be proven, the operator attests it;
     the run asks the group's approvers in Slack first (`drflow failover --declare-fenced`)."""
     with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
-        return _failover(group, dict(incident or {}), force, config_path, declare_fenced,
-                         approval_timeout_s)
+        return final_state(failover.fn, _failover(group, dict(incident or {}), force,
+                                                  config_path, declare_fenced,
+                                                  approval_timeout_s))
+
+
+def labels(config_path: str | None, group: str,
+           incident: dict[str, Any]) -> tuple[str, list[str]]:
+    """(name, tags) of the failover run of this incident, as the run gives itself: a starter
+    that creates or claims the run names it so, and the run sends nothing."""
+    g = runtime(config_path).cfg.group(group)
+    _, new = failed_and_target(g, incident)
+    return run_name("failover", group, incident_key(group, incident)), \
+        run_tags("failover", group, new.site)
 
 
 def incident_key(group: str, incident: dict[str, Any]) -> str:
@@ -117,6 +128,7 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
     standby = rt.db(g, new)
     run = RunbookRun(rt, "failover", group, title=f"Failover of {group}")
     key = incident_key(group, incident)
+    run.label(key, new.site)
     run.start(f"🔴 *{group}*: {reported}. Failing over to {new.vm} ({new.site}).",
               {"incident": incident, "force": force, "primary": old.vm,
                "standby": new.vm, "takeover_incident": key, "declare_fenced": declare_fenced})
@@ -126,7 +138,7 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
         if moving:  # nothing was promoted: roles are where they were
             report_roles(rt, group, transition="none", reason=f"failover stopped: {why}")
         run.finish(outcome, f"⚠️ *{group}*: failover stopped — {why}",
-                   {"outcome": outcome}, f"# Failover of {group}: {outcome}\n\n{why}\n\n"
+                   {"outcome": outcome}, f"# Failover of {group}: {outcome}\n\n{md(why)}\n\n"
                    + run.steps_table())
         return {"outcome": outcome, "reason": why, "group": group}
 
@@ -289,14 +301,16 @@ def _failover(group: str, incident: dict[str, Any], force: bool,
     headline = (f"✅ *{group}* failed over to {new.vm}: RTO {rto_s:.1f} s, "
                 f"RPO {_fmt(rpo_s)} s ({rpo_bytes if rpo_bytes is not None else '?'} bytes). "
                 f"Old primary {old.vm} fenced ({fence.kind}).{sync_note}")
-    markdown = (f"# Failover of {group}\n\n{headline}\n\n"
+    markdown = (f"# Failover of {group}\n\n{md(headline)}\n\n"
                 f"* trigger: {reported}\n* first failure evidence: "
                 f"{datetime.fromtimestamp(first_failure, UTC).isoformat()}\n"
                 f"* RTO (first failure → verified write through DNS): **{rto_s:.2f} s**\n"
                 f"* RPO (standby lag at promotion): **{_fmt(rpo_s)} s / {rpo_bytes} bytes**\n\n"
                 + run.steps_table())
     run.finish("ok", headline, figures, markdown)
-    return {"outcome": "failed_over", "group": group, **figures}
+    summary = (f"failed over to {new.vm} ({new.site}) in {rto_s:.1f} s, RPO {_fmt(rpo_s)} s"
+               + (f" / {rpo_bytes} bytes" if rpo_bytes is not None else ""))
+    return {"outcome": "failed_over", "reason": summary, "group": group, **figures}
 
 
 # -- the fence (rule 7 of docs/fencing.md) ---------------------------------------------------------
@@ -565,11 +579,13 @@ def ask_attestation(run: RunbookRun, rt: Runtime, g: GroupConfig, old: NodeConfi
                                    approve_text="I attest: fail over"))
         s.result = {"message_ts": str(resp["ts"])}
         s.reason = f"asked for the attestation that {old.vm} can no longer acknowledge writes"
-    with run.step("wait for the attestation", g.name, {"timeout_s": timeout}) as s:
+    with run.step("wait for the attestation", g.name, {"timeout_s": timeout},
+                  as_task=False) as s:
         try:
             answer = pause_flow_run(wait_for_input=ApprovalInput,
                                     timeout=max(1, math.ceil(timeout)), poll_interval=1)
         except FlowPauseTimeout:
+            end_expired_pause()
             s.outcome, s.reason = "refused", f"no decision within {timeout:.0f} s"
             return Decision(False, s.reason), None
         secret = rt.secret(rt.cfg.gateway.webhook_secret).get_secret_value().encode()

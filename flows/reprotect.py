@@ -26,7 +26,7 @@ from drflow.control import ControlError
 from flows.decisions import AppCheck, Decision
 from flows.locks import exclusive, roles_limit
 from flows.prefect_results import RESULTS
-from flows.run import RunbookRun
+from flows.run import RunbookRun, final_state, md, minute_key
 from flows.runtime import Runtime, runtime
 from tasks import agent as agents
 from tasks import gateway as gateway_tasks
@@ -258,7 +258,8 @@ def reprotect(group: str, trigger: dict[str, Any] | None = None, fence_first: bo
     """Make the node that does not serve `group` a synchronous (or async) standby again."""
     # Never alongside a failover, whoever started either.
     with exclusive(roles_limit(group), etcd=runtime(config_path).etcd):
-        return _reprotect(group, dict(trigger or {}), fence_first, config_path)
+        return final_state(reprotect.fn, _reprotect(group, dict(trigger or {}), fence_first,
+                                                    config_path))
 
 
 def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
@@ -267,13 +268,15 @@ def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
     g = rt.cfg.group(group)
     reason = str(trigger.get("reason") or "re-protect requested")
     run = RunbookRun(rt, "reprotect", group, title=f"Re-protect of {group}")
+    key = str(trigger.get("idempotency_key") or minute_key())
+    run.label(key, None)
     run.start(f"🛡️ *{group}*: {reason}. Re-protecting.", {"trigger": trigger,
                                                          "fence_first": fence_first})
     t0 = time.monotonic()
 
     def stop(outcome: str, why: str) -> dict[str, Any]:
         run.finish(outcome, f"⚠️ *{group}*: re-protect stopped — {why}", {"outcome": outcome},
-                   f"# Re-protect of {group}: {outcome}\n\n{why}\n\n" + run.steps_table())
+                   f"# Re-protect of {group}: {outcome}\n\n{md(why)}\n\n" + run.steps_table())
         return {"outcome": outcome, "reason": why, "group": group}
 
     with run.step("find the serving primary", g.dns.record) as s:
@@ -284,6 +287,7 @@ def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
     if serving.primary is None or serving.other is None:
         return stop("refused", serving.decision.reason)
     primary, target = serving.primary, serving.other
+    run.label(key, target.site)  # where it acts: known once DNS said which side serves
     try:
         figures = protect(run, rt, g, primary, target, fence_first)
     except ReprotectStopped as exc:
@@ -300,6 +304,7 @@ def _reprotect(group: str, trigger: dict[str, Any], fence_first: bool,
                 + (f", rebuilt by base backup because {how}" if how else "") + ")")
     figures.update(reprotect_s=round(seconds, 3), primary=primary.vm, standby=target.vm,
                    gateway=told)
-    run.finish("ok", headline, figures, f"# Re-protect of {group}\n\n{headline}\n\n"
+    run.finish("ok", headline, figures, f"# Re-protect of {group}\n\n{md(headline)}\n\n"
                + run.steps_table())
-    return {"outcome": "protected", "group": group, **figures}
+    summary = f"{target.vm} is a {mode} standby of {primary.vm} again, in {seconds:.1f} s"
+    return {"outcome": "protected", "reason": summary, "group": group, **figures}

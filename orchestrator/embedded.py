@@ -13,18 +13,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import prefect.context
-from prefect import flow
+from prefect import Flow, flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-from flows import confirm_prefetch
+from flows import confirm_prefetch, step_tasks
 from flows.failback import failback
 from flows.failover import APP_CHECK_S, VM_READ_S, failed_and_target, failover
+from flows.failover import labels as failover_labels
 from flows.locks import ensure_limit, roles_limit
 from flows.prefect_results import RESULTS
 from flows.reprotect import reprotect
+from flows.run import run_name, run_tags
 from flows.runtime import runtime
 from orchestrator.gateway.contracts import Incident
 from tasks import vsphere
@@ -54,9 +56,47 @@ def no_heartbeats() -> Iterator[None]:
         yield
 
 
+WARM_STEP = "warm up"
+RECORDED_WAIT_S = 5.0  # how long the warm-up waits for its step's task run to be recorded
+
+
 @flow(name="warm-up", persist_result=False, result_storage=RESULTS)
 def warm_up_flow() -> str:
+    # One step task run, as a runbook's steps are (flows/step_tasks.py): Prefect's task engine
+    # and its events client start here, not in the first failover's first step.
+    with step_tasks.step_run(WARM_STEP) as step:
+        step.finish("ok", "warm")
     return "warm"
+
+
+def warm_prefect() -> None:
+    """Run the warm-up flow, then delete its run: the engine, the client, the events client
+    and the server's run paths are warm, and no `warm-up` run is left in the UI's list.
+
+    The step's task run reaches the server as events, recorded a moment after the run ends;
+    the run is deleted once its task run is recorded (deleting the run deletes it too), so
+    that no task run is left pointing at a run that is gone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with no_heartbeats():
+        state = warm_up_flow(return_state=True)
+    run_id = state.state_details.flow_run_id
+    if run_id is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + RECORDED_WAIT_S
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            while time.monotonic() < deadline:
+                recorded = client.read_task_runs(flow_run_filter=runs)
+                if any(t.state is not None and t.state.is_final() for t in recorded):
+                    break
+                time.sleep(0.1)
+            client.delete_flow_run(run_id)
+    except Exception as exc:  # a warm-up run left in the list is untidy, not a fault
+        log.warning("warm-up: could not delete the warm-up run %s: %s: %s", run_id,
+                    type(exc).__name__, exc)
 
 
 def warm_process(config_path: str) -> None:
@@ -69,11 +109,26 @@ def warm_process(config_path: str) -> None:
             vsphere.connect(rt.vcenter(site))
         except ConnectionError as exc:  # vCenter may be the thing that is down
             log.warning("warm-up: %s", exc)
-    with no_heartbeats():
-        warm_up_flow()
+    warm_prefect()
     if rt.etcd is None:  # the runbooks' locks are Prefect limits: made before an incident
         for g in rt.cfg.groups:
             ensure_limit(roles_limit(g.name))
+
+
+def run_labelled(flow: Flow[..., Any], parameters: dict[str, Any], name: str,
+                 tags: list[str]) -> dict[str, Any]:
+    """Run `flow` here as a flow run created with its name and tags: what calling it would do,
+    less the rename Prefect sends after creating a run under a random name (`with_options(
+    flow_run_name=…)`), and with tags that stay on the run (entering `prefect.tags()` would
+    also tag every task run, and a tagged task run asks the API for concurrency slots)."""
+    from prefect.context import SyncClientContext
+    from prefect.flow_engine import run_flow
+    from prefect.states import Pending
+
+    with SyncClientContext.get_or_create() as ctx:
+        run = ctx.client.create_flow_run(flow, parameters=flow.serialize_parameters(parameters),
+                                         name=name, tags=tags, state=Pending())
+        return cast(dict[str, Any], run_flow(flow, flow_run=run, parameters=parameters))
 
 
 def prefetch_confirm(config_path: str, group: str, incident: dict[str, Any], key: str) -> None:
@@ -129,9 +184,10 @@ class EmbeddedStarter:
         payload = incident.model_dump(mode="json")
         try:
             prefetch_confirm(self.config_path, incident.group, payload, key)
+            name, tags = failover_labels(self.config_path, incident.group, payload)
             with no_heartbeats():
-                result = failover.with_options(flow_run_name=key.replace(":", "-"))(
-                    incident.group, payload, config_path=self.config_path)
+                result = run_labelled(failover, {"group": incident.group, "incident": payload,
+                                                 "config_path": self.config_path}, name, tags)
         except Exception as exc:
             log.exception("failover %s failed", key)
             result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
@@ -178,8 +234,12 @@ class ReprotectStarter:
         with self._group_locks[group], no_heartbeats():
             try:
                 trigger = {"kind": "gateway", "reason": reason, "idempotency_key": key}
-                result = reprotect.with_options(flow_run_name=key.replace(":", "-"))(
-                    group, trigger, fence_first, config_path=self.config_path)
+                # The site is the run's to add: which side serves is read in its first step.
+                result = run_labelled(reprotect, {"group": group, "trigger": trigger,
+                                                  "fence_first": fence_first,
+                                                  "config_path": self.config_path},
+                                      run_name("reprotect", group, key),
+                                      run_tags("reprotect", group, None))
             except Exception as exc:
                 log.exception("re-protect %s failed", key)
                 result = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}

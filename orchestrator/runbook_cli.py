@@ -189,8 +189,10 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     from orchestrator.gateway.reload import ConfigReloader
     from orchestrator.gateway.status import GroupStatusProvider
 
-    group_status = GroupStatusProvider(rt.cfg, rt.audit)
-    app.state.group_status = group_status  # GET /v1/groups: status
+    # GET /v1/groups and /metrics: status refreshed every DRFLOW_STATUS_REFRESH_S (2 s).
+    group_status = GroupStatusProvider(
+        rt.cfg, rt.audit, interval_s=float(os.environ.get("DRFLOW_STATUS_REFRESH_S", "2") or 2))
+    app.state.group_status = group_status
     # Groups added to or removed from the file are served without a restart (reload.py).
     reloader = ConfigReloader(rt.path, rt.cfg)
     reloader.hooks += [group_status.use_config, lambda _cfg: _rewarm(rt.path)]
@@ -220,6 +222,7 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
         raise typer.Exit(2) from None
     console.print(f"gateway: http://{host}:{port}  (agents post to /v1/events; "
                   f"metrics: /metrics; groups: /v1/groups)")
+    console.print(f"console: http://{host}:{port}/console  (read-only; open it in a browser)")
     console.print(f"audit trail: {rt.cfg.audit.url}   (drflow audit show|verify)")
     from orchestrator.drill_scheduler import DrillScheduler, describe, run_drill, schedules
 

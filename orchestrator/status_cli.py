@@ -2,13 +2,16 @@
 
 What is true now comes from the databases themselves, history from the audit trail, and what
 the gateway knows (open incident, the agents' heartbeats, its roles record) from its
-`GET /v1/groups` when it answers. The same per-group status is in that answer under `status`.
+`GET /v1/groups` when it answers. The same per-group status is in that answer under `status`,
+refreshed in the background: its age is shown, and called stale beyond the refresh interval plus
+a second. Times are ISO 8601 UTC; ages are computed when printed.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -43,9 +46,18 @@ def gather(cfg: DrflowConfig, gateway_url: str | None,
             view = {}
         for name, st in groups.items():
             g = view.get(name) or {}
-            st["gateway"] = {k: g.get(k) for k in ("primary", "primary_heartbeat_age_s",
-                                                   "open_incident", "roles")} if g else None
+            st["gateway"] = gateway_part(g) if g else None
     return {"groups": groups, "gateway": gw}
+
+
+def gateway_part(g: dict[str, Any]) -> dict[str, Any]:
+    """What `drflow status` shows of the gateway's answer for one group, with how old the
+    gateway's own (background) status of it is."""
+    out = {k: g.get(k) for k in ("primary", "primary_heartbeat_age_s", "open_incident", "roles")}
+    gst: dict[str, Any] = g["status"] if isinstance(g.get("status"), dict) else {}
+    out.update(status_checked_at=gst.get("checked_at"), status_age_s=gst.get("age_s"),
+               status_protection=gst.get("protection"))
+    return out
 
 
 def _audit(cfg: DrflowConfig) -> tuple[AuditStore | None, str | None]:
@@ -59,12 +71,32 @@ def _audit(cfg: DrflowConfig) -> tuple[AuditStore | None, str | None]:
 
 
 def _when(iso: str | None) -> str:
+    """ISO 8601 UTC to the second (the audit trail keeps microseconds)."""
     if not iso:
         return ""
     try:
-        return datetime.fromisoformat(iso).astimezone().strftime("%m-%d %H:%M")
+        at = datetime.fromisoformat(iso)
     except ValueError:
         return iso
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat("T", "seconds")
+
+
+def age_text(age_s: float | None, interval_s: float) -> str:
+    """`checked 0.4 s ago`, or `checked 5.2 s ago (stale)` beyond interval + 1 s."""
+    from orchestrator.gateway.status import is_stale
+
+    if age_s is None:
+        return "never checked (stale)"
+    return f"checked {age_s:.1f} s ago" + (" (stale)" if is_stale(age_s, interval_s) else "")
+
+
+def with_ages(data: dict[str, Any], now: float) -> dict[str, Any]:
+    """Each group's status aged as of `now` (`age_s`, `stale`; the keys' `read_age_s`)."""
+    from orchestrator.gateway.status import REFRESH_INTERVAL_S, aged
+
+    groups = {name: aged(st, now, float(st.get("refresh_interval_s") or REFRESH_INTERVAL_S))
+              for name, st in data["groups"].items()}
+    return {**data, "groups": groups}
 
 
 def _num(x: Any, unit: str = " s") -> str:
@@ -146,8 +178,33 @@ def render(data: dict[str, Any]) -> None:
     if gw.get("url"):
         console.print(f"gateway {gw['url']}: " + ("reachable" if gw.get("reachable")
                                                   else f"[yellow]unreachable[/] ({gw.get('error')})"))
+    for name, st in data["groups"].items():
+        for w in st.get("pending_approvals") or []:
+            console.print(f"{name}: {w['runbook']} waiting for approval since {_when(w['since'])}"
+                          f" (expires {_when(w.get('expires_at')) or 'never'})")
+    for line in freshness_lines(data):
+        console.print(line)
     for note in data.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+def freshness_lines(data: dict[str, Any]) -> list[str]:
+    """When each status was checked, here and by the gateway, and whether that is old."""
+    from orchestrator.gateway.status import REFRESH_INTERVAL_S, is_stale
+
+    out = []
+    for name, st in data["groups"].items():
+        interval = float(st.get("refresh_interval_s") or REFRESH_INTERVAL_S)
+        line = f"{name}: {age_text(st.get('age_s'), interval)} ({st.get('checked_at')})"
+        gw = st.get("gateway") or {}
+        if gw:
+            age = gw.get("status_age_s")
+            text = age_text(age, interval)
+            if is_stale(age, interval):
+                text = f"[yellow]{text}[/]"
+            line += f"; the gateway's status {text}"
+        out.append(line)
+    return out
 
 
 def status(
@@ -178,6 +235,7 @@ def status(
         if audit is not None:
             audit.close()
     data["notes"] = [n for n in [audit_note] if n]
+    data = with_ages(data, time.time())
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:

@@ -309,8 +309,29 @@ class WarmRunner:
             if not state.is_pending():
                 log.info("run %s (%s): not ours (%s)", run.name, flow.name, state.type.value)
                 return None
-            client.update_flow_run(run_id, infrastructure_pid=self.pid)
+            # Named and tagged as the runbook names itself, in the claim's own update: the
+            # run then sends nothing more for it (flows/run.py, RunbookRun.label).
+            name, tags = self._labels(flow.name, run)
+            client.update_flow_run(run_id, infrastructure_pid=self.pid, name=name, tags=tags)
+            run.name, run.tags = name or run.name, tags if tags is not None else run.tags
         return flow, run
+
+    def _labels(self, flow_name: str, run: FlowRun) -> tuple[str | None, list[str] | None]:
+        """(name, tags) a failover run gives itself, or (None, None): known before it starts
+        only for a failover (the others learn theirs in their first steps, off the RTO)."""
+        params = run.parameters or {}
+        incident = params.get("incident")
+        if flow_name != "failover" or not isinstance(incident, dict):
+            return None, None
+        from flows.failover import labels
+
+        try:
+            name, tags = labels(self.config_path, str(params.get("group")), incident)
+        except Exception as exc:  # the run names itself, a moment later
+            log.warning("run %s: cannot name it before it starts: %s: %s", run.name,
+                        type(exc).__name__, exc)
+            return None, None
+        return name, sorted(set(run.tags or []) | set(tags))
 
     def _flow_of(self, client: SyncPrefectClient, run: FlowRun) -> Flow[..., Any] | None:
         name = self._flow_names.get(run.flow_id)

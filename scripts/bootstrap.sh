@@ -17,6 +17,8 @@ command -v etcd >/dev/null 2>&1 || missing_debs+=(etcd-server)
 command -v redis-server >/dev/null 2>&1 || missing_debs+=(redis-server)
 # The protect wizard is tested in a real terminal.
 command -v tmux >/dev/null 2>&1 || missing_debs+=(tmux)
+# The gateway's console is tested in a real browser: Debian's Chromium, driven by Playwright.
+[ -x /usr/bin/chromium ] || missing_debs+=(chromium)
 # The lab's sites are network namespaces; its faults are nftables drops.
 command -v ip >/dev/null 2>&1 || missing_debs+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_debs+=(nftables)

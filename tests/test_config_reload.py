@@ -5,7 +5,6 @@ the runbooks' `runtime()` follows the file the same way."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,13 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from drflow import secrets
 from drflow.config import load_config, parse_config
 from drflow.config.edit import add_group, remove_group
 from flows.runtime import runtime
-from lab.procs import free_port
 from orchestrator.gateway import create_app
 from orchestrator.gateway.from_config import settings_from_config
 from orchestrator.gateway.reload import ConfigReloader, plan_reload
@@ -30,6 +27,7 @@ from tests.test_gateway import (
     RecordingAudit,
     RecordingStarter,
     event,
+    serve_app,
 )
 from tests.test_gateway_leases import (  # noqa: F401  (shared_etcd: a module fixture)
     Etcd,
@@ -120,20 +118,8 @@ def gateway_from_file(path: Path, interval_s: float = 1.0) -> Iterator[Gateway]:
     starter, audit = RecordingStarter(), RecordingAudit()
     app = create_app(settings, starter, audit)
     app.state.gateway.config_watch = ConfigReloader(path, cfg, interval_s)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                          access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.01)
-        yield Gateway(f"http://127.0.0.1:{port}", app, starter, audit)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_app(app) as url:
+        yield Gateway(url, app, starter, audit)
 
 
 def beat(gw: Gateway, group: str, agent: str | None = None, role: str = "primary") -> int:

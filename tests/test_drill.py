@@ -474,6 +474,34 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     assert any(f"*{GROUP}*: DR drill passed — RTO {result['rto_s']:.2f} s" in t for t in texts)
     artifact = _artifact(result["run_id"])
     assert f"# DR drill of {GROUP}: PASSED" in artifact and "| check the copy | ok |" in artifact
+    assert f"*{GROUP}*" not in artifact  # markdown, not Slack's mrkdwn
+    assert artifact.count(result["reason"]) == 1  # the summary once
+
+    # What the run shows in Prefect: its name and tags, its outcome with RTO and RPO, and a
+    # task run per step of the report, readiness checks included, named as the report does.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows import step_tasks
+
+    run_id = uuid.UUID(result["run_id"])
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(run_id)
+        deadline = time.monotonic() + 10
+        while True:  # task runs reach the server as events, a moment after
+            names = step_tasks.names(client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))))
+            if len(names) >= len(result["steps"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert fr.name == f"drill {GROUP} {result['started_at'][:16]}Z"  # its start's UTC minute
+    assert {f"group:{GROUP}", "kind:drill", "site:dr"} <= set(fr.tags), fr.tags
+    assert fr.state is not None and fr.state.is_completed()
+    assert fr.state.message == (f"passed: RTO {result['rto_s']:.2f} s, RPO "
+                                f"{result['rpo_s']:.2f} s / {result['rpo_bytes']} bytes; "
+                                f"{result['reason']}")
+    assert names == [st["name"] for st in result["steps"]]
+    assert names[:4] == ["check replication", "check vCenter", "check isolation", "check DNS"]
 
 
 def _app_conn(inst: Any, dbname: str) -> Any:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,14 +25,15 @@ from drflow.events import EventKind, HealthEvent
 from drflow.signing import sign_headers
 from lab import vcsim
 from lab.slack_standin import SlackLab
-from tests.harness import Env, Writer, lab_secret_values, start_env, stop_env, wait_for
+from orchestrator.gateway.status import epoch
+from tests.harness import DRFLOW, Env, Writer, lab_secret_values, start_env, stop_env, wait_for
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
 def env(prefect_api: str) -> Iterator[Env]:
-    e = start_env(groups=4, replication="sync")
+    e = start_env(groups=5, replication="sync")
     try:
         yield e
     finally:
@@ -166,6 +170,62 @@ def test_application_loss_beyond_repair_fails_over_once(env: Env) -> None:
     assert len(env.audit_records("failover.start", "payments")) == 1
     power = vcsim.vm_power_state(env.si(), g["primary"]["vm"])
     assert power == "poweredOff"  # fenced before the promotion
+
+
+def test_status_is_never_older_than_its_refresh_interval_across_a_failover(env: Env) -> None:
+    """`GET /v1/groups` and `drflow status` never report a state older than the refresh
+    interval (2 s) plus one second, polled across a failover; and they see it happen."""
+    limit = 2.0 + 1.0
+    g = env.group("billing")
+    gw: list[tuple[float, str | None, str | None]] = []  # (age, serving site, protection)
+    cli: list[tuple[float, float | None, str | None, str | None]] = []  # + gateway's age
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def poll_cli() -> None:
+        try:
+            poll_cli_until_stopped()
+        except BaseException as exc:  # told to the test below
+            errors.append(exc)
+
+    def poll_cli_until_stopped() -> None:
+        while not stop.is_set():
+            out = subprocess.run([DRFLOW, "status", "--config", str(env.config), "--json",
+                                  "--gateway", env.gateway_url],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+            st = json.loads(out.stdout)["groups"]["billing"]
+            age = time.time() - (epoch(st["checked_at"]) or 0.0)  # the age as read, not told
+            cli.append((age, st["gateway"]["status_age_s"], (st["serving"] or {}).get("site"),
+                        st["protection"]))
+
+    def poll_gateway() -> None:
+        st = env.groups_status()["billing"]["status"]
+        gw.append((time.time() - (epoch(st["checked_at"]) or 0.0),
+                   (st["serving"] or {}).get("site"), st["protection"]))
+
+    poller = threading.Thread(target=poll_cli, name="status-cli", daemon=True)
+    poller.start()
+    try:
+        wait_for(lambda: len(cli) >= 1 or bool(errors), 60, "a first drflow status")
+        poll_gateway()
+        vcsim.power_off(env.si(), g["primary"]["vm"])
+        deadline = time.monotonic() + 120
+        while not (gw[-1][1:] == ("dr", "unprotected") and cli and cli[-1][2:] == ("dr", "unprotected")):
+            assert time.monotonic() < deadline and not errors, (gw[-3:], cli[-3:], errors)
+            time.sleep(0.2)
+            poll_gateway()
+    finally:
+        stop.set()
+        poller.join(60)
+    assert not errors, errors
+    assert _finished(env, "billing").outcome == "ok"
+    assert gw[0][1:] == ("prod", "protected") and cli[0][2:] == ("prod", "protected")
+    assert len(gw) > 20 and len(cli) >= 3
+    assert max(a for a, *_ in gw) <= limit, [round(a, 2) for a, *_ in gw]
+    assert max(a for a, *_ in cli) <= limit, [round(a, 2) for a, *_ in cli]
+    told = [a for _, a, *_ in cli]
+    assert all(a is not None and a <= limit for a in told), told
 
 
 def test_no_secret_leaks_into_logs_audit_slack_or_artifacts(env: Env, prefect_api: str) -> None:

@@ -126,11 +126,8 @@ def make_settings(state: Path, **kw: Any) -> GatewaySettings:
 
 
 @contextmanager
-def running_gateway(settings: GatewaySettings, starter: RecordingStarter | None = None,
-                    alerter: Alerter | None = None) -> Iterator[Gateway]:
-    starter = starter or RecordingStarter()
-    audit = RecordingAudit()
-    app = create_app(settings, starter, audit, alerter)
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve a gateway app on 127.0.0.1 (lifespan on) until the block ends; yields its URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                           access_log=False, lifespan="on"))
@@ -141,10 +138,20 @@ def running_gateway(settings: GatewaySettings, starter: RecordingStarter | None 
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
             time.sleep(0.01)
-        yield Gateway(f"http://127.0.0.1:{port}", app, starter, audit)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def running_gateway(settings: GatewaySettings, starter: RecordingStarter | None = None,
+                    alerter: Alerter | None = None) -> Iterator[Gateway]:
+    starter = starter or RecordingStarter()
+    audit = RecordingAudit()
+    app = create_app(settings, starter, audit, alerter)
+    with serve_app(app) as url:
+        yield Gateway(url, app, starter, audit)
 
 
 @pytest.fixture

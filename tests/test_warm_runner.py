@@ -380,3 +380,27 @@ def test_an_answer_that_is_no_etcd_object_is_an_etcd_error() -> None:
             c.get("/x")
     finally:
         server.shutdown()
+
+
+def test_a_warm_start_leaves_no_warm_up_run_and_runs_start_named(prefect_api: str) -> None:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter, TaskRunFilterName
+
+    from orchestrator.embedded import WARM_STEP, run_labelled, warm_prefect
+
+    warm_prefect()
+    warm_prefect()  # each start warms again: none of them is left
+    time.sleep(1.0)  # a task run's events recorded late would show by now
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_runs(flow_filter=FlowFilter(
+            name=FlowFilterName(any_=["warm-up"]))) == []
+        assert client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=[WARM_STEP]))) == []
+
+    # The warm path's runs are created with their name and tags (no rename after).
+    assert run_labelled(noop, {"i": 7}, "failover orders failover:orders:9",
+                        ["drflow", "group:orders"]) == 7
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["wr-noop"])))
+    named = [r for r in runs if r.name == "failover orders failover:orders:9"]
+    assert len(named) == 1 and set(named[0].tags) == {"drflow", "group:orders"}
+    assert named[0].state is not None and named[0].state.is_completed()

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from drflow.etcd import EtcdError
+from orchestrator.gateway.console import register_console
 from orchestrator.gateway.contracts import Alerter, AuditSink, IncidentStarter
 from orchestrator.gateway.http_server import BodyReadTimeout, server_config
 from orchestrator.gateway.intake import (
@@ -31,7 +32,7 @@ from orchestrator.gateway.roles import RolesService, register_roles
 from orchestrator.gateway.service import GatewayService
 from orchestrator.gateway.settings import GatewaySettings
 from orchestrator.gateway.slack_actions import register_slack_actions
-from orchestrator.gateway.status import with_status
+from orchestrator.gateway.status import start_status, with_status
 
 log = logging.getLogger("drflow.gateway")
 
@@ -62,11 +63,15 @@ def create_app(
     service.close_hooks.append(roles.on_close)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        # The groups' status refreshed in the background, when a provider is installed.
+        group_status = await start_status(app_, service)
         try:
             yield
         finally:
+            if group_status is not None:
+                await group_status.stop()
             await service.stop()
             roles.close()
             slack.close()
@@ -80,6 +85,7 @@ def create_app(
     register_roles(app, roles, settings)
     slack = register_slack_actions(app, settings, service, audit)
     app.state.slack_actions = slack
+    register_console(app, service, audit, alerter)  # GET /console: read-only pages
     limits = JsonLimits(settings.max_json_depth, settings.max_json_elements)
 
     def refused(rejection: Rejection, request: Request) -> JSONResponse:

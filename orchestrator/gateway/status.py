@@ -2,18 +2,25 @@
 
 Built from what is true now — each node's own database (`pg_is_in_recovery`,
 `pg_stat_replication`, `pg_stat_wal_receiver`) — and from the audit trail (last incident, last
-failover, last drill). `drflow status` prints it; the gateway adds it to `GET /v1/groups`
-(`with_status`). The probe role needs `pg_monitor` (or superuser) to see replication details.
+failover, last drill). `drflow status` prints it; the gateway refreshes it in the background
+every `interval_s` (`GroupStatusProvider.start`, with the app's lifespan) and adds the last
+completed refresh to `GET /v1/groups` (`with_status`), which never waits for a probe. Times are
+ISO 8601 UTC; ages (`age_s`, …) are computed when the answer is made. The probe role needs
+`pg_monitor` (or superuser) to see replication details.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -21,6 +28,7 @@ from drflow.etcd import Client as EtcdClient
 from drflow.etcd import EtcdError
 from drflow.leader_keys import PREFIX
 from orchestrator.gateway.leases import Snapshot, keys_view, parse
+from orchestrator.gateway.metrics import StatusInput, epoch
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -29,8 +37,26 @@ if TYPE_CHECKING:
     from drflow.audit.records import AuditRecord
     from drflow.audit.store import AuditStore
     from drflow.config import DrflowConfig, GroupConfig, NodeConfig
+    from orchestrator.gateway.service import GatewayService
 
 PROTECTED, UNPROTECTED, DEGRADED, UNKNOWN = "protected", "unprotected", "degraded", "unknown"
+PROTECTION_STATES = (PROTECTED, UNPROTECTED, DEGRADED, UNKNOWN)
+# Runbook kinds whose last run the status shows, with the audit action that ends one.
+RUN_KINDS = {"failover": "failover.finish", "reprotect": "reprotect.finish",
+             "failback": "failback.finish", "drill": "drill.finish"}
+# Steps during which a runbook is paused for the group's approvers (a failback; a failover whose
+# fence an operator attests): the audit trail's `started` record without its closing one.
+APPROVAL_WAITS = {"failback.wait for approval": "failback",
+                  "failover.wait for the attestation": "failover"}
+REFRESH_INTERVAL_S = 2.0
+# A refresh waits this long for the nodes' answers: a refresh is published at most about
+# interval + this after the one before, so a status is never older than interval + 1 s, even
+# when a node stops answering (libpq's own connect timeout is at least 2 s).
+ANSWER_WITHIN_S = 0.75
+STALE_MARGIN_S = 1.0
+
+log = logging.getLogger("drflow.gateway.status")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -169,9 +195,55 @@ def summarize(rec: AuditRecord | None, kind: str) -> dict[str, Any] | None:
         out["outcome"] = "failed_over"
     if kind == "incident":
         out.update(outcome="opened", key=p.get("idempotency_key"), kind=p.get("kind"))
-    for k in ("rto_s", "rpo_s", "rpo_bytes", "reprotect_s"):
+    for k in ("rto_s", "rpo_s", "rpo_bytes", "reprotect_s", "downtime_s"):
         if p.get(k) is not None:
             out[k] = p[k]
+    return out
+
+
+def iso(t: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with milliseconds: `2026-12-04T05:21:03.123+00:00`."""
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def is_stale(age_s: float | None, interval_s: float) -> bool:
+    """Older than one refresh interval plus a second: a refresh was missed (or none yet)."""
+    return age_s is None or age_s > interval_s + STALE_MARGIN_S
+
+
+def aged(status: dict[str, Any], now: float, interval_s: float) -> dict[str, Any]:
+    """A copy of one group's status with its ages as of `now`: `age_s` and `stale` of the
+    status, `read_age_s` of the leader and sync keys' read."""
+    out = dict(status)
+    at = epoch(out.get("checked_at"))
+    age = None if at is None else round(max(0.0, now - at), 3)
+    out["age_s"], out["stale"] = age, is_stale(age, interval_s)
+    if isinstance(out.get("leases"), dict):
+        out["leases"] = with_read_age(out["leases"], now)
+    return out
+
+
+def with_read_age(leases: dict[str, Any], now: float) -> dict[str, Any]:
+    """A leases view (leases.keys_view) plus `read_age_s`: how old its read of the keys is."""
+    at = epoch(leases.get("read_at"))
+    return {**leases, "read_age_s": None if at is None else round(max(0.0, now - at), 3)}
+
+
+def pending_approvals(waits: Iterable[AuditRecord], now: float,
+                      grace_s: float = 30.0) -> list[dict[str, Any]]:
+    """The runs still paused for the group's approvers: a wait step opened, not closed, and not
+    past its timeout (a run that died while paused never closes its step; Prefect fails it at
+    the timeout, so after it, plus a grace, the wait is not counted)."""
+    out = []
+    for rec in sorted(waits, key=lambda r: r.seq):
+        since = epoch(rec.time)
+        timeout = rec.parameters.get("timeout_s")
+        expires = since + float(timeout) if since is not None and \
+            isinstance(timeout, int | float) else None
+        if expires is not None and now > expires + grace_s:
+            continue
+        out.append({"runbook": APPROVAL_WAITS.get(rec.action, rec.action.split(".")[0]),
+                    "run": rec.actor, "since": rec.time, "expires_at": iso(expires)})
     return out
 
 
@@ -188,15 +260,29 @@ class AuditDigest:
         self.store = store
         self.seq = 0
         self.last: dict[tuple[str, str], AuditRecord] = {}
+        # (group, run's actor) → the `started` record of its approval wait, until it closes
+        self.waits: dict[tuple[str, str], AuditRecord] = {}
 
     def refresh(self) -> None:
         for rec in self.store.iter_records(self.seq):
             self.seq = rec.seq
             if rec.action in self.ACTIONS:
                 self.last[(rec.action, rec.target)] = rec
+            if rec.action in APPROVAL_WAITS:
+                if rec.outcome == "started":
+                    self.waits[(rec.target, rec.actor)] = rec
+                else:
+                    self.waits.pop((rec.target, rec.actor), None)
+            elif rec.action.endswith((".finish", ".abandon")):
+                # The run ended (or stopped) without closing its wait: a crash mid-step.
+                self.waits.pop((rec.target, rec.actor), None)
 
     def latest(self, action: str, group: str) -> AuditRecord | None:
         return self.last.get((action, group))
+
+    def waiting(self, group: str) -> list[AuditRecord]:
+        """The group's runs paused for approval, as far as the trail tells."""
+        return [r for (g, _), r in self.waits.items() if g == group]
 
 
 # -- probing the databases ---------------------------------------------------------------------
@@ -240,21 +326,43 @@ _DOWN_MARKS = ("connection refused", "timeout expired", "could not connect", "no
                "shutting down", "could not translate host name", "connection timed out")
 
 
-class GroupStatusProvider:
-    """Status of every group of a config: `collect()` now (blocking), or `snapshot()` cached."""
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """One completed refresh: every group's status, and what the gateway said meanwhile."""
 
-    def __init__(self, cfg: DrflowConfig, audit: AuditStore | None = None, ttl_s: float = 2.0,
-                 timeout_s: float = 2.0) -> None:
+    taken_at: float  # wall clock when it completed (each group's `checked_at`)
+    groups: dict[str, dict[str, Any]]
+    gateway: dict[str, Any] = field(default_factory=dict)  # GET /v1/groups' own part, per group
+
+
+class GroupStatusProvider:
+    """Status of every group of a config: `collect()` now (blocking, `drflow status`), or, once
+    `start()`ed, refreshed every `interval_s` in the background (`latest()`, the gateway)."""
+
+    def __init__(self, cfg: DrflowConfig, audit: AuditStore | None = None,
+                 interval_s: float = REFRESH_INTERVAL_S, timeout_s: float = 2.0,
+                 answer_within_s: float = ANSWER_WITHIN_S) -> None:
         self.cfg = cfg
         self.digest = AuditDigest(audit) if audit is not None else None
-        self.ttl_s = ttl_s
+        self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.answer_within_s = answer_within_s
         self._passwords: dict[str, SecretStr] = {}
-        self._cache: tuple[float, dict[str, dict[str, Any]]] | None = None
-        self._refresh: asyncio.Task[dict[str, dict[str, Any]]] | None = None
+        self._latest: StatusSnapshot | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Probes outlive a refresh that stopped waiting for them (a node that does not answer
+        # is held up to libpq's connect timeout, or longer when it hangs after connecting): the
+        # next refresh waits for the same probe rather than piling up another.
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="drflow-status")
+        self._inflight: dict[tuple[str, ...], Future[Any]] = {}
 
-    def collect(self) -> dict[str, dict[str, Any]]:
-        """Probe every node (in parallel) and read the audit trail; one dict per group."""
+    # -- one refresh (blocking) -----------------------------------------------------------------
+
+    def collect(self, answer_within_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Probe every node (in parallel) and read the audit trail; one dict per group.
+
+        `answer_within_s`: a node (or etcd) that has not answered by then is reported as not
+        answering, and its probe is left to finish; None waits for every probe's own timeout."""
         audit_error = None
         if self.digest is not None:
             try:
@@ -263,24 +371,38 @@ class GroupStatusProvider:
                 audit_error = f"audit trail unavailable: {type(exc).__name__}: {exc}"
         cfg = self.cfg  # one version throughout, though use_config may swap it meanwhile
         jobs = [(g, n) for g in cfg.groups for n in (g.primary, g.standby)]
-        with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
-            keys = pool.submit(self._read_keys, cfg)
-            states = list(pool.map(lambda job: self._probe(*job), jobs))
-            snap, etcd_error = keys.result()
+        probes = [self._start(("probe", g.name, n.vm, n.host, str(n.port)), self._probe, g, n)
+                  for g, n in jobs]
+        keys = self._start(("etcd",), self._read_keys, cfg)
+        asked: list[Future[Any]] = [*probes, keys]
+        done, _ = wait_futures(asked, timeout=answer_within_s)
+        late = f"no answer within {answer_within_s:g} s" if answer_within_s is not None else ""
+        states = [_answer(f, done, NodeState(n.site, n.vm, f"{n.host}:{n.port}", "down",
+                                             error=late))
+                  for f, (_, n) in zip(probes, jobs, strict=True)]
+        snap, etcd_error = _answer(keys, done, (None, f"etcd: {late}"))
+        now = time.time()
+        now_ms = round(now, 3)
         out: dict[str, dict[str, Any]] = {}
         for i, g in enumerate(cfg.groups):
             nodes = states[2 * i: 2 * i + 2]
             leases = None if cfg.etcd is None else keys_view(snap, g.name, etcd_error)
-            out[g.name] = self._group(g, nodes, audit_error, leases)
+            out[g.name] = self._group(g, nodes, audit_error, leases, now_ms)
         return out
+
+    def _start(self, key: tuple[str, ...], fn: Callable[..., T], *args: Any) -> Future[T]:
+        running = self._inflight.get(key)
+        if running is not None and not running.done():
+            return running
+        fut = self._pool.submit(fn, *args)
+        self._inflight[key] = fut
+        return fut
 
     def use_config(self, cfg: DrflowConfig) -> None:
         """Report on the groups of a reloaded configuration from the next refresh on (until
         then, the last status: a group just added shows none yet)."""
         self.cfg = cfg
         self._passwords = {}  # a group's database password reference may have changed
-        if self._cache is not None:
-            self._cache = (float("-inf"), self._cache[1])
 
     def _read_keys(self, cfg: DrflowConfig) -> tuple[Snapshot | None, str | None]:
         """Every group's leader and sync keys in one read; (None, why) when etcd cannot answer."""
@@ -294,22 +416,69 @@ class GroupStatusProvider:
             return None, str(exc)
         return parse(revision, kvs, [g.name for g in cfg.groups], time.time()), None
 
-    async def snapshot(self) -> dict[str, dict[str, Any]]:
-        """A recent `collect()`: fresh within ttl_s, else the last one while a new one runs
-        (the first call waits), so that `GET /v1/groups` never waits on a node that is down."""
-        now = time.monotonic()
-        if self._cache is not None and now - self._cache[0] < self.ttl_s:
-            return self._cache[1]
-        if self._refresh is None or self._refresh.done():
-            self._refresh = asyncio.get_running_loop().create_task(self._collect_async())
-        if self._cache is not None:
-            return self._cache[1]
-        return await asyncio.shield(self._refresh)
+    # -- in the background (the gateway) -------------------------------------------------------
 
-    async def _collect_async(self) -> dict[str, dict[str, Any]]:
-        result = await asyncio.to_thread(self.collect)
-        self._cache = (time.monotonic(), result)
-        return result
+    def latest(self) -> StatusSnapshot | None:
+        """The last completed refresh (None before the first): never waits."""
+        return self._latest
+
+    async def start(self, gateway: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                    first_within_s: float = 5.0) -> None:
+        """Refresh every `interval_s` until `stop()`; returns once the first refresh completed
+        (or `first_within_s` passed), so that the first request already finds a status.
+        `gateway`: the gateway's own groups view, kept with each refresh (/metrics)."""
+        if self._task is not None and not self._task.done():
+            return
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._run(gateway, first))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first), first_within_s)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Probes still running finish on their own (each bounded by its timeouts); a start
+        # after this one (an app served again) gets a pool of its own.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="drflow-status")
+        self._inflight = {}
+
+    async def _run(self, gateway: Callable[[], Awaitable[dict[str, Any]]] | None,
+                   first: asyncio.Future[None]) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.refresh(gateway)
+            except Exception:  # a bug must not end the refreshes: the status would freeze
+                log.exception("refreshing the groups' status failed")
+            if not first.done():
+                first.set_result(None)
+            # A fixed rate, not a fixed pause: a slow refresh does not push the next one back.
+            await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
+
+    async def refresh(self, gateway: Callable[[], Awaitable[dict[str, Any]]] | None = None
+                      ) -> StatusSnapshot:
+        """One refresh off the event loop (a thread), published as `latest()`."""
+        # The gateway's view (on its state thread, slow when etcd is) is asked meanwhile and
+        # not waited for: one not back with the databases' answers keeps the last one.
+        asked = asyncio.ensure_future(gateway()) if gateway is not None else None
+        groups = await asyncio.to_thread(self.collect, self.answer_within_s)
+        view = self._latest.gateway if self._latest is not None else {}
+        if asked is not None and not asked.done():
+            asked.cancel()
+        elif asked is not None and asked.exception() is not None:
+            exc = asked.exception()
+            log.warning("the gateway's groups view failed: %s: %s", type(exc).__name__, exc)
+        elif asked is not None:
+            view = asked.result()
+        at = epoch(next(iter(groups.values()), {}).get("checked_at")) or time.time()
+        self._latest = StatusSnapshot(at, groups, view)
+        return self._latest
+
+    # -- one group -----------------------------------------------------------------------------
 
     def _password(self, g: GroupConfig) -> SecretStr:
         if g.name not in self._passwords:
@@ -326,16 +495,16 @@ class GroupStatusProvider:
                      self.timeout_s)
 
     def _group(self, g: GroupConfig, nodes: list[NodeState], audit_error: str | None,
-               leases: dict[str, Any] | None = None) -> dict[str, Any]:
+               leases: dict[str, Any] | None, now: float) -> dict[str, Any]:
         a = assess(g.name, g.replication, g.rpo_budget_s, g.primary.site, nodes)
         notes = [audit_error] if audit_error else []
         if leases is not None:
             a = with_sync_key(a, g.replication, leases)
             if leases.get("etcd_error"):
                 notes.append(f"leader keys unknown: {leases['etcd_error']}")
-        last = {kind: summarize(self.digest.latest(action, g.name), kind) if self.digest else None
-                for kind, action in (("incident", "incident.open"), ("failover", "failover.finish"),
-                                     ("reprotect", "reprotect.finish"), ("drill", "drill.finish"))}
+        d = self.digest
+        last = {kind: summarize(d.latest(action, g.name), kind) if d else None
+                for kind, action in (("incident", "incident.open"), *RUN_KINDS.items())}
         return {
             "group": g.name,
             "serving": None if a.primary is None else {"site": a.primary.site, "vm": a.primary.vm,
@@ -350,12 +519,28 @@ class GroupStatusProvider:
             "last_incident": last["incident"],
             "last_failover": last["failover"],
             "last_reprotect": last["reprotect"],
+            "last_failback": last["failback"],
             "last_drill": last["drill"],
+            "pending_approvals": pending_approvals(d.waiting(g.name), now) if d else [],
             "nodes": [_node_dict(n) for n in nodes],
             "leases": leases,
             "notes": notes,
-            "checked_at": time.time(),
+            "checked_at": iso(now),
+            "refresh_interval_s": self.interval_s,
         }
+
+
+def _answer(fut: Future[T], done: set[Future[Any]], late: T) -> T:
+    """A probe's answer, `late` when it is not back in time; a probe's own bug is no answer."""
+    if fut not in done:
+        return late
+    try:
+        return fut.result()
+    except Exception as exc:
+        log.exception("a status probe failed")
+        if isinstance(late, NodeState):
+            return replace(late, role="unknown", error=f"probe failed: {type(exc).__name__}")
+        return late
 
 
 def _node_dict(n: NodeState) -> dict[str, Any]:
@@ -369,18 +554,46 @@ def _node_dict(n: NodeState) -> dict[str, Any]:
 
 async def with_status(app: FastAPI, view: dict[str, Any]) -> dict[str, Any]:
     """With a provider installed (`app.state.group_status`), add to each group of the gateway's
-    groups view its status and the gateway's roles record; without one, the view as it is."""
+    groups view its last refreshed status (aged now) and the gateway's roles record; without
+    one, the view as it is. Never waits for a probe."""
+    now = time.time()
+    for entry in view.values():  # the gateway's own read of the keys, aged like the status
+        if isinstance(entry.get("leases"), dict):
+            entry["leases"] = with_read_age(entry["leases"], now)
     provider: GroupStatusProvider | None = getattr(app.state, "group_status", None)
     if provider is None:
         return view
     roles = getattr(app.state, "roles", None)
-    try:
-        snap = await provider.snapshot()
-    except Exception as exc:
-        snap = {g: {"error": f"{type(exc).__name__}: {exc}"} for g in view}
+    snap = provider.latest()
     for name, entry in view.items():
-        entry["status"] = snap.get(name)
+        st = snap.groups.get(name) if snap is not None else None
+        entry["status"] = None if st is None else aged(st, now, provider.interval_s)
         if roles is not None:
             with contextlib.suppress(Exception):
                 entry["roles"] = roles.record(name).model_dump()
     return view
+
+
+# -- started and stopped with the gateway app (app.py lifespan) -----------------------------------
+
+
+async def start_status(app: FastAPI, service: GatewayService) -> GroupStatusProvider | None:
+    """With a provider installed, refresh it in the background from now on and give /metrics
+    its gauges; returns the provider to stop (None: nothing started)."""
+    provider: GroupStatusProvider | None = getattr(app.state, "group_status", None)
+    if provider is None:
+        return None
+    await provider.start(service.groups)
+    service.metrics.status_source = lambda: gauge_input(
+        provider.latest(), service.leases.last if service.leases is not None else None)
+    return provider
+
+
+def gauge_input(snap: StatusSnapshot | None, leases: Snapshot | None) -> StatusInput:
+    """The status gauges' input: the last refresh, and the gateway's last read of the keys
+    (by which each group's leader key was seen, and when)."""
+    seen = {} if leases is None else {g: leases.read_at for g, k in leases.groups.items()
+                                      if k.leader is not None}
+    if snap is None:
+        return StatusInput({}, None, {}, seen)
+    return StatusInput(snap.groups, snap.taken_at, snap.gateway, seen)
