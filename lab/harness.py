@@ -237,9 +237,26 @@ def start_env(groups: int = 1, replication: str = "sync", agents: bool = True,
     return env
 
 
+LOG_ARCHIVE = Path(__file__).parents[1] / "test-artifacts" / "labs"
+
+
+def keep_logs(lab_dir: Path, archive: Path = LOG_ARCHIVE, max_bytes: int = 20_000_000) -> Path:
+    """Copy the lab's logs (agents, PostgreSQL, vcsim, etcd, gateway) out of `lab_dir`, which
+    `down` removes: what a failed test's lab did stays readable after it."""
+    dest = archive / lab_dir.name
+    for log in lab_dir.rglob("*.log"):
+        with contextlib.suppress(OSError):
+            if log.is_file() and log.stat().st_size <= max_bytes:
+                target = dest / log.relative_to(lab_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
+    return dest
+
+
 def stop_env(env: Env) -> None:
     env.stop_gateway_replica()
     env.stop_gateway()
+    keep_logs(env.lab_dir)
     manager.down(env.lab_dir, progress=lambda _m: None)
 
 

@@ -117,7 +117,22 @@ def create_from_template(vc: VCenter, spec: VmSpec, timeout_s: float = 300.0) ->
                                  f"after {timeout_s:.0f} s (reports {vm.guest.ipAddress}): check the "
                                  "template has VMware Tools and guest customization works")
         time.sleep(0.2)
+    # The address comes with customization; guest operations only once the guest has booted.
+    while not guest_operations_ready(vm.guest):
+        if time.monotonic() > deadline:
+            raise ProvisionError(f"VM {spec.name} is on with {spec.address} but takes no guest "
+                                 f"operations after {timeout_s:.0f} s (Tools "
+                                 f"{vm.guest.toolsRunningStatus}): check VMware Tools runs in it")
+        time.sleep(0.2)
     return vm
+
+
+def guest_operations_ready(guest: Any) -> bool:
+    """Whether vCenter says the guest takes guest operations now."""
+    ready = getattr(guest, "guestOperationsReady", None)
+    if ready is None:  # a vCenter that does not say: Tools running is the best sign there is
+        return getattr(guest, "toolsRunningStatus", None) == "guestToolsRunning"
+    return bool(ready)
 
 
 def _datacenter_of(entity: Any) -> Any:

@@ -197,17 +197,12 @@ def test_a_vm_cloned_from_the_template_is_cabled_at_its_address_and_boots_its_un
         assert clone.runtime.host.name == want["esx_host"]  # not the template's host
         assert clone.guest.ipAddress == want["address"]
         assert (clone.config.hardware.numCPU, clone.config.hardware.memoryMB) == (2, 2048)
-        # The site cables it: guest operations reach it, in its address.
+        # Returned once vCenter says the guest takes guest operations (cabled and booted), and
+        # they reach it at once, in its address.
+        assert clone.guest.guestOperationsReady is True
+        assert clone.guest.toolsRunningStatus == "guestToolsRunning"
         login = _login(lab)
-
-        def cabled() -> bool:
-            try:
-                upload(si, url, clone, login, PROBE, "/opt/drflow/probe.sh", mode=0o755)
-            except GuestError:
-                return False
-            return True
-
-        wait_for(cabled, 5, "the new VM cabled (guest operations reach it)")
+        upload(si, url, clone, login, PROBE, "/opt/drflow/probe.sh", mode=0o755)
         upload(si, url, clone, login, UNIT, "/etc/systemd/system/probe.service")
         assert wait_exit(si, clone, login, start_program(
             si, clone, login, "/bin/sh", "-c 'mkdir -p /var/lib/drflow /etc/systemd/system/"
@@ -220,6 +215,7 @@ def test_a_vm_cloned_from_the_template_is_cabled_at_its_address_and_boots_its_un
         with pytest.raises(GuestError):
             download(si, url, clone, login, "/var/lib/drflow/boots")
         _wait(clone.PowerOffVM_Task())
+        wait_for(lambda: clone.guest.guestOperationsReady is False, 5, "Tools down with the VM")
         _wait(clone.PowerOnVM_Task())
         wait_for(lambda: _read(si, url, clone, login, "/var/lib/drflow/boots") == "booted as unit\n",
                  5, "the enabled unit run at boot")

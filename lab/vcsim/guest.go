@@ -509,8 +509,14 @@ func (g *guestLab) boot(vms []labVM, first bool) {
 			delete(g.booted, name)
 		}
 		g.mu.Unlock()
+		if (!on || !known) && done {
+			setToolsReady(vm, false)
+		}
 		if !on || !known || (done && last.Equal(boot)) {
 			continue
+		}
+		if done {
+			setToolsReady(vm, false) // rebooted: Tools is down until this boot is through
 		}
 		if !first {
 			g.startUnits(vm, entry)
@@ -518,7 +524,28 @@ func (g *guestLab) boot(vms []labVM, first bool) {
 		g.mu.Lock()
 		g.booted[name] = boot // Tools answers from here
 		g.mu.Unlock()
+		setToolsReady(vm, true)
 	}
+}
+
+// setToolsReady is what vCenter shows of Tools in a guest: running and taking guest operations
+// only once the guest has booted. A client waits for guest.guestOperationsReady, not for the
+// address customization reports at power-on.
+func setToolsReady(vm *simulator.VirtualMachine, ready bool) {
+	status := types.VirtualMachineToolsRunningStatusGuestToolsNotRunning
+	if ready {
+		status = types.VirtualMachineToolsRunningStatusGuestToolsRunning
+	}
+	simulator.Map.WithLock(vm, func() {
+		// The whole GuestInfo at once: govmomi cannot apply a change to one *bool field of it.
+		guest := types.GuestInfo{}
+		if vm.Guest != nil {
+			guest = *vm.Guest
+		}
+		guest.ToolsRunningStatus = string(status)
+		guest.GuestOperationsReady = types.NewBool(ready)
+		simulator.Map.Update(vm, []types.PropertyChange{{Name: "guest", Val: &guest}})
+	})
 }
 
 func (g *guestLab) startUnits(vm *simulator.VirtualMachine, entry guestVM) {
