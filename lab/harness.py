@@ -110,6 +110,26 @@ class Env:
         finally:
             store.close()
 
+    def explain(self, group: str, agents: list[str], lines: int = 25) -> str:
+        """What a test that timed out on `group` prints: its last audit records, its status,
+        and the last lines of its agents' and the gateway's logs."""
+        out = [f"--- the last audit records of {group}"]
+        with contextlib.suppress(Exception):
+            recs = [r for r in self.audit_records() if r.target.split("-")[0] == group
+                    or r.target in agents]
+            out += [f"{r.time} {r.action} {r.target} {r.outcome}: {str(r.reason)[:300]}"
+                    for r in recs[-15:]]
+        with contextlib.suppress(Exception):
+            out += [f"--- status: {json.dumps(self.groups_status().get(group), default=str)[:1500]}"]
+        logs = [self.lab_dir / "logs" / f"agent-{a}.log" for a in agents]
+        logs += sorted((self.lab_dir / "logs").glob("gateway*.log"))
+        logs += sorted((self.lab_dir / "logs").glob("up*.log"))
+        for log in logs:
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                out += [f"--- {log.name}", *(ln[:300] for ln in tail)]
+        return "\n".join(out)
+
     def groups_status(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.gateway_url}/v1/groups", timeout=5).json())
 

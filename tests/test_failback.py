@@ -473,10 +473,13 @@ def test_a_returning_old_primary_never_accepts_a_write(env: Env) -> None:
     wait_for(lambda: polls, 5, "the first probe")
     t_on = time.time()
     vcsim.power_on(env.si(), prod["vm"])
-    wait_for(lambda: len([r for r in env.audit_records("reprotect.finish", "orders")
-                          if r.outcome == "ok"]) > done_before and
-             _replica_state(env, dr, prod["vm"]) == ("streaming", "sync"), 90,
-             "old primary re-protected")
+    try:
+        wait_for(lambda: len([r for r in env.audit_records("reprotect.finish", "orders")
+                              if r.outcome == "ok"]) > done_before and
+                 _replica_state(env, dr, prod["vm"]) == ("streaming", "sync"), 90,
+                 "old primary re-protected")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{env.explain('orders', [prod['vm'], dr['vm']])}") from None
     t_done = time.time()
     stop.set()
     t.join(5)

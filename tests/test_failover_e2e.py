@@ -114,7 +114,10 @@ def test_agent_silent_but_primary_healthy_alerts_and_does_not_promote(env: Env) 
     assert "not promoting" in rec.reason
     # The thawed agent's machine catches up for a moment; a primary fenced or stopped would
     # stay unwritable past this.
-    wait_for(lambda: env.writable(g["primary"]), 10, "the healthy primary taking writes")
+    try:
+        wait_for(lambda: env.writable(g["primary"]), 10, "the healthy primary taking writes")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{env.explain('ledger', [g['primary']['vm']])}") from None
     assert not env.writable(g["standby"])
     assert resolve_endpoint(env.route53(), g["dns"]["zone_id"], g["dns"]["record"]) == (
         g["primary"]["host"], g["primary"]["port"])
