@@ -173,6 +173,12 @@ class LeaseHolder:
                 continue
             if frozen and self._thawed_reacquire(now):
                 continue
+            # The renewal thread, thawed too, may have renewed or re-created the key while this
+            # one waited for it: the deadline moved, and fencing now would kill a primary that
+            # holds a fresh lease.
+            dl = self.deadline()
+            if dl is None or time.monotonic() < dl:
+                continue
             with self._lock:
                 state = self.state
             if state == "failsafe" and now < next_failsafe_check:
