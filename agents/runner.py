@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 Emit = Callable[[HealthEvent], None]
 Clock = Callable[[], float]
 
+# The loop never sleeps past its next due time; waking this much later means the whole process
+# stood still (its VM stunned by a snapshot, a starved guest, SIGSTOP), its checks with it.
+FROZEN_GAP_S = 1.0
+
 
 @dataclass
 class _State:
@@ -133,14 +137,18 @@ class Agent:
         """Loop until `stop()`; returns after the last event has been emitted."""
         log.info("agent %s (group %s) watching %s", self.cfg.agent_id, self.cfg.group,
                  ", ".join(self.graph.start_order()))
+        wake_at = self._clock()
         try:
             while not self._stopping.is_set():
                 now = self._clock()
+                if now - wake_at > FROZEN_GAP_S:
+                    self._thawed(now, now - wake_at)
                 self._expire_checks(now)
                 self._schedule_checks(now)
                 self._maybe_heartbeat(now)
+                wake_at = self._next_wake()
                 try:
-                    item = self._done.get(timeout=max(0.005, self._next_wake() - self._clock()))
+                    item = self._done.get(timeout=max(0.005, wake_at - self._clock()))
                 except queue.Empty:
                     continue
                 while item is not None:
@@ -202,6 +210,15 @@ class Agent:
             self._done.put(_Done("check", name, result))
 
         return job
+
+    def _thawed(self, now: float, gap: float) -> None:
+        """A check in flight across the freeze stood still with the agent: its time-out, measured
+        across the freeze, says nothing about the resource. It gets its timeout again from now."""
+        for s in self.states.values():
+            if s.inflight_since is not None and not s.timed_out:
+                s.inflight_deadline = max(s.inflight_deadline, now + s.r.timeout_s)
+        log.warning("the agent stood still for %.1f s (a frozen VM or a starved machine): "
+                    "checks in flight get their timeout again", gap)
 
     def _expire_checks(self, now: float) -> None:
         for s in self.states.values():
