@@ -285,9 +285,16 @@ class ControlServer:
         self._nonces = nonces
         self.host = str(server.server_address[0])
         self.port = int(server.server_address[1])
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="control-api", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="control-api", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # Not serve_forever(poll_interval): it wakes every interval only to look for a shutdown
+        # request (twice a second, for an API idle nearly all the time). This thread sleeps
+        # until a connection comes; stop() wakes it by shutting the listening socket down.
+        while not self._stopping.is_set():
+            self._server.handle_request()
 
     @property
     def url(self) -> str:
@@ -295,9 +302,12 @@ class ControlServer:
         return f"http://{host}:{self.port}{CONTROL_PATH}"
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stopping.set()
+        # On Linux, shutting a listening socket down wakes the thread blocked on it at once.
+        with contextlib.suppress(OSError):
+            self._server.socket.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
+        self._server.server_close()
         self._nonces.close()
 
 
