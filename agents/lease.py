@@ -491,6 +491,11 @@ class LeaseHolder:
         elif d.action == "relax":
             if view_at <= self.sync_changed_at:
                 return  # a view from before this agent's last change: wait for a fresh one
+            if self.relaxed_path.exists() and \
+                    time.monotonic() - self.sync_changed_at < self.lease_s:
+                # Relaxed just now: pg_reload_conf() reaches the observer's session only at its
+                # next reload, so a view taken since may still show the old setting.
+                return
             if key is not None and key.standby is None and key.primary == self.me:
                 written = True
             else:
