@@ -115,8 +115,7 @@ class Env:
         and the last lines of its agents' and the gateway's logs."""
         out = [f"--- the last audit records of {group}"]
         with contextlib.suppress(Exception):
-            recs = [r for r in self.audit_records() if r.target.split("-")[0] == group
-                    or r.target in agents]
+            recs = [r for r in self.audit_records() if r.target in (group, *agents)]
             out += [f"{r.time} {r.action} {r.target} {r.outcome}: {str(r.reason)[:300]}"
                     for r in recs[-15:]]
         with contextlib.suppress(Exception):

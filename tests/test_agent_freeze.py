@@ -19,6 +19,7 @@ from agents.config import AgentConfig
 from agents.monitors import CheckResult
 from agents.runner import Agent
 from drflow.events import HealthEvent
+from tests.harness import wait_for
 
 
 def _cfg(timeout_s: float) -> AgentConfig:
@@ -52,15 +53,6 @@ class _HeldCheck:
         return CheckResult(True, "answers")
 
 
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
-
-
 @pytest.fixture()
 def agent_of() -> Iterator[Callable[..., tuple[Agent, list[HealthEvent], _HeldCheck]]]:
     started: list[tuple[Agent, threading.Thread, _HeldCheck]] = []
@@ -92,11 +84,11 @@ def test_a_check_in_flight_across_a_freeze_is_given_its_timeout_again(
         agent_of: Callable[..., tuple[Agent, list[HealthEvent], _HeldCheck]]) -> None:
     clock = _Clock()
     agent, events, held = agent_of(timeout_s=1.0, clock=clock)
-    assert _wait(lambda: held.calls == 1, 5), "the first check never started"
+    wait_for(lambda: held.calls == 1, 5, "the first check started")
     clock.frozen_s += 5.0  # the process stood still for 5 s with the check in flight
     time.sleep(0.3)  # the loop wakes (late by 5 s) and looks at its checks
     held.release.set()  # the thawed check answers at once
-    assert _wait(lambda: agent.status() == {"db": "ok"}, 3), agent.status()
+    wait_for(lambda: agent.status() == {"db": "ok"}, 3, "the check answered ok")
     time.sleep(0.5)
     assert _failures(events) == [], _failures(events)
 
@@ -105,6 +97,6 @@ def test_a_check_that_hangs_while_the_agent_runs_still_times_out(
         agent_of: Callable[..., tuple[Agent, list[HealthEvent], _HeldCheck]]) -> None:
     _agent, events, _held = agent_of(timeout_s=0.5)
     t0 = time.monotonic()
-    assert _wait(lambda: bool(_failures(events)), 3), "the hung check was never reported"
+    wait_for(lambda: _failures(events), 3, "the hung check reported")
     assert time.monotonic() - t0 < 1.5
     assert "did not finish within 0.5 s" in _failures(events)[0]["error"]
