@@ -1,7 +1,12 @@
-"""`drflow agent run` and `drflow agent discover`, with heavy imports inside the commands."""
+"""`drflow-agent run` and `drflow-agent discover`, with heavy imports inside the commands.
+
+The command line is argparse's: this process lives in every protected VM for as long as the VM
+runs, and a CLI framework (typer, click, rich) would stay resident in it for one parse of argv.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -9,30 +14,126 @@ import logging
 import os
 import signal
 import sys
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import typer
+HELP = "Guest agent: monitor, repair, report."
+RUN_HELP = """Watch the configured resources, repair them in place, report to the gateway.
 
-app = typer.Typer(help="Guest agent: monitor, repair, report.", no_args_is_help=True)
+Runs until SIGTERM or SIGINT, then stops cleanly: pending events stay in the outbox and are
+delivered by the next run."""
+DISCOVER_HELP = ("Find running PostgreSQL instances and what they stand on; show or write the "
+                 "agent config.")
+
+# psycopg loads the guest's libpq through ctypes (the bundle carries no libpq of its own).
+NO_LIBPQ = ("PostgreSQL's client library libpq.so.5 is not installed in this VM: install it "
+            "(Debian, Ubuntu: apt-get install libpq5; RHEL and the like: dnf install libpq)")
 
 log = logging.getLogger("agents")
 
 
-@app.command()
-def run(
-    config: Path = typer.Option(..., "--config", "-c", help="agent.yaml to run"),
-    log_level: str = typer.Option("info", help="debug, info, warning or error"),
-    pidfile: Path | None = typer.Option(
-        None, "--pidfile", help="write this process's pid here while it runs (what stops or "
-                                "restarts it: `kill $(cat FILE)`)"),
-) -> None:
-    """Watch the configured resources, repair them in place, report to the gateway.
+class _Formatter(argparse.HelpFormatter):
+    """Paragraphs kept, each wrapped to the terminal; `Usage:` as the rest of drflow prints it."""
 
-    Runs until SIGTERM or SIGINT, then stops cleanly: pending events stay in the outbox and are
-    delivered by the next run.
-    """
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(" ".join(p.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent)
+                           for p in text.split("\n\n"))
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def add_usage(self, usage: str | None, actions: Iterable[argparse.Action],
+                  groups: Iterable[Any], prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
+
+
+def parser(prog: str = "drflow-agent") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=HELP, formatter_class=_Formatter)
+    sub = ap.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help=RUN_HELP.split("\n\n")[0], description=RUN_HELP,
+                         formatter_class=_Formatter)
+    run.add_argument("--config", "-c", type=Path, required=True, metavar="FILE", help="agent.yaml to run")
+    run.add_argument("--log-level", type=str.lower, default="info",
+                     choices=("debug", "info", "warning", "error"), metavar="LEVEL",
+                     help="debug, info, warning or error (default: %(default)s)")
+    run.add_argument("--pidfile", type=Path, default=None, metavar="FILE",
+                     help="write this process's pid here while it runs (what stops or restarts "
+                          "it: `kill $(cat FILE)`)")
+
+    disc = sub.add_parser("discover", help=DISCOVER_HELP, description=DISCOVER_HELP,
+                          formatter_class=_Formatter)
+    disc.add_argument("--json", dest="as_json", action="store_true",
+                      help="print JSON instead of a table")
+    disc.add_argument("--write", type=Path, default=None, metavar="FILE",
+                      help="write an agent.yaml for what was found")
+    disc.add_argument("--datadir", type=Path, action="append", default=[], metavar="DIR",
+                      help="only the instance(s) with this data directory (repeatable)")
+    disc.add_argument("--gateway-url", default="http://127.0.0.1:8088/v1/events", metavar="URL",
+                      help="where the written config sends events (the gateway listens on 8088 "
+                           "by default) (default: %(default)s)")
+    disc.add_argument("--secret-ref", default="env:DRFLOW_WEBHOOK_SECRET", metavar="REF",
+                      help="reference to the webhook secret (env:NAME or file:/path) "
+                           "(default: %(default)s)")
+    disc.add_argument("--agent-id", default=None, metavar="NAME",
+                      help="this VM's name in vCenter (as primary.vm / standby.vm in "
+                           "drflow.yaml); required with --write")
+    disc.add_argument("--group", default="default", metavar="NAME",
+                      help="protection group of this agent (default: %(default)s)")
+    disc.add_argument("--outbox", default="agent-outbox.sqlite", metavar="PATH",
+                      help="outbox path (relative to the written file) (default: %(default)s)")
+    disc.add_argument("--pg-user", default="postgres", metavar="ROLE",
+                      help="role the SQL checks log in as (default: %(default)s)")
+    disc.add_argument("--pg-password-ref", default=None, metavar="REF",
+                      help="reference to its password (env:NAME or file:/path)")
+    disc.add_argument("--control-listen", default=None, metavar="HOST:PORT",
+                      help="host:port for the control API (with --control-secret-ref)")
+    disc.add_argument("--control-secret-ref", default=None, metavar="REF",
+                      help="reference to this agent's own control secret (already derived for "
+                           "its agent id)")
+    disc.add_argument("--control-master-ref", default=None, metavar="REF",
+                      help="reference to the master gateway.control_secret: the agent's own "
+                           "secret is derived from it and written, mode 0600, as control_secret "
+                           "next to --write (the master is not kept)")
+    disc.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                      help="host:port of another PostgreSQL node of the group (repeatable): the "
+                           "only targets of rewind_to / attach_to")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "drflow-agent") -> int:
+    """Run the agent's command line; its exit code (2: usage, config, secret or setup error)."""
+    ap = parser(prog)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        if args.command == "run":
+            return run(args.config, args.log_level, args.pidfile)
+        if args.command == "discover":
+            return discover(**{k: v for k, v in vars(args).items() if k != "command"})
+    except ImportError as exc:
+        if not _libpq_missing(exc):
+            raise
+        print(f"error: {NO_LIBPQ}", file=sys.stderr)
+        return 2
+    ap.print_help()
+    return 2
+
+
+def _libpq_missing(exc: BaseException) -> bool:
+    """psycopg could not load libpq (its words, whichever implementation it tried)."""
+    text = str(exc)
+    return "libpq library not found" in text or "no pq wrapper available" in text
+
+
+def run(config: Path, log_level: str = "info", pidfile: Path | None = None) -> int:
+    """Load the config and run the agent until a signal stops it (see RUN_HELP)."""
     from agents.config import ConfigError, load_config
     from drflow.secrets import SecretError
 
@@ -42,8 +143,9 @@ def run(
         cfg = load_config(config)
         _run(cfg, pidfile)
     except (ConfigError, SecretError, _SetupError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _SetupError(Exception):
@@ -82,11 +184,15 @@ def _run(cfg: Any, pidfile: Path | None = None) -> None:
             lease = LeaseHolder.from_config(cfg, _lease_driver(cfg, agent), outbox.enqueue)
             agent.on_recovery_exhausted = lease.on_recovery_exhausted
             lease.start()
-    except (OSError, ValueError, sqlite3.Error, SenderAlreadyRunning) as exc:
+    except (OSError, ValueError, sqlite3.Error, SenderAlreadyRunning, ImportError) as exc:
         if sender is not None:
             sender.stop(flush_timeout_s=0)
         if outbox is not None:
             outbox.close()
+        if isinstance(exc, ImportError):
+            if not _libpq_missing(exc):
+                raise
+            raise _SetupError(f"cannot start the agent: {NO_LIBPQ}") from None
         raise _SetupError(f"cannot start the agent: {exc}") from None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -146,67 +252,42 @@ def _start_control(cfg: Any, agent: Any) -> Any:
                  agent_id=cfg.agent_id, nonce_db=nonce_db)
 
 
-@app.command()
-def discover(
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    write: Path | None = typer.Option(None, "--write", help="write an agent.yaml for what was found"),
-    datadir: list[Path] = typer.Option(
-        [], "--datadir", help="only the instance(s) with this data directory (repeatable)"),
-    gateway_url: str = typer.Option("http://127.0.0.1:8088/v1/events", "--gateway-url",
-                                    help="where the written config sends events (the gateway "
-                                         "listens on 8088 by default)"),
-    secret_ref: str = typer.Option("env:DRFLOW_WEBHOOK_SECRET", "--secret-ref",
-                                   help="reference to the webhook secret (env:NAME or file:/path)"),
-    agent_id: str | None = typer.Option(
-        None, "--agent-id", help="this VM's name in vCenter (as primary.vm / standby.vm in "
-                                 "drflow.yaml); required with --write"),
-    group: str = typer.Option("default", "--group", help="protection group of this agent"),
-    outbox: str = typer.Option("agent-outbox.sqlite", "--outbox",
-                               help="outbox path (relative to the written file)"),
-    pg_user: str = typer.Option("postgres", "--pg-user", help="role the SQL checks log in as"),
-    pg_password_ref: str | None = typer.Option(
-        None, "--pg-password-ref", help="reference to its password (env:NAME or file:/path)"),
-    control_listen: str | None = typer.Option(
-        None, "--control-listen", help="host:port for the control API (with --control-secret-ref)"),
-    control_secret_ref: str | None = typer.Option(
-        None, "--control-secret-ref",
-        help="reference to this agent's own control secret (already derived for its agent id)"),
-    control_master_ref: str | None = typer.Option(
-        None, "--control-master-ref",
-        help="reference to the master gateway.control_secret: the agent's own secret is derived "
-             "from it and written, mode 0600, as control_secret next to --write (the master is "
-             "not kept)"),
-    peer: list[str] = typer.Option(
-        [], "--peer", help="host:port of another PostgreSQL node of the group (repeatable): the "
-                           "only targets of rewind_to / attach_to"),
-) -> None:
-    """Find running PostgreSQL instances and what they stand on; show or write the agent config."""
+def discover(as_json: bool = False, write: Path | None = None, datadir: list[Path] | None = None,
+             gateway_url: str = "http://127.0.0.1:8088/v1/events",
+             secret_ref: str = "env:DRFLOW_WEBHOOK_SECRET", agent_id: str | None = None,
+             group: str = "default", outbox: str = "agent-outbox.sqlite", pg_user: str = "postgres",
+             pg_password_ref: str | None = None, control_listen: str | None = None,
+             control_secret_ref: str | None = None, control_master_ref: str | None = None,
+             peer: list[str] | None = None) -> int:
+    """Find running PostgreSQL instances and what they stand on (see DISCOVER_HELP)."""
     from agents import discovery
     from drflow.secrets import SecretError, SecretRef, resolve
+
+    datadir, peer = datadir or [], peer or []
 
     password = None
     if pg_password_ref:
         try:
             password = resolve(SecretRef(ref=pg_password_ref))
         except (SecretError, ValueError) as exc:
-            typer.echo(f"error: --pg-password-ref: {exc}", err=True)
-            raise typer.Exit(2) from None
+            print(f"error: --pg-password-ref: {exc}", file=sys.stderr)
+            return 2
     if write is not None and not agent_id:
         # The host name is often not the VM's name, and failover fences the VM by that name.
-        typer.echo("error: --agent-id is required with --write: it must be this VM's name in "
-                   "vCenter, as written in drflow.yaml (primary.vm / standby.vm), because "
-                   "the gateway matches events and failover fences the VM by it", err=True)
-        raise typer.Exit(2)
+        print("error: --agent-id is required with --write: it must be this VM's name in "
+              "vCenter, as written in drflow.yaml (primary.vm / standby.vm), because "
+              "the gateway matches events and failover fences the VM by it", file=sys.stderr)
+        return 2
     if control_master_ref and (control_secret_ref or write is None):
-        typer.echo("error: --control-master-ref needs --write and excludes --control-secret-ref",
-                   err=True)
-        raise typer.Exit(2)
+        print("error: --control-master-ref needs --write and excludes --control-secret-ref",
+              file=sys.stderr)
+        return 2
     instances = discovery.discover(datadir or None, pg_user, password)
     if not instances:
-        typer.echo("no running PostgreSQL instance found"
-                   + (f" with data directory {', '.join(map(str, datadir))}" if datadir else ""),
-                   err=True)
-        raise typer.Exit(1)
+        print("no running PostgreSQL instance found"
+              + (f" with data directory {', '.join(map(str, datadir))}" if datadir else ""),
+              file=sys.stderr)
+        return 1
     own_secret: Path | None = None
     if control_master_ref and write is not None:
         own_secret = write.absolute().with_name("control_secret")
@@ -217,8 +298,8 @@ def discover(
         control_listen=control_listen, control_secret_ref=control_secret_ref,
         control_peers=peer)
     if as_json:
-        typer.echo(json.dumps({"instances": [i.to_dict() for i in instances],
-                               "resources": cfg["resources"]}, indent=2))
+        print(json.dumps({"instances": [i.to_dict() for i in instances],
+                          "resources": cfg["resources"]}, indent=2))
     else:
         _print_tables(instances, cfg["resources"])
     if write is not None:
@@ -227,30 +308,32 @@ def discover(
         try:
             text = dump_config(cfg)
         except ValueError as exc:
-            typer.echo(f"error: the discovered config does not validate: {exc}", err=True)
-            raise typer.Exit(1) from None
-        if own_secret is not None and control_master_ref:
-            _write_own_secret(own_secret, control_master_ref, cfg["agent_id"])
+            print(f"error: the discovered config does not validate: {exc}", file=sys.stderr)
+            return 1
+        if (own_secret is not None and control_master_ref
+                and not _write_own_secret(own_secret, control_master_ref, cfg["agent_id"])):
+            return 2
         write.write_text(text)
-        typer.echo(f"wrote {write}", err=True)
+        print(f"wrote {write}", file=sys.stderr)
+    return 0
 
 
-def _write_own_secret(path: Path, master_ref: str, agent_id: str) -> None:
-    """This agent's control secret, derived from the master (which is not written), mode 0600."""
-    import os
-
+def _write_own_secret(path: Path, master_ref: str, agent_id: str) -> bool:
+    """This agent's control secret, derived from the master (which is not written), mode
+    0600; False (the error printed) when the master cannot be read."""
     from drflow.secrets import SecretError, SecretRef, resolve
     from drflow.signing import control_secret
 
     try:
         master = resolve(SecretRef(ref=master_ref))
     except (SecretError, ValueError) as exc:
-        typer.echo(f"error: --control-master-ref: {exc}", err=True)
-        raise typer.Exit(2) from None
+        print(f"error: --control-master-ref: {exc}", file=sys.stderr)
+        return False
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(control_secret(master.get_secret_value().encode(), agent_id))
-    typer.echo(f"wrote {path} (this agent's control secret)", err=True)
+    print(f"wrote {path} (this agent's control secret)", file=sys.stderr)
+    return True
 
 
 def _print_tables(instances: list[Any], resources: list[dict[str, Any]]) -> None:
@@ -284,5 +367,5 @@ def _print_tables(instances: list[Any], resources: list[dict[str, Any]]) -> None
 
 
 if __name__ == "__main__":
-    # `python -m agents.cli run --config …`: the agent alone, without the CLI's other plugins.
-    app()
+    # `python -m agents.cli run --config …`: the agent alone, without the drflow CLI.
+    sys.exit(main(prog="python -m agents.cli"))

@@ -8,8 +8,9 @@ A gzipped tar, unpacked at `/opt/drflow` in the guest:
                         copied from this installation (compiled ones included)
     BUNDLE.json         the Python it was built for, its libraries, and a digest of its content
 
-So the guest needs the same Python (minor version, platform) as this machine and nothing else:
-no pip, no network. Built once per content and cached.
+So the guest needs the same Python (minor version, platform) as this machine and PostgreSQL's
+client library, libpq.so.5 (psycopg reaches it through ctypes), and nothing else: no pip, no
+network. Built once per content and cached.
 """
 
 from __future__ import annotations
@@ -33,24 +34,34 @@ _OWN = ("agents", "drflow")
 # In site-packages but not libraries: an editable install's finder, setuptools' shim.
 _NOT_LIBRARIES = ("__editable__", "_distutils_hack")
 
+# psycopg's pure-Python wrapper over the guest's own libpq.so.5 (every VM with PostgreSQL has
+# it), not psycopg-binary: that wheel's private libpq, libssl and libcrypto would cost every
+# agent about 4 MB of memory, for a SQL check a second. Set before psycopg is first imported.
+_PSYCOPG_IMPL = 'os.environ.setdefault("PSYCOPG_IMPL", "python")'
+
 # Imports every module of the agent, then prints the files of what was imported.
-_PROBE = """
+_PROBE = f"""
+import os
+{_PSYCOPG_IMPL}
 import importlib, json, pkgutil, sys
 import agents
 for m in pkgutil.walk_packages(agents.__path__, "agents."):
     importlib.import_module(m.name)
-import rich.console, rich.table  # imported where the agent prints tables
-print(json.dumps(sorted({getattr(m, "__file__", None) or "" for m in list(sys.modules.values())})))
+import rich.console, rich.table  # imported where `discover` prints tables
+print(json.dumps(sorted({{getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}})))
 """
 
+# Finds lib/ beside its own bin/, wherever the bundle was unpacked (INSTALL_DIR in a guest).
 _BOOTSTRAP = f"""#!/usr/bin/python3 -sE
 # drflow guest agent: its libraries only, whatever the guest's python3 has installed.
+import os
 import sys
 
-sys.path[:0] = ["{INSTALL_DIR}/lib"]
-from agents.cli import app
+{_PSYCOPG_IMPL}
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib")]
+from agents.cli import main
 
-app(prog_name="drflow-agent")
+sys.exit(main(prog="drflow-agent"))
 """
 
 

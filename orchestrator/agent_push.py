@@ -30,9 +30,11 @@ SHELL = "/bin/sh"
 WORK_DIR = "/var/lib/drflow"
 _n = itertools.count(1)
 
-# Prints what the guest's python3 is, as agent_bundle.python_tag() says it for this machine.
-_PY_TAG = ("import platform,sys; print(f'{sys.implementation.name}-{sys.version_info.major}."
-           "{sys.version_info.minor}-{platform.machine()}')")
+# Prints what the guest's python3 is, as agent_bundle.python_tag() says it for this machine,
+# then where its libpq is (empty: none), found as psycopg looks for it (the bundle has none).
+_PY_TAG = ("import ctypes.util,platform,sys; print(f'{sys.implementation.name}-"
+           "{sys.version_info.major}.{sys.version_info.minor}-{platform.machine()}'); "
+           "print(ctypes.util.find_library('pq') or '')")
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,15 @@ def check(guest: Guest, command: str, what: str, timeout: float = 60.0) -> str:
 def install(guest: Guest, bundle: Path, progress: Callable[[str], None] = lambda _m: None) -> None:
     """Unpack the agent bundle at INSTALL_DIR, after checking the guest can run it."""
     found = check(guest, f"python3 -c {shlex.quote(_PY_TAG)}", "checking the guest's python3")
-    if found.strip() != python_tag():
-        raise GuestError(f"VM {guest.name} has python3 {found.strip() or 'missing'}; the agent "
+    tag, libpq = ([*found.strip().splitlines(), "", ""])[:2]
+    if tag.strip() != python_tag():
+        raise GuestError(f"VM {guest.name} has python3 {tag.strip() or 'missing'}; the agent "
                          f"bundle is for {python_tag()}: install that Python in the guest, or "
                          "build the bundle on a machine of the guest's kind")
+    if not libpq.strip():
+        raise GuestError(f"VM {guest.name} has no libpq.so.5, PostgreSQL's client library, which "
+                         "the agent uses: install it in the guest (Debian, Ubuntu: apt-get "
+                         "install libpq5; RHEL and the like: dnf install libpq)")
     progress(f"copying the agent ({bundle.stat().st_size / 1e6:.1f} MB) into {guest.name}")
     target = f"{INSTALL_DIR}/{bundle.name}"
     upload(guest.si, guest.vcenter_url, guest.vm, guest.login, bundle.read_bytes(), target,

@@ -12,9 +12,11 @@ from typing import Any
 
 import typer
 
-from agents.cli import app as agent_app
+from agents.cli import main as agent_main
 from drflow.audit.cli import app as audit_app
 from drflow.config_cli import app as config_app
+from orchestrator.agent_cli import PROG as AGENT_PROG
+from orchestrator.agent_cli import app as agent_app
 
 
 def _flags_show_no_type() -> None:
@@ -61,8 +63,7 @@ def _add_plugins() -> None:
 def main() -> None:
     if sys.argv[1:2] == ["agent"]:
         # The guest agent lives in every protected VM: load nothing it does not use.
-        agent_app(args=sys.argv[2:], prog_name="drflow agent")
-        return
+        sys.exit(agent_main(sys.argv[2:], prog=AGENT_PROG))
     _add_plugins()
     app()
 
