@@ -4,6 +4,12 @@ database, and the primary's write throughput during the drill relative to just b
 RTO counts from the moment the copy of the standby is complete; `drill_ready_s` from the drill's
 start (flows/drill.py says why).
 
+`--placement sites` gives production (its PostgreSQL primary and the pgbench clients, its
+application) CPU 0 to itself and runs everything else on CPU 1: the DR site's standby, the drill
+(its flow, Prefect server, the copy) and the lab's services. In a datacenter the production VM
+does not share its CPUs with the DR VM or the orchestrator; on the lab's two shared cores
+(`--placement shared`, the default) much of what the ratio measures is that co-location.
+
 Last line: {"drill_s": …, "drill_rto_s": …, "drill_rpo_s": …, "write_throughput_ratio": …, …}
 """
 
@@ -39,7 +45,15 @@ def main() -> None:
     ap.add_argument("--max-rate", default=None,
                     help="drill.max_rate for the copy (default: the config's default; "
                          "'unlimited' for none)")
+    ap.add_argument("--placement", choices=("shared", "sites"), default="shared",
+                    help="shared: every process on every CPU (default); sites: production "
+                         "(primary, pgbench) alone on CPU 0, the rest on CPU 1")
     args = ap.parse_args()
+    if args.placement == "sites":
+        if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+            ap.error("--placement sites needs CPUs 0 and 1")
+        # Inherited by everything this process starts: the Prefect server, the lab, the drill.
+        os.sched_setaffinity(0, {1})
 
     root = Path(tempfile.mkdtemp(prefix="drflow-bench-drill-", dir="/tmp"))
     root.chmod(0o755)
@@ -65,6 +79,9 @@ def main() -> None:
         db_bytes = _pgbench_init(pair, args.scale)
         print(f"pgbench -i -s {args.scale}: {db_bytes / 1e6:.0f} MB in {time.monotonic() - t:.1f} s",
               flush=True)
+        if args.placement == "sites":
+            print(f"production on CPU 0: {_pin_tree(Path(pair['datadir']), 0)} processes",
+                  flush=True)
         results = [_one(config, group, pair, root / f"pgbench-{i}", args) for i in range(args.drills)]
     finally:
         manager.down(lab_dir, progress=lambda _m: None)
@@ -83,6 +100,7 @@ def main() -> None:
         "db_mb": round(db_bytes / 1e6), "pgbench_scale": args.scale, "clients": args.clients,
         "copy_max_rate": max_rate,
         "tps_baseline": med("tps_baseline"), "tps_during": med("tps_during"),
+        "placement": args.placement,
         "drills": len(results), "all_passed": all(r["outcome"] == "passed" for r in results),
     }))
 
@@ -97,6 +115,23 @@ def _config(lab_dir: Path, root: Path, max_rate: str | None) -> tuple[str, str |
     path = root / "drflow.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path), DrillConfig.model_validate(cfg["drill"]).max_rate
+
+
+def _pin_tree(datadir: Path, cpu: int) -> int:
+    """Move a running PostgreSQL (its postmaster and every process under it) to one CPU; the
+    backends it forks later inherit the postmaster's CPU."""
+    import psutil
+
+    postmaster = psutil.Process(int((datadir / "postmaster.pid").read_text().split()[0]))
+    moved = 0
+    for proc in [postmaster, *postmaster.children(recursive=True)]:
+        try:  # a backend may end while we move it
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, {cpu})
+            moved += 1
+        except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError):
+            continue
+    return moved
 
 
 def _pg(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -130,7 +165,8 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
     if runas:  # pgbench writes its transaction logs as `postgres`
         shutil.chown(logs, "postgres", "postgres")
     bench = subprocess.Popen(
-        [*runas, _pgbench_bin(), "-h", pair["socket_dir"], "-p", str(pair["port"]), "-n",
+        [*(["taskset", "-c", "0"] if args.placement == "sites" else []), *runas,
+         _pgbench_bin(), "-h", pair["socket_dir"], "-p", str(pair["port"]), "-n",
          "-c", str(args.clients), "-j", "2", "-T", "600", "-l", "--log-prefix",
          str(logs / "tx"), "postgres"],
         cwd=logs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -150,7 +186,7 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
         # Log lines of its very last moments may be lost: they are after every window we count.
         os.killpg(bench.pid, signal.SIGINT)
         bench.wait(20)
-    stamps = _commit_times(logs)
+    stamps = commit_times(logs)
     # The baseline is the mean of the windows just before and just after the drill, so that a
     # drift of the machine's load (others share it) does not count for or against the drill.
     b = args.baseline_s
@@ -178,7 +214,7 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
             "tps_during": during, "outcome": figures["outcome"]}
 
 
-def _commit_times(logs: Path) -> list[float]:
+def commit_times(logs: Path) -> list[float]:
     """Commit times (epoch s) from pgbench's per-transaction logs (`-l`)."""
     stamps = []
     for f in logs.glob("tx*"):
