@@ -2,7 +2,9 @@
 
 Starts a lab PostgreSQL pair, a small HTTP endpoint and a signed-webhook receiver on 127.0.0.1,
 then an agent watching ip, volume, postgres, tcp port, process (the postmaster, by pid file) and
-http, each at a 1 s interval with 1 s heartbeats. After a warm-up it samples the agent process
+http, each at a 1 s interval with 1 s heartbeats, holding its group's leader lease in a one-member
+etcd (3 s lease renewed every second, its PostgreSQL observed every second; `--no-lease`: none)
+over a synchronous pair, as a protected primary does. After a warm-up it samples the agent process
 with psutil for `--seconds` (default 60). The last line of output is one JSON object:
 `{"rss_mb": …, "cpu_pct": …}` (peak RSS; CPU in % of one core over the window).
 Targets: RSS ≤ 45 MB, CPU ≤ 1 % of one core.
@@ -42,6 +44,8 @@ from urllib.parse import parse_qs, urlsplit
 import psutil
 import yaml
 
+from drflow.etcd import Client as EtcdClient
+from drflow.leader_keys import Leader, leader_key
 from drflow.signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -49,7 +53,7 @@ from drflow.signing import (
     sign_headers,
     verify,
 )
-from lab import postgres, procs
+from lab import etcd, postgres, procs
 
 ROOT = Path(__file__).resolve().parent.parent
 DRFLOW = ROOT / ".venv" / "bin" / "drflow"
@@ -172,10 +176,12 @@ def unpack_bundle(into: Path) -> list[str]:
     return [sys.executable, "-sE", str(entry), "run"]
 
 
-def measure(seconds: float, warmup: float, entry: str = "bundle") -> dict[str, Any]:
+def measure(seconds: float, warmup: float, entry: str = "bundle",
+            lease: bool = True) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="drflow-bench-agent-", dir="/tmp"))
     os.chmod(work, 0o755)
     primary = standby = None
+    cluster: dict[str, Any] | None = None
     agent: subprocess.Popen[bytes] | None = None
     counts: dict[str, int] = {"bad": 0}
     secret = "bench-" + uuid.uuid4().hex
@@ -183,13 +189,21 @@ def measure(seconds: float, warmup: float, entry: str = "bundle") -> dict[str, A
     health = health_endpoint()
     try:
         print("starting a lab PostgreSQL pair ...", flush=True)
-        primary, standby = postgres.create_pair(work / "pg", "bench", sync=False)
+        # Synchronous, as a protected group runs: the lease then also keeps the group's sync key.
+        primary, standby = postgres.create_pair(work / "pg", "bench", sync=lease)
+        if lease:
+            print("starting etcd for the leader lease ...", flush=True)
+            cluster = etcd.start_cluster(work / "etcd-lab", [etcd.Member(
+                "bench", "127.0.0.1", [], client_port=procs.free_port(),
+                peer_port=procs.free_port())])
         events = receiver(secret.encode(), counts, primary.port)
         _user, password = postgres.client_credentials(work / "pg")
         cfg = agent_config(
             work, primary, "BENCH_PG_PASSWORD", "BENCH_WEBHOOK_SECRET",
             f"http://127.0.0.1:{events.server_address[1]}/v1/events",
             f"http://127.0.0.1:{health.server_address[1]}/healthz", procs.free_port())
+        if cluster is not None:
+            cfg["lease"] = {"etcd": cluster["endpoints"], "lease_s": 3, "replication": "sync"}
         (work / "agent.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         env = {**os.environ, "BENCH_PG_PASSWORD": password, "BENCH_WEBHOOK_SECRET": secret}
         if entry == "bundle":
@@ -221,7 +235,15 @@ def measure(seconds: float, warmup: float, entry: str = "bundle") -> dict[str, A
         after = proc.cpu_times()
         wall = time.monotonic() - t0
         cpu_s = (after.user - before.user) + (after.system - before.system)
+        holder = None
+        if cluster is not None:  # the agent held the group's lease throughout, as a primary does
+            raw = EtcdClient(cluster["endpoints"]).get(leader_key("bench"))
+            holder = Leader.decode(raw).agent_id if raw else None
+            if holder != "bench-agent":
+                raise RuntimeError(f"the agent does not hold the leader lease (holder: {holder}): "
+                                   f"see {work / 'agent.log'}")
         result = {
+            "lease_holder": holder,
             "rss_mb": round(rss_peak, 1), "rss_mean_mb": round(rss_sum / max(1, samples), 1),
             "cpu_pct": round(100 * cpu_s / wall, 2), "seconds": round(wall, 1),
             "threads": proc.num_threads(), "heartbeats": counts.get("heartbeat", 0) - beats_before,
@@ -241,6 +263,8 @@ def measure(seconds: float, warmup: float, entry: str = "bundle") -> dict[str, A
         for inst in (standby, primary):
             if inst is not None:
                 postgres.destroy(inst)
+        if cluster is not None:
+            etcd.stop_cluster(cluster)
         if events is not None:
             events.shutdown()
         health.shutdown()
@@ -251,16 +275,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="measurement window (default 60)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    ap.add_argument("--no-lease", action="store_true",
+                    help="no etcd and no leader lease (the figures before 2026-12-04)")
     ap.add_argument("--entry", choices=["bundle", *sorted(ENTRIES)], default="bundle",
                     help="bundle: the agent bundle's bin/drflow-agent run, as deployed "
                          "(default); drflow: `drflow agent run`; module: `python -m agents.cli "
                          "run` in the venv")
     args = ap.parse_args()
-    r = measure(args.seconds, args.warmup, args.entry)
+    r = measure(args.seconds, args.warmup, args.entry, not args.no_lease)
     print(f"agent RSS peak {r['rss_mb']} MB (mean {r['rss_mean_mb']} MB), CPU {r['cpu_pct']} % "
           f"of one core over {r['seconds']} s; {r['threads']} threads, {r['heartbeats']} "
           f"heartbeats delivered, {r['failures']} resource failures, "
-          f"{r['bad_signatures']} bad signatures")
+          f"{r['bad_signatures']} bad signatures; leader lease "
+          f"{'held throughout' if r['lease_holder'] else 'not run (--no-lease)'}")
     print(f"target: RSS ≤ 45 MB ({'ok' if r['rss_mb'] <= 45 else 'MISSED'}), "
           f"CPU ≤ 1 % ({'ok' if r['cpu_pct'] <= 1 else 'MISSED'})")
     print(json.dumps({"rss_mb": r["rss_mb"], "cpu_pct": r["cpu_pct"]}))
