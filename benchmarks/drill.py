@@ -8,9 +8,15 @@ start (flows/drill.py says why).
 application) CPU 0 to itself and runs everything else on CPU 1: the DR site's standby, the drill
 (its flow, Prefect server, the copy) and the lab's services. In a datacenter the production VM
 does not share its CPUs with the DR VM or the orchestrator; on the lab's two shared cores
-(`--placement shared`, the default) much of what the ratio measures is that co-location.
+(`--placement shared`, the default) production competes with all of them (measured, that is not
+where most of a drill's cost is: BENCHMARKS.md).
 
-Last line: {"drill_s": …, "drill_rto_s": …, "drill_rpo_s": …, "write_throughput_ratio": …, …}
+`writes_lost_s`: production's writes lost to the drill, in seconds of its baseline rate
+((baseline - during) * drill duration / baseline), which, unlike the ratio, does not depend on
+how long the drill takes to spend the same cost.
+
+Last line: {"drill_s": …, "drill_rto_s": …, "drill_rpo_s": …, "write_throughput_ratio": …,
+"writes_lost_s": …, …}
 """
 
 from __future__ import annotations
@@ -96,7 +102,8 @@ def main() -> None:
     print(json.dumps({
         "drill_s": med("drill_s"), "drill_rto_s": med("rto_s"), "drill_ready_s": med("ready_s"),
         "drill_rpo_s": med("rpo_s"),
-        "write_throughput_ratio": med("ratio"), "drill_rpo_bytes": med("rpo_bytes"),
+        "write_throughput_ratio": med("ratio"), "writes_lost_s": med("lost_s"),
+        "drill_rpo_bytes": med("rpo_bytes"),
         "db_mb": round(db_bytes / 1e6), "pgbench_scale": args.scale, "clients": args.clients,
         "copy_max_rate": max_rate,
         "tps_baseline": med("tps_baseline"), "tps_during": med("tps_during"),
@@ -193,10 +200,14 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
     base = sum(1 for s in stamps if start - b <= s < start or end <= s < end + b) / (2 * b)
     during = sum(1 for s in stamps if start <= s < end) / (end - start)
     ratio = during / base if base else None
+    # Production's loss in writes, whatever the drill's length: a ratio over the drill's duration
+    # rewards a long, cheap copy and punishes a short drill of the same total cost.
+    lost_s = (base - during) * (end - start) / base if base else None
     print(f"drill {figures['outcome']}: wall {wall:.2f} s, RTO {figures['rto_s']} s (ready "
           f"{figures.get('ready_s')} s after the start), RPO "
           f"{figures['rpo_s']} s / {figures['rpo_bytes']} bytes; writes {base:.0f} tps around, "
-          f"{during:.0f} tps during (ratio {ratio:.2f})" if ratio else "no baseline writes",
+          f"{during:.0f} tps during (ratio {ratio:.2f}; {lost_s:.2f} s of production's writes "
+          f"lost)" if ratio and lost_s is not None else "no baseline writes",
           flush=True)
     if args.by_step:  # where the drill costs production its writes
         t = start
@@ -210,7 +221,8 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
         print(f"  reason: {figures['reason']}", flush=True)
     return {"drill_s": figures["drill_s"], "rto_s": figures["rto_s"],
             "ready_s": figures.get("ready_s"), "rpo_s": figures["rpo_s"],
-            "rpo_bytes": figures["rpo_bytes"], "ratio": ratio, "tps_baseline": base,
+            "rpo_bytes": figures["rpo_bytes"], "ratio": ratio, "lost_s": lost_s,
+            "tps_baseline": base,
             "tps_during": during, "outcome": figures["outcome"]}
 
 
