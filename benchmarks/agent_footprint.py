@@ -163,7 +163,10 @@ def unpack_bundle(into: Path) -> list[str]:
     from orchestrator.agent_bundle import ENTRY, build, python_tag
 
     with tarfile.open(build()) as tar:
-        tar.extractall(into, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, filter="data")
+        else:  # Python < 3.11.4 (Debian 12's) has no extraction filters; the bundle is our own
+            tar.extractall(into)
     entry = into / ENTRY
     tag = subprocess.run(
         [GUEST_PYTHON, "-c", "import platform,sys; print(f'{sys.implementation.name}-"
