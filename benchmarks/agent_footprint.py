@@ -160,7 +160,7 @@ GUEST_PYTHON = "/usr/bin/python3"  # the bundle's shebang
 def unpack_bundle(into: Path) -> list[str]:
     """Build the agent bundle, unpack it into `into`, and return the argv that runs it as a
     guest does (`bin/drflow-agent run`)."""
-    from orchestrator.agent_bundle import ENTRY, build, python_tag
+    from orchestrator.agent_bundle import ENTRY, build, python_tag, tag_of
 
     with tarfile.open(build()) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -168,10 +168,7 @@ def unpack_bundle(into: Path) -> list[str]:
         else:  # Python < 3.11.4 (Debian 12's) has no extraction filters; the bundle is our own
             tar.extractall(into)
     entry = into / ENTRY
-    tag = subprocess.run(
-        [GUEST_PYTHON, "-c", "import platform,sys; print(f'{sys.implementation.name}-"
-         "{sys.version_info.major}.{sys.version_info.minor}-{platform.machine()}')"],
-        capture_output=True, text=True, check=False).stdout.strip()
+    tag = tag_of(GUEST_PYTHON)
     if tag == python_tag():
         return [str(entry), "run"]
     print(f"{GUEST_PYTHON} is {tag or 'missing'}, the bundle is for {python_tag()}: running "

@@ -71,6 +71,21 @@ def python_tag() -> str:
             f"{platform.machine()}")
 
 
+# Prints python_tag() as another interpreter (a guest's python3) would say it.
+TAG_PROBE = ("import platform,sys; print(f'{sys.implementation.name}-{sys.version_info.major}."
+             "{sys.version_info.minor}-{platform.machine()}')")
+
+
+def tag_of(python: str) -> str:
+    """python_tag() of another interpreter on this machine; empty when it cannot run."""
+    try:
+        done = subprocess.run([python, "-c", TAG_PROBE], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
 def _libraries() -> list[Path]:
     """Top-level files and directories of site-packages that the agent imports (with the
     shared libraries their wheels carry, `<name>.libs`)."""

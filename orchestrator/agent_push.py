@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from orchestrator.agent_bundle import ENTRY, INSTALL_DIR, python_tag
+from orchestrator.agent_bundle import ENTRY, INSTALL_DIR, TAG_PROBE, python_tag
 from tasks.vsphere_guest import (
     GuestError,
     GuestLogin,
@@ -32,9 +32,7 @@ _n = itertools.count(1)
 
 # Prints what the guest's python3 is, as agent_bundle.python_tag() says it for this machine,
 # then where its libpq is (empty: none), found as psycopg looks for it (the bundle has none).
-_PY_TAG = ("import ctypes.util,platform,sys; print(f'{sys.implementation.name}-"
-           "{sys.version_info.major}.{sys.version_info.minor}-{platform.machine()}'); "
-           "print(ctypes.util.find_library('pq') or '')")
+_PY_TAG = TAG_PROBE + "; import ctypes.util; print(ctypes.util.find_library('pq') or '')"
 
 
 @dataclass(frozen=True)

@@ -95,10 +95,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _guest_python() -> str:
     """The bootstrap's own interpreter where it is the Python the bundle is for, else this one."""
-    tag = subprocess.run([GUEST_PYTHON, "-c", "import platform,sys; print(f'{sys.implementation"
-                          ".name}-{sys.version_info.major}.{sys.version_info.minor}-"
-                          "{platform.machine()}')"], capture_output=True, text=True,
-                         check=False).stdout.strip() if Path(GUEST_PYTHON).exists() else ""
+    tag = agent_bundle.tag_of(GUEST_PYTHON)
     return GUEST_PYTHON if tag == agent_bundle.python_tag() else sys.executable
 
 
