@@ -51,11 +51,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
-from pydantic import SecretStr
-
 from drflow.etcd import Client, EtcdError
 from drflow.events import EventKind, HealthEvent
 from drflow.leader_keys import Leader, SyncState, leader_key, sync_key
+from drflow.secret_refs import SecretValue
 from drflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify
 
 log = logging.getLogger(__name__)
@@ -211,7 +210,7 @@ def peer_node(roles: dict[str, Any] | None, site: str | None) -> tuple[str, int]
     return None
 
 
-def probe_peer(host: str, port: int, *, dbname: str, user: str, password: SecretStr | None,
+def probe_peer(host: str, port: int, *, dbname: str, user: str, password: SecretValue | None,
                timeout_s: float = 2.0) -> PeerCheck:
     """Ask PostgreSQL at host:port whether it takes writes; bounded (connect and statement)."""
     import psycopg
@@ -257,7 +256,7 @@ def roles_url(events_url: str, group: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/v1/groups/{group}/roles"
 
 
-def fetch_roles(url: str, secret: SecretStr, timeout_s: float = 3.0) -> dict[str, Any]:
+def fetch_roles(url: str, secret: SecretValue, timeout_s: float = 3.0) -> dict[str, Any]:
     """GET the roles with a fresh nonce; the answer must be signed and echo it."""
     nonce = str(uuid.uuid4())
     parts = urlsplit(url)
@@ -316,9 +315,9 @@ class BootGate:
     """Applies `decide_boot` once on boot, and again every `retry_s` until a final decision."""
 
     def __init__(self, *, agent_id: str, group: str, resource: str, port: int,
-                 host: str | None, url: str, secret: SecretStr, driver: Any,
+                 host: str | None, url: str, secret: SecretValue, driver: Any,
                  emit: Callable[[HealthEvent], None], retry_s: float = 2.0,
-                 fetch: Callable[[str, SecretStr], dict[str, Any]] = fetch_roles,
+                 fetch: Callable[[str, SecretValue], dict[str, Any]] = fetch_roles,
                  probe: Callable[[str, int], PeerCheck] | None = None,
                  etcd: Client | None = None) -> None:
         self.agent_id, self.group, self.resource = agent_id, group, resource
@@ -337,7 +336,7 @@ class BootGate:
     def from_config(cls, cfg: Any, driver: Any, emit: Callable[[HealthEvent], None],
                     **kw: Any) -> BootGate:
         """For an AgentConfig with a control section (the PostgreSQL resource it drives)."""
-        from drflow.secrets import resolve
+        from drflow.secret_refs import resolve
 
         r = cfg.control_resource()
         password = resolve(r.password) if r.password else None

@@ -1,60 +1,90 @@
-"""The agent's configuration file (agent.yaml): what to watch, how to repair it, where to report."""
+"""The agent's configuration file (agent.yaml): what to watch, how to repair it, where to report.
+
+The models are msgspec Structs, not pydantic models: the agent stays resident in every protected
+VM and pydantic alone would cost it about 20 MB. Field constraints are `msgspec.Meta`
+annotations (checked when a document is decoded); cross-field rules live in `__post_init__`
+(checked on decoding and on construction).
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import re
+from os import PathLike
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
+import msgspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.graph import Graph, GraphError
 from drflow.listen import ListenAddress
-from drflow.secrets import SecretRef
+from drflow.secret_refs import SecretRef
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# `\Z`, not `$`: msgspec matches with Python's `re`, where `$` also matches before a trailing
+# newline (pydantic's Rust regex did not), and a name ends up in events and file names.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z"
 DEFAULT_PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 
 
-
 def http_url(v: str, what: str) -> str:
+    """`v` if it is an http(s) URL, else ValueError naming `what`."""
     if not v.startswith(("http://", "https://")):
         raise ValueError(f"{what} must start with http:// or https://, got {v!r}")
     return v
+
 
 class ConfigError(Exception):
     """agent.yaml is missing, unreadable or invalid; the message points at the field."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _FieldError(ValueError):
+    """A `__post_init__` check that failed on one field (`loc`, below the struct).
+
+    msgspec reports the struct's path for errors raised in `__post_init__` and keeps the
+    original exception as the cause: `_explain` appends `loc` so the message points at the
+    field itself, as the field validators of the pydantic models did.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
 
 
-class Backoff(_Model):
-    initial: float = Field(1.0, gt=0, le=3600)
-    max: float = Field(30.0, gt=0, le=86400)
+# Frozen: the running agent shares one config between threads. Unknown fields are errors: a
+# misspelt key must not silently fall back to a default. Every subclass repeats kw_only (msgspec
+# does not inherit it, and subclasses add required fields after the base's optional ones) and
+# frozen (msgspec inherits it, but mypy's dataclass_transform would take the class as mutable).
+class _Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
 
-    @model_validator(mode="after")
-    def _max_not_below_initial(self) -> Backoff:
+
+class Backoff(_Model, frozen=True, kw_only=True):
+    initial: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    max: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+
+    def __post_init__(self) -> None:
         if self.max < self.initial:
             raise ValueError(f"backoff max ({self.max:g} s) is below initial ({self.initial:g} s)")
-        return self
 
 
-class RestartPolicy(_Model):
-    max_restarts: int = Field(3, ge=0, le=1000)
-    window_s: float = Field(300.0, gt=0, le=7 * 86400)
-    backoff_s: Backoff = Backoff()
+class RestartPolicy(_Model, frozen=True, kw_only=True):
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    window_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 300.0
+    backoff_s: Backoff = msgspec.field(default_factory=Backoff)
 
 
-class _Resource(_Model):
-    name: str = Field(pattern=NAME_PATTERN)
-    depends_on: list[str] = Field(default_factory=list)
-    interval_s: float = Field(1.0, gt=0, le=3600)
-    timeout_s: float = Field(2.0, gt=0, le=600)
-    failure_threshold: int = Field(2, ge=1, le=1000)
-    restart: RestartPolicy = RestartPolicy()
+# The resource kinds form a union told apart by `type`; msgspec owns that key as the tag, so
+# each class carries its tag again as a class attribute for code that reads `resource.type`.
+class _Resource(_Model, tag_field="type", frozen=True, kw_only=True):
+    type: ClassVar[str]
+
+    name: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+    depends_on: list[str] = msgspec.field(default_factory=list)
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 2.0
+    failure_threshold: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
 
     @property
     def restartable(self) -> bool:
@@ -62,185 +92,195 @@ class _Resource(_Model):
         return False
 
 
-class ProcessResource(_Resource):
+class ProcessResource(_Resource, tag="process", frozen=True, kw_only=True):
     """A process found by its name or by a pid file; restartable only with a fixed `start` argv."""
 
-    type: Literal["process"]
-    process_name: str | None = Field(None, min_length=1, max_length=200)
+    type: ClassVar[str] = "process"
+
+    process_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     pidfile: Path | None = None
-    start: list[str] | None = Field(
-        None, min_length=1, description="argv run to restart it; fixed here, never from the network"
-    )
+    # The argv run to restart it: fixed here, never taken from the network.
+    start: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     cwd: Path | None = None
 
-    @model_validator(mode="after")
-    def _one_selector(self) -> ProcessResource:
+    def __post_init__(self) -> None:
         if (self.process_name is None) == (self.pidfile is None):
             raise ValueError("give exactly one of process_name or pidfile")
-        return self
 
     @property
     def restartable(self) -> bool:
         return self.start is not None
 
 
-class TcpResource(_Resource):
-    type: Literal["tcp"]
+class TcpResource(_Resource, tag="tcp", frozen=True, kw_only=True):
+    type: ClassVar[str] = "tcp"
+
     host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
-class HttpResource(_Resource):
-    type: Literal["http"]
+class HttpResource(_Resource, tag="http", frozen=True, kw_only=True):
+    type: ClassVar[str] = "http"
+
     url: str
-    expect_status: int = Field(200, ge=100, le=599)
+    expect_status: Annotated[int, msgspec.Meta(ge=100, le=599)] = 200
 
-    _http_url = field_validator("url")(lambda v: http_url(v, "url"))
+    def __post_init__(self) -> None:
+        try:
+            http_url(self.url, "url")
+        except ValueError as exc:
+            raise _FieldError(("url",), str(exc)) from None
 
 
-class PostgresResource(_Resource):
+class PostgresResource(_Resource, tag="postgres", frozen=True, kw_only=True):
     """A PostgreSQL instance; checked over SQL, restarted through the PostgreSQL driver."""
 
-    type: Literal["postgres"]
+    type: ClassVar[str] = "postgres"
+
     host: str = "127.0.0.1"
-    port: int = Field(5432, ge=1, le=65535)
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 5432
     user: str = "postgres"
     dbname: str = "postgres"
     password: SecretRef | None = None
     datadir: Path
     bin_dir: Path = DEFAULT_PG_BIN_DIR
-    run_as: str | None = Field(
-        None, description="OS user running the server (PostgreSQL refuses root); e.g. postgres"
-    )
+    # The OS user running the server (PostgreSQL refuses root); e.g. postgres.
+    run_as: str | None = None
 
     @property
     def restartable(self) -> bool:
         return True
 
 
-class VolumeResource(_Resource):
+class VolumeResource(_Resource, tag="volume", frozen=True, kw_only=True):
     """A filesystem: present (and mounted where expected), writable, with enough free space."""
 
-    type: Literal["volume"]
+    type: ClassVar[str] = "volume"
+
     path: Path
     mount_point: Path | None = None
     probe: bool = True
-    min_free_pct: float = Field(0.0, ge=0, le=100)
-    min_free_mb: float = Field(0.0, ge=0)
+    min_free_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    min_free_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
-class IpResource(_Resource):
+class IpResource(_Resource, tag="ip", frozen=True, kw_only=True):
     """An address present on an interface whose link is up."""
 
-    type: Literal["ip"]
+    type: ClassVar[str] = "ip"
+
     address: str
     interface: str | None = None
 
-    @field_validator("address")
-    @classmethod
-    def _valid_ip(cls, v: str) -> str:
+    def __post_init__(self) -> None:
         try:
-            return str(ipaddress.ip_address(v))
-        except ValueError as exc:
-            raise ValueError(f"not an IP address: {v!r}") from exc
+            canonical = str(ipaddress.ip_address(self.address))
+        except ValueError:
+            raise _FieldError(("address",), f"not an IP address: {self.address!r}") from None
+        # The canonical spelling (::1, not 0::1) is what the monitor compares with the
+        # interface's addresses; the struct is frozen, hence force_setattr.
+        if canonical != self.address:
+            msgspec.structs.force_setattr(self, "address", canonical)
 
 
-Resource = Annotated[
-    ProcessResource | TcpResource | HttpResource | PostgresResource | VolumeResource | IpResource,
-    Field(discriminator="type"),
-]
+Resource: TypeAlias = (
+    ProcessResource | TcpResource | HttpResource | PostgresResource | VolumeResource | IpResource
+)
+_RESOURCE_TAGS = tuple(cls.type for cls in get_args(Resource))
 
 
-class GatewayConfig(_Model):
+class GatewayConfig(_Model, frozen=True, kw_only=True):
     url: str
     webhook_secret: SecretRef
-    also: list[str] = Field(
-        default_factory=list,
-        description="the events URLs of other gateway replicas (at other sites), tried in turn "
-                    "when the current one cannot be reached")
+    # The events URLs of other gateway replicas (at other sites), tried in turn when the
+    # current one cannot be reached.
+    also: list[str] = msgspec.field(default_factory=list)
 
-    _http_url = field_validator("url")(lambda v: http_url(v, "gateway url"))
-    _also_urls = field_validator("also")(
-        lambda v: [http_url(u, "gateway.also url") for u in v])
+    def __post_init__(self) -> None:
+        try:
+            http_url(self.url, "gateway url")
+        except ValueError as exc:
+            raise _FieldError(("url",), str(exc)) from None
+        for i, u in enumerate(self.also):
+            try:
+                http_url(u, "gateway.also url")
+            except ValueError as exc:
+                raise _FieldError(("also", i), str(exc)) from None
 
 
-class ControlConfig(_Model, ListenAddress):
-    listen: str = Field(description="host:port the control API binds to, e.g. 127.0.0.1:9101")
-    secret: SecretRef = Field(description="this agent's own control secret: HMAC-SHA256 of its "
-                                          "agent_id under the master gateway.control_secret")
-    resource: str | None = Field(
-        None, description="the postgres resource it controls (needed when there are several)")
-    peers: list[str] = Field(
-        default_factory=list, max_length=16,
-        description="host:port of the group's other PostgreSQL nodes: the only targets of "
-                    "rewind_to / attach_to and the only hosts that see the database password")
+class ControlConfig(_Model, ListenAddress, frozen=True, kw_only=True):
+    # host:port the control API binds to, e.g. 127.0.0.1:9101.
+    listen: str
+    # This agent's own control secret: HMAC-SHA256 of its agent_id under the master
+    # gateway.control_secret.
+    secret: SecretRef
+    # The postgres resource it controls (needed when there are several).
+    resource: str | None = None
+    # host:port of the group's other PostgreSQL nodes: the only targets of rewind_to /
+    # attach_to and the only hosts that see the database password.
+    peers: Annotated[list[str], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=list)
 
-    @field_validator("peers")
-    @classmethod
-    def _peers(cls, v: list[str]) -> list[str]:
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _FieldError(("listen",), f"listen must be host:port, got {self.listen!r}")
+        if not self.peers:
+            return
+        # Imported here: the driver's argument module is only needed when peers are set.
         from agents.drivers.pg_args import parse_peer
 
-        for peer in v:
-            parse_peer(peer)
-        return v
+        for i, peer in enumerate(self.peers):
+            try:
+                parse_peer(peer)
+            except ValueError as exc:
+                raise _FieldError(("peers", i), str(exc)) from None
 
     def peer_addresses(self) -> list[tuple[str, int]]:
         from agents.drivers.pg_args import parse_peer
 
         return [parse_peer(p) for p in self.peers]
 
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"listen must be host:port, got {v!r}")
-        return v
 
-
-class LeaseConfig(_Model):
+class LeaseConfig(_Model, frozen=True, kw_only=True):
     """The group's leader lease in etcd, held while this node's PostgreSQL is the primary."""
 
-    etcd: list[str] = Field(min_length=1, max_length=9,
-                            description="client URLs of etcd members, e.g. http://10.0.0.5:2379")
-    lease_s: int = Field(3, ge=2, le=60, description="the lease's TTL; the group's policy.lease_s")
-    margin_s: float = Field(0.5, gt=0, le=10, description="fence this long before the lease "
-                                                          "could expire in etcd")
-    replication: Literal["sync", "async"] = Field(
-        "sync", description="the group's replication: only a sync primary may keep serving "
-                            "without etcd while its synchronous standby streams (failsafe)")
-    standby_agents: dict[str, str] = Field(
-        default_factory=dict, max_length=16,
-        description="a standby's walreceiver application_name -> its agent id, for the sync "
-                    "key; by default the application_name is the agent id (the lab's "
-                    "cluster_name is the VM's name)")
+    # Client URLs of etcd members, e.g. http://10.0.0.5:2379.
+    etcd: Annotated[list[str], msgspec.Meta(min_length=1, max_length=9)]
+    # The lease's TTL; the group's policy.lease_s.
+    lease_s: Annotated[int, msgspec.Meta(ge=2, le=60)] = 3
+    # Fence this long before the lease could expire in etcd.
+    margin_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
+    # The group's replication: only a sync primary may keep serving without etcd while its
+    # synchronous standby streams (failsafe).
+    replication: Literal["sync", "async"] = "sync"
+    # A standby's walreceiver application_name -> its agent id, for the sync key; by default
+    # the application_name is the agent id (the lab's cluster_name is the VM's name).
+    standby_agents: Annotated[dict[str, str], msgspec.Meta(max_length=16)] = msgspec.field(
+        default_factory=dict)
 
-    @field_validator("etcd")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        return [http_url(u, "lease.etcd") for u in v]
-
-    @model_validator(mode="after")
-    def _margin(self) -> LeaseConfig:
+    def __post_init__(self) -> None:
+        for i, u in enumerate(self.etcd):
+            try:
+                http_url(u, "lease.etcd")
+            except ValueError as exc:
+                raise _FieldError(("etcd", i), str(exc)) from None
         if self.margin_s >= self.lease_s / 2:
             raise ValueError(f"lease margin_s ({self.margin_s:g} s) must be under half of "
                              f"lease_s ({self.lease_s} s)")
-        return self
 
 
-class AgentConfig(_Model):
-    agent_id: str = Field(min_length=1, max_length=200)
-    group: str = Field(min_length=1, max_length=200)
+class AgentConfig(_Model, frozen=True, kw_only=True):
+    agent_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    group: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     gateway: GatewayConfig
-    heartbeat_interval_s: float = Field(1.0, gt=0, le=3600)
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     outbox: Path = Path("agent-outbox.sqlite")
     control: ControlConfig | None = None
     # None: no leader lease (the group does not use etcd).
     lease: LeaseConfig | None = None
-    resources: list[Resource] = Field(min_length=1)
+    resources: Annotated[list[Resource], msgspec.Meta(min_length=1)]
 
-    @model_validator(mode="after")
-    def _names_and_graph(self) -> AgentConfig:
+    def __post_init__(self) -> None:
         names = [r.name for r in self.resources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -248,7 +288,6 @@ class AgentConfig(_Model):
         self.graph()
         if self.control is not None:
             self.control_resource()
-        return self
 
     def control_resource(self) -> PostgresResource:
         """The resource the control API drives (ValueError when the choice is unclear)."""
@@ -280,6 +319,32 @@ class AgentConfig(_Model):
         raise KeyError(name)
 
 
+def _dec_hook(type_: type, obj: Any) -> Any:
+    """Build the field types msgspec does not know: paths and secret references."""
+    if type_ is Path:
+        if isinstance(obj, str | PathLike):
+            return Path(obj)
+        raise ValueError(f"Expected a path (`str`), got `{type(obj).__name__}`")
+    if type_ is SecretRef:
+        # Its ValueErrors never echo the value (an inline value is likely the secret itself).
+        return SecretRef.parse(obj)
+    raise NotImplementedError(f"no decoder for {type_!r}")
+
+
+def _validate(data: dict[str, Any]) -> AgentConfig:
+    # strict=False: YAML's `1` is a valid float, and a quoted "5432" a valid port.
+    return msgspec.convert(data, AgentConfig, strict=False, dec_hook=_dec_hook)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> AgentConfig:
+    """An AgentConfig from an agent.yaml document already parsed (paths are kept as given);
+    ConfigError names the problem like `parse_config` does, without line numbers."""
+    try:
+        return _validate(data)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, data, None, source)) from None
+
+
 def load_config(path: Path) -> AgentConfig:
     """Read and validate agent.yaml; relative paths in it are relative to the file's directory."""
     path = Path(path)
@@ -291,6 +356,7 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def parse_config(text: str, base_dir: Path, source: str = "agent.yaml") -> AgentConfig:
+    """Validate agent.yaml's text; ConfigError points at the problem (file, field and line)."""
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
@@ -299,8 +365,8 @@ def parse_config(text: str, base_dir: Path, source: str = "agent.yaml") -> Agent
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping with agent_id, group, gateway, resources")
     try:
-        cfg = AgentConfig.model_validate(data)
-    except ValidationError as exc:
+        cfg = _validate(data)
+    except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, data, node, source)) from None
     return _resolve_paths(cfg, base_dir)
 
@@ -309,34 +375,93 @@ def _resolve_paths(cfg: AgentConfig, base_dir: Path) -> AgentConfig:
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else base_dir / p
 
-    resources: list[Any] = []
+    resources: list[Resource] = []
     for r in cfg.resources:
         updates: dict[str, Path] = {}
         for field in ("pidfile", "cwd", "datadir", "path", "mount_point", "bin_dir"):
             value = getattr(r, field, None)
             if isinstance(value, Path):
                 updates[field] = absolute(value)
-        resources.append(r.model_copy(update=updates))
-    return cfg.model_copy(update={"outbox": absolute(cfg.outbox), "resources": resources})
+        resources.append(msgspec.structs.replace(r, **updates))
+    return msgspec.structs.replace(cfg, outbox=absolute(cfg.outbox), resources=resources)
 
 
-def _explain(exc: ValidationError, data: dict[str, Any], node: yaml.Node | None, source: str) -> str:
-    lines = [f"{source} is invalid ({exc.error_count()} problem(s)):"]
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if not _is_union_tag(p)]
-        where = _loc_text(loc, data)
-        line = _line_of(node, loc)
-        at = f" (line {line})" if line else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; allowed fields are in the docs)"
-        lines.append(f"  {where or '<top>'}{at}: {msg}")
-    return "\n".join(lines)
+# msgspec's messages end in " - at `$.resources[0].port`"; the path's parts are `.field`,
+# `[index]` and `[...]` (a dict's key or value, which names no field).
+_PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`\Z", re.S)
+_MISSING_FIELD = re.compile(r"Object missing required field `(.*)`\Z", re.S)
+_BOUND = re.compile(r"Expected `\w+` (<=|>=|<|>) (\S+)\Z")
+_LENGTH = re.compile(r"Expected `(\w+)` of length (<=|>=) (\d+)\Z")
+_PATTERN = re.compile(r"Expected `str` matching regex (.*)\Z", re.S)
+_BOUND_WORDS = {"<=": "less than or equal to", ">=": "greater than or equal to",
+                "<": "less than", ">": "greater than"}
+_LENGTH_WORDS = {"str": ("String", "character"), "array": ("List", "item"),
+                 "object": ("Dictionary", "item")}
 
 
-def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and part in {
-        "process", "tcp", "http", "postgres", "volume", "ip"}
+def _split_error(exc: msgspec.ValidationError) -> tuple[str, list[str | int]]:
+    """msgspec's message and its path as a loc list (["resources", 0, "port"])."""
+    text = str(exc)
+    msg, sep, path = text.rpartition(" - at `$")
+    if not sep or not path.endswith("`"):
+        return text, []  # the error is at the top (AgentConfig.__post_init__)
+    loc: list[str | int] = []
+    for m in _PATH_PART.finditer(path[:-1]):
+        if m.group(1) is not None:
+            loc.append(m.group(1))
+        elif m.group(2) is not None:
+            loc.append(int(m.group(2)))
+    return msg, loc
+
+
+def _number(text: str) -> str:
+    """msgspec writes float bounds as 3600.0; the config's readers wrote 3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else text
+
+
+def _reword(msg: str, loc: list[str | int]) -> tuple[str, list[str | int]]:
+    """A user's wording (the one agent.yaml's messages have always had) for msgspec's message,
+    and the loc of the field it is about."""
+    if m := _UNKNOWN_FIELD.match(msg):
+        return "unknown field (check the spelling; allowed fields are in the docs)", [*loc, m[1]]
+    if m := _MISSING_FIELD.match(msg):
+        return "Field required", [*loc, m[1]]
+    if loc and loc[-1] == "type" and msg.startswith("Invalid value "):
+        # A resource `type` that names no kind: say which ones there are. The value is a type
+        # name the user wrote, never a secret.
+        tags = ", ".join(repr(t) for t in _RESOURCE_TAGS)
+        found = msg.removeprefix("Invalid value ")
+        return (f"Input tag {found} found using 'type' does not match any of the expected tags: "
+                f"{tags}", loc[:-1])
+    if m := _BOUND.match(msg):
+        return f"Input should be {_BOUND_WORDS[m[1]]} {_number(m[2])}", loc
+    if (m := _LENGTH.match(msg)) and m[1] in _LENGTH_WORDS:
+        what, unit = _LENGTH_WORDS[m[1]]
+        n = int(m[3])
+        most = "at most" if m[2] == "<=" else "at least"
+        return f"{what} should have {most} {n} {unit}{'' if n == 1 else 's'}", loc
+    if m := _PATTERN.match(msg):
+        return f"String should match pattern {m[1]}", loc
+    return msg, loc
+
+
+def _explain(exc: msgspec.ValidationError, data: dict[str, Any], node: yaml.Node | None,
+             source: str) -> str:
+    # msgspec stops at the first problem, so there is exactly one to report.
+    msg, loc = _split_error(exc)
+    cause = exc.__cause__
+    if isinstance(cause, _FieldError):
+        loc = [*loc, *cause.loc]
+    msg, loc = _reword(msg, loc)
+    where = _loc_text(loc, data)
+    line = _line_of(node, loc)
+    at = f" (line {line})" if line else ""
+    return f"{source} is invalid (1 problem(s)):\n  {where or '<top>'}{at}: {msg}"
 
 
 def _loc_text(loc: list[Any], data: dict[str, Any]) -> str:
@@ -374,8 +499,15 @@ def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
 
 
 def dump_config(data: dict[str, Any]) -> str:
-    """YAML text for a config dict (validated first, so what is written is what runs)."""
-    AgentConfig.model_validate(data)
+    """YAML text for a config dict (validated first, so what is written is what runs).
+
+    ValueError when it does not validate, with the same text as agent.yaml's errors.
+    """
+    try:
+        _validate(data)
+    except msgspec.ValidationError as exc:
+        # Not a ValueError itself (pydantic's was): callers catch ValueError.
+        raise ValueError(_explain(exc, data, None, "the config")) from None
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 

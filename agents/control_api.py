@@ -36,10 +36,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
-
-from agents.drivers import Driver, VerbError
+from agents.drivers import ArgsError, Driver, VerbError, args_of
 from drflow.control import CONTROL_PATH
+from drflow.secret_refs import SecretValue
 from drflow.signing import (
     DEFAULT_WINDOW_S,
     SIGNATURE_HEADER,
@@ -94,7 +93,7 @@ class _Refusal(Exception):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], family: socket.AddressFamily, secret: SecretStr,
+    def __init__(self, addr: tuple[str, int], family: socket.AddressFamily, secret: SecretValue,
                  driver: Driver, agent_id: str, nonces: NonceStore) -> None:
         self.address_family = family
         self.secret = secret
@@ -160,17 +159,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refusal(400, f"unknown verb {verb_name!r} for "
                                     f"{self.server.driver.application}; known: {known}")
             try:
-                args = verb.args.model_validate(raw_args)
-            except ValidationError as exc:
-                raise _Refusal(400, f"bad arguments for {verb_name}: {_errors(exc)}") from None
+                args = args_of(verb.args, raw_args)
+            except ArgsError as exc:
+                raise _Refusal(400, f"bad arguments for {verb_name}: {exc}") from None
             log.info("control verb %s %s from %s (nonce %s)", verb_name, raw_args,
                      self.client_address[0], nonce)
             try:
                 result = verb.run(args)
             except VerbError as exc:
                 raise _Refusal(409, f"{verb_name} refused: {exc}") from None
-            except ValidationError as exc:
-                raise _Refusal(400, f"bad arguments for {verb_name}: {_errors(exc)}") from None
+            except ArgsError as exc:
+                raise _Refusal(400, f"bad arguments for {verb_name}: {exc}") from None
             except Exception as exc:
                 log.exception("control verb %s failed", verb_name)
                 raise _Refusal(500, f"{verb_name} failed: {type(exc).__name__}; see the agent "
@@ -272,11 +271,6 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}"
-                     for e in exc.errors())
-
-
 class ControlServer:
     """A running control endpoint; `stop()` ends it."""
 
@@ -311,7 +305,7 @@ class ControlServer:
         self._nonces.close()
 
 
-def serve(listen: str, secret: SecretStr, driver: Driver, *, agent_id: str,
+def serve(listen: str, secret: SecretValue, driver: Driver, *, agent_id: str,
           nonce_db: Path | None = None) -> ControlServer:
     """Serve the control API on `listen` ("host:port"; port 0 picks a free one)."""
     host, sep, port_text = listen.rpartition(":")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from pydantic import SecretStr
 
 from agents.monitors.ip import interface_of
 from agents.monitors.volume import mount_point_of
+from drflow.secret_refs import SecretValue
 
 _PG_NAMES = {"postgres", "postmaster"}
 _WILDCARDS = {"0.0.0.0", "::", "*"}
@@ -217,7 +217,7 @@ def volume_of(datadir: Path) -> Volume:
     return Volume(str(mount), None, None)
 
 
-def sql_role(targets: list[tuple[str, int]], user: str, password: SecretStr | None,
+def sql_role(targets: list[tuple[str, int]], user: str, password: SecretValue | None,
              timeout_s: float = 3.0) -> str | None:
     """primary/standby from pg_is_in_recovery() at the first target that lets us in, else None."""
     import psycopg
@@ -236,7 +236,7 @@ def sql_role(targets: list[tuple[str, int]], user: str, password: SecretStr | No
 
 
 def inspect(p: psutil.Process, user: str = "postgres",
-            password: SecretStr | None = None) -> PgInstance:
+            password: SecretValue | None = None) -> PgInstance:
     """Everything we can learn about one postmaster."""
     datadir = datadir_of(p).resolve()
     notes: list[str] = []
@@ -276,7 +276,7 @@ def inspect(p: psutil.Process, user: str = "postgres",
 
 
 def discover(datadirs: list[Path] | None = None, user: str = "postgres",
-             password: SecretStr | None = None) -> list[PgInstance]:
+             password: SecretValue | None = None) -> list[PgInstance]:
     """Running PostgreSQL instances, optionally only those with the given data directories."""
     wanted = {d.resolve() for d in datadirs} if datadirs else None
     out = []

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-
 from drflow.events import HealthEvent
+from drflow.secret_refs import SecretValue
 from drflow.signing import sign_headers
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class Outbox:
 
     def enqueue(self, event: HealthEvent) -> None:
         """Store `event`; its body is fixed now so every redelivery is byte-identical."""
-        body = event.model_dump_json().encode()
+        body = event.to_json()
         with self._lock:
             self._conn.execute(
                 "INSERT OR IGNORE INTO outbox(event_id, body, enqueued_at) VALUES (?, ?, ?)",
@@ -244,7 +243,7 @@ class SenderAlreadyRunning(RuntimeError):
 class Sender:
     """Background thread delivering the outbox in order, one event per signed POST."""
 
-    def __init__(self, outbox: Outbox, url: str, secret: SecretStr, *, timeout_s: float = 2.0,
+    def __init__(self, outbox: Outbox, url: str, secret: SecretValue, *, timeout_s: float = 2.0,
                  backoff_initial_s: float = 0.2, backoff_max_s: float = 10.0,
                  also: Sequence[str] = ()) -> None:
         """`also`: the same receiver's other replicas (gateways at other sites). A receiver that

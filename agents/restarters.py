@@ -76,7 +76,7 @@ def postgres_driver(r: PostgresResource) -> Any:
 
     password = None
     if r.password is not None:
-        from drflow.secrets import resolve
+        from drflow.secret_refs import resolve
 
         password = resolve(r.password)
     return PostgresDriver(datadir=r.datadir, port=r.port, host=r.host, bin_dir=r.bin_dir,

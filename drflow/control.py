@@ -8,8 +8,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-
+from drflow.secret_refs import SecretStr, SecretValue
 from drflow.signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -37,7 +36,7 @@ class ControlClient:
     `secret` is that agent's own secret; `ControlClient.for_agent` derives it from the master.
     """
 
-    def __init__(self, url: str, secret: SecretStr, *, agent_id: str,
+    def __init__(self, url: str, secret: SecretValue, *, agent_id: str,
                  timeout_s: float = 300.0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -52,7 +51,7 @@ class ControlClient:
         self.timeout_s = timeout_s
 
     @classmethod
-    def for_agent(cls, url: str, master: SecretStr, agent_id: str, *,
+    def for_agent(cls, url: str, master: SecretValue, agent_id: str, *,
                   timeout_s: float = 300.0) -> ControlClient:
         """A client for `agent_id`, its secret derived from the master `gateway.control_secret`."""
         derived = control_secret(master.get_secret_value().encode(), agent_id).decode()

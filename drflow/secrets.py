@@ -1,4 +1,6 @@
-"""Secret references (`env:`, `file:`, `aws-sm:`) and their resolution to `SecretStr`.
+"""Secret references (`env:`, `file:`, `aws-sm:`) as pydantic models, resolved to pydantic's
+`SecretStr`: the orchestrator's side of `drflow.secret_refs` (same checks, same values, same
+cache).
 
 The configuration only ever holds references; values are fetched on demand, cached for the life
 of the process, and never put into messages, exceptions or logs.
@@ -6,40 +8,26 @@ of the process, and never put into messages, exceptions or logs.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import threading
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
-SCHEMES = ("env", "file", "aws-sm")
-REF_EXAMPLES = (
-    '{ref: "env:NAME"}, {ref: "file:/path/to/file"} or {ref: "aws-sm:SECRET_ID#json_key"}'
+from drflow.secret_refs import (
+    REF_EXAMPLES,
+    SCHEMES,
+    AwsConfig,
+    SecretError,
+    aws_client_kwargs,
+    check_ref,
+    clear_cache,
+    fetch,
+    refuse_inline,
 )
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-
-class AwsConfig(Protocol):
-    """What resolving needs from the config's `aws` section (drflow.config.AwsConfig)."""
-
-    @property
-    def region(self) -> str | None: ...
-    @property
-    def endpoint_url(self) -> str | None: ...
-    @property
-    def access_key_id(self) -> SecretRef | None: ...
-    @property
-    def secret_access_key(self) -> SecretRef | None: ...
-    @property
-    def session_token(self) -> SecretRef | None: ...
-
-    def model_dump_json(self) -> str: ...
-
-
-class SecretError(Exception):
-    """A secret reference could not be resolved; the message names the ref, never the value."""
+__all__ = [
+    "REF_EXAMPLES", "SCHEMES", "AwsConfig", "SecretError", "SecretRef", "aws_client_kwargs",
+    "clear_cache", "resolve",
+]
 
 
 class SecretRef(BaseModel):
@@ -52,34 +40,14 @@ class SecretRef(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_inline(cls, data: Any) -> Any:
-        # Don't echo the input: an inline value here is very likely the secret itself.
-        if isinstance(data, str | int | float | bytes):
-            raise ValueError(f"inline secrets are not allowed; use a reference such as {REF_EXAMPLES}")
-        if not isinstance(data, dict | SecretRef):
-            raise ValueError(f"must be a secret reference such as {REF_EXAMPLES}")
+        if not isinstance(data, SecretRef):
+            refuse_inline(data)
         return data
 
     @field_validator("ref")
     @classmethod
     def _known_scheme(cls, ref: str) -> str:
-        scheme, sep, rest = ref.partition(":")
-        if not sep or scheme not in SCHEMES:
-            raise ValueError(
-                f"unknown secret reference scheme {scheme!r}: must start with one of "
-                + ", ".join(f"'{s}:'" for s in SCHEMES)
-            )
-        if scheme == "env" and not _ENV_NAME.fullmatch(rest):
-            raise ValueError("env: reference needs a variable name, e.g. 'env:SLACK_BOT_TOKEN'")
-        if scheme == "file" and not rest.startswith("/"):
-            raise ValueError("file: reference needs an absolute path, e.g. 'file:/etc/drflow/token'")
-        if scheme == "aws-sm":
-            secret_id, _, key = _split_aws(rest)
-            if not secret_id or key == "":
-                raise ValueError(
-                    "aws-sm: reference needs a secret id and an optional non-empty json key, "
-                    "e.g. 'aws-sm:prod/drflow#password'"
-                )
-        return ref
+        return check_ref(ref)
 
     @property
     def scheme(self) -> str:
@@ -89,173 +57,6 @@ class SecretRef(BaseModel):
         return self.ref
 
 
-def _split_aws(rest: str) -> tuple[str, str, str | None]:
-    """`SECRET_ID#key` → (id, '#', key); ARNs contain ':' but never '#'."""
-    secret_id, sep, key = rest.rpartition("#")
-    if not sep:
-        return rest, "", None
-    return secret_id, sep, key
-
-
-_cache: dict[tuple[str, str], SecretStr] = {}
-_aws_cache: dict[tuple[str, str], str] = {}
-_lock = threading.Lock()
-
-
-def clear_cache() -> None:
-    """Forget every resolved secret (after a rotation, or between tests)."""
-    with _lock:
-        _cache.clear()
-        _aws_cache.clear()
-
-
 def resolve(ref: SecretRef, aws: AwsConfig | None = None) -> SecretStr:
     """The value `ref` points to; `aws` (region, endpoint, credentials) is used for `aws-sm:`."""
-    key = (ref.ref, _aws_key(aws) if ref.scheme == "aws-sm" else "")
-    with _lock:
-        hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    if ref.scheme == "env":
-        value = _resolve_env(ref)
-    elif ref.scheme == "file":
-        value = _resolve_file(ref)
-    else:
-        value = _resolve_aws(ref, aws)
-    if not value:
-        raise SecretError(f"secret {ref.ref}: the value is empty")
-    secret = SecretStr(value)
-    with _lock:
-        _cache[key] = secret
-    return secret
-
-
-def _resolve_env(ref: SecretRef) -> str:
-    name = ref.ref.partition(":")[2]
-    value = os.environ.get(name)
-    if value is None:
-        raise SecretError(f"secret {ref.ref}: environment variable {name} is not set")
-    return value
-
-
-def _resolve_file(ref: SecretRef) -> str:
-    path = ref.ref.partition(":")[2]
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError as e:
-        raise SecretError(f"secret {ref.ref}: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SecretError(f"secret {ref.ref}: {path} is not UTF-8 text") from None
-
-
-def _aws_key(aws: AwsConfig | None) -> str:
-    return "" if aws is None else aws.model_dump_json()
-
-
-def aws_client_kwargs(aws: AwsConfig | None) -> dict[str, Any]:
-    """Keyword arguments for `boto3.client(...)` from the config's `aws` section.
-
-    Absent settings are left out so boto3's default chain (environment, profile, instance role)
-    applies. Credentials are resolved here, so the caller gets plain strings: keep them local.
-    """
-    if aws is None:
-        return {}
-    kw: dict[str, Any] = {}
-    if aws.region:
-        kw["region_name"] = aws.region
-    if aws.endpoint_url:
-        kw["endpoint_url"] = aws.endpoint_url
-    if aws.access_key_id is not None and aws.secret_access_key is not None:
-        kw["aws_access_key_id"] = resolve(aws.access_key_id).get_secret_value()
-        kw["aws_secret_access_key"] = resolve(aws.secret_access_key).get_secret_value()
-        if aws.session_token is not None:
-            kw["aws_session_token"] = resolve(aws.session_token).get_secret_value()
-    return kw
-
-
-def _fetch_aws_secret(secret_id: str, aws: AwsConfig | None, where: str) -> str:
-    # boto3 costs ~0.3 s to import: only pay it when an aws-sm: ref is actually resolved.
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        NoRegionError,
-    )
-
-    cache_key = (secret_id, _aws_key(aws))
-    with _lock:
-        hit = _aws_cache.get(cache_key)
-    if hit is not None:
-        return hit
-    try:
-        client = boto3.session.Session().client(
-            "secretsmanager",
-            config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2}),
-            **aws_client_kwargs(aws),
-        )
-        resp = client.get_secret_value(SecretId=secret_id)
-    except ClientError as e:
-        err = e.response.get("Error", {})
-        code = err.get("Code", "error")
-        if code == "ResourceNotFoundException":
-            raise SecretError(f"{where}: secret {secret_id!r} does not exist") from None
-        raise SecretError(f"{where}: {code}: {err.get('Message', '')}") from None
-    except NoRegionError:
-        raise SecretError(f"{where}: no AWS region: set aws.region in the config") from None
-    except NoCredentialsError:
-        raise SecretError(
-            f"{where}: no AWS credentials: set aws.access_key_id and aws.secret_access_key, "
-            "or configure boto3's default chain (environment, profile, instance role)"
-        ) from None
-    except EndpointConnectionError as e:
-        raise SecretError(f"{where}: cannot reach Secrets Manager at {e.kwargs.get('endpoint_url')}"
-                          ) from None
-    except BotoCoreError as e:
-        raise SecretError(f"{where}: {type(e).__name__}: {e}") from None
-    if "SecretString" in resp:
-        value = str(resp["SecretString"])
-    else:
-        try:
-            value = bytes(resp["SecretBinary"]).decode("utf-8")
-        except (KeyError, UnicodeDecodeError):
-            raise SecretError(f"{where}: the secret is binary, not UTF-8 text") from None
-    with _lock:
-        _aws_cache[cache_key] = value
-    return value
-
-
-def _resolve_aws(ref: SecretRef, aws: AwsConfig | None) -> str:
-    secret_id, _, key = _split_aws(ref.ref.partition(":")[2])
-    where = f"secret {ref.ref}"
-    if aws is not None:
-        # Credentials for Secrets Manager cannot themselves live in Secrets Manager.
-        for name in ("access_key_id", "secret_access_key", "session_token"):
-            cred = getattr(aws, name)
-            if cred is not None and cred.scheme == "aws-sm":
-                raise SecretError(f"{where}: aws.{name} must be an env: or file: reference")
-        try:
-            aws_client_kwargs(aws)
-        except SecretError as e:
-            raise SecretError(f"{where}: AWS credentials unavailable: {e}") from None
-    raw = _fetch_aws_secret(secret_id, aws, where)
-    if key is None:
-        return raw
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        # JSONDecodeError keeps the whole document: never chain it.
-        doc = None
-    if not isinstance(doc, dict):
-        raise SecretError(f"{where}: secret {secret_id!r} is not a JSON object, so #{key} "
-                          "cannot be looked up; drop the #key to use the whole value")
-    if key not in doc:
-        keys = ", ".join(sorted(str(k) for k in doc)) or "none"
-        raise SecretError(f"{where}: secret {secret_id!r} has no key {key!r} (keys: {keys})")
-    value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise SecretError(f"{where}: key {key!r} of secret {secret_id!r} is not a string")
-    return str(value)
+    return SecretStr(fetch(ref.ref, aws))

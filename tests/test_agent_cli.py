@@ -99,16 +99,17 @@ def _guest_python() -> str:
     return GUEST_PYTHON if tag == agent_bundle.python_tag() else sys.executable
 
 
-def test_the_bundle_carries_no_cli_framework_nor_psycopg_binary(bundle: Path) -> None:
+def test_the_bundle_carries_no_cli_framework_nor_psycopg_binary_nor_pydantic(bundle: Path) -> None:
     manifest = json.loads((bundle / "BUNDLE.json").read_text())
     assert manifest["python"].endswith(platform.machine())
     libs = {p.name for p in (bundle / "lib").iterdir()}
     assert "psycopg" in libs
-    assert {lib for lib in libs if lib.startswith(("psycopg_binary", "typer", "click"))} == set()
+    assert {lib for lib in libs
+            if lib.startswith(("psycopg_binary", "typer", "click", "pydantic"))} == set()
     assert set(manifest["libraries"]) <= libs
 
 
-def test_the_bundled_agent_loads_no_cli_framework_and_psycopg_over_libpq(bundle: Path) -> None:
+def test_the_bundled_agent_loads_no_cli_framework_nor_pydantic_and_psycopg_over_libpq(bundle: Path) -> None:
     boot = bundle / agent_bundle.ENTRY
     # The bootstrap as the guest runs it, then what `run` imports for a postgres resource.
     code = textwrap.dedent(f"""
@@ -124,7 +125,7 @@ def test_the_bundled_agent_loads_no_cli_framework_and_psycopg_over_libpq(bundle:
     """)
     loaded = _loaded(code, "-sE", python=_guest_python())
     assert "psycopg" in loaded
-    assert _tops(loaded) & {"typer", "click", "psycopg_binary"} == set()
+    assert _tops(loaded) & {"typer", "click", "psycopg_binary", "pydantic"} == set()
 
 
 def test_the_bundled_agent_without_libpq_says_to_install_it(bundle: Path, tmp_path: Path) -> None:

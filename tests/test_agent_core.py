@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agents.config import AgentConfig, ConfigError, load_config, parse_config
+from agents.config import AgentConfig, ConfigError, config_from_dict, load_config, parse_config
 from agents.graph import Graph, GraphError
 from agents.monitors import CheckResult, build_monitor
 from agents.recovery import Action, Policy, Situation, backoff_delay, decide
@@ -89,7 +89,7 @@ class Receiver:
             with self.cond:
                 self.bad_signatures += 1
             return 401
-        event = json.loads(HealthEvent.model_validate_json(body).model_dump_json())
+        event = json.loads(HealthEvent.from_json(body).to_json())
         with self.cond:
             if any(e["event_id"] == event["event_id"] for e in self.events):
                 return 409
@@ -317,7 +317,7 @@ def _resource(spec: dict[str, Any]) -> Any:
     doc = {"agent_id": "a", "group": "g",
            "gateway": {"url": "http://x/", "webhook_secret": {"ref": "env:X"}},
            "resources": [{"name": "r", **spec}]}
-    return AgentConfig.model_validate(doc).resources[0]
+    return config_from_dict(doc).resources[0]
 
 
 def check(spec: dict[str, Any]) -> CheckResult:
@@ -465,7 +465,7 @@ def test_process_monitor(tmp_path: Path) -> None:
 
 
 def _cfg(resources: list[dict[str, Any]], heartbeat: float = 0.2) -> AgentConfig:
-    return AgentConfig.model_validate({
+    return config_from_dict({
         "agent_id": "a1", "group": "g1", "heartbeat_interval_s": heartbeat,
         "gateway": {"url": "http://127.0.0.1:1/", "webhook_secret": {"ref": "env:X"}},
         "resources": resources})

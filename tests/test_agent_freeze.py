@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agents.config import AgentConfig
+from agents.config import AgentConfig, config_from_dict
 from agents.monitors import CheckResult
 from agents.runner import Agent
 from drflow.events import HealthEvent
@@ -23,7 +23,7 @@ from tests.harness import wait_for
 
 
 def _cfg(timeout_s: float) -> AgentConfig:
-    return AgentConfig.model_validate({
+    return config_from_dict({
         "agent_id": "a1", "group": "g1", "heartbeat_interval_s": 0.1,
         "gateway": {"url": "http://127.0.0.1:1/", "webhook_secret": {"ref": "env:X"}},
         "resources": [{"name": "db", "type": "tcp", "port": 1, "interval_s": 0.2,

@@ -127,7 +127,7 @@ class Receiver:
             with self.cond:
                 self.bad_signatures += 1
             return 401
-        event = HealthEvent.model_validate_json(body)
+        event = HealthEvent.from_json(body)
         eid = str(event.event_id)
         with self.cond:
             if self.forced.get(eid):

@@ -283,7 +283,7 @@ def test_a_burst_of_duplicate_incident_events_still_gives_one_run(dist: Dist) ->
     events = [HealthEvent(agent_id=agent, group="payments", kind=EventKind.RECOVERY_EXHAUSTED,
                           resource="postgres", details={"reason": "test burst"})
               for _ in range(40)]
-    bodies = [e.model_dump_json().encode() for e in events] * 3  # 120 requests, 40 distinct
+    bodies = [e.to_json() for e in events] * 3  # 120 requests, 40 distinct
 
     def send(body: bytes) -> int:
         with httpx.Client(timeout=10) as c:

@@ -134,7 +134,7 @@ def test_thousand_incident_events_start_one_failover(env: Env) -> None:
         events = [HealthEvent(agent_id=agent, group="inventory", kind=EventKind.RECOVERY_EXHAUSTED,
                               resource="postgres", details={"reason": "test burst"})
                   for _ in range(250)]
-        bodies = [e.model_dump_json().encode() for e in events]
+        bodies = [e.to_json() for e in events]
         bodies = bodies * 4  # 1,000 requests: 250 distinct, each sent four times
 
         def send(body: bytes) -> int:

@@ -8,16 +8,8 @@ import re
 import socket
 from typing import Annotated, Literal
 
+import msgspec
 import psutil
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-)
 
 # Full matches only (`re.fullmatch`): `$` would let a trailing newline through.
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63})*",
@@ -47,43 +39,54 @@ def parse_peer(value: str) -> tuple[str, int]:
     return check_host(host), int(port)
 
 
-Host = Annotated[str, AfterValidator(check_host)]
-Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
-class StopArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Args(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A verb's arguments: decoded strictly (no "5432" for 5432, no 1 for true) by args_of."""
+
+
+class StopArgs(_Args):
     mode: Literal["smart", "fast", "immediate"] = "fast"
 
 
-class FenceProof(BaseModel):
+class FenceProof(_Args):
     """The orchestrator's proof that the other node is fenced (the leader-lease work fills it)."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["lease_expired", "powered_off", "operator_attested"]
-    evidence: Annotated[StrictStr, Field(min_length=1, max_length=500)]
+    evidence: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
 
-class PromoteArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PromoteArgs(_Args):
     # A promoted standby with no standby of its own hangs every write while
     # synchronous_standby_names is set; the caller decides (and audits) relaxing it.
-    relax_sync: StrictBool = False
+    relax_sync: bool = False
     # Without it a promote is refused while a peer answers as a writable primary.
     fence_proof: FenceProof | None = None
 
 
-class SourceArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source_host: Host
+class SourceArgs(_Args):
+    source_host: str
     source_port: Port
 
+    def __post_init__(self) -> None:
+        # msgspec locates a __post_init__ error at the struct: name the field here.
+        try:
+            check_host(self.source_host)
+        except ValueError as exc:
+            raise ValueError(f"source_host: {exc}") from None
 
-class PrimaryArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    primary_host: Host
+
+class PrimaryArgs(_Args):
+    primary_host: str
     primary_port: Port
 
+    def __post_init__(self) -> None:
+        # msgspec locates a __post_init__ error at the struct: name the field here.
+        try:
+            check_host(self.primary_host)
+        except ValueError as exc:
+            raise ValueError(f"primary_host: {exc}") from None
 
 
 def addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

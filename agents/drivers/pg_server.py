@@ -17,12 +17,10 @@ from typing import Any
 
 import psutil
 import psycopg
-from pydantic import (
-    SecretStr,
-)
 
 from agents.drivers import VerbError
 from agents.drivers.pg_args import check_host
+from drflow.secret_refs import SecretValue
 
 log = logging.getLogger("agents.drivers.postgres")
 
@@ -44,12 +42,12 @@ class PgServer:
         run_as: str | None = None,
         dbname: str = "postgres",
         user: str = "postgres",
-        password: SecretStr | None = None,
+        password: SecretValue | None = None,
         log_path: Path | None = None,
         socket_dir: Path | None = None,
         application_name: str | None = None,
         replication_user: str | None = None,
-        replication_password: SecretStr | None = None,
+        replication_password: SecretValue | None = None,
         connect_timeout_s: int = 3,
         peers: Iterable[tuple[str, int]] = (),
     ) -> None:
@@ -106,7 +104,7 @@ class PgServer:
             autocommit=True, application_name="drflow-agent")
 
     def _run(self, argv: list[str], *, timeout: float,
-             password: SecretStr | None = None) -> subprocess.CompletedProcess[str]:
+             password: SecretValue | None = None) -> subprocess.CompletedProcess[str]:
         """Run one of the fixed server binaries as the data directory's owner."""
         cmd = [str(self.bin_dir / argv[0]), *argv[1:]]
         if self._runuser and self.run_as:

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from agents.drivers import NoArgs, Verb, VerbError
+from agents.drivers import NoArgs, Verb, VerbError, args_of
 from agents.drivers.pg_args import (
     FenceProof,
     PrimaryArgs,
@@ -106,7 +106,7 @@ class PostgresDriver(PgRebuild):
                     "role": self._role_or_down()}
 
     def stop(self, mode: str = "fast") -> dict[str, Any]:
-        StopArgs(mode=mode)  # type: ignore[arg-type]
+        args_of(StopArgs, {"mode": mode})
         with self._lock:
             self._held_down = True
             if self._live_postmaster() is None:
@@ -202,7 +202,7 @@ class PostgresDriver(PgRebuild):
 
     def rewind_to(self, source_host: str, source_port: int) -> dict[str, Any]:
         """Make this instance a streaming standby of the primary at source_host:source_port."""
-        SourceArgs(source_host=source_host, source_port=source_port)
+        args_of(SourceArgs, {"source_host": source_host, "source_port": source_port})
         with self._lock:
             t0 = time.monotonic()
             # Every check comes before the stop: a refused request leaves a primary serving.
@@ -250,7 +250,7 @@ class PostgresDriver(PgRebuild):
 
     def attach_to(self, primary_host: str, primary_port: int) -> dict[str, Any]:
         """Point this standby (running or stopped) at another primary."""
-        PrimaryArgs(primary_host=primary_host, primary_port=primary_port)
+        args_of(PrimaryArgs, {"primary_host": primary_host, "primary_port": primary_port})
         with self._lock:
             primary_host, primary_port = self._peer_target(primary_host, primary_port)
             current = self.status()

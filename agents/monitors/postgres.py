@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 import psycopg
-from pydantic import SecretStr
 
 from agents.monitors import CheckResult
+from drflow.secret_refs import SecretValue
 
 _ROLE_SQL = "select pg_is_in_recovery()"
 _STANDBY_SQL = """
@@ -39,7 +39,7 @@ from pg_stat_replication
 
 
 class PostgresMonitor:
-    def __init__(self, host: str, port: int, user: str, dbname: str, password: SecretStr | None,
+    def __init__(self, host: str, port: int, user: str, dbname: str, password: SecretValue | None,
                  timeout_s: float, reconnect_every_s: float = 10.0,
                  clock: Any = time.monotonic) -> None:
         self.host, self.port, self.user, self.dbname = host, port, user, dbname
@@ -117,7 +117,7 @@ class PostgresMonitor:
 def build(r: Any) -> PostgresMonitor:
     password = None
     if r.password is not None:
-        from drflow.secrets import resolve
+        from drflow.secret_refs import resolve
 
         password = resolve(r.password)
     return PostgresMonitor(r.host, r.port, r.user, r.dbname, password, r.timeout_s)

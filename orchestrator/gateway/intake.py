@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from drflow.events import HealthEvent
+from drflow.events import EventError, HealthEvent
 from drflow.signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -185,8 +185,14 @@ def parse_model(model: type[BaseModel], body: bytes, what: str,
 
 
 def parse_event(body: bytes, limits: JsonLimits | None = None) -> HealthEvent:
-    event: HealthEvent = parse_model(HealthEvent, body, "event body", limits)
-    return event
+    """Validate `body` as a HealthEvent; a 422 naming the first bad field (never the input)."""
+    check_json_shape(body, limits or JsonLimits(), "event body")
+    try:
+        return HealthEvent.from_json(body)
+    except EventError as exc:
+        field = exc.field[:200] or "(body)"
+        raise Rejection(422, "malformed", f"invalid event body: {field}: {exc.message[:200]}",
+                        [{"field": field, "message": exc.message[:200]}]) from None
 
 
 def check_member(settings: GatewaySettings, group: str, agent_id: str) -> None:
