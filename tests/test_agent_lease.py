@@ -161,6 +161,13 @@ def etcd_frozen(cluster: dict[str, Any]) -> Iterator[None]:
         wait_for(lambda: etcd.member_health(cluster["endpoints"][0], 0.5)[0], 10, "etcd back")
 
 
+def _thread_cpu_s(name: str) -> float:
+    """CPU seconds used so far by this process's thread called `name` (from /proc)."""
+    thread = next(t for t in threading.enumerate() if t.name == name)
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def started(holders: list[Holder], cluster: dict[str, Any], primary: pg.Instance, root: Path,
             replication: str = "sync") -> Holder:
     h = Holder(cluster, primary, root, replication)
@@ -212,7 +219,10 @@ def test_etcd_gone_standby_streaming_keeps_serving(cluster: dict[str, Any], pair
     h = started(holders, cluster, primary, root)
     with etcd_frozen(cluster):
         wait_for(lambda: h.h.state == "failsafe", LEASE_S + 1, "failsafe")
+        cpu_before = _thread_cpu_s("lease-watchdog")
         time.sleep(LEASE_S)  # well past the lease: still serving
+        # ... and the watchdog rechecks the failsafe now and then, not in a busy loop.
+        assert _thread_cpu_s("lease-watchdog") - cpu_before < 0.05 * LEASE_S
         write(primary, root)
         assert pg.is_running(primary) and h.h.state == "failsafe" and not h.h.fences
     wait_for(lambda: h.h.state == "held", LEASE_S + 2, "renewals again")
