@@ -527,7 +527,7 @@ def _gate(lab: Lab, url: str, group: str, events: list[HealthEvent]) -> BootGate
 
     def emit(ev: HealthEvent) -> None:
         events.append(ev)
-        _post(lab, url, "/v1/events", ev.model_dump(mode="json"))
+        _post(lab, url, "/v1/events", json.loads(ev.to_json()))
 
     g = BootGate(agent_id=node["vm"], group=group, resource="postgres", port=node["port"],
                  host=node["host"], url=roles_url(url + "/v1/events", group),
