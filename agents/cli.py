@@ -159,7 +159,7 @@ _M_ARENA_MAX = -8
 def _few_malloc_arenas() -> None:
     """Two malloc arenas for the agent's dozen threads, not glibc's one per thread (up to eight
     per core): the threads sleep nearly all the time, and each arena keeps what its thread once
-    touched resident (about 0.4 MB in all). Before any thread starts; a no-op off glibc."""
+    touched resident (about 0.3 MB in all). Before any thread starts; a no-op off glibc."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):

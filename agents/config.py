@@ -20,6 +20,7 @@ import yaml
 from agents.graph import Graph, GraphError
 from drflow.listen import ListenAddress
 from drflow.secret_refs import SecretRef
+from drflow.struct_errors import FieldError, split_error
 
 # `\Z`, not `$`: msgspec matches with Python's `re`, where `$` also matches before a trailing
 # newline (pydantic's Rust regex did not), and a name ends up in events and file names.
@@ -36,19 +37,6 @@ def http_url(v: str, what: str) -> str:
 
 class ConfigError(Exception):
     """agent.yaml is missing, unreadable or invalid; the message points at the field."""
-
-
-class _FieldError(ValueError):
-    """A `__post_init__` check that failed on one field (`loc`, below the struct).
-
-    msgspec reports the struct's path for errors raised in `__post_init__` and keeps the
-    original exception as the cause: `_explain` appends `loc` so the message points at the
-    field itself, as the field validators of the pydantic models did.
-    """
-
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
 
 
 # Frozen: the running agent shares one config between threads. Unknown fields are errors: a
@@ -129,7 +117,7 @@ class HttpResource(_Resource, tag="http", frozen=True, kw_only=True):
         try:
             http_url(self.url, "url")
         except ValueError as exc:
-            raise _FieldError(("url",), str(exc)) from None
+            raise FieldError(("url",), str(exc)) from None
 
 
 class PostgresResource(_Resource, tag="postgres", frozen=True, kw_only=True):
@@ -176,7 +164,7 @@ class IpResource(_Resource, tag="ip", frozen=True, kw_only=True):
         try:
             canonical = str(ipaddress.ip_address(self.address))
         except ValueError:
-            raise _FieldError(("address",), f"not an IP address: {self.address!r}") from None
+            raise FieldError(("address",), f"not an IP address: {self.address!r}") from None
         # The canonical spelling (::1, not 0::1) is what the monitor compares with the
         # interface's addresses; the struct is frozen, hence force_setattr.
         if canonical != self.address:
@@ -200,12 +188,12 @@ class GatewayConfig(_Model, frozen=True, kw_only=True):
         try:
             http_url(self.url, "gateway url")
         except ValueError as exc:
-            raise _FieldError(("url",), str(exc)) from None
+            raise FieldError(("url",), str(exc)) from None
         for i, u in enumerate(self.also):
             try:
                 http_url(u, "gateway.also url")
             except ValueError as exc:
-                raise _FieldError(("also", i), str(exc)) from None
+                raise FieldError(("also", i), str(exc)) from None
 
 
 class ControlConfig(_Model, ListenAddress, frozen=True, kw_only=True):
@@ -223,7 +211,7 @@ class ControlConfig(_Model, ListenAddress, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise _FieldError(("listen",), f"listen must be host:port, got {self.listen!r}")
+            raise FieldError(("listen",), f"listen must be host:port, got {self.listen!r}")
         if not self.peers:
             return
         # Imported here: the driver's argument module is only needed when peers are set.
@@ -233,7 +221,7 @@ class ControlConfig(_Model, ListenAddress, frozen=True, kw_only=True):
             try:
                 parse_peer(peer)
             except ValueError as exc:
-                raise _FieldError(("peers", i), str(exc)) from None
+                raise FieldError(("peers", i), str(exc)) from None
 
     def peer_addresses(self) -> list[tuple[str, int]]:
         from agents.drivers.pg_args import parse_peer
@@ -263,7 +251,7 @@ class LeaseConfig(_Model, frozen=True, kw_only=True):
             try:
                 http_url(u, "lease.etcd")
             except ValueError as exc:
-                raise _FieldError(("etcd", i), str(exc)) from None
+                raise FieldError(("etcd", i), str(exc)) from None
         if self.margin_s >= self.lease_s / 2:
             raise ValueError(f"lease margin_s ({self.margin_s:g} s) must be under half of "
                              f"lease_s ({self.lease_s} s)")
@@ -386,9 +374,6 @@ def _resolve_paths(cfg: AgentConfig, base_dir: Path) -> AgentConfig:
     return msgspec.structs.replace(cfg, outbox=absolute(cfg.outbox), resources=resources)
 
 
-# msgspec's messages end in " - at `$.resources[0].port`"; the path's parts are `.field`,
-# `[index]` and `[...]` (a dict's key or value, which names no field).
-_PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`\Z", re.S)
 _MISSING_FIELD = re.compile(r"Object missing required field `(.*)`\Z", re.S)
 _BOUND = re.compile(r"Expected `\w+` (<=|>=|<|>) (\S+)\Z")
@@ -398,21 +383,6 @@ _BOUND_WORDS = {"<=": "less than or equal to", ">=": "greater than or equal to",
                 "<": "less than", ">": "greater than"}
 _LENGTH_WORDS = {"str": ("String", "character"), "array": ("List", "item"),
                  "object": ("Dictionary", "item")}
-
-
-def _split_error(exc: msgspec.ValidationError) -> tuple[str, list[str | int]]:
-    """msgspec's message and its path as a loc list (["resources", 0, "port"])."""
-    text = str(exc)
-    msg, sep, path = text.rpartition(" - at `$")
-    if not sep or not path.endswith("`"):
-        return text, []  # the error is at the top (AgentConfig.__post_init__)
-    loc: list[str | int] = []
-    for m in _PATH_PART.finditer(path[:-1]):
-        if m.group(1) is not None:
-            loc.append(m.group(1))
-        elif m.group(2) is not None:
-            loc.append(int(m.group(2)))
-    return msg, loc
 
 
 def _number(text: str) -> str:
@@ -427,10 +397,10 @@ def _number(text: str) -> str:
 def _reword(msg: str, loc: list[str | int]) -> tuple[str, list[str | int]]:
     """A user's wording (the one agent.yaml's messages have always had) for msgspec's message,
     and the loc of the field it is about."""
-    if m := _UNKNOWN_FIELD.match(msg):
-        return "unknown field (check the spelling; allowed fields are in the docs)", [*loc, m[1]]
-    if m := _MISSING_FIELD.match(msg):
-        return "Field required", [*loc, m[1]]
+    if _UNKNOWN_FIELD.match(msg):
+        return "unknown field (check the spelling; allowed fields are in the docs)", loc
+    if _MISSING_FIELD.match(msg):
+        return "Field required", loc
     if loc and loc[-1] == "type" and msg.startswith("Invalid value "):
         # A resource `type` that names no kind: say which ones there are. The value is a type
         # name the user wrote, never a secret.
@@ -453,10 +423,7 @@ def _reword(msg: str, loc: list[str | int]) -> tuple[str, list[str | int]]:
 def _explain(exc: msgspec.ValidationError, data: dict[str, Any], node: yaml.Node | None,
              source: str) -> str:
     # msgspec stops at the first problem, so there is exactly one to report.
-    msg, loc = _split_error(exc)
-    cause = exc.__cause__
-    if isinstance(cause, _FieldError):
-        loc = [*loc, *cause.loc]
+    loc, msg = split_error(exc, echo_values=True)  # the operator's own file: say what it says
     msg, loc = _reword(msg, loc)
     where = _loc_text(loc, data)
     line = _line_of(node, loc)

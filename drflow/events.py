@@ -61,15 +61,11 @@ class HealthEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         try:
             return _DECODER.decode(body)
         except msgspec.ValidationError as exc:
-            raise _event_error(str(exc)) from None
+            loc, message = split_error(exc)
+            raise EventError(dotted(loc), message) from None
         except msgspec.DecodeError:
             raise EventError("", "not valid JSON") from None
 
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(HealthEvent)
-
-
-def _event_error(text: str) -> EventError:
-    loc, message = split_error(text)
-    return EventError(dotted(loc), message)

@@ -31,7 +31,7 @@ def args_of(model: type[T], raw: Any) -> T:
     try:
         return msgspec.convert(raw, model, strict=True)
     except msgspec.ValidationError as exc:
-        loc, message = split_error(str(exc))
+        loc, message = split_error(exc)
         raise ArgsError(f"{dotted(loc)}: {message}" if loc else message) from None
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 import psutil
 
+from drflow.struct_errors import FieldError
+
 # Full matches only (`re.fullmatch`): `$` would let a trailing newline through.
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63})*",
                        re.ASCII)
@@ -70,11 +72,10 @@ class SourceArgs(_Args):
     source_port: Port
 
     def __post_init__(self) -> None:
-        # msgspec locates a __post_init__ error at the struct: name the field here.
         try:
             check_host(self.source_host)
         except ValueError as exc:
-            raise ValueError(f"source_host: {exc}") from None
+            raise FieldError(("source_host",), str(exc)) from None
 
 
 class PrimaryArgs(_Args):
@@ -82,11 +83,10 @@ class PrimaryArgs(_Args):
     primary_port: Port
 
     def __post_init__(self) -> None:
-        # msgspec locates a __post_init__ error at the struct: name the field here.
         try:
             check_host(self.primary_host)
         except ValueError as exc:
-            raise ValueError(f"primary_host: {exc}") from None
+            raise FieldError(("primary_host",), str(exc)) from None
 
 
 def addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
