@@ -11,6 +11,9 @@ does not share its CPUs with the DR VM or the orchestrator; on the lab's two sha
 (`--placement shared`, the default) production competes with all of them (measured, that is not
 where most of a drill's cost is: BENCHMARKS.md).
 
+`--pg-storage btrfs` puts the lab's data directories on btrfs subvolumes: the drill then
+snapshots the standby instead of copying it (docs/drills.md).
+
 `writes_lost_s`: production's writes lost to the drill, in seconds of its baseline rate
 ((baseline - during) * drill duration / baseline), which, unlike the ratio, does not depend on
 how long the drill takes to spend the same cost.
@@ -48,9 +51,15 @@ def main() -> None:
                     help="writes measured just before and just after each drill")
     ap.add_argument("--drills", type=int, default=3, help="drills in a row (figures: median)")
     ap.add_argument("--by-step", action="store_true", help="also print write rates per step")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print the CPU time each process spent during each drill")
     ap.add_argument("--max-rate", default=None,
                     help="drill.max_rate for the copy (default: the config's default; "
                          "'unlimited' for none)")
+    ap.add_argument("--pg-storage", choices=("plain", "btrfs"), default="plain",
+                    help="plain (default): the lab's data directories on the machine's file "
+                         "system, the drill copies the standby with pg_basebackup; btrfs: each a "
+                         "btrfs subvolume, the drill snapshots the standby")
     ap.add_argument("--placement", choices=("shared", "sites"), default="shared",
                     help="shared: every process on every CPU (default); sites: production "
                          "(primary, pgbench) alone on CPU 0, the rest on CPU 1")
@@ -76,7 +85,8 @@ def main() -> None:
     try:
         t = time.monotonic()
         server = start_local_server(home, port)
-        state = manager.up(lab_dir, groups=1, replication="sync", progress=lambda _m: None)
+        state = manager.up(lab_dir, groups=1, replication="sync", progress=lambda _m: None,
+                           pg_storage=args.pg_storage)
         print(f"lab and Prefect up in {time.monotonic() - t:.1f} s", flush=True)
         config, max_rate = _config(lab_dir, root, args.max_rate)
         group = state["groups"][0]["name"]
@@ -107,7 +117,8 @@ def main() -> None:
         "db_mb": round(db_bytes / 1e6), "pgbench_scale": args.scale, "clients": args.clients,
         "copy_max_rate": max_rate,
         "tps_baseline": med("tps_baseline"), "tps_during": med("tps_during"),
-        "placement": args.placement,
+        "placement": args.placement, "pg_storage": args.pg_storage,
+        "copy_method": results[0].get("copy_method") if results else None,
         "drills": len(results), "all_passed": all(r["outcome"] == "passed" for r in results),
     }))
 
@@ -116,7 +127,8 @@ def _config(lab_dir: Path, root: Path, max_rate: str | None) -> tuple[str, str |
     from drflow.config import DrillConfig
 
     cfg = yaml.safe_load((lab_dir / "drflow.yaml").read_text())
-    cfg["drill"] = {"work_dir": str(root / "drill-work"), "port_range": [47000, 47999]}
+    # The lab's work_dir: with btrfs storage it is on the standbys' file system, as a snapshot needs.
+    cfg["drill"] = {**cfg.get("drill", {}), "port_range": [47000, 47999]}
     if max_rate is not None:
         cfg["drill"]["max_rate"] = None if max_rate == "unlimited" else max_rate
     path = root / "drflow.yaml"
@@ -185,7 +197,9 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
         start = time.time()
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             t = time.monotonic()
+            cpu_before = _cpu_by_process() if args.cpu else {}
             figures = drill(group, config_path=config, raise_on_failure=False)
+            cpu_after = _cpu_by_process() if args.cpu else {}
             wall = time.monotonic() - t
         end = time.time()
         time.sleep(args.baseline_s + 0.5)  # a second baseline window, after the drill
@@ -217,13 +231,54 @@ def _one(config: str, group: str, pair: dict[str, Any], logs: Path,
             print(f"    {step['name']:<34} {step['seconds']:6.2f} s  {rate:6.0f} tps "
                   f"({rate / base:.2f})" if base else "", flush=True)
             t += step["seconds"]
+    if args.cpu:
+        _print_cpu(cpu_before, cpu_after, wall)
     if figures["outcome"] != "passed":
         print(f"  reason: {figures['reason']}", flush=True)
     return {"drill_s": figures["drill_s"], "rto_s": figures["rto_s"],
             "ready_s": figures.get("ready_s"), "rpo_s": figures["rpo_s"],
             "rpo_bytes": figures["rpo_bytes"], "ratio": ratio, "lost_s": lost_s,
             "tps_baseline": base,
-            "tps_during": during, "outcome": figures["outcome"]}
+            "tps_during": during, "outcome": figures["outcome"],
+            "copy_method": figures.get("copy_method")}
+
+
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process, by pid, with what it is."""
+    import psutil
+
+    seen = {}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        seen[p.pid] = (_what(p.info["name"] or "", " ".join(p.info["cmdline"] or [])),
+                       t.user + t.system)
+    return seen
+
+
+def _what(name: str, cmd: str) -> str:
+    if "prefect" in cmd and "server" in cmd:
+        return "Prefect server"
+    if "benchmarks/drill.py" in cmd:
+        return "the drill's flow (this process)"
+    if name.startswith("postgres") or cmd.startswith("postgres:"):
+        return "PostgreSQL " + " ".join(cmd.split()[1:3]).rstrip(":")
+    return name.split("/")[0] or cmd[:40]
+
+
+def _print_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               wall: float) -> None:
+    """Per kind of process, the CPU it spent during the drill (processes that ended during it,
+    such as the copy's server, are not counted)."""
+    spent: dict[str, float] = {}
+    for pid, (what, cpu) in after.items():
+        spent[what] = spent.get(what, 0.0) + cpu - before.get(pid, (what, 0.0))[1]
+    print(f"    CPU during the drill ({wall:.2f} s):", flush=True)
+    for what, cpu in sorted(spent.items(), key=lambda kv: -kv[1])[:10]:
+        if cpu >= 0.02:
+            print(f"      {cpu:6.2f} s  {what}", flush=True)
 
 
 def commit_times(logs: Path) -> list[float]:

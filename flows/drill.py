@@ -87,12 +87,14 @@ def drill(group: str, config_path: str | None = None,
                 run.note("refused", refused)
             else:
                 try:
-                    refused = _readiness(run, rt, g, dc)
+                    plan = drill_decisions.copy_plan(dc.copy_method, pg_copy.snapshot_problem(
+                        Path(g.standby.datadir) if g.standby.datadir else None, work_dir))
+                    refused = _readiness(run, rt, g, dc, plan)
                 except Exception as exc:  # e.g. a secret that cannot be resolved
                     refused = f"readiness checks could not run: {type(exc).__name__}: {exc}"
             if mine and refused is None:
                 try:
-                    _build_and_check(run, rt, g, dc, st, work_dir)
+                    _build_and_check(run, rt, g, dc, st, work_dir, plan)
                 except Exception as exc:
                     failed = f"step '{st.step}' failed: {type(exc).__name__}: {str(exc)[:500]}"
                 finally:
@@ -119,7 +121,8 @@ def _decide(step: Any, d: Decision) -> None:
         step.outcome = "refused"
 
 
-def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) -> str | None:
+def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
+               plan: drill_decisions.CopyPlan) -> str | None:
     """Every check runs (the report lists all reasons); None if all pass, else why not."""
     checks: dict[str, Decision] = {}
     primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
@@ -155,12 +158,16 @@ def _readiness(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig) ->
         d = drill_decisions.dns_sane(resolved, err, g.dns.record, g.primary.host, g.primary.port)
         _decide(s, d)
         checks["DNS"] = d
+    with run.step("check the copy method", dc.copy_method) as s:
+        d = plan.decision
+        _decide(s, d)
+        checks["copy method"] = d
     verdict = drill_decisions.readiness(checks)
     return None if verdict.proceed else verdict.reason
 
 
 def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConfig,
-                     st: _State, work_dir: Path) -> None:
+                     st: _State, work_dir: Path, plan: drill_decisions.CopyPlan) -> None:
     primary, standby = rt.db(g, g.primary), rt.db(g, g.standby)
     vc = rt.vcenter(g.standby.site)
     leftovers = pg_copy.leftover_copies(work_dir, g.name)
@@ -192,7 +199,14 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
     name = f"{g.name}-{st.drill_id}"
     with run.step(st.step, g.standby.vm, {"copy": name}) as s:
         st.run_dir = work_dir / name  # set first: teardown removes a half-made copy too
-        made = pg_copy.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
+        if plan.method == "snapshot" and g.standby.datadir:
+            made = pg_copy.snapshot_copy(standby, Path(g.standby.datadir), work_dir,
+                                         dc.port_range, name, g.name)
+            how = f"btrfs snapshot of {g.standby.datadir}, nothing read through the standby"
+        else:
+            made = pg_copy.make_copy(standby, work_dir, dc.port_range, name, g.name, dc.max_rate)
+            how = (f"pg_basebackup, WAL {made['wal_method']}, max rate "
+                   f"{dc.max_rate or 'unlimited'}; {plan.reason}")
         # The copy now holds production as of this moment: the drill's stand-in for the moment
         # of a disaster, from which its RTO counts (module docstring).
         st.copied_at = time.monotonic()
@@ -202,11 +216,12 @@ def _build_and_check(run: RunbookRun, rt: Runtime, g: GroupConfig, dc: DrillConf
         lag = drill_checks.replication_facts(primary, standby)
         st.figures.update(copy_s=round(made["seconds"], 3), copy_bytes=made["bytes"],
                           wal_method=made["wal_method"], copy_port=copy.port,
+                          copy_method="snapshot" if made["wal_method"] == "snapshot"
+                          else "basebackup",
                           rpo_s=None if lag.lag_s is None else round(lag.lag_s, 3),
                           rpo_bytes=lag.lag_bytes)
-        s.reason = (f"{made['bytes'] / 1e6:.1f} MB in {made['seconds']:.2f} s "
-                    f"(pg_basebackup, WAL {made['wal_method']}, max rate "
-                    f"{dc.max_rate or 'unlimited'}); standby lag then "
+        s.reason = (f"{made['bytes'] / 1e6:.1f} MB in {made['seconds']:.2f} s ({how}); "
+                    "standby lag then "
                     f"{_num(lag.lag_s)} s / {lag.lag_bytes} bytes")
 
     st.step = "clone the DR VM into the bubble"
@@ -287,7 +302,8 @@ def _report(run: RunbookRun, g: GroupConfig, st: _State, outcome: str, reason: s
         "rpo_s": f.get("rpo_s"),
         "rpo_bytes": f.get("rpo_bytes"), "rpo_budget_s": g.rpo_budget_s,
         "copy_lsn": f.get("copy_lsn"), "copy_bytes": f.get("copy_bytes"),
-        "copy_s": f.get("copy_s"), "clone": f.get("clone"), "steps": steps,
+        "copy_s": f.get("copy_s"), "copy_method": f.get("copy_method"), "clone": f.get("clone"),
+        "steps": steps,
     }
     icon = {"passed": "✅", "refused": "⛔"}.get(outcome, "❌")
     if outcome == "passed":

@@ -6,6 +6,7 @@ Each returns a `Decision` whose `reason` goes into the audit trail, the report a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flows.decisions import Decision
@@ -82,6 +83,31 @@ def dns_sane(resolved: tuple[str, int] | None, error: str | None, record: str,
         return Decision(False, f"{record} points at {host}:{port}, not at the primary "
                                f"{primary_host}:{primary_port}")
     return Decision(True, f"{record} points at the primary {host}:{port}")
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """How the drill copies the standby: `method` None when it cannot copy as configured."""
+
+    method: str | None
+    reason: str
+
+    @property
+    def decision(self) -> Decision:
+        return Decision(self.method is not None, self.reason)
+
+
+def copy_plan(configured: str, snapshot_problem: str | None) -> CopyPlan:
+    """Snapshot when configured or possible (nothing read through production); a configured
+    snapshot that cannot be made refuses the drill rather than copying the database instead."""
+    if configured == "basebackup":
+        return CopyPlan("basebackup", "pg_basebackup through the standby (drill.copy_method)")
+    if snapshot_problem is None:
+        return CopyPlan("snapshot", "copy-on-write snapshot of the standby's data directory")
+    if configured == "snapshot":
+        return CopyPlan(None, f"drill.copy_method is snapshot, but {snapshot_problem}")
+    return CopyPlan("basebackup", f"pg_basebackup through the standby: no snapshot, as "
+                                  f"{snapshot_problem}")
 
 
 def readiness(checks: Mapping[str, Decision]) -> Decision:

@@ -35,13 +35,18 @@ def up(
         [], "--unprotected", metavar="NAME",
         help="Also a lone database to protect: VM NAME-prod with PostgreSQL, no agent, no "
              "standby, no DNS record, not in drflow.yaml (repeat for more)."),
+    pg_storage: str = typer.Option(
+        "plain", "--pg-storage", metavar="[plain|btrfs]",
+        help="Where PostgreSQL's data directories live: plain (the lab directory's file system) "
+             "or btrfs (a loop-mounted image, a subvolume per data directory), which lets drills "
+             "snapshot the standby instead of copying it. btrfs needs root and btrfs-progs."),
 ) -> None:
     """Start the lab and write DIR/lab.json (endpoints, credentials) and DIR/drflow.yaml."""
     from lab import manager
 
     try:
         manager.up(lab_dir, groups, replication, progress=console.print, agents=agents,
-                   unprotected=unprotected)
+                   unprotected=unprotected, pg_storage=pg_storage)
     except manager.LabError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc

@@ -25,8 +25,10 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
 
     def side(g: dict[str, Any], role: str) -> dict[str, Any]:
         s = g[role]
+        # datadir: the drill runs on this machine, which holds every lab data directory; on
+        # btrfs it snapshots the standby's instead of copying it (drill.copy_method auto).
         return {"site": s["datacenter"], "vm": s["vm"], "host": s["host"], "port": s["port"],
-                "agent_url": s.get("agent_url")}
+                "agent_url": s.get("agent_url"), "datadir": s.get("datadir")}
 
     groups = []
     for g in state["groups"]:
@@ -46,8 +48,9 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         })
     for g in groups:
         for role in ("primary", "standby"):
-            if g[role]["agent_url"] is None:
-                del g[role]["agent_url"]
+            for key in ("agent_url", "datadir"):
+                if g[role][key] is None:
+                    del g[role][key]
     cfg: dict[str, Any] = {
         "sites": {"prod": site("prod"), "dr": site("dr")},
         "aws": {"region": state["aws"]["region"], "endpoint_url": state["aws"]["endpoint_url"],
@@ -63,8 +66,10 @@ def lab_config(lab_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
                     "control_secret": {"ref": "aws-sm:drflow-lab/gateway#control_secret"},
                     "heartbeat_timeout_s": 3},
         "groups": groups,
-        # Drill copies live inside the lab directory, so `lab down` sweeps them too.
-        "drill": {"work_dir": str(lab_dir / "drill")},
+        # Drill copies live inside the lab directory, so `lab down` sweeps them too; with the
+        # data directories on btrfs, on that same file system, where a snapshot can be made.
+        "drill": {"work_dir": str(lab_dir / "pg" / "drill" if state.get("pg_storage") == "btrfs"
+                                  else lab_dir / "drill")},
     }
     if state.get("etcd"):  # every member: the client moves on when one does not answer
         cfg["etcd"] = {"endpoints": list(state["etcd"]["endpoints"])}

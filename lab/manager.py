@@ -19,11 +19,13 @@ import psutil
 
 from lab import agents as lab_agents
 from lab import aws, etcd, guests, netns, postgres, procs, slack_standin, vcsim
+from lab import pg_storage as storage  # `pg_storage` is up()'s parameter
 from lab.labconfig import write_drflow_yaml
 
 GROUP_NAMES = ["orders", "payments", "ledger", "inventory", "billing", "ledger2"]
 DEFAULT_DIR = Path(os.environ.get("DRFLOW_LAB_DIR", "/tmp/drflow-lab"))
 TEMPLATE_VM = "drflow-pg-template"  # at DR: what a standby VM is created from
+PG_STORAGES = ("plain", "btrfs")
 
 
 class LabError(Exception):
@@ -71,6 +73,7 @@ def up(
     agents: bool = True,
     inventory_only: list[str] | None = None,
     unprotected: list[str] | None = None,
+    pg_storage: str = "plain",
 ) -> dict[str, Any]:
     """Build the sites' networks, then start a vcsim per site, etcd (a member per location),
     PostgreSQL pairs, moto, the Slack stand-in and a power bridge per site; write lab.json and
@@ -83,9 +86,18 @@ def up(
     `unprotected`: names of lone databases, what `drflow protect` starts from: VM `NAME-prod`
     in prod only, its PostgreSQL primary with no standby, no agent, no DNS record, not in
     drflow.yaml (lab.json's `unprotected`). DR has a host and an address kept for its standby,
-    and the template VM (`TEMPLATE_VM`) to create it from."""
+    and the template VM (`TEMPLATE_VM`) to create it from.
+
+    `pg_storage`: `plain` keeps the data directories in the lab directory's file system;
+    `btrfs` on a loop-mounted btrfs image at `<lab dir>/pg`, each a subvolume, so that a drill
+    snapshots the standby instead of copying it (lab.json's `pg_storage`)."""
     if replication not in ("sync", "async"):
         raise LabError(f"--replication must be sync or async, not {replication!r}")
+    if pg_storage not in PG_STORAGES:
+        raise LabError(f"--pg-storage must be plain or btrfs, not {pg_storage!r}")
+    if pg_storage == "btrfs" and (why := storage.available()):
+        raise LabError(f"--pg-storage btrfs is not possible here: {why}. Without it drills "
+                       "copy the standby with pg_basebackup: use --pg-storage plain")
     if groups < 1:
         raise LabError("--groups must be at least 1")
     if is_live(lab_dir):
@@ -115,9 +127,17 @@ def up(
     t0 = time.monotonic()
     state: dict[str, Any] = {"dir": str(lab_dir), "replication": replication, "processes": {},
                              "manager_pid": os.getpid(), "complete": False,
-                             "inventory_only": list(inventory_only or [])}
+                             "inventory_only": list(inventory_only or []),
+                             "pg_storage": pg_storage}
     _write_state(lab_dir, state)  # lets `lab down` clean up even if `up` dies half-way
     try:
+        if pg_storage == "btrfs":
+            # Before any pair: each data directory is made as a subvolume of this file system.
+            try:
+                _timed(progress, f"btrfs for PostgreSQL at {lab_dir / 'pg'}",
+                       storage.mount_btrfs, lab_dir / "pg")
+            except storage.StorageError as e:
+                raise LabError(f"--pg-storage btrfs: {e}") from e
         topo = netns.create(lab_dir, progress)
         state["network"] = topo.to_dict()
         _write_state(lab_dir, state)
@@ -534,6 +554,12 @@ def down(lab_dir: Path = DEFAULT_DIR, progress: Progress = print) -> None:
     for single in state.get("postgres_unprotected", {}).values():
         postgres.kill_hard(postgres.Instance.from_dict(single))
     _kill_strays(lab_dir)
+    # After every PostgreSQL (and drill clone) is gone; by the mount table, not lab.json, so
+    # that the btrfs of a lab whose lab.json is lost is unmounted too.
+    try:
+        storage.unmount(lab_dir / "pg")
+    except storage.StorageError as e:
+        progress(f"warning: {e}; see `grep {lab_dir / 'pg'} /proc/self/mounts`")
     if (lab_dir / "etcd").is_symlink():  # its data on tmpfs (_start_etcd)
         shutil.rmtree((lab_dir / "etcd").resolve(), ignore_errors=True)
     topo = topology(state)

@@ -4,7 +4,7 @@ Layout under `base_dir` (the lab gives `<lab dir>/pg`):
 
     credentials.json        the client role and its generated password (root only, 0600)
     <group>/prod/           `<group>-prod`, created as the primary; owned by `postgres`
-        data/               its data directory
+        data/               its data directory (a btrfs subvolume when base_dir is on btrfs)
         instance.conf       its identity: port, socket directory, cluster_name
         server.log          its server log; the directory is also its Unix socket directory
     <group>/dr/             `<group>-dr`, created as the standby, laid out alike
@@ -61,7 +61,7 @@ from drflow.pg_os import (
     pg_can_traverse,
     run_pg,
 )
-from lab import procs
+from lab import pg_storage, procs
 
 PG_ROOT = Path("/usr/lib/postgresql")
 CLIENT_USER = "drflow"
@@ -383,7 +383,7 @@ def create_single(base_dir: Path, name: str, node: tuple[str, tuple[str, ...]] =
     client_credentials(base_dir)
     inst = _new_instance(gdir / "prod", f"{name}-prod", "primary", *node)
     try:
-        subprocess.run(["cp", "-a", str(template_dir()), str(inst.datadir)], check=True)
+        _copy_template(inst)
         start(inst, timeout=timeout)
         _set_client_role(inst, *client_credentials(base_dir))
     except BaseException:
@@ -401,13 +401,24 @@ def _new_instance(home: Path, name: str, role: str, host: str = HOST,
                     log=home / "server.log", role=role, host=host, netns_prefix=netns_prefix)
     write_instance_conf(inst)
     _touch_log(inst.log)
+    if pg_storage.is_btrfs(home):
+        # Made now, as a subvolume, so that a drill can snapshot it (lab/pg_storage.py); on
+        # other file systems the copy of the template or the base backup makes it.
+        pg_storage.make_datadir(inst.datadir)
+        give_to_pg(inst.datadir)
     return inst
+
+
+def _copy_template(inst: Instance) -> None:
+    # `template/.`: copies the contents (and the directory's mode and owner) into the data
+    # directory whether it exists already (a subvolume) or not.
+    subprocess.run(["cp", "-a", f"{template_dir()}/.", str(inst.datadir)], check=True)
 
 
 def _build_pair(base_dir: Path, primary: Instance, standby: Instance, standby_names: str,
                 timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    subprocess.run(["cp", "-a", str(template_dir()), str(primary.datadir)], check=True)
+    _copy_template(primary)
     # In the data directory on purpose, so the standby's copy has it too (see create_pair).
     with open(primary.datadir / "postgresql.conf", "a") as f:
         f.write(f"synchronous_standby_names = '{standby_names}'\n")
@@ -614,6 +625,9 @@ def destroy(inst: Instance) -> None:
         stop(inst, "immediate", timeout=10)
     kill_hard(inst)
     shutil.rmtree(inst.datadir, ignore_errors=True)
+    if inst.datadir.exists():
+        # A btrfs subvolume on a kernel older than 4.18, where rmdir cannot remove one.
+        pg_storage.delete_subvolume(inst.datadir)
 
 
 def service_spec(inst: Instance) -> dict[str, Any]:

@@ -22,6 +22,8 @@ command -v tmux >/dev/null 2>&1 || missing_debs+=(tmux)
 # The lab's sites are network namespaces; its faults are nftables drops.
 command -v ip >/dev/null 2>&1 || missing_debs+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_debs+=(nftables)
+# Drills snapshot the lab's standbys on btrfs (`drflow lab up --pg-storage btrfs`).
+command -v mkfs.btrfs >/dev/null 2>&1 || missing_debs+=(btrfs-progs)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing_debs+=(python3-venv)
 
 if [ ${#missing_debs[@]} -gt 0 ]; then

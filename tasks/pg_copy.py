@@ -1,7 +1,9 @@
 """The drill's copy of a standby: a PostgreSQL instance made, started, promoted and removed.
 
-The copy is a `pg_basebackup` of the standby made by the machine running the drill, under the
-config's `drill.work_dir`, listening on 127.0.0.1 only. It is started with every setting that
+The copy is made by the machine running the drill, under the config's `drill.work_dir`, and
+listens on 127.0.0.1 only. Either a copy-on-write snapshot of the standby's data directory (a
+btrfs subvolume on work_dir's file system: atomic, so crash-consistent, and nothing is read
+through the standby), or a `pg_basebackup` of the standby. It is started with every setting that
 could tie it to production overridden (no primary_conninfo, no synchronous standbys, no
 archiving), so it can never become a standby of, or a sender to, production; and without fsync,
 so that it does not compete with production for the disk where they share one. The base backup
@@ -19,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,19 +159,119 @@ def _server_major(db: Db) -> int:
     return int(row[0]) // 10000 if row else 0
 
 
-@task(name="copy the standby", timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
-def make_copy(source: Db, work_dir: Path, port_range: tuple[int, int], name: str,
-              group: str, max_rate: str | None = None) -> dict[str, Any]:
-    """pg_basebackup of the standby into `work_dir/name/data`, made ready to start on its own."""
+BTRFS_MAGIC = 0x9123683E
+_SUBVOLUME_INO = 256  # every btrfs subvolume's root directory has this inode number
+# Left in a snapshot by the running standby; meaningless, or harmful, in the copy:
+# postmaster.pid names the standby's live postmaster (a copy would refuse to start, and a
+# `pg_ctl stop` of the copy would signal the standby).
+_SNAPSHOT_EXCLUDED = ("postmaster.pid", "postmaster.opts", "backup_label.old")
+
+
+def snapshot_problem(datadir: Path | None, work_dir: Path) -> str | None:
+    """Why a snapshot of `datadir` cannot be the copy here; None if it can be tried."""
+    if datadir is None:
+        return "the standby's datadir is not configured (groups[].standby.datadir)"
+    if shutil.which("btrfs") is None:
+        return "the btrfs command is not installed on this machine (btrfs-progs)"
+    try:
+        st = datadir.stat()
+    except OSError as exc:
+        return f"the standby's datadir {datadir} is not visible here ({exc.strerror})"
+    if _fs_type(datadir) != BTRFS_MAGIC or st.st_ino != _SUBVOLUME_INO:
+        return f"the standby's datadir {datadir} is not a btrfs subvolume"
+    wal = datadir / "pg_wal"
+    if wal.is_symlink():
+        return (f"{wal} is a link to another place: a snapshot of the data directory would not "
+                "hold its WAL")
+    tablespaces = datadir / "pg_tblspc"
+    if tablespaces.is_dir() and any(tablespaces.iterdir()):
+        return "the standby has tablespaces outside its data directory: a snapshot would miss them"
+    if _fs_type(work_dir) != BTRFS_MAGIC:
+        return f"drill.work_dir {work_dir} is not on btrfs (a snapshot stays on its file system)"
+    return None
+
+
+def _fs_type(path: Path) -> int | None:
+    try:
+        out = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        return int(out.strip(), 16)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _system_identifier(db: Db) -> int:
+    with db.connect() as c:
+        row = c.execute("select system_identifier from pg_control_system()").fetchone()
+    if not row:
+        raise DrillError(f"{db} reports no system identifier")
+    return int(row[0])
+
+
+def _control_data(bindir: Path, datadir: Path, cwd: Path) -> dict[str, str]:
+    out = _run([str(bindir / "pg_controldata"), "-D", str(datadir)],
+               f"reading the control file of {datadir}", timeout=30, cwd=cwd, LC_ALL="C")
+    return {k.strip(): v.strip() for k, _, v in
+            (line.partition(":") for line in out.splitlines()) if v}
+
+
+def _new_run(source: Db, work_dir: Path, port_range: tuple[int, int], name: str,
+             group: str) -> tuple[DrillCopy, Path]:
+    """The copy's run directory (marked with its group, for teardown after a crash), its port,
+    and the server binaries matching the standby."""
     run_dir = work_dir / name
     run_dir.mkdir(mode=0o700)
     (run_dir / RUN_FILE).write_text(json.dumps({"group": group, "name": name,
                                                 "created": time.time()}))
     give_to_pg(run_dir)
     port = _claim_port(work_dir, *port_range, owner=name)
-    copy = DrillCopy(name=name, run_dir=run_dir, port=port, group=group)
-    bindir = pg_bindir(_server_major(source))
-    passfile = run_dir / ".pgpass"
+    return (DrillCopy(name=name, run_dir=run_dir, port=port, group=group),
+            pg_bindir(_server_major(source)))
+
+
+@task(name="snapshot the standby", timeout_seconds=600, cache_policy=NO_CACHE)
+def snapshot_copy(source: Db, datadir: Path, work_dir: Path, port_range: tuple[int, int],
+                  name: str, group: str) -> dict[str, Any]:
+    """A btrfs snapshot of the standby's data directory into `work_dir/name/data`, checked to
+    be the standby's (same system identifier, in recovery) and made ready to start on its own.
+
+    The snapshot is atomic: what a crash of the standby at that instant would leave, which
+    PostgreSQL recovers from by replaying its own WAL (the copy starts as a standby)."""
+    copy, bindir = _new_run(source, work_dir, port_range, name, group)
+    expected = _system_identifier(source)
+    t0 = time.monotonic()
+    # No restartpoint is asked of the standby first: a session waiting for one holds a snapshot
+    # that delays the standby's replay until recovery cancels it (max_standby_streaming_delay,
+    # 30 s here), and an immediate one flushes all its buffers at once. The copy replays from
+    # the standby's last restartpoint instead (docs/drills.md, "Replay length").
+    _run(["btrfs", "subvolume", "snapshot", str(datadir), str(copy.datadir)],
+         f"btrfs snapshot of {datadir}", timeout=300, cwd=copy.run_dir)
+    seconds = time.monotonic() - t0
+    for leftover in _SNAPSHOT_EXCLUDED:
+        (copy.datadir / leftover).unlink(missing_ok=True)
+    for slot in (copy.datadir / "pg_replslot").glob("*"):
+        shutil.rmtree(slot, ignore_errors=True)  # the standby's slots are not the copy's
+    control = _control_data(bindir, copy.datadir, copy.run_dir)
+    found = control.get("Database system identifier", "")
+    state = control.get("Database cluster state", "")
+    if found != str(expected):
+        raise DrillError(f"{datadir} is not the standby's data directory: its system identifier "
+                         f"is {found or 'unreadable'}, the standby's {expected}; fix "
+                         "groups[].standby.datadir")
+    if state != "in archive recovery":
+        raise DrillError(f"{datadir} is not a standby's data directory (its control file says "
+                         f"{state!r}, not 'in archive recovery'); fix groups[].standby.datadir")
+    _neutralise(copy)
+    return {"copy": copy, "seconds": seconds, "wal_method": "snapshot",
+            "bytes": _du(copy.datadir), "bindir": str(bindir)}
+
+
+@task(name="copy the standby", timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
+def make_copy(source: Db, work_dir: Path, port_range: tuple[int, int], name: str,
+              group: str, max_rate: str | None = None) -> dict[str, Any]:
+    """pg_basebackup of the standby into `work_dir/name/data`, made ready to start on its own."""
+    copy, bindir = _new_run(source, work_dir, port_range, name, group)
+    passfile = copy.run_dir / ".pgpass"
     pw = source.password.get_secret_value() if source.password else ""
     passfile.write_text(":".join(_pgpass_field(x) for x in (
         source.host, str(source.port), "*", source.user, pw)) + "\n")
@@ -322,7 +425,7 @@ def leftover_copies(work_dir: Path, group: str) -> list[Path]:
 def remove_copy(run_dir: Path, bindir: str | None = None) -> list[str]:
     """Stop the copy's server and remove its directory and port claim; return what is left."""
     data = run_dir / "data"
-    if bindir and (data / "postmaster.pid").exists():
+    if bindir and _own_pid_file(data):
         with contextlib.suppress(DrillError):
             _run([str(Path(bindir) / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate",
                   "-w", "-t", "20", "-s"], "stopping the drill copy", timeout=30, cwd=run_dir.parent)
@@ -333,6 +436,11 @@ def remove_copy(run_dir: Path, bindir: str | None = None) -> list[str]:
     deadline = time.monotonic() + 10
     while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if data.exists() and not data.is_symlink() and data.stat().st_ino == _SUBVOLUME_INO:
+        # A snapshot: deleting the subvolume is instant where removing its files is not.
+        with contextlib.suppress(DrillError):
+            _run(["btrfs", "subvolume", "delete", str(data)], "deleting the drill's snapshot",
+                 timeout=120, cwd=run_dir.parent)
     shutil.rmtree(run_dir, ignore_errors=True)
     claims = run_dir.parent / "ports"
     for claim in claims.glob("*") if claims.exists() else []:
@@ -343,6 +451,17 @@ def remove_copy(run_dir: Path, bindir: str | None = None) -> list[str]:
     if run_dir.exists():
         left.append(f"directory {run_dir}")
     return left
+
+
+def _own_pid_file(data: Path) -> bool:
+    """Whether data/postmaster.pid names this data directory: a snapshot's copy of the
+    standby's pid file (a crash before it was removed) must never lead `pg_ctl stop` to the
+    standby's postmaster."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return False
+    return len(lines) > 1 and Path(lines[1]).resolve() == data.resolve()
 
 
 def _alive(pid: int) -> bool:

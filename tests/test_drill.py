@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from flows.decisions import Decision
 from flows.drill_decisions import (
+    copy_plan,
     copy_verified,
     dns_sane,
     drill_outcome,
@@ -140,6 +141,61 @@ def test_copy_verdict_and_outcome() -> None:
     assert drill_outcome(None, "step x failed", dirty) == (
         "failed", "step x failed; teardown left: VM x-drill-1")
     assert drill_outcome(None, None, dirty)[0] == "failed"
+
+
+def test_copy_plan_snapshots_when_it_can_and_never_silently_when_told_to() -> None:
+    assert copy_plan("auto", None).method == "snapshot"
+    assert copy_plan("snapshot", None).method == "snapshot"
+    fallback = copy_plan("auto", "the standby's datadir /d is not a btrfs subvolume")
+    assert fallback.method == "basebackup" and fallback.decision.proceed
+    assert fallback.reason == ("pg_basebackup through the standby: no snapshot, as the "
+                               "standby's datadir /d is not a btrfs subvolume")
+    # Told to snapshot and cannot: the drill is refused, the database is not copied instead.
+    refused = copy_plan("snapshot", "drill.work_dir /w is not on btrfs")
+    assert refused.method is None and not refused.decision.proceed
+    assert refused.reason == "drill.copy_method is snapshot, but drill.work_dir /w is not on btrfs"
+    assert copy_plan("basebackup", None).method == "basebackup"
+
+
+def test_snapshot_problem_names_what_is_missing(tmp_path: Path) -> None:
+    from tasks.pg_copy import snapshot_problem
+
+    assert "not configured" in (snapshot_problem(None, tmp_path) or "")
+    gone = snapshot_problem(tmp_path / "nope", tmp_path)
+    assert gone is not None and "is not visible here" in gone
+    if shutil.which("btrfs"):  # the bootstrap installs it; without it that is the reason
+        assert snapshot_problem(tmp_path, tmp_path) == (
+            f"the standby's datadir {tmp_path} is not a btrfs subvolume")
+
+
+def test_removing_a_copy_never_follows_a_pid_file_that_is_not_its_own() -> None:
+    """A snapshot holds the standby's postmaster.pid until the drill removes it: a teardown
+    after a crash in between must not `pg_ctl stop` the process that file names."""
+    from drflow.pg_os import give_to_pg
+    from tasks import pg_copy
+
+    root = Path(tempfile.mkdtemp(prefix="drflow-pidfile-", dir="/tmp"))
+    root.chmod(0o755)  # pg_ctl runs as `postgres`: it must be able to read the pid file
+    # Owned by the user pg_ctl runs as, so that a signal from it would land.
+    victim = subprocess.Popen(["sleep", "60"], user="postgres" if os.geteuid() == 0 else None)
+    try:
+        run_dir, data = root / "orders-abc", root / "orders-abc" / "data"
+        data.mkdir(parents=True)
+        (data / "PG_VERSION").write_text("16\n")
+        (data / "postmaster.pid").write_text(f"{victim.pid}\n{root / 'standby-data'}\n")
+        give_to_pg(run_dir, data, data / "PG_VERSION", data / "postmaster.pid")
+        data.chmod(0o700)
+        assert not pg_copy._own_pid_file(data)
+        left = pg_copy.remove_copy.fn(run_dir, str(pg_copy.pg_bindir()))
+        assert left == [] and not run_dir.exists()
+        assert victim.poll() is None  # not signalled
+        data.mkdir(parents=True)
+        (data / "postmaster.pid").write_text(f"{victim.pid}\n{data}\n")
+        assert pg_copy._own_pid_file(data)
+    finally:
+        victim.kill()
+        victim.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_history_trends_and_summary_from_the_audit_trail(tmp_path: Path) -> None:
@@ -464,6 +520,9 @@ def test_healthy_drill_passes_and_production_is_untouched(drill_env: dict[str, A
     steps = {s["name"]: s for s in result["steps"]}
     assert all(s["outcome"] == "ok" for s in steps.values()), steps
     assert "there and on the copy" in steps["check the copy"]["reason"]
+    # The lab's data directories are not btrfs subvolumes: the standby is copied, and says why.
+    assert result["copy_method"] == "basebackup"
+    assert "no snapshot, as the standby's datadir" in steps["copy the standby"]["reason"]
     assert steps["clone the DR VM into the bubble"]["reason"].startswith(
         f"{GROUP}-dr-drill-{result['drill_id']} on drflow-isolated (poweredOn)")
 
@@ -622,7 +681,8 @@ def test_lagging_standby_fails_readiness_and_builds_nothing(drill_env: dict[str,
     assert result["outcome"] == "refused"
     assert "exceeds the RPO budget of 1 s; WAL replay is paused on the standby" in result["reason"]
     assert [s["name"] for s in result["steps"]] == [
-        "check replication", "check vCenter", "check isolation", "check DNS"]
+        "check replication", "check vCenter", "check isolation", "check DNS",
+        "check the copy method"]
     assert result["rto_s"] is None and result["clone"] is None
     assert production(drill_env) == before
     nothing_left(drill_env)

@@ -166,6 +166,13 @@ class GatewayConfig(Model, ListenAddress):
         return f"http://{host}:{self.port}"
 
 
+def _absolute_path(v: str) -> str:
+    # PostgreSQL settings quote it, and a copy must never land in a relative, moving place.
+    if not v.startswith("/") or any(c in v for c in "'\"\\ \t\n"):
+        raise ValueError("must be an absolute path without spaces, quotes or backslashes")
+    return v
+
+
 class DatabaseConfig(Model):
     """The application database drflow connects to for checks, promotion and lag."""
 
@@ -182,6 +189,18 @@ class NodeConfig(Model):
     host: HostName
     port: int = Field(ge=1, le=65535)
     agent_url: HttpUrl | None = None
+    # This node's PostgreSQL data directory as the machine running drills sees it (a drill worker
+    # in the DR VM, or on the host whose storage holds it). When it is a btrfs subvolume on the
+    # file system of `drill.work_dir`, a drill snapshots it instead of copying the database
+    # through the standby (docs/drills.md).
+    datadir: str | None = None
+
+    @field_validator("datadir")
+    @classmethod
+    def _datadir(cls, v: str | None) -> str | None:
+        if v is not None:
+            _absolute_path(v)
+        return v
 
 
 class DnsConfig(Model):
@@ -278,14 +297,17 @@ class DrillConfig(Model):
     # hence from production's commit latency. null: as fast as it goes. The drill's RTO counts
     # from the end of the copy, so a slower copy only lengthens the drill (BENCHMARKS.md).
     max_rate: str | None = Field(default="60M", pattern=r"^[1-9][0-9]*[kM]?$")
+    # How the copy is made. snapshot: a copy-on-write snapshot of the standby's data directory
+    # (its node's `datadir`, a btrfs subvolume on work_dir's file system): nothing read through
+    # the standby, whatever the database's size. basebackup: pg_basebackup through the standby
+    # at most `max_rate` fast. auto: snapshot where it can be made, else basebackup (the step
+    # says why).
+    copy_method: Literal["auto", "snapshot", "basebackup"] = "auto"
 
     @field_validator("work_dir")
     @classmethod
     def _work_dir(cls, v: str) -> str:
-        # PostgreSQL settings quote it, and a copy must never land in a relative, moving place.
-        if not v.startswith("/") or any(c in v for c in "'\"\\ \t\n"):
-            raise ValueError("must be an absolute path without spaces, quotes or backslashes")
-        return v
+        return _absolute_path(v)
 
     @field_validator("port_range")
     @classmethod
