@@ -180,9 +180,18 @@ def test_ten_failovers_each_with_a_part_killed_complete_exactly_once(dist: Dist)
         # A part started again (a Prefect API replica, an etcd member) can starve a healthy
         # agent of CPU on two cores long enough to open an incident, whose run then finds its
         # primary alive: let it end first, so that this power-off gets an incident of its own.
-        wait_for(lambda: not any((v.get("open_incident") or {}).get("status") == "open"
-                                 for v in env.groups_status().values()), 60,
-                 "no incident open before the next power-off", 0.2)
+        try:
+            wait_for(lambda: not any((v.get("open_incident") or {}).get("status") == "open"
+                                     for v in env.groups_status().values()), 60,
+                     "no incident open before the next power-off", 0.2)
+        except TimeoutError:
+            still = {k: v.get("open_incident") for k, v in env.groups_status().items()
+                     if (v.get("open_incident") or {}).get("status") == "open"}
+            print(f"still open before {name}'s power-off: {still}")
+            for k in still:
+                for r in env.audit_records("incident.open", k)[-2:]:
+                    print(f"  {k}: incident.open at {r.time}: {r.parameters}")
+            raise
         t_off = time.time()
         vcsim.power_off(si, g["primary"]["vm"])
         # Only what this power-off caused: on two cores, a healthy agent starved of CPU for 3 s
