@@ -14,7 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-BTRFS_MAGIC = 0x9123683E
+from drflow.btrfs import is_btrfs, is_subvolume
+
 _MOUNTS = Path("/proc/self/mounts")
 
 
@@ -106,18 +107,6 @@ def unmount(mountpoint: Path) -> None:
     # Unlinking is safe even with the loop device still attached: it holds the inode open.
     with contextlib.suppress(FileNotFoundError):
         image_path(mountpoint).unlink()
-
-
-def is_btrfs(path: Path) -> bool:
-    """Whether `path` lies on a btrfs file system."""
-    r = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True,
-                       timeout=10)
-    return r.returncode == 0 and int(r.stdout.strip() or "0", 16) == BTRFS_MAGIC
-
-
-def is_subvolume(path: Path) -> bool:
-    """Whether `path` is the root of a btrfs subvolume (btrfs gives those inode 256)."""
-    return is_btrfs(path) and path.stat().st_ino == 256
 
 
 def make_datadir(path: Path) -> None:

@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg.conninfo import make_conninfo
 
+from drflow import btrfs
 from drflow.pg_os import give_to_pg, pg_can_traverse, run_pg
 from tasks.errors import DrillError
 from tasks.postgres import Db, lsn_int
@@ -159,8 +159,6 @@ def _server_major(db: Db) -> int:
     return int(row[0]) // 10000 if row else 0
 
 
-BTRFS_MAGIC = 0x9123683E
-_SUBVOLUME_INO = 256  # every btrfs subvolume's root directory has this inode number
 # Left in a snapshot by the running standby; meaningless, or harmful, in the copy:
 # postmaster.pid names the standby's live postmaster (a copy would refuse to start, and a
 # `pg_ctl stop` of the copy would signal the standby).
@@ -174,10 +172,10 @@ def snapshot_problem(datadir: Path | None, work_dir: Path) -> str | None:
     if shutil.which("btrfs") is None:
         return "the btrfs command is not installed on this machine (btrfs-progs)"
     try:
-        st = datadir.stat()
+        datadir.stat()
     except OSError as exc:
         return f"the standby's datadir {datadir} is not visible here ({exc.strerror})"
-    if _fs_type(datadir) != BTRFS_MAGIC or st.st_ino != _SUBVOLUME_INO:
+    if not btrfs.is_subvolume(datadir):
         return f"the standby's datadir {datadir} is not a btrfs subvolume"
     wal = datadir / "pg_wal"
     if wal.is_symlink():
@@ -186,18 +184,9 @@ def snapshot_problem(datadir: Path | None, work_dir: Path) -> str | None:
     tablespaces = datadir / "pg_tblspc"
     if tablespaces.is_dir() and any(tablespaces.iterdir()):
         return "the standby has tablespaces outside its data directory: a snapshot would miss them"
-    if _fs_type(work_dir) != BTRFS_MAGIC:
+    if not btrfs.is_btrfs(work_dir):
         return f"drill.work_dir {work_dir} is not on btrfs (a snapshot stays on its file system)"
     return None
-
-
-def _fs_type(path: Path) -> int | None:
-    try:
-        out = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-        return int(out.strip(), 16)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
 
 
 def _system_identifier(db: Db) -> int:
@@ -436,7 +425,7 @@ def remove_copy(run_dir: Path, bindir: str | None = None) -> list[str]:
     deadline = time.monotonic() + 10
     while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if data.exists() and not data.is_symlink() and data.stat().st_ino == _SUBVOLUME_INO:
+    if btrfs.is_subvolume(data):
         # A snapshot: deleting the subvolume is instant where removing its files is not.
         with contextlib.suppress(DrillError):
             _run(["btrfs", "subvolume", "delete", str(data)], "deleting the drill's snapshot",
