@@ -25,6 +25,9 @@ wait is cut short when the next taker can tell the holder is gone:
 - a holder with a liveness key in etcd (a warm runner: drflow/liveness.py) also writes
   `/drflow/locks/<limit>` = its lease id and liveness key; a taker that finds that liveness key
   gone releases the lease.
+
+A holder whose release the API failed (tried four times over ~2 s) marks its file "ended": the
+next taker on that machine releases that lease, though the process that wrote it still runs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from uuid import UUID
@@ -176,8 +180,33 @@ def _slot(name: str) -> Iterator[None]:
         # First: the next holder may write its own once released.
         _forget_holder(record, lease)
         _etcd_forget(name, in_etcd)
-        with contextlib.suppress(Exception):
-            release_concurrency_slots_with_lease(lease)
+        _release(name, lease, release_concurrency_slots_with_lease)
+
+
+RELEASE_TRIES = (0.2, 0.5, 1.0)  # pauses between attempts to give a slot back
+
+
+def _release(name: str, lease: UUID, release: Callable[[UUID], None]) -> None:
+    """Give the slot back, trying again on a failed request: a slot not given back keeps the
+    group's next runbook waiting until its lease runs out (60-70 s). If it still fails, the
+    holder record says the run ended, so the next runbook on this machine releases it."""
+    error: Exception | None = None
+    for pause in (*RELEASE_TRIES, None):
+        try:
+            release(lease)
+            return
+        except Exception as exc:  # the server's answer is all there is to say
+            error = exc
+        if pause is not None:
+            time.sleep(pause)
+    log.error("could not give back the slot of %s (lease %s): %s; the next runbook on this "
+              "machine releases it, elsewhere it is free when its lease runs out (60-70 s)",
+              name, lease, _brief(error))
+    _record_holder(name, lease, ended=True)
+
+
+def _brief(exc: Exception | None) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}" if exc is not None else "no answer"
 
 
 LOCKS_PREFIX = "/drflow/locks/"
@@ -246,10 +275,13 @@ def _me() -> dict[str, object]:
     return {"pid": os.getpid(), "started": psutil.Process().create_time()}
 
 
-def _record_holder(name: str, lease: UUID) -> Path:
+def _record_holder(name: str, lease: UUID, ended: bool = False) -> Path:
+    """`ended`: the run is over but its slot could not be given back; whoever reads the record
+    next releases it, even though this process still runs."""
     path = _holder_path(name)
     with contextlib.suppress(OSError):
-        path.write_text(json.dumps({"lease": str(lease), **_me()}))
+        path.write_text(json.dumps({"lease": str(lease), **_me(),
+                                    **({"ended": True} if ended else {})}))
     return path
 
 
@@ -280,11 +312,15 @@ def _reclaim_from_dead_holder(name: str, release: object) -> None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if not isinstance(record, dict) or not holder_is_gone(record):
+    if not isinstance(record, dict):
+        return
+    ended = record.get("ended") is True
+    if not ended and not holder_is_gone(record):
         return
     with contextlib.suppress(Exception):  # already expired, or released by another taker
         release(UUID(str(record["lease"])))  # type: ignore[operator]
-        log.warning("released %s from process %s, which died holding it", name, record["pid"])
+        log.warning("released %s from process %s, which %s", name, record["pid"],
+                    "ended its run without giving it back" if ended else "died holding it")
     with contextlib.suppress(OSError):
         path.unlink()
 

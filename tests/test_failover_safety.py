@@ -59,8 +59,12 @@ def test_no_promotion_when_the_fence_result_is_unknown(sync_env: Env) -> None:
     os.kill(vcsim_pid, signal.SIGSTOP)
     try:
         _break_primary(env, g)
-        rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 90,
-                       "failover stopped")[-1]
+        try:
+            rec = wait_for(lambda: env.audit_records("failover.finish", g["name"]), 90,
+                           "failover stopped")[-1]
+        except TimeoutError as exc:
+            agents = [g["primary"]["vm"], g["standby"]["vm"]]
+            raise AssertionError(f"{exc}\n{env.explain(g['name'], agents, lines=40)}") from None
     finally:
         os.kill(vcsim_pid, signal.SIGCONT)
         faults.heal(env.lab_dir)

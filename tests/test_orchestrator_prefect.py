@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from lab import procs
-from lab.harness import Env, start_env, stop_env
 from orchestrator.prefect_api import RECORD, NoPrefectAPI, forget, record, resolve
+from tests.harness import Env, start_env, stop_env
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "drflow.yaml"
