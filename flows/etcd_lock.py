@@ -114,6 +114,13 @@ class HeldLock:
         if self.backup is not None:
             self.backup.close()
 
+    def abandon(self) -> None:
+        """Stop keeping the lease, asking etcd nothing: after etcd answered nothing for
+        `UNREACHABLE_S`, a delete and a revoke would only wait out the same timeouts again (a
+        hung member costs its timeout per request), and a key this holder may have created
+        lapses with its lease within the TTL anyway."""
+        self._stop.set()
+
     def _keep(self) -> None:
         every = max(self.ttl_s / 3, 0.2)
         while not self._stop.wait(every):
@@ -185,6 +192,7 @@ def etcd_exclusive(client: Client, name: str, ttl_s: int = LOCK_TTL_S,
                 holder = f"etcd out of reach ({exc})"
                 silent_since = silent_since or attempt_at
                 if time.monotonic() - silent_since >= unreachable_s:
+                    lock.abandon()
                     raise EtcdLockUnavailable(
                         f"the lock {name} cannot be taken in etcd: no member answered for "
                         f"{unreachable_s:g} s ({exc})") from None
@@ -196,6 +204,8 @@ def etcd_exclusive(client: Client, name: str, ttl_s: int = LOCK_TTL_S,
                 log.warning("waiting for the lock %s (for %.0f s): held by %s", name,
                             now - waited_since, _who(holder))
             time.sleep(RETRY_S)
+    except EtcdLockUnavailable:
+        raise
     except BaseException:
         lock.release()
         raise

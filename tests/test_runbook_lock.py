@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,24 @@ def test_with_no_etcd_member_answering_the_lock_says_so_instead_of_waiting() -> 
             etcd_exclusive(Client("http://127.0.0.1:9", 0.3), "roles-nowhere", unreachable_s=1.0):
         pass
     assert 1.0 <= time.monotonic() - t < 3.0
+
+
+def test_with_every_member_hung_the_lock_gives_up_after_one_round_not_two() -> None:
+    """Members that accept connections and never answer (SIGSTOPped etcd, a hung host) cost
+    their timeout per request: giving up must not send a delete and a revoke into them too."""
+    hung = [socket.create_server(("127.0.0.1", 0), backlog=16) for _ in range(3)]
+    try:
+        client = Client([f"http://127.0.0.1:{s.getsockname()[1]}" for s in hung], 0.3)
+        t = time.monotonic()
+        with pytest.raises(etcd_lock.EtcdLockUnavailable, match="no member answered"), \
+                etcd_exclusive(client, "roles-hung", unreachable_s=0.5):
+            pass
+        took = time.monotonic() - t
+    finally:
+        for s in hung:
+            s.close()
+    # One grant tried on each member (3 x 0.3 s); a release would cost as much again.
+    assert 0.9 <= took < 1.5, took
 
 
 def test_a_waiter_frozen_past_its_lease_still_takes_the_lock_and_keeps_it(url: str) -> None:
