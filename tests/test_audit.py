@@ -37,7 +37,7 @@ from drflow.audit import (
     read_export_head,
     verify_export,
 )
-from drflow.audit.records import record_hash
+from drflow.audit.records import VerifyResult, record_hash
 from drflow.audit.sqlite_store import SQLiteAuditStore
 from lab import procs
 
@@ -798,3 +798,10 @@ def test_verifying_in_the_appending_process_loses_no_record_of_another(tmp_path:
         assert c.execute("select count(*) from audit_records").fetchone()[0] == 7
     assert store.verify().ok
     store.close()
+
+
+def test_a_verification_counts_its_records_in_words() -> None:
+    assert VerifyResult(ok=True, checked=1, head_hash="h").summary() == "ok, 1 record, head h"
+    assert VerifyResult(ok=True, checked=2, head_hash="h").summary() == "ok, 2 records, head h"
+    assert VerifyResult(ok=False, checked=1, first_bad_seq=1, problem="hash differs").summary() \
+        == "FAILED after checking 1 record: record 1: hash differs"

@@ -78,9 +78,14 @@ class VerifyResult:
 
     def summary(self) -> str:
         if self.ok:
-            return f"ok, {self.checked} records, head {self.head_hash}"
+            return f"ok, {count_records(self.checked)}, head {self.head_hash}"
         where = f"record {self.first_bad_seq}: " if self.first_bad_seq is not None else ""
-        return f"FAILED after checking {self.checked} records: {where}{self.problem}"
+        return f"FAILED after checking {count_records(self.checked)}: {where}{self.problem}"
+
+
+def count_records(n: int) -> str:
+    """"1 record", "2 records"."""
+    return f"{n} record" if n == 1 else f"{n} records"
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

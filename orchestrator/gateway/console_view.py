@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from drflow.audit.records import AuditRecord
+from drflow.audit.records import AuditRecord, count_records
 
 # Runbooks whose `*.finish` records make a group's history.
 RUNBOOKS = ("failover", "reprotect", "failback", "drill")
@@ -409,8 +409,8 @@ def verify_row(result: Any, checked_at: float | None, now: float, error: str | N
         return {"state": "pending", "label": "audit trail: verification under way"}
     age = "" if checked_at is None else f" (verified {seconds(max(0.0, now - checked_at))} ago)"
     if result.ok:
-        return {"state": "ok", "label": f"audit trail intact: {result.checked} records, head "
-                f"{str(result.head_hash)[:12]}…{age}", "checked": result.checked}
+        return {"state": "ok", "label": f"audit trail intact: {count_records(result.checked)}, "
+                f"head {str(result.head_hash)[:12]}…{age}", "checked": result.checked}
     return {"state": "failed", "label": f"AUDIT TRAIL DAMAGED: {result.summary()}{age}",
             "checked": result.checked}
 
