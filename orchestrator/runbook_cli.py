@@ -189,9 +189,8 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     from orchestrator.gateway.reload import ConfigReloader
     from orchestrator.gateway.status import GroupStatusProvider
 
-    # GET /v1/groups and /metrics: status refreshed every DRFLOW_STATUS_REFRESH_S (2 s).
-    group_status = GroupStatusProvider(
-        rt.cfg, rt.audit, interval_s=float(os.environ.get("DRFLOW_STATUS_REFRESH_S", "2") or 2))
+    group_status = GroupStatusProvider(rt.cfg, rt.audit,
+                                       interval_s=rt.cfg.gateway.status_refresh_s)
     app.state.group_status = group_status
     # Groups added to or removed from the file are served without a restart (reload.py).
     reloader = ConfigReloader(rt.path, rt.cfg)

@@ -144,6 +144,7 @@ def test_good_config_loads_with_its_shape(tmp_path: Path) -> None:
     vc = cfg.sites["prod"].vcenter
     assert (vc.host, vc.port, vc.protocol, vc.path) == ("127.0.0.1", 18989, "http", "/sdk")
     assert (cfg.gateway.host, cfg.gateway.port) == ("127.0.0.1", 8088)
+    assert cfg.gateway.status_refresh_s == 2.0
     assert cfg.group("payments") is payments
     with pytest.raises(KeyError, match="orders, payments"):
         cfg.group("nope")
@@ -215,6 +216,9 @@ HERE = "  # HERE"
 BAD_CASES = [
     # (id, old, new, start, expected "path: message" prefix)
     ("ttl", "      ttl: 30", "      ttl: 0" + HERE, "payments", "groups[1].dns.ttl: must be > 0"),
+    ("status-refresh", "  heartbeat_timeout_s: 3",
+     "  heartbeat_timeout_s: 3\n  status_refresh_s: 0" + HERE, "",
+     "gateway.status_refresh_s: must be > 0"),
     ("rpo", "rpo_budget_s: 5", "rpo_budget_s: -1" + HERE, "", "groups[0].rpo_budget_s: must be >= 0"),
     ("port-high", "      port: 5435", "      port: 70000" + HERE, "",
      "groups[1].primary.port: must be <= 65535"),

@@ -135,6 +135,9 @@ class GatewayConfig(Model, ListenAddress):
     # Signs the orchestrator's calls to the agents' control API (start, stop, rewind_to, …).
     control_secret: SecretRef | None = None
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
+    # How often the gateway refreshes each group's status (GET /v1/groups, /metrics, the
+    # console) in the background; a request gets the last completed refresh at once.
+    status_refresh_s: float = Field(default=2.0, gt=0)
     # Incidents, the replay cache, roles records and approvals kept in etcd (needs `etcd`), so
     # that every gateway replica answers every agent and click alike; False: in each replica's
     # own SQLite file (one replica).
