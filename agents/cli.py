@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 HELP = "Guest agent: monitor, repair, report."
+DRFLOW_PROG = "drflow agent"  # its name under the `drflow` command
 RUN_HELP = """Watch the configured resources, repair them in place, report to the gateway.
 
 Runs until SIGTERM or SIGINT, then stops cleanly: pending events stay in the outbox and are

@@ -9,9 +9,9 @@ from __future__ import annotations
 import typer
 
 from agents.cli import DISCOVER_HELP, HELP, RUN_HELP
+from agents.cli import DRFLOW_PROG as PROG
 from agents.cli import main as agent_main
 
-PROG = "drflow agent"
 # Every argument, option or not, reaches the agent's parser untouched.
 _FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True,
             "help_option_names": []}

@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import agent_bundle
-from orchestrator.cli import app
+from orchestrator.cli_app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_PYTHON = "/usr/bin/python3"  # the bootstrap's shebang
@@ -64,6 +64,18 @@ def test_usage_errors_and_help_exit_as_before(capsys: pytest.CaptureFixture[str]
     assert "--agent-id is required with --write" in capsys.readouterr().err
     assert main(["run", "--help"]) == 0
     assert "Usage: drflow-agent run" in capsys.readouterr().out
+
+
+def test_drflow_agent_through_the_drflow_command_loads_no_cli_framework_nor_pydantic() -> None:
+    """`drflow agent run` (how the lab starts its agents, and an install with the whole of
+    drflow) is the agent alone: typer and the rest of the command line are never imported."""
+    loaded = _loaded(textwrap.dedent("""
+        from orchestrator.cli import main
+        sys.argv = ["drflow", "agent", "run", "--config", "/nonexistent/agent.yaml"]
+        main()
+    """))
+    assert "agents.cli" in loaded
+    assert _tops(loaded) & {*FRAMEWORKS, "pydantic", "prefect"} == set()
 
 
 def test_drflow_agent_hands_every_argument_to_the_agent(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import click
 import typer.main
 from typer.testing import CliRunner
 
-from orchestrator.cli import _add_plugins, app
+from orchestrator.cli_app import _add_plugins, app
 
 DRFLOW = str(Path(sys.executable).parent / "drflow")
 

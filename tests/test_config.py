@@ -29,7 +29,7 @@ from drflow.config import (
 )
 from drflow.secrets import SecretError, SecretRef, resolve
 from lab.procs import free_port, spawn, stop_tree, wait_port
-from orchestrator.cli import app as cli_app
+from orchestrator.cli_app import app as cli_app
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
