@@ -2,7 +2,8 @@
 (cron, UTC, as the deployments of `drflow deploy` use it) runs the drill flow in this process.
 
 At most one drill per group at a time: a drill still running at its next cron time skips that
-time (and says so in the log) rather than queueing behind it.
+time (and says so in the log) rather than queueing behind it. A reloaded config's schedules
+(groups added, removed, rescheduled) apply from the next minute (`DrillScheduler.use`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from drflow.config import DrflowConfig, cron_matches
 
 log = logging.getLogger("drflow.drills")
 
+TICK_S = 1.0  # the longest the scheduler sleeps without looking at the clock
 Runner = Callable[[str], Any]  # runs the drill of one group
 
 
@@ -39,6 +41,22 @@ def due(crons: dict[str, str], minute: datetime) -> list[str]:
     return sorted(g for g, cron in crons.items() if cron_matches(cron, minute))
 
 
+def schedule_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """What a reload changed in the drill schedules, one line per group."""
+    out = []
+    for g in sorted(before.keys() | after.keys()):
+        old, new = before.get(g), after.get(g)
+        if old == new:
+            continue
+        if old is None:
+            out.append(f"drill of {g}: cron '{new}' (UTC), run here from now on")
+        elif new is None:
+            out.append(f"drill of {g}: no longer scheduled")
+        else:
+            out.append(f"drill of {g}: cron '{old}' -> '{new}' (UTC)")
+    return out
+
+
 class DrillScheduler:
     """A thread that wakes at each minute and starts the drills that are due."""
 
@@ -57,6 +75,14 @@ class DrillScheduler:
             self._thread = threading.Thread(target=self._loop, name="drill-scheduler",
                                             daemon=True)
             self._thread.start()
+
+    def use(self, crons: dict[str, str]) -> None:
+        """Take the schedules of a reloaded config from the next minute on (groups added,
+        removed, rescheduled), saying what changed; a drill under way finishes."""
+        for line in schedule_changes(self.crons, crons):
+            log.warning("drill schedules: %s", line)
+        self.crons = dict(crons)  # one assignment: the loop reads either the old or the new
+        self.start()
 
     def stop(self, timeout: float = 60.0) -> None:
         """No new drills; a drill under way gets `timeout` s to finish and tear its bubble down
@@ -78,22 +104,27 @@ class DrillScheduler:
         minute = self.now().replace(second=0, microsecond=0) + timedelta(minutes=1)
         while not self._stop.is_set():
             wait = (minute - self.now()).total_seconds()
-            if wait > 0 and self._stop.wait(wait):
-                return
-            for group in due(self.crons, minute):
-                self._start(group, minute)
+            if wait > 0:
+                # In steps of at most a second, reading the clock again: a wall clock set
+                # forward or back meanwhile (NTP, a resumed VM) is followed, not slept through.
+                if self._stop.wait(min(wait, TICK_S)):
+                    return
+                continue
+            crons = self.crons
+            for group in due(crons, minute):
+                self._start(group, crons[group], minute)
             minute += timedelta(minutes=1)
             # A clock that jumped (suspend, NTP) skips the missed minutes instead of replaying them.
             late = self.now().replace(second=0, microsecond=0)
             minute = max(minute, late)
 
-    def _start(self, group: str, minute: datetime) -> None:
+    def _start(self, group: str, cron: str, minute: datetime) -> None:
         prev = self._running.get(group)
         if prev is not None and prev.is_alive():
             log.warning("drill of %s due at %s skipped: the previous one is still running",
                         group, minute.strftime("%Y-%m-%d %H:%M UTC"))
             return
-        log.info("starting the scheduled drill of %s (%s)", group, self.crons[group])
+        log.info("starting the scheduled drill of %s (%s)", group, cron)
         self.started.append((group, minute))
         t = threading.Thread(target=self._drill, args=(group,), name=f"drill {group}",
                              daemon=True)

@@ -232,7 +232,7 @@ def _serve(config: Path, state_dir: Path, listen: str, mode: str = Mode.embedded
     drills = DrillScheduler(crons, run_drill(str(config.resolve())))
     drills.start()
     if mode != Mode.deployment:
-        reloader.hooks.append(lambda cfg: _drills_changed(crons, schedules(cfg)))
+        reloader.hooks.append(lambda cfg: drills.use(schedules(cfg)))
     try:
         from orchestrator.gateway.http_server import server_config
 
@@ -259,14 +259,6 @@ def _rewarm(config_path: str) -> None:
         logging.getLogger("drflow.gateway.reload").warning(
             "warming up the reloaded configuration failed (the runbooks do it when they need "
             "it): %s: %s", type(exc).__name__, exc)
-
-
-def _drills_changed(started: dict[str, str], now: dict[str, str]) -> None:
-    # The scheduler keeps the schedules it started with; a changed one would be missed quietly.
-    if now != started:
-        logging.getLogger("drflow.drills").warning(
-            "drill schedules changed in the configuration: they take effect when drflow "
-            "restarts (scheduled now: %s)", ", ".join(sorted(started)) or "none")
 
 
 def failover_cmd(
