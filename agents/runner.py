@@ -57,6 +57,7 @@ class _State:
     attempt_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     exhausted_reported: bool = False
     recovering: bool = False
+    restarted_at: float | None = None  # when its last restart (of it, or of what it stands on) ended
 
     held: str | None = None  # set by the loop: why recovery leaves it alone now
 
@@ -250,10 +251,15 @@ class Agent:
         if item.kind == "restart":
             self._on_restarted(s, item, now)
             return
-        late = s.timed_out
+        started, late = s.inflight_since, s.timed_out
         s.inflight_since, s.timed_out = None, False
         if s.recovering or (late and not item.result.ok):
             return  # the timeout was already counted, or a restart is under way
+        if started is not None and s.restarted_at is not None and started < s.restarted_at:
+            # It looked at the resource before the restart that just ended (a restart may begin
+            # while a check is in flight, when a dependency recovers): counted, its failure would
+            # set off a second restart of a resource that is starting. A new check runs at once.
+            return
         self._on_result(s, item.result, now)
 
     def _on_result(self, s: _State, result: CheckResult, now: float) -> None:
@@ -411,6 +417,13 @@ class Agent:
         for n in names:
             st = self.states[n]
             st.recovering = False
+            st.restarted_at = now
+            if item.result.ok:
+                # Failures seen before the restart say nothing about the process it started:
+                # the next restart needs the failure confirmed again (a dependency turning
+                # healthy meanwhile must not restart a server that is still starting). A start
+                # that failed is itself the failure: the next attempt follows the backoff.
+                st.consecutive = 0
             st.next_due = now  # check at once: a quick recovery is reported quickly
         details: dict[str, Any] = {
             "phase": "restart_attempt", "attempt": item.extra["attempt"],

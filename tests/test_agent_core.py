@@ -579,6 +579,71 @@ def test_unrestartable_dependent_waits_for_its_dependency(
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
+def test_a_check_begun_before_a_restart_does_not_set_off_another(
+        running: Callable[[Agent], Agent]) -> None:
+    """A restart may begin while the resource's own check is in flight: its dependency's check
+    came back healthy meanwhile. That check looked at the process before the restart; its late
+    failure must not count, or a second restart would stop a server that is starting (crash
+    recovery). The order of the two checks cannot be forced on real ones: they are scripted."""
+    cfg = _cfg([
+        {"name": "dep", "type": "ip", "address": "127.0.0.1", "interval_s": 0.2},
+        {"name": "svc", "type": "process", "process_name": "drflow-none", "start": ["/bin/true"],
+         "depends_on": ["dep"], "interval_s": 0.1, "timeout_s": 10, "failure_threshold": 2,
+         "restart": {"max_restarts": 3, "window_s": 60, "backoff_s": {"initial": 0.01}}},
+    ], heartbeat=0.2)
+    events = Collector()
+    agent = Agent(cfg, emit=events)
+    down, in_flight, release = threading.Event(), threading.Event(), threading.Event()
+    calls = {"svc": 0}
+
+    class Svc:
+        def check(self) -> CheckResult:
+            if not down.is_set():
+                return CheckResult(True, "up")
+            calls["svc"] += 1
+            if calls["svc"] == 3:  # the check the restart will overtake
+                in_flight.set()
+                release.wait(10)
+            return CheckResult(False, "down")
+
+    class Dep:
+        def check(self) -> CheckResult:
+            if down.is_set():
+                in_flight.wait(10)  # healthy again only once svc's third check has begun
+            return CheckResult(True, "ok")
+
+    class Restarter:
+        def stop(self) -> None:
+            pass
+
+        def start(self) -> None:
+            down.clear()
+
+        def hold(self) -> str | None:
+            return None
+
+    agent.states["svc"].monitor = Svc()
+    agent.states["dep"].monitor = Dep()
+    agent.states["svc"].restarter = Restarter()
+    running(agent)
+    try:
+        assert events.wait(lambda: agent.status() == {"dep": "ok", "svc": "ok"}, 10)
+        down.set()
+        assert events.wait(lambda: any(e.details.get("phase") == "restart_attempt"
+                                       for e in events.events), 10), events.kinds()
+        time.sleep(0.1)  # past the backoff: a counted failure would restart at once
+        release.set()
+        assert events.wait(lambda: events.kinds("svc")[-1:] == ["resource_recovered"], 10), \
+            events.kinds()
+        time.sleep(0.3)
+        attempts = [e.details["attempt"] for e in events.events
+                    if e.details.get("phase") == "restart_attempt"]
+        assert attempts == [1], attempts
+    finally:
+        release.set()
+        agent.stop()
+
+
 def test_hung_check_does_not_stall_the_loop(running: Callable[[Agent], Agent]) -> None:
     """A check stuck in the kernel (an NFS stat, say) cannot be made for real here: inject one."""
     cfg = _cfg([
