@@ -100,9 +100,16 @@ class DeploymentStarter:
     # -- wiring --------------------------------------------------------------------------------
 
     def attach(self, service: GatewayService) -> None:
-        """Watch `service`'s open incidents; starts with its first event (the loop is running)."""
+        """Watch `service`'s open incidents, from its first event on. A replica that did not
+        start a run (another replica did, then died; or this one restarted meanwhile) must
+        close its incident all the same: every replica watches."""
         self._service = service
-        service.event_hooks.append(lambda _event: self._ensure_watching())
+        service.event_hooks.append(lambda _event: self._watch_from_any_thread(service))
+
+    def _watch_from_any_thread(self, service: GatewayService) -> None:
+        # Event hooks run on the gateway's state thread, where no event loop runs.
+        if self._watcher is None or self._watcher.done():
+            service.call_soon(self._ensure_watching)
 
     def warm_up(self) -> float:
         """Check that the deployments exist (a clear error now beats one during an outage)."""

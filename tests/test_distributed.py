@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,8 @@ from orchestrator.deployed import DeploymentStarter, is_stale, outcome_of
 from orchestrator.gateway.contracts import Incident, IncidentKind
 from orchestrator.gateway.status import PROTECTED, UNPROTECTED
 from tests.harness import Env, wait_for
+from tests.test_gateway import STANDBY, RecordingAudit, make_settings, post, serve_app
+from tests.test_gateway import event as gw_event
 
 # -- pure parts ---------------------------------------------------------------------------------
 
@@ -86,6 +89,46 @@ def test_the_end_of_each_reprotect_run_started_is_reported_once(prefect_api: str
     assert first == ["reprotect:orders:3"] and again == []
     assert reported == [("orders", "reprotect:orders:3", "unprotected",
                          "the standby did not catch up")]
+
+
+def test_a_replica_that_did_not_start_the_run_still_closes_its_incident(
+        prefect_api: str, tmp_path: Path) -> None:
+    """The incident was opened and its run started by another replica (or by this gateway
+    before it restarted); the run has ended. The first event this replica hears starts its
+    watch, which closes the incident: nobody else would."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from orchestrator.gateway.app import create_app
+    from orchestrator.gateway.store import GatewayStore
+
+    @flow(name="failover-probe")
+    def probe() -> None:
+        pass
+
+    async def ended_run() -> str:
+        async with get_client() as client:
+            run = await client.create_flow_run(probe, state=Completed(
+                message="failed_over: failed over to pg-b (dr) in 3.1 s"))
+            return str(run.id)
+
+    settings = make_settings(tmp_path / "gw.sqlite", runs_in_process=False)
+    store = GatewayStore(settings.state_path)
+    opened = store.claim_incident("g1", IncidentKind.HEARTBEAT_LOST, "test", {},
+                                  datetime.now(UTC))
+    assert isinstance(opened, Incident)
+    store.mark_started(opened.idempotency_key, asyncio.run(ended_run()))
+    store.close()
+
+    starter = DeploymentStarter(poll_s=0.2)
+    app = create_app(settings, starter, RecordingAudit())
+    starter.attach(app.state.gateway)
+    with serve_app(app) as url:
+        assert post(url, gw_event("heartbeat", agent=STANDBY, role="standby")).status_code == 202
+        wait_for(lambda: opened.idempotency_key in starter.closed, 15,
+                 "the incident closed by this replica's watch")
+        assert starter.closed[opened.idempotency_key][0] == "failed_over"
+        assert httpx.get(url + "/v1/groups", timeout=5).json()["g1"]["open_incident"] is None
 
 
 # -- the distributed lab --------------------------------------------------------------------------

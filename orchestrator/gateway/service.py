@@ -555,6 +555,11 @@ class GatewayService:
         assert closed is not None
         return closed
 
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the gateway's event loop, from any thread (a no-op before start)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn)
+
     def close_incident_threadsafe(
         self, group: str, key: str, outcome: str = "closed", reason: str = "", timeout: float = 10.0
     ) -> IncidentRecord:
