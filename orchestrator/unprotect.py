@@ -15,6 +15,8 @@ import httpx
 
 from drflow.config import DrflowConfig, GroupConfig, NodeConfig
 from drflow.config.edit import remove_group
+from drflow.etcd import EtcdError
+from drflow.leader_keys import sync_key
 from drflow.secrets import SecretRef
 from flows.runtime import Runtime
 from orchestrator import agent_push
@@ -59,6 +61,22 @@ def _wait_dropped(cfg: DrflowConfig, group: str, progress: Progress) -> None:
                          "running orchestrator using this config file?")
 
 
+def _forget_sync_key(rt: Runtime, group: str, done: list[str], progress: Progress) -> None:
+    """The sync key has no lease: left behind, it would name this group's old standby to a
+    group protected again under the same name, whose failover would refuse to promote another
+    standby until its primary's agent rewrote the key. Removed once the agents are gone (the
+    primary's would write it again); the leader key goes with the agent's lease."""
+    if rt.etcd is None:
+        return
+    key = sync_key(group)
+    try:
+        if rt.etcd.delete(key):
+            done.append(f"the sync key {key} removed from etcd")
+    except EtcdError as exc:
+        progress(f"  could not remove {key} from etcd ({exc}): remove it by hand "
+                 f"(etcdctl del {key})")
+
+
 def unprotect_group(config: Path, group: str, *, remove_standby: bool = False,
                     guest_user: str = "root",
                     guest_password_ref: str = "env:DRFLOW_GUEST_PASSWORD",
@@ -93,6 +111,7 @@ def unprotect_group(config: Path, group: str, *, remove_standby: bool = False,
         except Exception as exc:
             progress(f"  could not remove the agent from {node.vm}: {rt.scrub(str(exc))}; "
                      "remove /opt/drflow and the drflow-agent service there by hand")
+    _forget_sync_key(rt, group, done, progress)
     if remove_standby and destroy(rt.vcenter(other.site), other.vm):
         done.append(f"VM {other.vm} and its data removed at {other.site}")
     from orchestrator.protect import record_path

@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from drflow.dns import resolve_endpoint
+from drflow.etcd import Client
+from drflow.leader_keys import sync_key
 from lab import faults, vcsim
 from lab.harness import ServerWriter
 from tests.harness import DRFLOW, Env, start_env, stop_env, wait_for
@@ -296,6 +298,8 @@ def test_unprotect_after_a_failover_leaves_the_serving_side_serving_alone(env: E
     u = _lone(env, "crm")
     standby = u["standby"]
     assert "crm" in env.groups_status(), "crm is protected by the test above"
+    etcd = Client(env.state["etcd"]["endpoints"], 2.0)
+    assert etcd.get(sync_key("crm")) is not None, "crm's primary should have written its sync key"
     argv = [*env.orchestrator_prefix, DRFLOW, "unprotect", "crm", "--config", str(env.config),
             "--guest-password-ref", f"file:{env.lab_dir / 'secrets' / 'guest_password'}", "--yes"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -303,6 +307,8 @@ def test_unprotect_after_a_failover_leaves_the_serving_side_serving_alone(env: E
     assert "group crm removed" in r.stdout and f"the agent removed from {standby['vm']}" in r.stdout
     assert "name: crm" not in env.config.read_text()
     assert "crm" not in env.groups_status()
+    assert "the sync key /drflow/groups/crm/sync removed from etcd" in r.stdout
+    assert etcd.get(sync_key("crm")) is None
     with env.connect(standby["address"], u["port"]) as c:
         assert c.execute("show synchronous_standby_names").fetchone() == ("",)
         c.execute("create table after_unprotect (i int)")
