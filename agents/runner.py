@@ -57,7 +57,7 @@ class _State:
     attempt_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     exhausted_reported: bool = False
     recovering: bool = False
-    restarted_at: float | None = None  # when its last restart (of it, or of what it stands on) ended
+    restarted_at: float | None = None  # when the last restart that included it ended
 
     held: str | None = None  # set by the loop: why recovery leaves it alone now
 

@@ -190,23 +190,19 @@ def _release(name: str, lease: UUID, release: Callable[[UUID], None]) -> None:
     """Give the slot back, trying again on a failed request: a slot not given back keeps the
     group's next runbook waiting until its lease runs out (60-70 s). If it still fails, the
     holder record says the run ended, so the next runbook on this machine releases it."""
-    error: Exception | None = None
     for pause in (*RELEASE_TRIES, None):
         try:
             release(lease)
             return
         except Exception as exc:  # the server's answer is all there is to say
-            error = exc
-        if pause is not None:
-            time.sleep(pause)
-    log.error("could not give back the slot of %s (lease %s): %s; the next runbook on this "
-              "machine releases it, elsewhere it is free when its lease runs out (60-70 s)",
-              name, lease, _brief(error))
-    _record_holder(name, lease, ended=True)
-
-
-def _brief(exc: Exception | None) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}" if exc is not None else "no answer"
+            if pause is None:
+                log.error("could not give back the slot of %s (lease %s): %s: %s; the next "
+                          "runbook on this machine releases it, elsewhere it is free when its "
+                          "lease runs out (60-70 s)", name, lease, type(exc).__name__,
+                          str(exc)[:200])
+                _record_holder(name, lease, ended=True)
+                return
+        time.sleep(pause)
 
 
 LOCKS_PREFIX = "/drflow/locks/"
